@@ -1,0 +1,82 @@
+"""The metrics record: one JSON object per line in `metrics.jsonl`, flushed per line.
+
+Every console line of a training run is rendered from one of these records, so the log a machine reads and
+the text a person reads never disagree. Common keys: `event` (kind of record), `step` (optimizer step),
+`time` (unix seconds). Event kinds and their main keys:
+
+- `log`:        epoch, loss, lr, grad_norm, tokens_per_s, memory_mb, max_steps, elapsed, eta_s
+- `eval`:       epoch, eval_loss, perplexity, eval_runtime, eval_samples_per_second, eval_steps_per_second,
+                is_best, best_before, best_step
+- `checkpoint`: path, ok
+- `alert`:      kind (see prunetune.analysis.rules), severity, message, evidence, fix
+- `error`:      kind (e.g. out_of_memory), message, fix
+- others (`config`, `preflight`, `train_start`, `train_end`, `final_eval`, `summary`, ...) carry their own keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+
+def make_record(event: str, step: int | None, **fields: Any) -> dict[str, Any]:
+    return {"event": event, "step": step, "time": time.time(), **fields}
+
+
+def _jsonable(value: Any) -> Any:
+    # NaN/Inf are evidence (divergence), so they are kept, as strings JSON can carry.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class JsonlWriter:
+    """Appends records to a JSONL file, one flushed line each, so a live reader never waits for a buffer."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(_jsonable(record), default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def to_float(value: Any) -> float | None:
+    """A record value as float, turning the strings `"nan"`/`"inf"` back into floats."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file that may still be being written: a partial or corrupt last line is skipped."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the writer is mid-line; the record appears on the next read
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path))
