@@ -108,7 +108,9 @@ def materialize(ref: ModelRef, log=print) -> str:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except _LOAD_ERRORS as err:
         raise UserError(f"cannot read GGUF file {gguf}: {_first_line(err)}; the file may be corrupt, re-download it") from None
-    # The config still says "quantization: gguf"; the cached copy is plain float32 weights.
+    # Transformers de-quantises GGUF on load but still marks the model as quantised, which blocks saving;
+    # the cached copy is plain float32 weights, so drop the marks.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
