@@ -1,0 +1,192 @@
+"""`prunetune run pipeline.yaml [--stage NAME] [--out DIR] [--force]`: the prune -> finetune -> eval -> report
+job as one restartable command. Stages already done with the same config are skipped, an interrupted
+fine-tuning resumes from its last checkpoint, and a changed config re-runs exactly the stages it affects."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from prunetune.errors import UserError
+from prunetune.pipeline.config import SCHEMAS, STAGES, PipelineConfig, load_pipeline
+from prunetune.pipeline.stages import PipelineRun, RunLayout, Stage, check_run_dir, read_stage
+from prunetune.pipeline.steps import DataChoice, build_stages, choose_data
+
+
+@dataclass
+class RunConfig:
+    """One invocation of `prunetune run`."""
+
+    pipeline: str
+    """The pipeline YAML file."""
+    out: str | None = None
+    """Run directory; overrides the YAML's `out` (default runs/<name or file stem>)."""
+    stage: str | None = None
+    """Run only this stage (prune | finetune | eval | report); its inputs must be up to date."""
+    force: bool = False
+    """Re-run the selected stages even when they are up to date."""
+    data_dir: str | None = None
+    """Local data directory; overrides the YAML's data.data_dir."""
+
+    def __post_init__(self) -> None:
+        if self.stage is not None and self.stage not in STAGES:
+            raise UserError(f"unknown --stage {self.stage!r}; choose one of: {', '.join(STAGES)}")
+
+
+def default_out(cfg: PipelineConfig, source: str | None) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stem = cfg.name or (Path(source).stem if source else "pipeline")
+    return Path("runs") / stem
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe: tuples as lists, paths as strings."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def resolved_yaml(cfg: PipelineConfig, root: Path, data: DataChoice, stages: list[Stage]) -> str:
+    """The pipeline as it runs: every stage option with its default filled in, and the data actually used.
+    It is itself a valid pipeline file (`prunetune run RUN/pipeline.yaml` reproduces the run)."""
+    doc: dict[str, Any] = {
+        "name": cfg.name, "model": cfg.model, "out": str(root),
+        "data": {"dataset": data.dataset, "data_dir": data.data_dir, "fallback": cfg.data.fallback},
+    }
+    for stage in stages:
+        owned = set(SCHEMAS[stage.name].owned)
+        doc[stage.name] = {k: v for k, v in dataclasses.asdict(stage.config).items() if k not in owned}
+    header = (f"# Resolved by prunetune run: every option with its value for this run (data: {data.reason}).\n"
+              "# Editing a stage's options here and re-running re-runs that stage and the ones after it.\n")
+    return header + yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True)
+
+
+def perplexity_story(root: Path) -> dict[str, Any]:
+    """dense -> pruned -> recovered perplexity from the eval stage, and where the report is."""
+    eval_state = read_stage(root / "eval") or {}
+    result = eval_state.get("result") or {}
+    story: dict[str, Any] = {}
+    for name in ("dense", "pruned", "recovered"):
+        value = (result.get(name) or {}).get("perplexity")
+        if value is not None:
+            story[name] = value
+    if story:
+        story.update({k: result.get(k) for k in ("dataset", "split", "seqlen", "max_windows")})
+    report_state = read_stage(root / "report") or {}
+    if report_state.get("complete"):
+        report = root / "report"
+        story["report"] = str(report / "report.html") if (report / "report.html").is_file() else str(report)
+        rating = (report_state.get("result") or {}).get("rating")
+        if rating is not None:
+            story["rating"] = rating
+    return story
+
+
+def fmt_ppl(value: float | None) -> str:
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return str(value)
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+
+
+def print_story(console: Console, story: dict[str, Any]) -> None:
+    if {"dense", "pruned", "recovered"} <= set(story):
+        dense, pruned, recovered = story["dense"], story["pruned"], story["recovered"]
+        console.print(
+            f"[bold]Perplexity[/] on {story.get('dataset')}/{story.get('split')} (seqlen {story.get('seqlen')}): "
+            f"dense [bold]{fmt_ppl(dense)}[/] → pruned [bold red]{fmt_ppl(pruned)}[/] → "
+            f"recovered [bold green]{fmt_ppl(recovered)}[/]"
+        )
+        if pruned > dense and math.isfinite(pruned):
+            closed = (pruned - recovered) / (pruned - dense)
+            console.print(
+                f"  LoRA recovered {closed:.1%} of the gap pruning opened; the recovered model is "
+                f"{recovered / dense:.2f}x the dense perplexity"
+            )
+    if "report" in story:
+        console.print(f"[bold]Report:[/] {story['report']}")
+
+
+def print_timings(console: Console, root: Path, stages: list[Stage]) -> None:
+    table = Table(title="Stages", show_edge=False)
+    table.add_column("stage")
+    table.add_column("state")
+    table.add_column("time", justify="right")
+    table.add_column("fingerprint")
+    for stage in stages:
+        state = read_stage(root / stage.name) or {}
+        seconds = state.get("seconds")
+        table.add_row(
+            stage.name, "complete" if state.get("complete") else "not complete",
+            f"{seconds:.0f}s" if isinstance(seconds, (int, float)) else "-", str(state.get("fingerprint", "-")),
+        )
+    console.print(table)
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    out: str | Path,
+    stage: str | None = None,
+    force: bool = False,
+    console: Console | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) the pipeline into `out`. Returns the perplexity story (dense/pruned/recovered, report)."""
+    console = console or Console()
+    root = Path(out).expanduser().resolve()
+    check_run_dir(root)
+    data = choose_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.fallback)
+    layout = RunLayout(root)
+    stages = build_stages(cfg, layout, data)
+
+    console.rule(f"[bold]prunetune run[/] {cfg.name or source or ''}")
+    console.print(f"  model   {cfg.model}")
+    console.print(f"  data    {data.reason}")
+    if data.note:
+        console.print(f"  [yellow]note:[/] {data.note}")
+    console.print(f"  run dir {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    layout.pipeline_yaml.write_text(resolved_yaml(cfg, root, data, stages))
+    meta = {
+        "name": cfg.name, "config_file": str(Path(source).resolve()) if source else None, "model": cfg.model,
+        "data": dataclasses.asdict(data),
+    }
+    runner = PipelineRun(stages, layout, console, meta)
+    runner.execute(only=stage, force=force)
+    story = perplexity_story(root)
+    runner.record_results(story)
+    console.rule("[bold]Done[/]")
+    print_timings(console, root, stages)
+    print_story(console, story)
+    console.print(f"Run directory: {root} (pipeline.json records stages, fingerprints, timings)")
+    return story
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="pipeline YAML file (see configs/demo-cpu.yaml)")
+    parser.add_argument("--stage", choices=list(STAGES), help="run only this stage; its inputs must be up to date")
+    parser.add_argument("--out", help="run directory (default: the YAML's `out`, else runs/<name>)")
+    parser.add_argument("--force", action="store_true", help="re-run the selected stages even when up to date")
+    parser.add_argument("--data-dir", help="local data directory (overrides data.data_dir and PRUNETUNE_DATA_DIR)")
+
+
+def main(args: argparse.Namespace) -> int:
+    rc = RunConfig(pipeline=args.pipeline, out=args.out, stage=args.stage, force=args.force, data_dir=args.data_dir)
+    cfg = load_pipeline(rc.pipeline)
+    if rc.data_dir is not None:
+        cfg.data.data_dir = rc.data_dir
+    out = Path(rc.out) if rc.out else default_out(cfg, rc.pipeline)
+    run_pipeline(cfg, out, stage=rc.stage, force=rc.force, source=rc.pipeline)
+    return 0
