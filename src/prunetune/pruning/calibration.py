@@ -1,0 +1,170 @@
+"""Model walking for calibration, model-agnostic: draw windows, capture the first decoder layer's inputs (the
+hidden states and every keyword argument the model passes its layers: attention mask, position embeddings, ...),
+then run one layer at a time with hooks on its linear modules.
+
+Memory: the decoder layers stay where the model is (CPU); only the layer being pruned moves to the device.
+The calibration activations of one layer boundary are resident, as (inputs, outputs) buffers that swap roles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunetune.pruning.sparsegpt import hessian_update
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(N,) token stream -> (nsamples, seqlen) windows at random starts drawn with `seed` (Wanda's wikitext
+    loader does the same; windows may overlap). ValueError if the stream is not longer than `seqlen`."""
+    if tokens.numel() <= seqlen:
+        raise ValueError(f"{tokens.numel()} tokens is not more than one window of {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """sha256 of the exact calibration token ids: two runs calibrated on the same data have the same hash."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = dotted.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def move_except_layers(model: nn.Module, prefix: str, device: torch.device | str) -> None:
+    """Move embeddings, norms, rotary tables, lm_head... to `device`, leaving the decoder stack where it is.
+
+    The stack is detached while `model.to` runs, so tied weights stay tied and no family-specific names are needed.
+    """
+    parent, attr = _parent(model, prefix)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on layer 0 to stop the forward once its inputs are stored."""
+
+
+@dataclass
+class LayerInputs:
+    """Calibration activations at one layer boundary plus the call arguments every layer receives."""
+
+    hidden: torch.Tensor
+    """(nsamples, seqlen, hidden) in the model dtype, on the device."""
+    args: tuple[Any, ...] = ()
+    """Positional arguments after the hidden states (rare; kept so any family works)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """attention_mask, position_ids, position_embeddings, ... exactly as the model passed them (windows have equal
+    length and no padding, so these are the same for every window; captured from the first)."""
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, windows: torch.Tensor, device: torch.device | str
+) -> LayerInputs:
+    """Run the model on each window until layer 0 is called; keep what it was called with.
+
+    Everything outside the decoder stack must already be on `device` (see `move_except_layers`).
+    """
+    store: dict[str, Any] = {}
+    hidden: torch.Tensor | None = None
+
+    def hook(module, args, kwargs):
+        nonlocal hidden
+        hs = args[0] if args else kwargs["hidden_states"]
+        if hidden is None:
+            hidden = torch.empty((windows.shape[0], *hs.shape[1:]), dtype=hs.dtype, device=hs.device)
+            store["args"] = tuple(args[1:])
+            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        hidden[store["index"]] = hs[0]
+        raise _Captured
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(windows.shape[0]):
+            store["index"] = i
+            with suppress(_Captured):
+                model(input_ids=windows[i : i + 1].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    if hidden is None:
+        raise RuntimeError("the first decoder layer was never called; cannot capture calibration inputs")
+    return LayerInputs(hidden, store["args"], store["kwargs"])
+
+
+def _first(output: Any) -> torch.Tensor:
+    """Decoder layers return a tensor (Transformers 5) or a tuple whose first item is the hidden states."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor) -> torch.Tensor:
+    """Forward every calibration window through `layer`, one at a time, writing into `out` (same shape)."""
+    for j in range(inputs.hidden.shape[0]):
+        out[j] = _first(layer(inputs.hidden[j : j + 1], *inputs.args, **inputs.kwargs))[0]
+    return out
+
+
+class InputStats:
+    """Per-linear input statistics gathered by forward hooks, float32 on the layer's device.
+
+    With `hessian`, H = mean over tokens of x x^T (in, in); its diagonal also gives Wanda's column norms.
+    Without, only sum over tokens of x_j^2 (in,), which is all Wanda needs.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], hessian: bool):
+        self.hessian = hessian
+        self.sq_norms: dict[str, torch.Tensor] = {}
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._handles = []
+        for name, module in modules.items():
+            self.counts[name] = 0
+            dev = module.weight.device
+            if hessian:
+                self.hessians[name] = torch.zeros(module.in_features, module.in_features, device=dev)
+            else:
+                self.sq_norms[name] = torch.zeros(module.in_features, device=dev)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if self.hessian:
+                self.counts[name] = hessian_update(self.hessians[name], self.counts[name], x)
+            else:
+                x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+                self.sq_norms[name] += x.pow(2).sum(0)
+                self.counts[name] += x.shape[0]
+        return hook
+
+    def col_sq_norms(self, name: str) -> torch.Tensor:
+        """Wanda's ||x_j||^2 up to a constant factor (which changes no ranking)."""
+        return torch.diag(self.hessians[name]) if self.hessian else self.sq_norms[name]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def collecting(modules: dict[str, nn.Linear], hessian: bool) -> Iterator[InputStats]:
+    stats = InputStats(modules, hessian)
+    try:
+        yield stats
+    finally:
+        stats.remove()

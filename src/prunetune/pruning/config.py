@@ -1,0 +1,206 @@
+"""`PruneConfig`: everything `prunetune prune` does, as one typed, validated object (the CLI and the pipeline
+both build one and call `engine.run_prune`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunetune.architecture import module_type
+from prunetune.errors import UserError
+from prunetune.pruning.patterns import COMPARE_CHOICES, Pattern, parse_pattern
+
+METHODS = ("wanda", "magnitude", "sparsegpt")
+
+
+def parse_sparsity_map(text: str | dict[str, float] | None) -> dict[str, float]:
+    """`down_proj=0.3,o_proj=0.4` (or a dict, e.g. from YAML) -> {key: sparsity}."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"--sparsity-map entry {part!r} is not KEY=VALUE; e.g. down_proj=0.3,o_proj=0.4")
+            items.append((key.strip(), value.strip()))
+    result: dict[str, float] = {}
+    for key, value in items:
+        try:
+            result[key] = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"--sparsity-map {key}={value!r}: the value must be a number in [0, 1)") from None
+    return result
+
+
+def _split_list(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(v.strip() for v in value if v.strip())
+
+
+@dataclass
+class PruneConfig:
+    """One pruning run. Defaults follow the Wanda paper (128 calibration windows, seed 0)."""
+
+    model: str
+    """Model to prune: hub id, local directory, .gguf file or alias (smollm2-135m). Stored as given in prune.json."""
+    out: str
+    """Output directory: pruned model + tokenizer, masks.safetensors, prune.json."""
+    method: str = "wanda"
+    """wanda (|W|*||x||), magnitude (|W|, no calibration) or sparsegpt (OBS with weight updates)."""
+    pattern: str = "unstructured"
+    """unstructured | N:M (N zeros in every M input weights; 2:4 keeps 2 of 4) | blockHxW (whole HxW tiles)."""
+    sparsity: float | None = None
+    """Fraction of weights set to zero, in [0, 1). Default 0.5; N:M patterns fix it at N/M."""
+    sparsity_map: dict[str, float] = field(default_factory=dict)
+    """Per-module sparsity: keys are module types (down_proj) or globs of full names (model.layers.0.*)."""
+    skip: tuple[str, ...] = ()
+    """Modules left dense: module types or globs of full names. lm_head and embeddings are never pruned."""
+    calib_dataset: str = "c4"
+    """Calibration corpus (its train split): c4 | wikitext2 | wikipedia-vital | a local text/JSON file."""
+    data_dir: str | list[str] | None = None
+    """Where local copies of the corpora live (else $PRUNETUNE_DATA_DIR, else the hub)."""
+    nsamples: int = 128
+    """Calibration windows (Wanda: 128)."""
+    seqlen: int = 2048
+    """Tokens per calibration window. Never silently the model's full context (Wanda's code uses it: 128 GiB on
+    Llama-3); larger than the model's context is an error."""
+    seed: int = 0
+    """Seed of the calibration window draw."""
+    reconstruct: bool = False
+    """After the mask is chosen, update the kept weights to minimise the layer output error on the calibration
+    activations: exact least squares per row band for block masks, an OBS sweep under the fixed mask otherwise."""
+    compare: str | None = None
+    """Comparison group: row | matrix (unstructured), matrix | band (blocks). Default: row for wanda, matrix for
+    magnitude and blocks, SparseGPT's own per-128-column choice (obs) for sparsegpt."""
+    sequential: bool = True
+    """Each layer is calibrated on the outputs of the already-pruned layers before it (Wanda/SparseGPT).
+    False: every layer sees the dense model's activations (one-shot), for comparison."""
+    overwrite: bool = False
+    """Replace an output directory that holds a different pruned model or other files."""
+    eval: bool = False
+    """Measure dense and pruned perplexity (the `evaluate` protocol) and store them in prune.json."""
+    eval_dataset: str = "wikitext2"
+    """Perplexity corpus."""
+    eval_split: str = "test"
+    """Perplexity split."""
+    eval_seqlen: int | None = None
+    """Perplexity window length; default the calibration seqlen."""
+    eval_max_windows: int | None = None
+    """Evaluate only the first N windows (None: all)."""
+    dtype: str | None = None
+    """float32 | bfloat16 | float16; default float32 on CPU, bfloat16 on CUDA. Statistics are float32 always."""
+    device: str | None = None
+    """Where each layer is computed (cuda if available, else cpu). The model stays on CPU; one layer at a time moves."""
+    percdamp: float = 0.01
+    """Hessian dampening as a fraction of its mean diagonal (SparseGPT: 1%)."""
+    blocksize: int = 128
+    """Columns per OBS block (SparseGPT: 128)."""
+
+    def __post_init__(self) -> None:
+        self.sparsity_map = parse_sparsity_map(self.sparsity_map)
+        self.skip = _split_list(self.skip)
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        try:
+            pattern = parse_pattern(self.pattern)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        self.pattern = pattern.name
+        if pattern.kind == "nm":
+            fixed = pattern.fixed_sparsity
+            if self.sparsity is not None and not math.isclose(self.sparsity, fixed):
+                raise UserError(
+                    f"--sparsity {self.sparsity} contradicts --pattern {pattern.name} ({pattern.n} zeros of every "
+                    f"{pattern.m} = {fixed:g}); drop --sparsity or pick another N:M"
+                )
+            if self.sparsity_map:
+                raise UserError(f"--sparsity-map does not apply to --pattern {pattern.name}: N:M fixes the sparsity")
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        for key, value in [("--sparsity", self.sparsity), *((f"--sparsity-map {k}", v) for k, v in self.sparsity_map.items())]:
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UserError(f"{key} {value} is outside [0, 1); give a fraction such as 0.5")
+        if self.compare is not None and self.compare not in COMPARE_CHOICES:
+            raise UserError(f"unknown --compare {self.compare!r}; choose one of: {', '.join(COMPARE_CHOICES)}")
+        allowed = {"unstructured": ("row", "matrix"), "block": ("matrix", "band"), "nm": ()}[pattern.kind]
+        if self.method == "sparsegpt" and pattern.kind == "unstructured":
+            allowed = (*allowed, "obs")
+        if self.compare is not None and self.compare not in allowed:
+            raise UserError(
+                f"--compare {self.compare} does not apply to --method {self.method} --pattern {pattern.name}; "
+                + (f"choose one of: {', '.join(allowed)}" if allowed else "N:M compares within each group of M; drop --compare")
+            )
+        if self.nsamples < 1:
+            raise UserError(f"--nsamples {self.nsamples} must be at least 1 (Wanda uses 128)")
+        if self.seqlen < 2:
+            raise UserError(f"--seqlen {self.seqlen} must be at least 2 tokens")
+        if self.eval_seqlen is not None and self.eval_seqlen < 2:
+            raise UserError(f"--eval-seqlen {self.eval_seqlen} must be at least 2 tokens")
+        if self.eval_max_windows is not None and self.eval_max_windows < 1:
+            raise UserError(f"--eval-max-windows {self.eval_max_windows} must be at least 1")
+        if not 0.0 <= self.percdamp < 1.0:
+            raise UserError(f"percdamp {self.percdamp} is outside [0, 1); SparseGPT uses 0.01")
+        if self.blocksize < 1:
+            raise UserError(f"blocksize {self.blocksize} must be at least 1 (SparseGPT uses 128)")
+        if not self.out:
+            raise UserError("--out is required: the directory for the pruned model")
+
+    # ---- resolved views ----
+
+    @property
+    def pattern_spec(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def resolved_compare(self) -> str:
+        """The comparison group actually used (the per-method default when `compare` is None)."""
+        kind = self.pattern_spec.kind
+        if self.compare is not None:
+            return self.compare
+        if kind == "nm":
+            return "obs" if self.method == "sparsegpt" else "group"
+        if kind == "block":
+            return "matrix"
+        return {"wanda": "row", "magnitude": "matrix", "sparsegpt": "obs"}[self.method]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.reconstruct
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method == "sparsegpt" or self.reconstruct
+
+    def is_skipped(self, name: str) -> bool:
+        return any(module_type(name) == key or fnmatch.fnmatchcase(name, key) for key in self.skip)
+
+    def target_for(self, name: str) -> float:
+        """Sparsity of one module: the last matching --sparsity-map entry, else --sparsity (N/M for N:M)."""
+        target = self.pattern_spec.fixed_sparsity or float(self.sparsity)
+        for key, value in self.sparsity_map.items():
+            if module_type(name) == key or fnmatch.fnmatchcase(name, key):
+                target = value
+        return target
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["skip"] = list(self.skip)
+        return data
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the pruned weights (what makes two outputs "the same model")."""
+        data = self.to_dict()
+        for key in ("out", "overwrite", "eval", "eval_dataset", "eval_split", "eval_seqlen", "eval_max_windows", "device"):
+            data.pop(key)
+        return data

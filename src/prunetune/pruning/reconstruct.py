@@ -1,0 +1,65 @@
+"""Reconstruction: given a fixed keep-mask, update the kept weights so the layer's output on the calibration
+activations stays as close as possible to the dense output. Pure functions of (W, H, mask).
+
+Per output row w (in,) with kept set S and pruned set D, minimise (w - w')^T H (w - w') with w'_D = 0:
+    w'_S = w_S + H_SS^-1 H_SD w_D
+Rows whose masks are identical share one factorisation of H_SS: for block masks every row of an H-row band
+has the same kept columns, so a whole band is one Cholesky solve ("per-row-band least squares").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunetune.pruning.sparsegpt import damped, sparsegpt_prune
+
+
+def output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean squared output error per token, trace((W - W') H (W - W')^T), in float32."""
+    delta = (weight.float() - new_weight.float())  # (out, in)
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.float(), delta))
+
+
+def least_squares_under_mask(
+    weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, percdamp: float = 0.01
+) -> torch.Tensor:
+    """Exact least-squares update of the kept weights, one solve per distinct row pattern. Dampening
+    (percdamp * mean diag H) keeps the solve stable when inputs are nearly collinear."""
+    w = weight.detach().float()
+    h, _ = damped(hessian, percdamp)
+    out = torch.zeros_like(w)
+    patterns, inverse = torch.unique(keep, dim=0, return_inverse=True)
+    for p in range(patterns.shape[0]):
+        rows = torch.nonzero(inverse == p).squeeze(1)
+        kept = patterns[p]
+        s, d = torch.nonzero(kept).squeeze(1), torch.nonzero(~kept).squeeze(1)
+        if s.numel() == 0:
+            continue
+        ws = w[rows][:, s]  # (r, |S|)
+        if d.numel():
+            chol = torch.linalg.cholesky(h[s][:, s])
+            # (|S|, |D|) = H_SS^-1 H_SD; the correction for all rows of the group at once.
+            corr = torch.cholesky_solve(h[s][:, d], chol)
+            ws = ws + w[rows][:, d] @ corr.t()
+        out[rows.unsqueeze(1), s.unsqueeze(0)] = ws
+    return out.to(weight.dtype)
+
+
+def obs_under_mask(
+    weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, blocksize: int = 128, percdamp: float = 0.01
+) -> torch.Tensor:
+    """SparseGPT's column sweep with the mask fixed: cheap (one factorisation per matrix) for masks whose
+    rows all differ (unstructured, N:M), where exact per-row least squares would cost one solve per row."""
+    new, _ = sparsegpt_prune(weight, hessian, mask=keep, blocksize=blocksize, percdamp=percdamp)
+    return new
+
+
+def reconstruct(
+    weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, method: str, percdamp: float = 0.01
+) -> torch.Tensor:
+    """`method`: "least_squares" (block masks) or "obs" (any mask)."""
+    if method == "least_squares":
+        return least_squares_under_mask(weight, hessian, keep, percdamp)
+    if method == "obs":
+        return obs_under_mask(weight, hessian, keep, percdamp=percdamp)
+    raise ValueError(f"unknown reconstruction {method!r}; use least_squares or obs")
