@@ -1,0 +1,258 @@
+"""Trainer callbacks that turn the Trainer's events into metrics records (and so into console lines),
+judge the run live with the shared rules, confirm checkpoints, and stop on NaN or on a signal.
+
+The Trainer keeps its one training loop; everything prunetune adds to it lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+from prunetune.finetune.console import RunLog
+from prunetune.records import to_float
+
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt")
+
+
+def memory_mb() -> tuple[float, str]:
+    """Peak GPU memory allocated on a GPU, the process RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20, "gpu"
+    return psutil.Process().memory_info().rss / 2**20, "rss"
+
+
+def _finite(value: Any) -> bool:
+    number = to_float(value)
+    return number is None or math.isfinite(number)
+
+
+class SignalGuard:
+    """SIGINT/SIGTERM during training: remember it, so the callback saves a checkpoint and stops cleanly at
+    the end of the current step. A second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again aborts without saving)", flush=True)
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+@dataclass
+class RunState:
+    """What the callback learned that the engine needs after `train()` returns."""
+
+    stop_reason: str | None = None
+    """None (ran to the end), `nan` (non-finite loss/grad/weights) or `signal`."""
+    stop_step: int | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
+    last_train_loss: float | None = None
+    phase_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Metrics of the evaluations outside training (`baseline`, `final`), by phase."""
+
+
+class MonitorCallback(TrainerCallback):
+    """Records for every log, eval and checkpoint event; live alerts; NaN and signal stops."""
+
+    def __init__(
+        self,
+        runlog: RunLog,
+        tokens_per_step: int,
+        load_best: bool,
+        diagnose: Callable[..., list] | None = None,
+        thresholds: Any = None,
+        context: dict[str, Any] | None = None,
+        guard: SignalGuard | None = None,
+        best: tuple[float, int, str | None] | None = None,
+    ) -> None:
+        self.runlog = runlog
+        self.tokens_per_step = tokens_per_step
+        self.load_best = load_best
+        self.diagnose = diagnose
+        self.thresholds = thresholds
+        self.context = context or {}
+        self.guard = guard
+        self.state = RunState()
+        if best is not None:
+            self.state.best_loss, self.state.best_step, self.state.best_checkpoint = best
+        self.phase = "baseline"
+        self.header: dict[str, Any] = {}
+        """Fields of the `train_start` record the engine knows (examples, batch sizes, ...)."""
+        self.alerted: set[str] = set()
+        self._save_reason: str | None = None
+        self._t0 = self._last_time = time.perf_counter()
+        self._first_step = self._last_step = 0
+        self._eval_time_total = self._eval_time_since_log = 0.0
+        self._last_eval_s: float | None = None
+
+    # -- training lifecycle -------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.phase = "train"
+        self._t0 = self._last_time = time.perf_counter()
+        self._first_step = self._last_step = state.global_step
+        self.runlog.emit("train_start", state.global_step, max_steps=state.max_steps, **self.header)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = kwargs.get("model")
+        if model is not None and not all(
+            bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad
+        ):
+            # The weights are already ruined: never evaluate or checkpoint them, and log the loss that shows it.
+            self._stop("nan", state.global_step, control)
+            control.should_log = True
+        elif self.guard is not None and self.guard.received is not None and self.state.stop_reason is None:
+            self.state.stop_reason, self.state.stop_step = "signal", state.global_step
+            control.should_save = True
+            self._save_reason = "signal"
+            control.should_training_stop = True
+        return control
+
+    def _stop(self, reason: str, step: int, control) -> None:
+        if self.state.stop_reason is None:
+            self.state.stop_reason, self.state.stop_step = reason, step
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
+
+    # -- records ------------------------------------------------------------------------------------
+    def _timing(self, step: int, max_steps: int) -> dict[str, float | None]:
+        now = time.perf_counter()
+        steps_now = step - self._last_step
+        interval = max(now - self._last_time - self._eval_time_since_log, 1e-9)
+        tokens_per_s = steps_now * self.tokens_per_step / interval if steps_now > 0 else None
+        elapsed = now - self._t0
+        done = step - self._first_step
+        train_time = max(elapsed - self._eval_time_total, 1e-9)
+        eta = None
+        if done > 0:
+            eta = (max_steps - step) * train_time / done
+            if self._last_eval_s is not None and self.context.get("eval_steps"):
+                eta += (max_steps // self.context["eval_steps"] - step // self.context["eval_steps"]) * self._last_eval_s
+        self._last_time, self._last_step, self._eval_time_since_log = now, step, 0.0
+        return {"elapsed": elapsed, "eta_s": eta, "tokens_per_s": tokens_per_s}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        step = state.global_step
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            mem, kind = memory_mb()
+            self.state.last_train_loss = to_float(logs["loss"])
+            self.runlog.emit(
+                "log", step,
+                epoch=state.epoch, loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                max_steps=state.max_steps, memory_mb=mem, memory_kind=kind, **self._timing(step, state.max_steps),
+            )
+            if not (_finite(logs["loss"]) and _finite(logs.get("grad_norm"))):
+                self._nan_alert(step, logs)
+                self._stop("nan", step, control)
+            self._alerts(step, state)
+        return control
+
+    def _nan_alert(self, step: int, logs: dict[str, Any]) -> None:
+        if "nan_inf" in self.alerted:
+            return
+        self.alerted.add("nan_inf")
+        kept = self.state.last_checkpoint or "none (no checkpoint was written before the divergence)"
+        self.runlog.emit(
+            "alert", step, kind="nan_inf", severity="error",
+            message=f"non-finite training signal (loss {logs.get('loss')}, grad norm {logs.get('grad_norm')}): "
+                    f"training stopped; the last good checkpoint is kept: {kept}",
+            evidence={"step": step, "loss": logs.get("loss"), "grad_norm": logs.get("grad_norm")},
+            fix=f"lower the learning rate (e.g. --lr {self.context.get('learning_rate', 1e-4) / 10:g}), add "
+                "--warmup_steps, or use --bf16 instead of --fp16",
+        )
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = dict(metrics or {})
+        loss = to_float(metrics.get("eval_loss"))
+        metrics["perplexity"] = _perplexity(loss)
+        runtime = to_float(metrics.get("eval_runtime")) or 0.0
+        if self.phase != "train":
+            self.state.phase_metrics[self.phase] = metrics
+            return control
+        self._eval_time_total += runtime
+        self._eval_time_since_log += runtime
+        self._last_eval_s = runtime
+        step = state.global_step
+        best_before, best_step = self.state.best_loss, self.state.best_step
+        is_best = loss is not None and math.isfinite(loss) and (best_before is None or loss < best_before)
+        if is_best:
+            self.state.best_loss, self.state.best_step = loss, step
+            if self.load_best and args.save_strategy != "no":
+                # The best checkpoint must exist to be loaded at the end, whatever save_steps says.
+                if not control.should_save:
+                    self._save_reason = "best"
+                control.should_save = True
+        self.runlog.emit(
+            "eval", step,
+            epoch=state.epoch, eval_loss=loss, perplexity=metrics["perplexity"], eval_runtime=runtime,
+            eval_samples_per_second=metrics.get("eval_samples_per_second"),
+            eval_steps_per_second=metrics.get("eval_steps_per_second"),
+            is_best=is_best, best_before=best_before, best_step=best_step,
+        )
+        self._alerts(step, state)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        path = Path(args.output_dir) / f"checkpoint-{step}"
+        if state.is_world_process_zero:
+            missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+            self.runlog.emit("checkpoint", step, path=str(path), ok=not missing, missing=missing,
+                             reason=self._save_reason or "schedule")
+        self._save_reason = None
+        self.state.last_checkpoint = str(path)
+        if self.state.best_step == step:
+            self.state.best_checkpoint = str(path)
+        return control
+
+    def _alerts(self, step: int, state) -> None:
+        if self.diagnose is None or not state.is_world_process_zero:
+            return
+        kwargs: dict[str, Any] = {"final": False, "context": self.context}
+        if self.thresholds is not None:
+            kwargs["thresholds"] = self.thresholds
+        for anomaly in self.diagnose(self.runlog.records, **kwargs):
+            if anomaly.kind in self.alerted:
+                continue
+            self.alerted.add(anomaly.kind)
+            fields = {k: v for k, v in anomaly.to_record().items() if k not in ("event", "step", "time")}
+            self.runlog.emit("alert", anomaly.step if anomaly.step is not None else step, **fields)
+
+
+def _perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
