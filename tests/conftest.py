@@ -4,15 +4,16 @@ import importlib.util
 import os
 from pathlib import Path
 
+# No test may reach the network: the hub is unreachable here and its client retries for tens of seconds.
+# Set before anything imports huggingface_hub, which reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import pytest
 import torch
 
 from tiny import SHARED_DATA, make_tiny_model, train_tokenizer
-
-# No test may reach the network; the hub is unreachable here anyway and a hang would waste minutes.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -108,10 +108,11 @@ def _rows_hash(rows: list[str]) -> str:
 def wikitext_rows(raw: str) -> list[str]:
     """The Hugging Face `wikitext-2-raw-v1` rows of a raw file: its lines, non-blank ones keeping their
     newline, blank lines (`" \\n"`) as empty strings. A trailing partial line of whitespace is dropped."""
-    rows = ["" if line == " \n" else line for line in raw.splitlines(keepends=True)]
-    if rows and not rows[-1].endswith("\n") and not rows[-1].strip():
-        rows.pop()
-    return rows
+    lines = [line + "\n" for line in raw.split("\n")]  # "\n" only: str.splitlines also splits on \x0c etc.
+    last = lines.pop()[:-1]  # the text after the final newline: usually "", in a cut head file " "
+    if last.strip():
+        lines.append(last)
+    return ["" if line == " \n" else line for line in lines]
 
 
 def _hash_split(key: str) -> str:
@@ -232,7 +233,7 @@ def _load_file(path: Path, split: str) -> TextSplit:
         records = [p.strip() + "\n" for p in path.read_text().split("\n\n") if p.strip()]
     else:
         records = _read_json_texts(path)
-    rows = [r for r in records if _hash_split(r) == split]
+    rows = [r for r in records if _hash_split(r.strip()) == split]
     if not rows:
         raise _no_data(str(path), split, "the file is too small to hold rows for every split (90/5/5 by row hash)")
     return TextSplit(str(path), split, rows, str(path), _fingerprint([path]))

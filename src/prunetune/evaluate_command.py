@@ -23,7 +23,7 @@ from rich.table import Table
 from prunetune.data import load_text, tokenize
 from prunetune.errors import UserError
 from prunetune.evaluate import perplexity
-from prunetune.models import DTYPES, context_length, load_model, parse_dtype
+from prunetune.models import DTYPES, context_length, load_config, load_model, parse_dtype, resolve_model
 from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity import sparsity_report
 
@@ -111,16 +111,17 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, A
     if out is not None:
         _check_out(out)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = resolve_model(model_spec)
+    limit = context_length(load_config(ref, log=console.print))
+    if limit is not None and cfg.seqlen > limit:
+        raise UserError(f"--seqlen {cfg.seqlen} exceeds the model's context of {limit} tokens; use --seqlen {limit} or less")
     text = load_text(cfg.dataset, cfg.split, cfg.data_dir)
     console.print(f"[bold]Evaluating[/] {model_spec}" + (f" + adapter {cfg.adapter}" if cfg.adapter else ""))
     console.print(f"  data: {text.dataset}/{text.split} from {text.origin}")
     if text.note:
         console.print(f"  [yellow]note:[/] {text.note}")
     with console.status("Loading model ..."):
-        model, tokenizer = load_model(model_spec, dtype=cfg.dtype, device=device, log=console.print)
-    limit = context_length(model)
-    if limit is not None and cfg.seqlen > limit:
-        raise UserError(f"--seqlen {cfg.seqlen} exceeds the model's context of {limit} tokens; use --seqlen {limit} or less")
+        model, tokenizer = load_model(ref, dtype=cfg.dtype, device=device, log=console.print)
     # Sparsity is a property of the base weights; measure it before an adapter wraps them.
     sparsity = sparsity_report(model)
     if cfg.adapter:

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prunetune.errors import UserError
 from prunetune.home import prunetune_home
@@ -34,7 +42,7 @@ ALIASES: dict[str, tuple[str, str, str]] = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EnvironmentError)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,16 @@ def load_model(
     return model, load_tokenizer(ref)
 
 
-def context_length(model: PreTrainedModel) -> int | None:
+def load_config(spec: str | ModelRef, log=print) -> PretrainedConfig:
+    """The model's config alone: cheap, so commands validate their settings before loading weights."""
+    ref = resolve_model(spec) if isinstance(spec, str) else spec
+    try:
+        return AutoConfig.from_pretrained(materialize(ref, log=log))
+    except _LOAD_ERRORS as err:
+        raise UserError(f"cannot read the config of model {ref.spec!r}: {_first_line(err)}") from None
+
+
+def context_length(model_or_config: PreTrainedModel | PretrainedConfig) -> int | None:
     """The model's maximum context (positions), when its config states one."""
-    return getattr(model.config, "max_position_embeddings", None)
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "max_position_embeddings", None)
