@@ -127,6 +127,10 @@ class MonitorCallback(TrainerCallback):
             bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad
         ):
             # The weights are already ruined: never evaluate or checkpoint them, and log the loss that shows it.
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            self._nan_alert(state.global_step, f"the LoRA weights became non-finite in the update of step "
+                            f"{state.global_step} ({len(bad)} tensors, e.g. {bad[0]})",
+                            {"step": state.global_step, "nonfinite_tensors": len(bad), "first": bad[0]})
             self._stop("nan", state.global_step, control)
             control.should_log = True
         elif self.guard is not None and self.guard.received is not None and self.state.stop_reason is None:
@@ -172,22 +176,23 @@ class MonitorCallback(TrainerCallback):
                 max_steps=state.max_steps, memory_mb=mem, memory_kind=kind, **self._timing(step, state.max_steps),
             )
             if not (_finite(logs["loss"]) and _finite(logs.get("grad_norm"))):
-                self._nan_alert(step, logs)
+                self._nan_alert(step, f"non-finite training signal (loss {logs.get('loss')}, grad norm "
+                                f"{logs.get('grad_norm')})",
+                                {"step": step, "loss": logs.get("loss"), "grad_norm": logs.get("grad_norm")})
                 self._stop("nan", step, control)
             self._alerts(step, state)
         return control
 
-    def _nan_alert(self, step: int, logs: dict[str, Any]) -> None:
+    def _nan_alert(self, step: int, what: str, evidence: dict[str, Any]) -> None:
         if "nan_inf" in self.alerted:
             return
         self.alerted.add("nan_inf")
         kept = self.state.last_checkpoint or "none (no checkpoint was written before the divergence)"
         self.runlog.emit(
             "alert", step, kind="nan_inf", severity="error",
-            message=f"non-finite training signal (loss {logs.get('loss')}, grad norm {logs.get('grad_norm')}): "
-                    f"training stopped; the last good checkpoint is kept: {kept}",
-            evidence={"step": step, "loss": logs.get("loss"), "grad_norm": logs.get("grad_norm")},
-            fix=f"lower the learning rate (e.g. --lr {self.context.get('learning_rate', 1e-4) / 10:g}), add "
+            message=f"{what}: training stopped; the last good checkpoint is kept: {kept}",
+            evidence=evidence,
+            fix=f"lower the learning rate (e.g. --lr {self.context.get('lr', 1e-4) / 10:g}), add "
                 "--warmup_steps, or use --bf16 instead of --fp16",
         )
 

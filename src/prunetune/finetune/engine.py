@@ -467,9 +467,10 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     guard = SignalGuard()
     monitor = MonitorCallback(
         runlog, tokens_per_step, cfg.load_best_model_at_end, diagnose, thresholds,
-        context={"learning_rate": cfg.lr, "eval_steps": cfg.eval_steps if cfg.eval_strategy == "steps" else None,
+        context={"lr": cfg.lr, "eval_steps": cfg.eval_steps if cfg.eval_strategy == "steps" else None,
                  "logging_steps": cfg.logging_steps, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                 "block_size": cfg.block_size, "lora_dropout": cfg.lora_dropout, "epochs": cfg.epochs},
+                 "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
+                 "lora_dropout": cfg.lora_dropout, "epochs": cfg.epochs, "resume_command": _resume_command(out)},
         guard=guard, best=best,
     )
     trainer = PrunetuneTrainer(
