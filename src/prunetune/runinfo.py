@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,14 @@ from prunetune import __version__
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour shapes a result."""
-    import accelerate
-    import datasets
-    import peft
-    import torch
-    import transformers
-
-    return {
-        "prunetune": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-    }
+    """Versions of the packages whose behaviour shapes a result (from metadata: nothing is imported)."""
+    found = {"prunetune": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def git_commit() -> str | None:
