@@ -3,6 +3,7 @@ WikiText-2 text in the test session. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+# CI lays shared/ beside the clone; PRUNETUNE_SHARED_DATA points elsewhere (e.g. on a GPU machine).
+SHARED_DATA = Path(os.environ.get("PRUNETUNE_SHARED_DATA") or REPO.parent / "shared" / "data").resolve()
 WIKITEXT_DIR = SHARED_DATA / "wikitext-2-raw-v1"
 WIKITEXT_TRAIN_HEAD_DIR = SHARED_DATA / "wikitext-2-raw-v1-train-head"
 C4_DIR = SHARED_DATA / "c4-sample"
