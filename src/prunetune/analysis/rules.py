@@ -59,12 +59,15 @@ class Thresholds:
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
     """Smallest window (points) whose median is trusted."""
-    flat_max_rel_change: float = 0.01
+    flat_max_rel_change: float = 0.005
     """`loss_flat` when the median of the last window differs from the median of the first window by less
-    than this fraction of the latter (1%)."""
-    slow_max_rel_drop: float = 0.15
+    than this fraction of the latter (0.5%) ..."""
+    flat_noise_multiple: float = 1.0
+    """... or by less than this many times the noise (median |step-to-step change|): no change that stands
+    out of the noise."""
+    slow_max_rel_drop: float = 0.1
     """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
-    slow_min_late_share: float = 0.25
+    slow_min_late_share: float = 0.5
     """... and the second half of the run still fell by at least this share of the first half's drop:
     the curve is still going down at its initial pace (no plateau), so a larger LR would help."""
     osc_min_rel_amplitude: float = 0.12
@@ -77,13 +80,13 @@ class Thresholds:
     osc_recent_points: int = 12
     """How many of the latest train-loss points the oscillation rule looks at."""
     diverge_min_rel_rise: float = 0.1
-    """`loss_diverging` when the last window's median exceeds the minimum of the running window medians
-    by more than this fraction."""
+    """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
+    first logged loss (the untrained model) and the minimum of the running window medians."""
     overfit_min_evals: int = 3
     """Evaluations needed before `overfitting` may fire."""
     overfit_consecutive_rises: int = 2
     """`overfitting` when the eval loss rose at this many consecutive evaluations ..."""
-    overfit_min_rel_rise: float = 0.02
+    overfit_min_rel_rise: float = 0.01
     """... ends at least this fraction above its best value ..."""
     overfit_train_max_rel_change: float = 0.0
     """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
@@ -240,6 +243,8 @@ class TrendStats:
     second_half_drop: float
     first_step: int
     last_step: int
+    noise: float
+    """median |step-to-step change| over all points."""
 
 
 def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStats | None:
@@ -252,7 +257,8 @@ def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStat
     mid = values[n // 2 - half : n // 2 - half + len(first)]
     f, m, la = statistics.median(first), statistics.median(mid), statistics.median(last)
     rel = (f - la) / abs(f) if f != 0 else (0.0 if la == 0 else -math.inf)
-    return TrendStats(n, f, la, m, rel, f - m, m - la, train[0][0], train[-1][0])
+    noise = statistics.median(abs(b - a) for a, b in zip(values, values[1:], strict=False))
+    return TrendStats(n, f, la, m, rel, f - m, m - la, train[0][0], train[-1][0], noise)
 
 
 @dataclass(frozen=True)
@@ -409,10 +415,11 @@ def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | 
     w = len(first)
     medians = [statistics.median(values[i : i + w]) for i in range(0, len(values) - w + 1)]
     best = min(medians)
-    best_i = medians.index(best)
+    best_step = series.train[medians.index(best) + w // 2][0]
+    if values[0] < best:
+        best, best_step = values[0], series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
-    best_step = series.train[best_i + w // 2][0]
     evidence = {
         "best_window_median": round(best, 4),
         "best_window_step": best_step,
@@ -471,7 +478,9 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     }
     lr = _current_lr(series, context)
     span = f"steps {tr.first_step}-{tr.last_step}"
-    if abs(tr.rel_change) < th.flat_max_rel_change:
+    evidence["noise"] = round(tr.noise, 5)
+    change = abs(tr.first_median - tr.last_median)
+    if abs(tr.rel_change) < th.flat_max_rel_change or change < th.flat_noise_multiple * tr.noise:
         msg = (
             f"train loss is flat: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
             f"({tr.rel_change * 100:+.2f}%): the model is not learning."
@@ -539,7 +548,7 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
         "more training text (--max-train-samples) helps most",
     ]
     msg = (
-        f"overfitting: eval loss rose {k} evaluations in a row to {_fmt(last)} at step {last_step} "
+        f"eval loss rose {k} evaluations in a row to {_fmt(last)} at step {last_step} "
         f"(best {_fmt(best)} at step {best_step}) while train loss went {_fmt(train_start)} -> {_fmt(train_end)}."
     )
     return Anomaly("overfitting", "warning", msg, evidence, "; ".join(parts) + ".", last_step)
@@ -709,7 +718,7 @@ def verdicts(
                       ("no_eval",) if "no_eval" in kinds else ())
     elif len(series.evals) < 2:
         ev = _verdict("eval_loss", "unknown", "one evaluation", "a trend needs two or more evaluations")
-    elif series.evals[-1][1] <= series.evals[0][1]:
+    elif series.evals[-1][1] < series.evals[0][1] * (1 - thresholds.flat_max_rel_change):
         ev = _verdict("eval_loss", "ok", "improving", "generalises to held-out text")
     else:
         ev = _verdict("eval_loss", "warning", "not improving", "eval loss ended above its first value")

@@ -1,0 +1,315 @@
+"""`prunetune report`: plots, verdicts and diagnosis of a run, as report.md, a self-contained report.html
+(images embedded) and report.json (machine-readable: summary, verdicts, rating, anomalies).
+
+Both human documents are rendered from one list of blocks, and report.json holds the numbers behind them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunetune.analysis import plots
+from prunetune.analysis.rules import (
+    ANOMALY_KINDS,
+    BAND_PRESETS,
+    Anomaly,
+    Thresholds,
+    diagnose,
+    rate_perplexity,
+    verdicts,
+)
+from prunetune.analysis.sources import Source, load_source
+from prunetune.analysis.summary import Summary, fmt_duration, fmt_num, summarize
+from prunetune.errors import UserError
+from prunetune.records import to_float
+from prunetune.runinfo import write_json
+
+REPORT_FILES = ("report.md", "report.html", "report.json")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What to report on and how to judge it."""
+
+    source: Path
+    """A run directory, metrics.jsonl, trainer_state.json or a Transformers console log."""
+    out: Path | None = None
+    """Output directory; default `<source dir>/report`."""
+    dense_ppl: float | None = None
+    """Perplexity of the dense model, for the relative rating (overrides the run's own record)."""
+    pruned_ppl: float | None = None
+    """Perplexity of the pruned model before recovery, for the improvement line."""
+    bands: str = "relative"
+    """Perplexity bands: `relative` (to the dense model) or `llama2-7b` (absolute)."""
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    """Diagnosis thresholds (see prunetune.analysis.rules)."""
+    prefer: str | None = None
+    """Force one source kind in a directory: metrics_jsonl, trainer_state or console_log."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", Path(self.source))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        if self.bands not in BAND_PRESETS:
+            raise UserError(f"--bands {self.bands!r} is not known; choose one of {', '.join(BAND_PRESETS)}")
+        for name in ("dense_ppl", "pruned_ppl"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} {value} must be a positive finite perplexity")
+
+
+def default_out(source: Path) -> Path:
+    return (source if source.is_dir() else source.parent) / "report"
+
+
+CONTEXT_KEYS = {
+    "lr": ("lr", "learning_rate"),
+    "block_size": ("block_size",),
+    "per_device_train_batch_size": ("per_device_train_batch_size", "batch_size", "train_batch_size"),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps",),
+    "lora_dropout": ("lora_dropout",),
+    "epochs": ("epochs", "num_train_epochs"),
+    "resume_command": ("resume_command",),
+}
+
+
+def fix_context(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Run settings for concrete fixes, from run_config.json (flat or one level nested) and trainer_state."""
+    flat: dict[str, Any] = {}
+    sources = [meta.get("run_config"), meta]
+    for src in sources:
+        if not isinstance(src, Mapping):
+            continue
+        for key, value in src.items():
+            if isinstance(value, Mapping):
+                for k2, v2 in value.items():
+                    flat.setdefault(k2, v2)
+            else:
+                flat.setdefault(key, value)
+    context: dict[str, Any] = {}
+    for name, keys in CONTEXT_KEYS.items():
+        for key in keys:
+            if flat.get(key) is not None and not isinstance(flat[key], (Mapping, list)):
+                context[name] = flat[key]
+                break
+    return context
+
+
+def _alerts(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in records if r.get("event") == "alert"]
+
+
+def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
+    """The content of report.json (no files written)."""
+    records = source.records
+    context = fix_context(source.meta)
+    if "epochs" not in context:
+        # a console log or trainer_state does not state its epochs, but its records reach them
+        epochs = [e for r in records if (e := to_float(r.get("epoch"))) is not None and math.isfinite(e)]
+        if epochs and max(epochs) >= 1.5:
+            context["epochs"] = math.ceil(max(epochs) - 1e-6)
+    anomalies = diagnose(records, cfg.thresholds, final=True, context=context)
+    verdict = verdicts(records, cfg.thresholds, anomalies=anomalies)
+    summary = summarize(records, dense_ppl=cfg.dense_ppl, pruned_ppl=cfg.pruned_ppl)
+    rating = rate_perplexity(summary.final_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)
+    pruned_rating = (
+        rate_perplexity(summary.pruned_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)
+        if summary.pruned_perplexity is not None else None
+    )
+    live = [
+        {k: a.get(k) for k in ("step", "kind", "severity", "message", "evidence", "fix")} for a in _alerts(records)
+    ]
+    return {
+        "source": {"path": str(source.path), "kind": source.kind,
+                   "step_source": source.meta.get("step_source"), "records": len(records)},
+        "summary": summary.to_dict(),
+        "verdicts": {k: v.to_dict() for k, v in verdict.items()},
+        "perplexity_rating": rating.to_dict(),
+        "pruned_perplexity_rating": pruned_rating.to_dict() if pruned_rating else None,
+        "anomalies": [a.to_dict() for a in anomalies],
+        "anomaly_kinds": list(ANOMALY_KINDS),
+        "live_alerts": live,
+        "context": context,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering: blocks -> Markdown and HTML
+
+
+Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", headers, rows) | ("list", items) | ("img", title, path)
+
+
+def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Block]:
+    s = Summary(**data["summary"])
+    src = data["source"]
+    blocks: list[Block] = [("h1", "Training report")]
+    how = f"{src['kind']} `{src['path']}`, {src['records']} records"
+    if src.get("step_source") and src["step_source"] != "bar":
+        how += f" (steps estimated from {src['step_source']}s: the log has no usable progress bar)"
+    blocks.append(("p", f"Source: {how}."))
+
+    steps = f"{s.steps}" + (f" / {s.max_steps}" if s.max_steps else "") if s.steps is not None else "-"
+    best = f"{fmt_num(s.best_eval_loss)} at step {s.best_step}" if s.best_eval_loss is not None else "-"
+    rows = [
+        ["Steps", steps],
+        ["Training time", fmt_duration(s.time_s)],
+        ["Final train loss", fmt_num(s.final_train_loss)],
+        ["Final eval loss", fmt_num(s.final_eval_loss)],
+        ["Best eval loss", best],
+        ["Final perplexity", fmt_num(s.final_perplexity)],
+        ["Best perplexity", fmt_num(s.best_perplexity)],
+        ["Evaluations", str(s.eval_points)],
+    ]
+    if s.tokens_per_s is not None:
+        rows.append(["Throughput", f"{s.tokens_per_s:,.0f} tokens/s"])
+    blocks += [("h2", "Summary"), ("table", ["", ""], rows)]
+
+    v = data["verdicts"]
+    rating = data["perplexity_rating"]
+    vrows = [
+        ["Train loss", f"{v['train_loss']['symbol']} {v['train_loss']['label']} ({v['train_loss']['reason']})"],
+        ["Eval loss", f"{v['eval_loss']['symbol']} {v['eval_loss']['label']} ({v['eval_loss']['reason']})"],
+        ["Perplexity", f"{rating['symbol']} {rating['band']}: {rating['text']}"],
+    ]
+    if s.pruned_perplexity is not None and s.final_perplexity is not None:
+        vrows.append(["Improvement", f"pruned {fmt_num(s.pruned_perplexity)} → {fmt_num(s.final_perplexity)}"
+                      + (f", reduction {s.improvement_pct:.2f}%" if s.improvement_pct is not None else "")])
+    blocks += [("h2", "Verdicts"), ("table", ["Metric", "Verdict"], vrows)]
+
+    blocks.append(("h2", "Anomalies"))
+    if not data["anomalies"]:
+        blocks.append(("p", "None: no rule fired; the run looks healthy."))
+    for a in data["anomalies"]:
+        mark = "❌" if a["severity"] == "error" else "⚠"
+        at = f" at step {a['step']}" if a["step"] is not None else ""
+        blocks.append(("h3", f"{mark} {a['kind']} ({a['severity']}){at}"))
+        evidence = ", ".join(f"{k}={json.dumps(val)}" for k, val in a["evidence"].items())
+        blocks.append(("list", [a["message"], f"Evidence: {evidence}", f"Fix: {a['fix']}"]))
+    if data["live_alerts"]:
+        blocks.append(("h2", "Alerts raised during training"))
+        blocks.append(("table", ["Step", "Kind", "Message"],
+                       [[str(a["step"]), str(a["kind"]), str(a["message"])] for a in data["live_alerts"]]))
+
+    titles = {"train_loss": "Training loss", "eval": "Eval loss and perplexity", "lr": "Learning rate",
+              "grad_norm": "Gradient norm", "throughput": "Throughput"}
+    if images:
+        blocks.append(("h2", "Plots"))
+        blocks += [("img", titles.get(name, name), path) for name, path in images.items()]
+    return blocks
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + b[1])
+        elif kind == "p":
+            out.append(b[1])
+        elif kind == "table":
+            headers, rows = b[1], b[2]
+            out.append("| " + " | ".join(headers) + " |")
+            out.append("|" + "---|" * len(headers))
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        elif kind == "list":
+            out += [f"- {item}" for item in b[1]]
+        elif kind == "img":
+            out.append(f"![{b[1]}]({Path(b[2]).name})")
+        out.append("")
+    return "\n".join(out)
+
+
+def _inline_code(text: str) -> str:
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(blocks: Sequence[Block]) -> str:
+    body: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            body.append(f"<{kind}>{_inline_code(b[1])}</{kind}>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{_inline_code(c)}</td>" for c in row) + "</tr>" for row in b[2])
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline_code(i)}</li>" for i in b[1]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode(Path(b[2]).read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(b[1])}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(b[1])}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}"
+             "img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>prunetune report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def render_console(data: Mapping[str, Any]) -> str:
+    """The few lines `prunetune report` prints."""
+    s = data["summary"]
+    v = data["verdicts"]
+    lines = [
+        f"Steps {s['steps']} | time {fmt_duration(s['time_s'])} | final train loss {fmt_num(s['final_train_loss'])}"
+        f" | final eval loss {fmt_num(s['final_eval_loss'])} | best {fmt_num(s['best_eval_loss'])}"
+        f" at step {s['best_step']} | perplexity {fmt_num(s['final_perplexity'])}",
+        f"Train loss: {v['train_loss']['symbol']} {v['train_loss']['label']} ({v['train_loss']['reason']})",
+        f"Eval loss:  {v['eval_loss']['symbol']} {v['eval_loss']['label']} ({v['eval_loss']['reason']})",
+        f"Perplexity: {data['perplexity_rating']['symbol']} {data['perplexity_rating']['text']}",
+    ]
+    if not data["anomalies"]:
+        lines.append("Anomalies: none")
+    for a in data["anomalies"]:
+        mark = "❌" if a["severity"] == "error" else "⚠"
+        lines.append(f"{mark} {a['kind']}: {a['message']}")
+        lines.append(f"   fix: {a['fix']}")
+    return "\n".join(lines)
+
+
+def run_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Read the source, judge it, write plots + report.md/.html/.json into cfg.out; returns report.json's data
+    with `files` (what was written) added."""
+    source = load_source(cfg.source, cfg.prefer)
+    out = cfg.out or default_out(cfg.source)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    data = analyse(source, cfg)
+    images = plots.write_plots(source.records, out, alerts=[a.to_record() for a in _anomalies(data)])
+    blocks = build_blocks(data, images)
+    (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+    (out / "report.html").write_text(render_html(blocks), encoding="utf-8")
+    data["files"] = {"report.md": str(out / "report.md"), "report.html": str(out / "report.html"),
+                     "report.json": str(out / "report.json"),
+                     **{f"{k}.png": str(p) for k, p in images.items()}}
+    write_json(out / "report.json", _json_safe(data))
+    return data
+
+
+def _anomalies(data: Mapping[str, Any]) -> list[Anomaly]:
+    return [Anomaly(**a) for a in data["anomalies"]]
+
+
+def _json_safe(value: Any) -> Any:
+    # report.json must stay strict JSON: NaN/Inf become strings, as in metrics.jsonl
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
