@@ -82,6 +82,9 @@ class Thresholds:
     diverge_min_rel_rise: float = 0.1
     """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
     first logged loss (the untrained model) and the minimum of the running window medians."""
+    diverge_noise_multiple: float = 2.0
+    """... and by more than this many times the noise (median |step-to-step change|), so the low points of an
+    oscillation are not read as a rise."""
     overfit_min_evals: int = 3
     """Evaluations needed before `overfitting` may fire."""
     overfit_consecutive_rises: int = 2
@@ -91,8 +94,8 @@ class Thresholds:
     overfit_train_max_rel_change: float = 0.0
     """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
     far_min_gap: float = 0.5
-    """`eval_far_above_train` when eval loss exceeds the median train loss logged since the previous eval
-    by more than this many nats (perplexity x1.65) ..."""
+    """`eval_far_above_train` when eval loss exceeds the train loss at its step (median of the last 3 logged
+    losses) by more than this many nats (perplexity x1.65) ..."""
     far_min_ratio: float = 1.2
     """... and by more than this factor ..."""
     far_consecutive_evals: int = 2
@@ -264,10 +267,10 @@ def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStat
 @dataclass(frozen=True)
 class OscillationStats:
     rel_amplitude: float
-    """median |first difference| / median level over the recent points."""
+    """median |first difference| / mean level over the recent points."""
     sign_change_fraction: float
     progress: float
-    """(median of the window before - median of the recent window) / |median before|."""
+    """(mean of the window before - mean of the recent window) / |mean before|."""
     steps: tuple[int, int]
 
 
@@ -278,13 +281,14 @@ def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> Osc
     recent = [v for _, v in train[-k:]]
     before = [v for _, v in train[-2 * k + 1 : -k + 1]] or recent
     diffs = [b - a for a, b in zip(recent, recent[1:], strict=False)]
-    level = statistics.median(abs(v) for v in recent)
+    # means, not medians: the median of a two-level oscillation sits on one of the two levels
+    level = statistics.fmean(abs(v) for v in recent)
     amp = statistics.median(abs(d) for d in diffs) / level if level > 0 else 0.0
     signs = [d for d in diffs if d != 0]
     flips = sum(1 for a, b in zip(signs, signs[1:], strict=False) if (a > 0) != (b > 0))
     flip_frac = flips / (len(signs) - 1) if len(signs) > 1 else 0.0
-    b_med = statistics.median(before)
-    progress = (b_med - statistics.median(recent)) / abs(b_med) if b_med != 0 else 0.0
+    b_mean = statistics.fmean(before)
+    progress = (b_mean - statistics.fmean(recent)) / abs(b_mean) if b_mean != 0 else 0.0
     return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]))
 
 
@@ -298,13 +302,10 @@ def warmup_end_index(lr: Sequence[tuple[int, float]]) -> int | None:
     return None
 
 
-def train_loss_near(train: Sequence[tuple[int, float]], start: int, end: int) -> float | None:
-    """Median train loss logged in (start, end]; the last logged loss at or before `end` if none."""
-    inside = [v for s, v in train if start < s <= end]
-    if inside:
-        return statistics.median(inside)
-    before = [v for s, v in train if s <= end]
-    return before[-1] if before else None
+def train_loss_near(train: Sequence[tuple[int, float]], step: int, k: int = 3) -> float | None:
+    """Median of the last `k` train losses logged at or before `step`: the train loss "at" an eval."""
+    before = [v for s, v in train if s <= step][-k:]
+    return statistics.median(before) if before else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,6 +421,8 @@ def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | 
         best, best_step = values[0], series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
+    if tr.last_median - best <= th.diverge_noise_multiple * tr.noise:
+        return None
     evidence = {
         "best_window_median": round(best, 4),
         "best_window_step": best_step,
@@ -521,8 +524,8 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
     last_step, last = evals[-1]
     if best <= 0 or last < best * (1 + th.overfit_min_rel_rise):
         return None
-    train_start = train_loss_near(series.train, -1, tail[0][0])
-    train_end = train_loss_near(series.train, tail[-2][0], last_step)
+    train_start = train_loss_near(series.train, tail[0][0])
+    train_end = train_loss_near(series.train, last_step)
     if train_start is None or train_end is None:
         return None
     train_change = (train_end - train_start) / abs(train_start) if train_start else 0.0
@@ -558,13 +561,7 @@ def rule_far_above(series: Series, th: Thresholds, context: Mapping[str, Any] | 
     k = th.far_consecutive_evals
     if len(series.evals) < k or not series.train:
         return None
-    gaps = []
-    prev = -1
-    for step, ev in series.evals:
-        tr = train_loss_near(series.train, prev, step) if any(s <= step for s, _ in series.train) else None
-        gaps.append((step, ev, tr))
-        prev = step
-    tail = gaps[-k:]
+    tail = [(step, ev, train_loss_near(series.train, step)) for step, ev in series.evals[-k:]]
     if any(tr is None or tr <= 0 for _, _, tr in tail):
         return None
     if not all(ev - tr > th.far_min_gap and ev / tr > th.far_min_ratio for _, ev, tr in tail):

@@ -1,0 +1,272 @@
+"""Diagnosis rules on synthetic series: each rule fires on its pattern, stays silent on healthy runs, and needs
+enough evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from prunetune.analysis.rules import (
+    ANOMALY_KINDS,
+    Anomaly,
+    Thresholds,
+    diagnose,
+    fmt_lr,
+    oscillation_stats,
+    rate_perplexity,
+    trend_stats,
+    verdicts,
+    warmup_end_index,
+)
+
+
+def logs(values, every=10, lr=1e-4, start=1):
+    return [{"event": "log", "step": start + i * every, "loss": v, "lr": lr, "grad_norm": 1.0}
+            for i, v in enumerate(values)]
+
+
+def evals(pairs):
+    return [{"event": "eval", "step": s, "eval_loss": v} for s, v in pairs]
+
+
+def healthy_curve(n=60, noise=0.03, seed=0):
+    rng = random.Random(seed)
+    return [4.0 * math.exp(-i / 12) + 2.0 + rng.gauss(0, noise) for i in range(n)]
+
+
+def kinds(records, **kw):
+    return [a.kind for a in diagnose(records, **kw)]
+
+
+def test_vocabulary_and_record_shape():
+    for k in ("loss_flat", "loss_slow", "loss_oscillating", "overfitting", "eval_far_above_train", "nan_inf",
+              "out_of_memory", "no_eval"):
+        assert k in ANOMALY_KINDS
+    rec = Anomaly("nan_inf", "error", "m", {"a": 1}, "f", 7).to_record()
+    assert rec == {"event": "alert", "step": 7, "kind": "nan_inf", "severity": "error", "message": "m",
+                   "evidence": {"a": 1}, "fix": "f"}
+    json.dumps(rec)
+    with pytest.raises(ValueError):
+        Anomaly("made_up", "error", "m")
+    with pytest.raises(ValueError):
+        Anomaly("nan_inf", "fatal", "m")
+
+
+def test_thresholds_validated():
+    with pytest.raises(ValueError):
+        Thresholds(window_fraction=0.9)
+    with pytest.raises(ValueError):
+        Thresholds(flat_max_rel_change=-1)
+    with pytest.raises(ValueError):
+        Thresholds(min_train_points=3, min_window=3)
+
+
+def test_healthy_run_raises_nothing_at_any_prefix():
+    train = logs(healthy_curve())
+    ev = evals([(s, 4.0 * math.exp(-(s / 10) / 12) + 2.1) for s in range(100, 601, 100)])
+    records = sorted(train + ev, key=lambda r: (r["step"], r["event"] == "eval"))
+    for n in range(1, len(records) + 1):
+        assert diagnose(records[:n]) == [], f"false alarm after {n} records"
+    assert diagnose(records, final=True) == []
+    v = verdicts(records)
+    assert v["train_loss"].status == "ok" and v["train_loss"].symbol == "✅"
+    assert v["eval_loss"].label == "improving"
+
+
+def test_flat_loss_is_an_error_with_config_fix():
+    rng = random.Random(1)
+    records = logs([5.0 + rng.gauss(0, 0.02) for _ in range(30)])
+    found = diagnose(records)
+    assert [a.kind for a in found] == ["loss_flat"]
+    assert found[0].severity == "error"
+    assert "labels" in found[0].fix
+    assert verdicts(records)["train_loss"].label == "flat"
+
+
+def test_exactly_constant_loss_is_flat():
+    assert kinds(logs([2.5] * 20)) == ["loss_flat"]
+
+
+def test_slow_linear_decline_names_a_higher_lr():
+    rng = random.Random(2)
+    records = logs([6.0 - 0.004 * i + rng.gauss(0, 0.004) for i in range(40)])
+    found = diagnose(records, context={"lr": 1e-4})
+    assert [a.kind for a in found] == ["loss_slow"]
+    assert "raise --lr from 1e-4 to 3e-4" in found[0].fix
+    assert found[0].evidence["rel_drop"] > 0
+    assert verdicts(records)["train_loss"].reason == "LR too low"
+
+
+def test_small_drop_that_plateaued_is_not_slow():
+    # converged fine-tuning: 8% drop, all of it early -> healthy, not "LR too low"
+    values = [2.0 - 0.16 * (1 - math.exp(-i / 3)) for i in range(40)]
+    assert kinds(logs(values)) == []
+
+
+def test_oscillating_loss_names_lower_lr_or_more_accumulation():
+    rng = random.Random(3)
+    values = [4.0 + (0.8 if i % 2 else -0.8) * rng.uniform(0.6, 1.0) for i in range(30)]
+    found = diagnose(logs(values), context={"lr": 3e-4, "gradient_accumulation_steps": 2})
+    assert [a.kind for a in found] == ["loss_oscillating"]
+    assert "lower --lr from 3e-4 to 1e-4" in found[0].fix
+    assert "--gradient_accumulation_steps from 2 to 8" in found[0].fix
+    assert verdicts(logs(values))["train_loss"].label == "oscillating"
+
+
+def test_noisy_but_decreasing_is_not_oscillating():
+    assert kinds(logs(healthy_curve(noise=0.08, seed=4))) == []
+
+
+def test_diverging_loss():
+    values = [6.0 - 0.05 * i for i in range(10)] + [5.5 + 0.5 * i for i in range(15)]
+    found = diagnose(logs(values), context={"lr": 1e-3})
+    assert found[0].kind == "loss_diverging"
+    assert "lower --lr from 1e-3" in found[0].fix
+    assert "loss_slow" not in kinds(logs(values))
+
+
+def test_spike_then_plateau_far_above_start_is_diverging():
+    # what a 300x LR does to a tiny model: one jump far above the untrained loss, noisy there
+    rng = random.Random(5)
+    values = [6.2, 20.0, 50.0] + [45 + rng.gauss(0, 8) for _ in range(25)]
+    assert "loss_diverging" in kinds(logs(values))
+
+
+def test_nan_loss_is_an_error_with_step_and_last_good_value():
+    values = healthy_curve(20)
+    records = logs(values) + [{"event": "log", "step": 300, "loss": "nan", "lr": 1e-4, "grad_norm": "nan"}]
+    found = diagnose(records, context={"lr": 1e-4})
+    assert found[0].kind == "nan_inf" and found[0].severity == "error"
+    assert found[0].step == 300
+    assert found[0].evidence["last_finite_loss_step"] == records[19]["step"]
+    assert "1e-5" in found[0].fix and "logging_nan_inf_filter" in found[0].fix
+
+
+def test_inf_grad_norm_alone_is_caught():
+    records = logs(healthy_curve(5))
+    records[3]["grad_norm"] = float("inf")
+    assert kinds(records) == ["nan_inf"]
+
+
+def test_nan_as_first_record_does_not_crash():
+    assert kinds([{"event": "log", "step": 1, "loss": "nan"}]) == ["nan_inf"]
+
+
+def test_out_of_memory_fix_names_flags_and_resume():
+    ctx = {"block_size": 1024, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+           "resume_command": "prunetune finetune --resume_from_checkpoint auto --out run"}
+    records = logs(healthy_curve(3)) + [{"event": "error", "step": 25, "kind": "out_of_memory", "message": "CUDA"}]
+    found = diagnose(records, context=ctx)
+    assert found[0].kind == "out_of_memory"
+    fix = found[0].fix
+    assert "--block-size 512" in fix and "--gradient_checkpointing" in fix
+    assert "--per_device_train_batch_size 2 with --gradient_accumulation_steps 4" in fix
+    assert ctx["resume_command"] in fix
+    bare = diagnose(records)[0].fix
+    assert "--per_device_train_batch_size 1" in bare
+
+
+def test_overfitting_eval_rising_while_train_falls():
+    train = logs([3.0 - 0.04 * i for i in range(40)])
+    ev = evals([(100, 2.9), (200, 2.7), (300, 2.75), (400, 2.85)])
+    found = diagnose(train + ev, context={"lora_dropout": 0.05, "epochs": 4})
+    assert "overfitting" in [a.kind for a in found]
+    a = next(a for a in found if a.kind == "overfitting")
+    assert a.evidence["best_eval_step"] == 200
+    assert "--lora_dropout from 0.05 to 0.1" in a.fix and "--epochs 2" in a.fix
+    assert verdicts(train + ev)["eval_loss"].label == "rising"
+
+
+def test_one_eval_rise_is_not_overfitting():
+    train = logs([3.0 - 0.04 * i for i in range(40)])
+    ev = evals([(100, 2.9), (200, 2.7), (300, 2.6), (400, 2.65)])
+    assert "overfitting" not in kinds(train + ev)
+
+
+def test_eval_and_train_rising_together_is_not_overfitting():
+    train = logs([3.0 - 0.04 * i for i in range(20)] + [2.2 + 0.1 * i for i in range(20)])
+    ev = evals([(100, 2.9), (200, 2.7), (300, 2.9), (400, 3.4)])
+    assert "overfitting" not in kinds(train + ev)
+
+
+def test_eval_far_above_train_needs_two_evals():
+    train = logs(healthy_curve(40, noise=0.0))
+    one = evals([(200, 4.0)])
+    assert "eval_far_above_train" not in kinds(train + one)
+    two = evals([(200, 4.0), (390, 3.9)])
+    found = diagnose(train + two)
+    assert [a.kind for a in found] == ["eval_far_above_train"]
+    assert found[0].evidence["gap_nats"] > 0.5
+
+
+def test_no_eval_only_at_the_end():
+    records = logs(healthy_curve(30))
+    assert kinds(records) == []
+    found = diagnose(records, final=True)
+    assert [a.kind for a in found] == ["no_eval"]
+    assert "--eval_strategy steps" in found[0].fix
+
+
+def test_too_few_points_say_nothing():
+    assert kinds(logs([6.0, 6.0, 6.0])) == []
+    assert kinds(logs([6.0, 9.0, 3.0, 12.0])) == []
+    assert kinds([]) == []
+    assert verdicts(logs([6.0, 5.0]))["train_loss"].status == "unknown"
+
+
+def test_warmup_defers_flat_and_slow():
+    rng = random.Random(6)
+    flat = [5.0 + rng.gauss(0, 0.01) for _ in range(20)]
+    warming = [{"event": "log", "step": i * 10, "loss": v, "lr": 1e-5 * (i + 1)} for i, v in enumerate(flat)]
+    assert kinds(warming) == []
+    assert warmup_end_index([(1, 1.0), (2, 2.0), (3, 2.0)]) == 1
+    assert warmup_end_index([(1, 1.0), (2, 2.0)]) is None
+
+
+def test_string_values_and_unknown_events_are_tolerated():
+    records = [{"event": "config", "lr": "x"}, {"event": "log", "step": "5", "loss": "3.2"}, {"event": "log"}]
+    records += logs(healthy_curve(20), start=10)
+    assert kinds(records) == []
+
+
+def test_statistics_helpers():
+    th = Thresholds()
+    pts = [(i, 10.0 - i * 0.1) for i in range(20)]
+    tr = trend_stats(pts, th)
+    assert tr is not None and tr.rel_change > 0 and tr.first_median > tr.last_median
+    osc = oscillation_stats([(i, 5.0 + (1 if i % 2 else -1)) for i in range(20)], th)
+    assert osc is not None and osc.sign_change_fraction == 1.0 and osc.rel_amplitude == pytest.approx(0.4, rel=0.05)
+    assert trend_stats(pts[:3], th) is None
+
+
+def test_fmt_lr():
+    assert fmt_lr(1e-4) == "1e-4"
+    assert fmt_lr(3e-4) == "3e-4"
+    assert fmt_lr(2.5e-5) == "2.5e-5"
+
+
+@pytest.mark.parametrize(
+    ("ppl", "dense", "band"),
+    [(12.0, 10.0, "ideal"), (13.0, 10.0, "ideal"), (15.0, 10.0, "good"), (20.0, 10.0, "good"),
+     (99.0, 10.0, "fair"), (101.0, 10.0, "poor")],
+)
+def test_relative_bands(ppl, dense, band):
+    r = rate_perplexity(ppl, dense)
+    assert r.band == band and r.ratio == pytest.approx(ppl / dense)
+
+
+@pytest.mark.parametrize(("ppl", "band"), [(6.8, "ideal"), (8.0, "good"), (30.0, "fair"), (51.0, "poor")])
+def test_llama2_bands(ppl, band):
+    assert rate_perplexity(ppl, bands="llama2-7b").band == band
+
+
+def test_rating_edge_cases():
+    assert rate_perplexity(12.0).band == "unrated"
+    assert "--dense-ppl" in rate_perplexity(12.0).text
+    assert rate_perplexity(None, 10.0).band == "unrated"
+    assert rate_perplexity(float("nan"), 10.0).band == "poor"
+    with pytest.raises(ValueError):
+        rate_perplexity(10.0, bands="gpt2")
