@@ -316,8 +316,15 @@ def _bar_extras(rec: dict[str, Any], bar: Mapping[str, Any]) -> None:
 
 
 def _steps_monotonic(records: list[dict[str, Any]]) -> bool:
+    """Bar-read steps are trusted when they never go back and no two train logs share a step (a buffered
+    stdout prints all dicts after the last bar, so they would all read the final step)."""
     steps = [r["step"] for r in records if r["event"] in ("log", "eval")]
-    return all(s is not None for s in steps) and all(b >= a for a, b in zip(steps, steps[1:], strict=False))
+    log_steps = [r["step"] for r in records if r["event"] == "log"]
+    return (
+        all(s is not None for s in steps)
+        and all(b >= a for a, b in zip(steps, steps[1:], strict=False))
+        and len(set(log_steps)) == len(log_steps)
+    )
 
 
 def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
