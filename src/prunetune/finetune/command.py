@@ -65,6 +65,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _flag(run, "max_eval_samples", type=int, metavar="N", help="first N grouped eval sequences (default 128)")
     _flag(run, "overwrite", type=_bool, help="replace an existing run in --out")
     _flag(run, "device", choices=["cpu", "cuda"], help="default: cuda when available")
+    _flag(run, "probe_steps", type=int, metavar="N", help="timed forward+backward passes for the time estimate (default 2)")
     lora = parser.add_argument_group("LoRA")
     _flag(lora, "lora_r", type=int, help="rank (default 8)")
     _flag(lora, "lora_alpha", type=int, help="alpha (default 16)")

@@ -120,6 +120,7 @@ class FinetuneConfig:
     """`cpu` or `cuda`; None: CUDA when available."""
 
     def __post_init__(self) -> None:
+        self._coerce_strings()
         if isinstance(self.lora_targets, str):
             self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         else:
@@ -179,6 +180,26 @@ class FinetuneConfig:
             raise UserError(f"probe_steps must be >= 0, got {self.probe_steps}")
         if self.device not in (None, "cpu", "cuda"):
             raise UserError(f"unknown --device {self.device!r}; choose cpu or cuda")
+
+    def _coerce_strings(self) -> None:
+        """YAML reads `5e-4` as a string (YAML 1.1 wants `5.0e-4`); numbers and booleans given as text are
+        converted by the field's type, with the bad value named when that fails."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str):
+                continue
+            kind = str(f.type).split(" |")[0]
+            try:
+                if kind == "float":
+                    setattr(self, f.name, float(value))
+                elif kind == "int":
+                    setattr(self, f.name, int(float(value)))
+                elif kind == "bool":
+                    if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    setattr(self, f.name, value.strip().lower() in ("true", "1", "yes"))
+            except ValueError:
+                raise UserError(f"setting {f.name}={value!r} is not a valid {kind}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

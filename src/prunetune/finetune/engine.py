@@ -508,6 +508,10 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
             runlog.emit("baseline_eval", None, reused=False, **baseline)
         else:
             baseline = {}
+        if args.world_size > 1 and getattr(trainer.model, "_is_accelerate_prepared", False):
+            # evaluate() before train() marks the model as prepared, and Accelerate then skips the DDP wrapper
+            # in train(): every rank would train on its own gradients. Clear the mark so train() wraps it.
+            del trainer.model._is_accelerate_prepared
         probe = _probe_seconds(trainer, trainer.model, data, cfg)
     except _OOM_ERRORS as err:
         raise oom(err, "the baseline evaluation") from None
