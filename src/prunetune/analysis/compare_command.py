@@ -86,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
     for row in result["table"]:
         table.add_row(*row.values())
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a pipe or file has no width; do not squeeze run names into "…"
     console.print(table)
     console.print(" | ".join(result["files"].values()))
     return 0
