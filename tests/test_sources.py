@@ -220,3 +220,38 @@ def test_missing_and_bad_json_are_user_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="no usable training records"):
         load_source(empty)
+
+
+def test_notebook_table_copied_from_jupyter():
+    text = (
+        "[300/300 01:02, Epoch 3/3]\n"
+        "Step\tTraining Loss\tValidation Loss\n"
+        "100\t2.456700\t2.401200\n"
+        "200\t2.101000\t2.250000\n"
+        "300\t1.901000\t2.260000\n"
+        "TrainOutput(global_step=300, training_loss=2.1)\n"
+    )
+    records, meta = parse_console_log(text)
+    assert meta["step_source"] == "table"
+    assert [(r["step"], r["loss"]) for r in records if r["event"] == "log"] == [(100, 2.4567), (200, 2.101),
+                                                                                 (300, 1.901)]
+    assert [(r["step"], r["eval_loss"]) for r in records if r["event"] == "eval"] == [(100, 2.4012), (200, 2.25),
+                                                                                      (300, 2.26)]
+    no_log = parse_console_log("Step | Training Loss | Validation Loss\n10 | No log | 3.5\n20 | 3.1 | 3.2\n")[0]
+    assert [r["event"] for r in no_log] == ["eval", "log", "eval"]
+
+
+def test_announced_total_steps_and_named_eval_loss():
+    text = textwrap.dedent("""\
+        ***** Running training *****
+          Num examples = 1,000
+          Total optimization steps = 1,000
+        {'loss': 3.0, 'epoch': 0.5}
+        {'eval_wiki_loss': 2.9, 'eval_wiki_runtime': 1.0, 'epoch': 0.5}
+        {'loss': 2.0, 'epoch': 1.0}
+        """)
+    records, meta = parse_console_log(text)
+    assert meta["max_steps"] == 1000 and meta["step_source"] == "epoch"
+    assert kinds_steps(records, "log") == [500, 1000]
+    (ev,) = [r for r in records if r["event"] == "eval"]
+    assert ev["step"] == 500 and ev["eval_loss"] == 2.9

@@ -36,6 +36,11 @@ _OOM = re.compile(
 )
 _METRICS_HEADER = re.compile(r"\*{3,}\s*(\w+) metrics\s*\*{3,}")
 _METRIC_LINE = re.compile(r"^\s+(\w+)\s*=\s*(\S+)\s*$")
+_TOTAL_STEPS = re.compile(r"Total optimization steps = ([\d,]+)")
+# Jupyter's NotebookProgressCallback table, as copied out of a notebook: "Step  Training Loss  Validation Loss"
+_TABLE_HEADER = re.compile(r"\b(Step|Epoch)\b.*\bTraining Loss\b")
+_TABLE_SPLIT = re.compile(r"\t+|\s{2,}|\s*\|\s*")
+TABLE_COLUMNS = {"Step": "step", "Epoch": "epoch", "Training Loss": "loss", "Validation Loss": "eval_loss"}
 
 LOG_KEYS = {"learning_rate": "lr"}
 SOURCE_KINDS = ("metrics_jsonl", "trainer_state", "console_log")
@@ -51,7 +56,7 @@ class Source:
     """The file the records were read from."""
     records: list[dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
-    """Extra facts: run_config, all_results, max_steps, step_source (`bar`, `epoch`, `ordinal`), notes."""
+    """Extra facts: run_config, all_results, max_steps, step_source (`bar`, `table`, `epoch`, `ordinal`), notes."""
 
     @property
     def run_dir(self) -> Path:
@@ -72,6 +77,11 @@ def _num(value: Any) -> float | str | None:
 
 def record_from_trainer_dict(d: Mapping[str, Any], step: int | None) -> dict[str, Any] | None:
     """One Trainer `log_history` entry / console dict as a record, or None when it is none of log/eval/end."""
+    if "eval_loss" not in d:
+        # several eval datasets log eval_<name>_loss; the first one stands for "the" eval loss
+        named = next((k for k in d if k.startswith("eval_") and k.endswith("_loss")), None)
+        if named is not None:
+            d = {**d, "eval_loss": d[named]}
     if "eval_loss" in d:
         rec: dict[str, Any] = {"event": "eval", "step": step}
         for key, value in d.items():
@@ -177,6 +187,18 @@ def _console_events(text: str, max_dict_lines: int = 40) -> list[_Event]:
             events.append(_Event("bar", i, m.groupdict()))
         if _OOM.search(line):
             events.append(_Event("oom", i, line.strip()))
+        if (total := _TOTAL_STEPS.search(line)) is not None:
+            events.append(_Event("total", i, int(total.group(1).replace(",", ""))))
+        if _TABLE_HEADER.search(line):
+            columns = [c for c in _TABLE_SPLIT.split(line.strip()) if c]
+            i += 1
+            while i < len(lines):
+                cells = [c for c in _TABLE_SPLIT.split(lines[i].strip()) if c]
+                if len(cells) != len(columns) or to_float(cells[0]) is None:
+                    break
+                events.append(_Event("row", i, dict(zip(columns, cells, strict=True))))
+                i += 1
+            continue
         header = _METRICS_HEADER.search(line)
         if header:
             block = (header.group(1), {})
@@ -254,6 +276,11 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta: dict[str, Any] = {}
     if total is not None:
         meta["max_steps"] = int(total)
+    else:
+        announced = [e.data for e in events if e.kind == "total"]
+        if announced:
+            meta["max_steps"] = announced[-1]
+    fixed: set[int] = set()  # ids of records whose step the log states (notebook table rows)
 
     records: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # records waiting for the next bar redraw to learn their step
@@ -279,6 +306,11 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 rec = {"event": "error", "step": None, "kind": "out_of_memory", "message": ev.data}
                 records.append(rec)
                 pending.append(rec)
+        elif ev.kind == "row":
+            for rec in _records_from_row(ev.data):
+                records.append(rec)
+                if rec["step"] is not None:
+                    fixed.add(id(rec))
         elif ev.kind == "block":
             name, values = ev.data
             if name == "eval" and "eval_loss" in values:
@@ -291,14 +323,29 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if last_bar:
             _bar_extras(rec, last_bar)
 
-    meta["step_source"] = "bar"
-    if not train_bars or not _steps_monotonic(records):
-        meta["step_source"] = _steps_from_epochs(records, meta)
-    if total is not None:
+    meta["step_source"] = "bar" if train_bars else "table"
+    if not _steps_monotonic(records) or (not train_bars and len(fixed) < len(records)):
+        meta["step_source"] = _steps_from_epochs(records, meta, fixed)
+    if meta.get("max_steps"):
         for rec in records:
             if rec["event"] == "log":
-                rec.setdefault("max_steps", int(total))
+                rec.setdefault("max_steps", meta["max_steps"])
     return records, meta
+
+
+def _records_from_row(row: Mapping[str, str]) -> list[dict[str, Any]]:
+    values = {TABLE_COLUMNS[k]: _num(v) for k, v in row.items() if k in TABLE_COLUMNS}
+    step = values.get("step")
+    step = int(step) if isinstance(step, float) else None
+    extra = {"epoch": values["epoch"]} if values.get("epoch") is not None else {}
+    out = []
+    if values.get("loss") is not None:
+        out.append({"event": "log", "step": step, "loss": values["loss"], **extra})
+    if values.get("eval_loss") is not None:
+        rec = record_from_trainer_dict({"eval_loss": values["eval_loss"], **extra}, step)
+        if rec is not None:
+            out.append(rec)
+    return out
 
 
 def _bar_extras(rec: dict[str, Any], bar: Mapping[str, Any]) -> None:
@@ -327,7 +374,7 @@ def _steps_monotonic(records: list[dict[str, Any]]) -> bool:
     )
 
 
-def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int]) -> str:
     """Steps when the bar is missing or out of order (stdout buffered apart from stderr): epoch x steps per
     epoch when the total step count is known, else the log ordinal."""
     end = next((r for r in records if r["event"] == "train_end"), None)
@@ -341,6 +388,8 @@ def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any]) -> s
     use_epoch = bool(max_steps and final_epoch and all(e is not None for e in epochs))
     ordinal = 0
     for rec in records:
+        if id(rec) in fixed:
+            continue
         if use_epoch and to_float(rec.get("epoch")) is not None:
             rec["step"] = max(1, round(to_float(rec["epoch"]) / final_epoch * max_steps))
         elif rec["event"] == "log":
