@@ -54,7 +54,9 @@ class Thresholds:
 
     min_train_points: int = 10
     """Finite train-loss log points needed before any train-loss trend rule (flat, slow, oscillating,
-    diverging) may fire; with logging every 10 steps that is 100 steps."""
+    diverging) may fire; with logging every 10 steps that is 100 steps ..."""
+    min_train_steps: int = 50
+    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge)."""
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
@@ -63,21 +65,25 @@ class Thresholds:
     """`loss_flat` when the median of the last window differs from the median of the first window by less
     than this fraction of the latter (0.5%) ..."""
     flat_noise_multiple: float = 1.0
-    """... or by less than this many times the noise (median |step-to-step change|): no change that stands
-    out of the noise."""
+    """... or, in a quiet series (noise below `flat_quiet_noise` of the level), by less than this many times
+    the noise (median |step-to-step change|): no change that stands out of the noise."""
+    flat_quiet_noise: float = 0.02
+    """Relative noise below which a series counts as quiet (a noisy series is never called flat by noise)."""
     slow_max_rel_drop: float = 0.1
     """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
     slow_min_late_share: float = 0.5
-    """... and the second half of the run still fell by at least this share of the first half's drop:
-    the curve is still going down at its initial pace (no plateau), so a larger LR would help."""
-    osc_min_rel_amplitude: float = 0.12
+    """... the second half of the run still fell by at least this share of the first half's drop:
+    the curve is still going down at its initial pace (no plateau), so a larger LR would help ..."""
+    slow_min_significance: float = 2.0
+    """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window))."""
+    osc_min_rel_amplitude: float = 0.25
     """`loss_oscillating` when the median |step-to-step change| of the recent losses exceeds this
     fraction of their median level ..."""
     osc_min_sign_changes: float = 0.5
     """... the changes flip sign at least this often (fraction of consecutive pairs) ..."""
     osc_max_progress: float = 0.03
     """... and the recent window is not lower than the window before it by more than this fraction."""
-    osc_recent_points: int = 12
+    osc_recent_points: int = 20
     """How many of the latest train-loss points the oscillation rule looks at."""
     diverge_min_rel_rise: float = 0.1
     """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
@@ -248,10 +254,16 @@ class TrendStats:
     last_step: int
     noise: float
     """median |step-to-step change| over all points."""
+    window: int
+    """points per comparison window."""
+
+
+def enough_evidence(train: Sequence[tuple[int, float]], th: Thresholds) -> bool:
+    return len(train) >= th.min_train_points and train[-1][0] - train[0][0] >= th.min_train_steps
 
 
 def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStats | None:
-    if len(train) < th.min_train_points:
+    if not enough_evidence(train, th):
         return None
     values = [v for _, v in train]
     first, last = _windows(values, th)
@@ -261,7 +273,7 @@ def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStat
     f, m, la = statistics.median(first), statistics.median(mid), statistics.median(last)
     rel = (f - la) / abs(f) if f != 0 else (0.0 if la == 0 else -math.inf)
     noise = statistics.median(abs(b - a) for a, b in zip(values, values[1:], strict=False))
-    return TrendStats(n, f, la, m, rel, f - m, m - la, train[0][0], train[-1][0], noise)
+    return TrendStats(n, f, la, m, rel, f - m, m - la, train[0][0], train[-1][0], noise, len(first))
 
 
 @dataclass(frozen=True)
@@ -275,7 +287,7 @@ class OscillationStats:
 
 
 def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> OscillationStats | None:
-    if len(train) < th.min_train_points:
+    if not enough_evidence(train, th):
         return None
     k = min(th.osc_recent_points, len(train) // 2 + 1)
     recent = [v for _, v in train[-k:]]
@@ -483,7 +495,8 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     span = f"steps {tr.first_step}-{tr.last_step}"
     evidence["noise"] = round(tr.noise, 5)
     change = abs(tr.first_median - tr.last_median)
-    if abs(tr.rel_change) < th.flat_max_rel_change or change < th.flat_noise_multiple * tr.noise:
+    quiet = tr.noise <= th.flat_quiet_noise * abs(tr.first_median)
+    if abs(tr.rel_change) < th.flat_max_rel_change or (quiet and change < th.flat_noise_multiple * tr.noise):
         msg = (
             f"train loss is flat: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
             f"({tr.rel_change * 100:+.2f}%): the model is not learning."
@@ -496,8 +509,10 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         return Anomaly("loss_flat", "error", msg, evidence, fix, tr.last_step)
     late_share = tr.second_half_drop / tr.first_half_drop if tr.first_half_drop > 0 else math.inf
     evidence["late_share"] = round(late_share, 3) if math.isfinite(late_share) else None
+    significant = tr.first_median - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
     if (
         0 < tr.rel_change < th.slow_max_rel_drop
+        and significant
         and tr.second_half_drop > 0
         and late_share >= th.slow_min_late_share
     ):
