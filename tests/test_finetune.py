@@ -294,3 +294,46 @@ def test_sigint_saves_a_resumable_checkpoint(pruned_dir, shared_data, tmp_path):
     assert result["status"] == "interrupted"
     logs = [r["step"] for r in read_jsonl(metrics) if r["event"] == "log"]
     assert logs[-1] == step + 1 and logs == list(range(1, step + 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_in_each_precision(pruned_dir, shared_data, tmp_path, precision):
+    out = tmp_path / precision
+    cfg = small_config(pruned_dir, out, shared_data, device="cuda", bf16=precision == "bf16",
+                       fp16=precision == "fp16", max_steps=8, eval_steps=4, save_steps=4, block_size=64)
+    result, _ = run(cfg)
+    assert result["status"] == "completed"
+    records = read_jsonl(out / "metrics.jsonl")
+    model = next(r for r in records if r["event"] == "model")
+    assert model["device"] == "cuda"
+    assert model["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    logs = [r for r in records if r["event"] == "log"]
+    assert logs and all(r["memory_kind"] == "gpu" and r["memory_mb"] > 0 for r in logs)
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    final = next(r for r in records if r["event"] == "final_eval")
+    assert final["eval_loss"] < next(r for r in records if r["event"] == "baseline_eval")["eval_loss"]
+    assert next(r for r in records if r["event"] == "sparsity_check")["ok"]
+
+
+@pytest.mark.gpu
+def test_cuda_distillation_and_gradient_checkpointing(pruned_dir, shared_data, tmp_path):
+    out = tmp_path / "kd"
+    cfg = small_config(pruned_dir, out, shared_data, device="cuda", bf16=True, distill=True,
+                       gradient_checkpointing=True, max_steps=6, eval_steps=3, save_steps=3, block_size=64)
+    result, _ = run(cfg)
+    assert result["status"] == "completed" and result["sparsity_ok"]
+    final = next(r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "final_eval")
+    assert math.isfinite(final["eval_loss"])
+
+
+def test_resume_auto_without_checkpoint_starts_over(pruned_dir, shared_data, tmp_path):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"event": "log", "step": 1, "time": 0, "loss": 99.0}\n')
+    cfg = small_config(pruned_dir, out, shared_data, max_steps=1, eval_strategy="no", load_best_model_at_end=False,
+                       resume_from_checkpoint="auto", probe_steps=0)
+    result, console = run(cfg)
+    assert result["status"] == "completed"
+    assert "no checkpoint to resume from" in console
+    assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "log"] != [99.0]

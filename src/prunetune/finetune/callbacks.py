@@ -133,12 +133,22 @@ class MonitorCallback(TrainerCallback):
                             {"step": state.global_step, "nonfinite_tensors": len(bad), "first": bad[0]})
             self._stop("nan", state.global_step, control)
             control.should_log = True
-        elif self.guard is not None and self.guard.received is not None and self.state.stop_reason is None:
+        elif self._signalled(args) and self.state.stop_reason is None:
             self.state.stop_reason, self.state.stop_step = "signal", state.global_step
             control.should_save = True
             self._save_reason = "signal"
             control.should_training_stop = True
         return control
+
+    def _signalled(self, args) -> bool:
+        """Whether any process received SIGINT/SIGTERM. Under DDP all ranks must stop at the same step (a rank
+        that stops alone leaves the others waiting in a collective), so the flag is agreed on by all_reduce."""
+        local = self.guard is not None and self.guard.received is not None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _stop(self, reason: str, step: int, control) -> None:
         if self.state.stop_reason is None:

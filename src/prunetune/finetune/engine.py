@@ -156,6 +156,11 @@ def _preflight(cfg: FinetuneConfig, out: Path, resume: Path | None, is_main: boo
                        "fix": "choose another --out"})
     elif resume is not None:
         checks.append({"name": "output directory", "ok": True, "detail": f"{out}: resuming from {resume.name}"})
+    elif existing and cfg.resume_from_checkpoint == "auto":
+        # Asked to continue, but the run stopped before its first checkpoint: starting over is all there is.
+        checks.append({"name": "output directory", "ok": True,
+                       "detail": f"{out}: no checkpoint to resume from; the unfinished run ({', '.join(existing[:4])}) "
+                                 "is started over"})
     elif existing and cfg.overwrite:
         checks.append({"name": "output directory", "ok": True,
                        "detail": f"{out}: the previous run ({', '.join(existing[:4])}) is replaced (--overwrite)"})
@@ -405,7 +410,7 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
 
     # Safe to write now: the pending records go first, so the files hold the whole console.
     if is_main:
-        if existing and cfg.overwrite:
+        if existing and resume is None and (cfg.overwrite or cfg.resume_from_checkpoint == "auto"):
             _remove_run(out, existing)
         out.mkdir(parents=True, exist_ok=True)
     prior: list[dict[str, Any]] = []
