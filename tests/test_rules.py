@@ -286,3 +286,11 @@ def test_rating_edge_cases():
     assert rate_perplexity(float("nan"), 10.0).band == "poor"
     with pytest.raises(ValueError):
         rate_perplexity(10.0, bands="gpt2")
+
+
+def test_eval_verdict_of_a_run_that_ends_worse_than_it_started():
+    train = logs([6.0, 30.0, 50.0] + [40.0] * 20)
+    ev = evals([(50, 56.0), (150, 30.0), (220, 20.0)])
+    v = verdicts(train + ev)
+    assert v["eval_loss"].label == "worse than the start" and v["eval_loss"].status == "warning"
+    assert fmt_lr(1.0) == "1" and fmt_lr(0.3333) == "0.33"

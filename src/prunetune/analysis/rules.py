@@ -326,6 +326,8 @@ def train_loss_near(train: Sequence[tuple[int, float]], step: int, k: int = 3) -
 
 def fmt_lr(value: float) -> str:
     """1e-4 rather than 0.0001 or 1.000000e-04: the way users type an LR."""
+    if value >= 0.01:
+        return f"{value:.2g}"
     mantissa, exponent = f"{value:.1e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
@@ -730,6 +732,9 @@ def verdicts(
                       ("no_eval",) if "no_eval" in kinds else ())
     elif len(series.evals) < 2:
         ev = _verdict("eval_loss", "unknown", "one evaluation", "a trend needs two or more evaluations")
+    elif series.train and series.evals[-1][1] > series.train[0][1] * (1 + thresholds.diverge_min_rel_rise):
+        ev = _verdict("eval_loss", "warning", "worse than the start",
+                      f"eval loss {series.evals[-1][1]:.4g} ends above the first train loss {series.train[0][1]:.4g}")
     elif series.evals[-1][1] < series.evals[0][1] * (1 - thresholds.flat_max_rel_change):
         ev = _verdict("eval_loss", "ok", "improving", "generalises to held-out text")
     else:

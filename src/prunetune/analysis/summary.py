@@ -26,7 +26,7 @@ class Summary:
     final_train_loss: float | None
     """Last finite train loss."""
     final_eval_loss: float | None
-    """Last finite eval loss during training."""
+    """The `final_eval` record's eval loss, else the last finite eval loss during training."""
     best_eval_loss: float | None
     best_step: int | None
     """Step of the lowest eval loss."""
@@ -93,6 +93,8 @@ def summarize(
         final_ppl = _finite(final_rec.get("perplexity"))
         if final_ppl is None:
             final_ppl = _ppl(_finite(final_rec.get("eval_loss")))
+    if final_rec is not None and (fl := _finite(final_rec.get("eval_loss"))) is not None:
+        final_eval = fl  # the evaluation after training (best checkpoint loaded) is the run's result
     if final_ppl is None:
         final_ppl = _ppl(final_eval)
     if pruned_ppl is None and final_rec is not None:
