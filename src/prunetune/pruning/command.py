@@ -27,7 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "default row for wanda, matrix for magnitude and blocks, obs (SparseGPT's own) for sparsegpt")
     parser.add_argument("--reconstruct", action="store_true",
                         help="update kept weights to minimise each layer's output error on the calibration data "
-                             "(band least squares for blocks, OBS under the fixed mask otherwise)")
+                             "(exact least squares per row band for blocks, conjugate gradients for unstructured and N:M)")
     parser.add_argument("--calib-dataset", default="c4", help="calibration corpus (train split): c4 | wikitext2 | wikipedia-vital | FILE")
     parser.add_argument("--data-dir", action="append", default=None,
                         help="directory with local corpora (repeatable); default $PRUNETUNE_DATA_DIR, else the hub")

@@ -61,7 +61,7 @@ class PruneConfig:
     pattern: str = "unstructured"
     """unstructured | N:M (N zeros in every M input weights; 2:4 keeps 2 of 4) | blockHxW (whole HxW tiles)."""
     sparsity: float | None = None
-    """Fraction of weights set to zero, in [0, 1). Default 0.5; N:M patterns fix it at N/M."""
+    """Fraction of weights set to zero, in [0, 1). Default 0.5; N:M patterns fix it at N/M (set after validation)."""
     sparsity_map: dict[str, float] = field(default_factory=dict)
     """Per-module sparsity: keys are module types (down_proj) or globs of full names (model.layers.0.*)."""
     skip: tuple[str, ...] = ()
@@ -79,7 +79,8 @@ class PruneConfig:
     """Seed of the calibration window draw."""
     reconstruct: bool = False
     """After the mask is chosen, update the kept weights to minimise the layer output error on the calibration
-    activations: exact least squares per row band for block masks, an OBS sweep under the fixed mask otherwise."""
+    activations: exact least squares per row band for block masks, conjugate gradients (to the same optimum) for
+    unstructured and N:M masks."""
     compare: str | None = None
     """Comparison group: row | matrix (unstructured), matrix | band (blocks). Default: row for wanda, matrix for
     magnitude and blocks, SparseGPT's own per-128-column choice (obs) for sparsegpt."""
@@ -126,6 +127,7 @@ class PruneConfig:
                 )
             if self.sparsity_map:
                 raise UserError(f"--sparsity-map does not apply to --pattern {pattern.name}: N:M fixes the sparsity")
+            self.sparsity = fixed
         elif self.sparsity is None:
             self.sparsity = 0.5
         for key, value in [("--sparsity", self.sparsity), *((f"--sparsity-map {k}", v) for k, v in self.sparsity_map.items())]:

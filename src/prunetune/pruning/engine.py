@@ -147,19 +147,17 @@ def prune_matrix(
         if compare == "obs":  # SparseGPT's adaptive mask selection inside the sweep
             new, keep = sparsegpt_prune(weight, hessian, target, pattern.n, pattern.m,
                                         blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-            if cfg.reconstruct and pattern.kind == "block":
-                new = reconstruct(weight, hessian, keep, "least_squares", cfg.percdamp)
-            return new, keep
-        hinv_diag = torch.diag(inverse_cholesky_upper(damped(hessian, cfg.percdamp)[0]))
-        keep = make_mask(obs_saliency(weight, hinv_diag), pattern, target, compare)
-        how = "least_squares" if (cfg.reconstruct and pattern.kind == "block") else "obs"
-        return reconstruct(weight, hessian, keep, how, cfg.percdamp), keep
-    scores = wanda_scores(weight, col_sq_norms) if cfg.method == "wanda" else magnitude_scores(weight)
-    keep = make_mask(scores, pattern, target, compare)
-    if cfg.reconstruct:
-        new = reconstruct(weight, hessian, keep, "least_squares" if pattern.kind == "block" else "obs", cfg.percdamp)
+        else:  # a fixed pattern ranked by OBS saliency, then SparseGPT's update under it
+            hinv_diag = torch.diag(inverse_cholesky_upper(damped(hessian, cfg.percdamp)[0]))
+            keep = make_mask(obs_saliency(weight, hinv_diag), pattern, target, compare)
+            new = reconstruct(weight, hessian, keep, "obs", cfg.percdamp)
     else:
+        scores = wanda_scores(weight, col_sq_norms) if cfg.method == "wanda" else magnitude_scores(weight)
+        keep = make_mask(scores, pattern, target, compare)
         new = weight * keep
+    if cfg.reconstruct:
+        # From the dense weights: exact per-band least squares for blocks, converged CG for the rest.
+        new = reconstruct(weight, hessian, keep, "least_squares" if pattern.kind == "block" else "cg", cfg.percdamp)
     return new, keep
 
 

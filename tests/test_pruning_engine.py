@@ -1,0 +1,185 @@
+"""run_prune end to end on the tiny 2-layer Llama: outputs, invariants on the saved weights, sequential vs
+one-shot, reconstruction, and every bad input as a one-line UserError."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from prunetune.architecture import find_decoder_layers, prunable_linears
+from prunetune.errors import UserError
+from prunetune.models import load_model
+from prunetune.pruning import calibration as cal
+from prunetune.pruning.config import PruneConfig
+from prunetune.pruning.engine import run_prune
+from prunetune.pruning.masks import load_masks
+from prunetune.pruning.patterns import n_pruned, parse_pattern, pattern_violations
+
+QUIET = Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115 - lives for the test session
+
+
+def _cfg(tiny_model_dir, out, shared_data, **kw):
+    base = dict(model=str(tiny_model_dir), out=str(out), calib_dataset="wikitext2", data_dir=str(shared_data),
+                nsamples=4, seqlen=64)
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def _weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_wanda_unstructured_per_row_saved_and_self_describing(tmp_path, tiny_model_dir, shared_data):
+    # A small local eval file keeps the test fast (tokenising all of WikiText-2 test takes seconds).
+    evalfile = tmp_path / "eval.txt"
+    evalfile.write_text((shared_data / "wikitext-2-raw-v1" / "wiki.valid.raw").read_text()[:40_000])
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "p", shared_data, eval=True, eval_dataset=str(evalfile),
+                         eval_split="train", eval_seqlen=64, eval_max_windows=2), console=QUIET)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "masks.safetensors", "prune.json", "tokenizer.json"} <= names
+    assert not any(n.startswith(".staging") for n in names) and not any(n.endswith(".bin") for n in names)
+    info = json.loads((out / "prune.json").read_text())
+    assert info["model"] == str(tiny_model_dir) and info["method"] == "wanda" and info["compare"] == "row"
+    assert info["pattern_check"]["ok"] and info["calibration"]["windows_sha256"]
+    assert info["dense_perplexity"] > 1 and info["pruned_perplexity"] > 1
+    assert info["provenance"]["versions"]["torch"] and "prune_s" in info["timings"]
+    assert info["config"]["nsamples"] == 4 and info["seed"] == 0
+    weights, masks = _weights(out), load_masks(out)
+    assert len(masks) == 14 and len(info["matrices"]) == 14
+    for name, keep in masks.items():
+        w = weights[f"{name}.weight"]
+        assert keep.shape == w.shape
+        assert (w[~keep] == 0).all()
+        assert ((~keep).sum(1) == n_pruned(w.shape[1], 0.5)).all()  # per output row
+        assert info["matrices"][name]["achieved"] == pytest.approx(n_pruned(w.shape[1], 0.5) / w.shape[1])
+
+
+def test_nm_block_map_skip_on_saved_weights(tmp_path, tiny_model_dir, shared_data):
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "nm", shared_data, pattern="2:4", skip="k_proj"), console=QUIET)
+    masks, weights = load_masks(out), _weights(out)
+    assert not any("k_proj" in n for n in masks)
+    assert (weights["model.layers.0.self_attn.k_proj.weight"] != 0).all()  # skipped: dense
+    for name, keep in masks.items():
+        zeros = (weights[f"{name}.weight"] == 0).view(keep.shape[0], -1, 4).sum(-1)
+        assert (zeros == 2).all()
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "blk", shared_data, method="magnitude", pattern="block16x16",
+                         sparsity_map="down_proj=0.25"), console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    assert info["calibration"] is None  # magnitude needs no data
+    for name, keep in load_masks(out).items():
+        assert pattern_violations(keep, parse_pattern("block16x16")) == []
+        target = 0.25 if name.endswith("down_proj") else 0.5
+        assert info["matrices"][name]["target"] == target
+        assert abs(info["matrices"][name]["achieved"] - target) <= 256 / keep.numel()
+
+
+def test_sequential_differs_from_one_shot(tmp_path, tiny_model_dir, shared_data):
+    seq = load_masks(run_prune(_cfg(tiny_model_dir, tmp_path / "s", shared_data), console=QUIET))
+    one = load_masks(run_prune(_cfg(tiny_model_dir, tmp_path / "o", shared_data, sequential=False), console=QUIET))
+    first = [n for n in seq if ".layers.0." in n]
+    second = [n for n in seq if ".layers.1." in n]
+    assert all(torch.equal(seq[n], one[n]) for n in first)  # layer 0 sees the same (embedding) inputs
+    assert any(not torch.equal(seq[n], one[n]) for n in second)  # layer 1 sees pruned vs dense inputs
+
+
+@pytest.mark.slow
+def test_reconstruction_lowers_layer_output_error(tmp_path, tiny_model_dir, shared_data):
+    """Same mask (Wanda on layer 0), with and without --reconstruct: the reconstructed layer's output on the
+    calibration inputs is closer to the dense layer's."""
+    plain = run_prune(_cfg(tiny_model_dir, tmp_path / "a", shared_data, pattern="block16x16", nsamples=8), console=QUIET)
+    rec = run_prune(_cfg(tiny_model_dir, tmp_path / "b", shared_data, pattern="block16x16", nsamples=8,
+                         reconstruct=True), console=QUIET)
+    ma, mb = load_masks(plain), load_masks(rec)
+    first = [n for n in ma if ".layers.0." in n]
+    assert all(torch.equal(ma[n], mb[n]) for n in first)
+
+    info = json.loads((rec / "prune.json").read_text())["calibration"]
+    dense, tok = load_model(str(tiny_model_dir))
+    from prunetune.data import load_text, tokenize
+
+    ids = tokenize(load_text("wikitext2", "train", str(shared_data)), tok).input_ids
+    windows = cal.calibration_windows(ids, 8, 64, 0)
+    assert cal.windows_hash(windows) == info["windows_sha256"]
+    prefix, layers = find_decoder_layers(dense)
+    inputs = cal.capture_first_layer_inputs(dense, layers[0], windows, "cpu")
+    ref = cal.run_layer(layers[0], inputs, torch.empty_like(inputs.hidden)).clone()
+    errors = []
+    for out_dir in (plain, rec):
+        weights = _weights(out_dir)
+        with torch.no_grad():
+            for name, module in prunable_linears(dense).items():
+                if ".layers.0." in name:
+                    module.weight.copy_(weights[f"{name}.weight"])
+        got = cal.run_layer(layers[0], inputs, torch.empty_like(inputs.hidden))
+        errors.append(float(((got - ref) ** 2).mean()))
+    assert errors[1] < errors[0]
+
+
+def test_sparsegpt_runs_and_keeps_pattern(tmp_path, tiny_model_dir, shared_data):
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "g", shared_data, method="sparsegpt", pattern="4:8"), console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    assert info["pattern_check"]["ok"] and info["compare"] == "obs"
+    for name, keep in load_masks(out).items():
+        assert pattern_violations(keep, parse_pattern("4:8")) == []
+        assert (_weights(out)[f"{name}.weight"][~keep] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        (dict(sparsity=1.0), "outside [0, 1)"),
+        (dict(sparsity=-0.1), "outside [0, 1)"),
+        (dict(pattern="4:4"), "0 < N < M"),
+        (dict(pattern="2:4", sparsity=0.3), "contradicts"),
+        (dict(nsamples=0), "--nsamples 0"),
+        (dict(method="obs"), "unknown --method"),
+        (dict(pattern="block8x8", compare="row"), "does not apply"),
+        (dict(sparsity_map="down_proj=2"), "outside [0, 1)"),
+        (dict(sparsity_map="down_proj"), "KEY=VALUE"),
+    ],
+)
+def test_config_errors(tmp_path, kw, fragment):
+    with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as err:
+        PruneConfig(model="m", out=str(tmp_path), **kw)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        (dict(pattern="block128x128"), "does not fit the smallest matrix"),
+        (dict(seqlen=4096), "exceeds the model's context"),
+        (dict(pattern="3:7"), "do not divide into groups of 7"),
+        (dict(skip="attn_proj"), "matches nothing"),
+        (dict(calib_dataset="TINYFILE", seqlen=1000), "not more than --seqlen 1000"),
+    ],
+)
+def test_model_dependent_errors(tmp_path, tiny_model_dir, shared_data, kw, fragment):
+    if kw.get("calib_dataset") == "TINYFILE":
+        small = tmp_path / "small.txt"
+        small.write_text("\n\n".join(f"paragraph {i} with a few words of text" for i in range(20)))
+        kw["calib_dataset"] = str(small)
+    with pytest.raises(UserError, match=fragment):
+        run_prune(_cfg(tiny_model_dir, tmp_path / "x", shared_data, **kw), console=QUIET)
+    assert not (tmp_path / "x").exists()  # nothing written on bad input
+
+
+def test_out_dir_safety(tmp_path, tiny_model_dir, shared_data):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude"), console=QUIET)
+    out = run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude", overwrite=True), console=QUIET)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite never deletes the user's files
+    # same config again: allowed (same model); a different one: refused unless --overwrite
+    run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude"), console=QUIET)
+    with pytest.raises(UserError, match="different pruned model"):
+        run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude", sparsity=0.3), console=QUIET)
+    run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude", sparsity=0.3, overwrite=True), console=QUIET)
+    assert json.loads((foreign / "prune.json").read_text())["config"]["sparsity"] == 0.3
+    assert (foreign / "notes.txt").is_file()
+    shutil.rmtree(foreign)
