@@ -294,3 +294,18 @@ def test_eval_verdict_of_a_run_that_ends_worse_than_it_started():
     v = verdicts(train + ev)
     assert v["eval_loss"].label == "worse than the start" and v["eval_loss"].status == "warning"
     assert fmt_lr(1.0) == "1" and fmt_lr(0.3333) == "0.33"
+
+
+def test_growing_list_gives_the_same_answer_as_a_fresh_one():
+    # the trainer passes one list that grows; diagnose scans only the new records of it
+    records = logs(healthy_curve(30))
+    live: list = []
+    for rec in records:
+        live.append(rec)
+        assert diagnose(live) == diagnose(list(live))
+    live.append({"event": "log", "step": 999, "loss": "nan", "lr": 1e-4})
+    assert [a.kind for a in diagnose(live)] == ["nan_inf"]
+    other = logs(healthy_curve(30))
+    assert diagnose(other) == []
+    live[0] = {"event": "log", "step": 1, "loss": "inf"}  # rewritten, not appended: scanned afresh
+    assert "nan_inf" in [a.kind for a in diagnose(live)] and diagnose(live)[0].step == 1

@@ -61,6 +61,8 @@ class Thresholds:
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
     """Smallest window (points) whose median is trusted."""
+    max_window: int = 100
+    """Largest window (points): more adds no robustness, only cost (`diagnose` runs after every log line)."""
     flat_max_rel_change: float = 0.005
     """`loss_flat` when the median of the last window differs from the median of the first window by less
     than this fraction of the latter (0.5%) ..."""
@@ -189,42 +191,61 @@ def _step(record: Mapping[str, Any]) -> int | None:
     return int(value) if value is not None and math.isfinite(value) else None
 
 
-def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
-    train: list[tuple[int, float]] = []
-    evals: list[tuple[int, float]] = []
-    lr: list[tuple[int, float]] = []
-    nonfinite: list[tuple[int | None, str, str]] = []
-    errors: list[Mapping[str, Any]] = []
+def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
+    """Append what `records` carry to the lists of `series` (in record order)."""
     for rec in records:
         event = rec.get("event")
-        step = _step(rec)
         if event == "error":
-            errors.append(rec)
+            series.errors.append(rec)
             continue
         if event not in ("log", "eval"):
             continue
+        step = _step(rec)
         keys = ("loss", "grad_norm") if event == "log" else ("eval_loss",)
         for key in keys:
             value = to_float(rec.get(key))
             if value is not None and not math.isfinite(value):
-                nonfinite.append((step, key, str(value)))
+                series.nonfinite.append((step, key, str(value)))
         if step is None:
             continue
         if event == "log":
             loss = to_float(rec.get("loss"))
             if loss is not None and math.isfinite(loss):
-                train.append((step, loss))
+                series.train.append((step, loss))
             rate = to_float(rec.get("lr", rec.get("learning_rate")))
             if rate is not None and math.isfinite(rate):
-                lr.append((step, rate))
+                series.lr.append((step, rate))
         else:
             value = to_float(rec.get("eval_loss"))
             if value is not None and math.isfinite(value):
-                evals.append((step, value))
-    train.sort(key=lambda p: p[0])
-    evals.sort(key=lambda p: p[0])
-    lr.sort(key=lambda p: p[0])
-    return Series(train, evals, lr, nonfinite, errors)
+                series.evals.append((step, value))
+
+
+# The trainer calls `diagnose` after every log line with the same growing list: scanning only the new records
+# keeps a long run's alerts O(new records). Keyed by the list's id and checked by the identity of its first
+# and last scanned records, so another list (or a rewritten one) is scanned from scratch.
+_SCAN_CACHE: dict[int, tuple[int, Any, Any, Series]] = {}
+
+
+def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
+    n = len(records)
+    cached = _SCAN_CACHE.get(id(records)) if isinstance(records, list) else None
+    if cached is not None and 0 < cached[0] <= n and records[0] is cached[1] and records[cached[0] - 1] is cached[2]:
+        done, raw = cached[0], cached[3]
+    else:
+        done, raw = 0, Series([], [], [], [], [])
+    _scan(records[done:], raw)
+    if isinstance(records, list) and n:
+        _SCAN_CACHE.clear()  # one live run at a time; never grows
+        _SCAN_CACHE[id(records)] = (n, records[0], records[n - 1], raw)
+    # sorted copies: the cached lists stay in record order and are never handed out
+    return Series(
+        sorted(raw.train, key=lambda p: p[0]),
+        sorted(raw.evals, key=lambda p: p[0]),
+        sorted(raw.lr, key=lambda p: p[0]),
+        list(raw.nonfinite),
+        list(raw.errors),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +254,7 @@ def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
 
 def _windows(values: Sequence[float], th: Thresholds) -> tuple[list[float], list[float]]:
     n = len(values)
-    w = max(th.min_window, int(round(n * th.window_fraction)))
+    w = max(th.min_window, min(th.max_window, int(round(n * th.window_fraction))))
     w = min(w, n // 2)
     return list(values[:w]), list(values[n - w :])
 
@@ -272,7 +293,8 @@ def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStat
     mid = values[n // 2 - half : n // 2 - half + len(first)]
     f, m, la = statistics.median(first), statistics.median(mid), statistics.median(last)
     rel = (f - la) / abs(f) if f != 0 else (0.0 if la == 0 else -math.inf)
-    noise = statistics.median(abs(b - a) for a, b in zip(values, values[1:], strict=False))
+    recent = values[-2001:]  # the noise of the latest 2000 steps; all of a 100k-step run would only cost time
+    noise = statistics.median(abs(b - a) for a, b in zip(recent, recent[1:], strict=False))
     return TrendStats(n, f, la, m, rel, f - m, m - la, train[0][0], train[-1][0], noise, len(first))
 
 
@@ -428,9 +450,12 @@ def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | 
     values = [v for _, v in series.train]
     first, last = _windows(values, th)
     w = len(first)
-    medians = [statistics.median(values[i : i + w]) for i in range(0, len(values) - w + 1)]
+    # at most ~100 window positions: the minimum of a smooth running median does not need every offset
+    stride = max(1, (len(values) - w + 1) // 100)
+    starts = [*range(0, len(values) - w + 1, stride), len(values) - w]
+    medians = [statistics.median(values[i : i + w]) for i in starts]
     best = min(medians)
-    best_step = series.train[medians.index(best) + w // 2][0]
+    best_step = series.train[starts[medians.index(best)] + w // 2][0]
     if values[0] < best:
         best, best_step = values[0], series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
