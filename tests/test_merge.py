@@ -18,7 +18,10 @@ from prunetune.errors import UserError
 from prunetune.finetune.merge import lora_delta, masked_merge, masked_nonzeros
 from prunetune.finetune.merge_command import MergeConfig, run_merge
 from prunetune.models import load_model
+from prunetune.pruning.config import PruneConfig
+from prunetune.pruning.engine import run_prune
 from prunetune.pruning.masks import load_masks, save_masks
+from prunetune.pruning.verify_command import verify_dir
 
 TILE = 16
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -28,27 +31,13 @@ def _quiet() -> Console:
     return Console(quiet=True)
 
 
-def _checkerboard_keep(shape: torch.Size, offset: int) -> torch.Tensor:
-    """Half the 16x16 tiles kept, in a checkerboard: a block16x16 pattern at exactly 50%."""
-    rows = torch.arange(shape[0]) // TILE
-    cols = torch.arange(shape[1]) // TILE
-    return ((rows[:, None] + cols[None, :] + offset) % 2) == 0
-
-
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny model pruned 50% in 16x16 blocks, with its masks file, as `prunetune prune` leaves it."""
-    out = tmp_path_factory.mktemp("pruned")
-    model, tokenizer = load_model(str(tiny_model_dir))
-    masks = {}
-    with torch.no_grad():
-        for i, (name, module) in enumerate(prunable_linears(model).items()):
-            keep = _checkerboard_keep(module.weight.shape, i)
-            module.weight.mul_(keep)
-            masks[name] = keep
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    save_masks(masks, out, {"type": "block", "tile": [TILE, TILE], "sparsity": 0.5})
+    """The tiny model pruned 50% in 16x16 blocks by `prunetune prune` (magnitude: no calibration data)."""
+    out = tmp_path_factory.mktemp("pruned") / "block16"
+    cfg = PruneConfig(model=str(tiny_model_dir), out=str(out), method="magnitude", pattern=f"block{TILE}x{TILE}",
+                      sparsity=0.5, device="cpu")
+    run_prune(cfg, _quiet())
     return out
 
 
@@ -158,6 +147,7 @@ def test_keep_sparsity_merge(tmp_path, pruned_dir, adapter_dir, batch):
     assert record["sparsity_before"]["overall"] == pytest.approx(0.5)
     assert record["plain_merge_sparsity"] < 0.5  # what a plain merge would have lost
     assert json.loads((out / "merge.json").read_text())["sparsity_after"] == record["sparsity_after"]
+    assert verify_dir(out).ok  # `prunetune verify` accepts the merged model: same masks, same pattern
 
     # Reference: the pruned model plus PEFT's own delta, masked; merged weights changed only where kept.
     reference, _ = load_model(str(pruned_dir))
@@ -182,10 +172,12 @@ def test_plain_merge_equals_unmerged_adapter(tmp_path, pruned_dir, adapter_dir, 
     restored = sum(masked_nonzeros(linears[n].weight, masks[n]) for n in masks)
     assert restored > 0
     assert record["sparsity_after"]["overall"] < record["sparsity_before"]["overall"]
+    assert not (tmp_path / "plain" / "prune.json").exists()  # the pattern no longer holds; nothing claims it
     peft_model = PeftModel.from_pretrained(load_model(str(pruned_dir))[0], str(adapter_dir))
     torch.testing.assert_close(_logits(merged, batch), _logits(peft_model, batch), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_eval_and_output_protection(tmp_path, pruned_dir, adapter_dir, shared_data, capsys):
     out = tmp_path / "merged"
     args = ["merge", "--adapter", str(adapter_dir), "--out", str(out), "--eval", "--data-dir", str(shared_data),
@@ -242,6 +234,6 @@ def test_masks_that_disagree_with_weights_refused(tmp_path, pruned_dir, adapter_
     masks = load_masks(edited)
     name = next(iter(masks))
     masks[name] = ~masks[name]  # now marks the kept (non-zero) weights as pruned
-    save_masks(masks, edited, {"type": "block", "tile": [TILE, TILE]})
+    save_masks(masks, edited, {"pattern": f"block{TILE}x{TILE}", "tile": [TILE, TILE]})
     with pytest.raises(UserError, match="prunetune verify"):
         run_merge(MergeConfig(adapter=str(adapter_dir), out=str(tmp_path / "m"), model=str(edited)), _quiet())

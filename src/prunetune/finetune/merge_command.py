@@ -31,6 +31,7 @@ from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity import sparsity_report
 
 MASKS_FILE = "masks.safetensors"
+PRUNE_RECORD = "prune.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -245,6 +246,10 @@ def _save(out: Path, model, tokenizer, pruned: Path, record: dict[str, Any]) -> 
         tokenizer.save_pretrained(staging)
         if (pruned / MASKS_FILE).is_file():
             shutil.copy2(pruned / MASKS_FILE, staging / MASKS_FILE)
+        if record["keep_sparsity"] and (pruned / PRUNE_RECORD).is_file():
+            # The pattern it describes still holds, so `prunetune verify OUT` re-checks the merged weights; a
+            # plain merge breaks the pattern and must not claim it.
+            shutil.copy2(pruned / PRUNE_RECORD, staging / PRUNE_RECORD)
         write_json(staging / "merge.json", record)
         if out.exists():
             old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
@@ -358,7 +363,8 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict[str, Any
     console.print(f"[bold green]Merged model saved[/] to {out}:")
     for f in files:
         console.print(f"  {f}")
-    console.print(f"Next: prunetune evaluate --model {out}")
+    console.print(f"Next: prunetune evaluate --model {out}"
+                  + (f"; prunetune verify {out}" if (out / PRUNE_RECORD).is_file() else ""))
     return record
 
 
