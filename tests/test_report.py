@@ -188,3 +188,11 @@ def test_cli_report_default_out_and_user_errors(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     with pytest.raises(UserError, match="--dense-ppl"):
         ReportConfig(source=run, dense_ppl=-1.0)
+    # a stricter slow rule silences the alert; thresholds come from flags or a YAML mapping
+    assert cli_main(["report", str(run), "--source-kind", "trainer_state", "--threshold", "slow_max_rel_drop=0.01",
+                     "--out", str(tmp_path / "strict")]) == 0
+    assert "Anomalies: none" in capsys.readouterr().out
+    assert cli_main(["report", str(run), "--threshold", "nope"]) == 2
+    assert ReportConfig(source=run, thresholds={"min_train_points": 12}).thresholds.min_train_points == 12
+    with pytest.raises(UserError, match="unknown threshold"):
+        ReportConfig(source=run, thresholds={"bogus": 1})

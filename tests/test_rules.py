@@ -17,6 +17,7 @@ from prunetune.analysis.rules import (
     fmt_lr,
     oscillation_stats,
     rate_perplexity,
+    thresholds_from_mapping,
     trend_stats,
     verdicts,
     warmup_end_index,
@@ -53,6 +54,18 @@ def test_vocabulary_and_record_shape():
         Anomaly("made_up", "error", "m")
     with pytest.raises(ValueError):
         Anomaly("nan_inf", "fatal", "m")
+
+
+def test_thresholds_from_flags_and_yaml():
+    # NAME=VALUE flags give floats, YAML gives lists: counts become ints, bands tuples
+    th = thresholds_from_mapping({"min_train_points": 20.0, "ppl_relative_bands": [1.2, 2.0, 5.0]})
+    assert th.min_train_points == 20 and isinstance(th.min_train_points, int)
+    assert th.ppl_relative_bands == (1.2, 2.0, 5.0)
+    assert kinds(logs([2.5] * 15), thresholds=th) == []
+    with pytest.raises(ValueError, match="valid: min_train_points"):
+        thresholds_from_mapping({"bogus": 1})
+    with pytest.raises(ValueError, match="whole number"):
+        Thresholds(min_window=2.5)
 
 
 def test_thresholds_validated():

@@ -23,6 +23,7 @@ from prunetune.analysis.rules import (
     Thresholds,
     diagnose,
     rate_perplexity,
+    thresholds_from_mapping,
     verdicts,
 )
 from prunetune.analysis.sources import Source, load_source
@@ -49,7 +50,7 @@ class ReportConfig:
     bands: str = "relative"
     """Perplexity bands: `relative` (to the dense model) or `llama2-7b` (absolute)."""
     thresholds: Thresholds = field(default_factory=Thresholds)
-    """Diagnosis thresholds (see prunetune.analysis.rules)."""
+    """Diagnosis thresholds (see prunetune.analysis.rules); a mapping of overrides is accepted (YAML)."""
     prefer: str | None = None
     """Force one source kind in a directory: metrics_jsonl, trainer_state or console_log."""
 
@@ -57,6 +58,11 @@ class ReportConfig:
         object.__setattr__(self, "source", Path(self.source))
         if self.out is not None:
             object.__setattr__(self, "out", Path(self.out))
+        if not isinstance(self.thresholds, Thresholds):
+            try:
+                object.__setattr__(self, "thresholds", thresholds_from_mapping(self.thresholds))
+            except (ValueError, TypeError) as err:
+                raise UserError(f"report thresholds: {err}") from None
         if self.bands not in BAND_PRESETS:
             raise UserError(f"--bands {self.bands!r} is not known; choose one of {', '.join(BAND_PRESETS)}")
         for name in ("dense_ppl", "pruned_ppl"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from prunetune.analysis.report import ReportConfig, render_console, run_report
 from prunetune.analysis.rules import BAND_PRESETS
 from prunetune.analysis.sources import SOURCE_KINDS
+from prunetune.errors import UserError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +22,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="perplexity bands: relative to the dense model (default) or absolute Llama-2-7B")
     parser.add_argument("--source-kind", choices=SOURCE_KINDS,
                         help="in a directory, read this source instead of the richest one")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a diagnosis threshold (fields of prunetune.analysis.rules.Thresholds)")
+
+
+def parse_thresholds(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--threshold {item!r}: expected NAME=VALUE, e.g. slow_max_rel_drop=0.05")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--threshold {item!r}: VALUE must be a number") from None
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = ReportConfig(source=args.source, out=args.out, dense_ppl=args.dense_ppl, pruned_ppl=args.pruned_ppl,
-                       bands=args.bands, prefer=args.source_kind)
+                       bands=args.bands, prefer=args.source_kind, thresholds=parse_thresholds(args.threshold))
     data = run_report(cfg)
     print(render_console(data))
     print(f"Report: {data['files']['report.md']} | {data['files']['report.html']} | {data['files']['report.json']}")

@@ -117,6 +117,16 @@ class Thresholds:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            # values arrive from YAML and NAME=VALUE flags as floats and lists: counts must be ints
+            if f.type == "int" and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"Thresholds.{f.name}={value!r} must be a whole number")
+                value = int(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            object.__setattr__(self, f.name, value)
+            if not isinstance(value, (int, float, tuple)) or isinstance(value, bool):
+                raise ValueError(f"Thresholds.{f.name}={value!r} must be a number")
             values = value if isinstance(value, tuple) else (value,)
             if any(v < 0 for v in values):
                 raise ValueError(f"Thresholds.{f.name}={value!r} must not be negative")
@@ -126,6 +136,16 @@ class Thresholds:
             raise ValueError("Thresholds.min_train_points must be at least 2 * min_window and min_window >= 1")
         if self.overfit_consecutive_rises < 1 or self.far_consecutive_evals < 1:
             raise ValueError("Thresholds.overfit_consecutive_rises and far_consecutive_evals must be >= 1")
+
+
+def thresholds_from_mapping(values: Mapping[str, Any] | None) -> Thresholds:
+    """Thresholds with the given fields overridden; ValueError naming the valid fields for an unknown one."""
+    values = dict(values or {})
+    valid = [f.name for f in fields(Thresholds)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return Thresholds(**values)
 
 
 @dataclass(frozen=True)
