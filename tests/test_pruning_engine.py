@@ -18,7 +18,7 @@ from prunetune.pruning.engine import run_prune
 from prunetune.pruning.masks import load_masks
 from prunetune.pruning.patterns import n_pruned, parse_pattern, pattern_violations
 
-QUIET = Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115 - lives for the test session
+QUIET = Console(quiet=True)
 
 
 def _cfg(tiny_model_dir, out, shared_data, **kw):

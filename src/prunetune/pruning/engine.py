@@ -36,14 +36,13 @@ from prunetune.evaluate import perplexity
 from prunetune.models import context_length, load_model, parse_dtype
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
-from prunetune.pruning.masks import MASKS_FILE, mask_digest, save_masks
-from prunetune.pruning.patterns import Pattern, make_mask, pattern_violations, sparsity_tolerance
+from prunetune.pruning.masks import MASKS_FILE, PRUNE_JSON, mask_digest, save_masks
+from prunetune.pruning.patterns import make_mask, matrix_violations
 from prunetune.pruning.reconstruct import reconstruct
 from prunetune.pruning.scores import magnitude_scores, obs_saliency, wanda_scores
 from prunetune.pruning.sparsegpt import damped, inverse_cholesky_upper, sparsegpt_prune
 from prunetune.runinfo import provenance, write_json
 
-PRUNE_JSON = "prune.json"
 FORMAT = "prunetune-prune/1"
 
 
@@ -165,22 +164,6 @@ def _apply(module: nn.Linear, new: torch.Tensor, keep: torch.Tensor) -> None:
     with torch.no_grad():
         module.weight.copy_(new.to(module.weight.dtype))
         module.weight[~keep.to(module.weight.device)] = 0
-
-
-def check_matrix(weight: torch.Tensor, keep: torch.Tensor, pattern: Pattern, target: float, compare: str) -> list[str]:
-    """Violations of one pruned matrix: weights outside the mask, pattern structure, achieved vs target."""
-    problems = []
-    if tuple(keep.shape) != tuple(weight.shape):
-        return [f"mask shape {tuple(keep.shape)} != weight shape {tuple(weight.shape)}"]
-    leaked = int((weight.detach().cpu()[~keep.cpu()] != 0).sum())
-    if leaked:
-        problems.append(f"{leaked} pruned weights are non-zero")
-    problems += pattern_violations(keep.cpu(), pattern)
-    achieved = 1.0 - float(keep.float().mean())
-    tol = sparsity_tolerance(tuple(weight.shape), pattern, compare)
-    if abs(achieved - target) > tol + 1e-9:
-        problems.append(f"achieved sparsity {achieved:.4f} is not the target {target:.4f} (tolerance {tol:.4f})")
-    return problems
 
 
 # ---- the run ----
@@ -354,7 +337,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
         linears = prunable_linears(model)
         violations = {}
         for name, keep in masks.items():
-            problems = check_matrix(linears[name].weight, keep, pattern, targets[name], compare)
+            problems = matrix_violations(linears[name].weight, keep, pattern, targets[name], compare)
             if problems:
                 violations[name] = problems
         record["pattern_check"] = {"ok": not violations, "checked": len(masks), "violations": violations}

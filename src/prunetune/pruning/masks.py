@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from prunetune.pruning.patterns import expand_tiles, tile_grid, tile_sums
 
 MASKS_FILE = "masks.safetensors"
+PRUNE_JSON = "prune.json"
 FORMAT_VERSION = 1
 _META_KEY = "prunetune_masks"
 

@@ -208,3 +208,20 @@ def pattern_violations(keep: torch.Tensor, pattern: Pattern) -> list[str]:
         bad = int(((kept != 0) & (kept != areas)).sum())
         return [f"{bad} tiles of {pattern.h}x{pattern.w} are partly pruned"] if bad else []
     return []
+
+
+def matrix_violations(weight: torch.Tensor, keep: torch.Tensor, pattern: Pattern, target: float, compare: str) -> list[str]:
+    """Violations of one pruned matrix: weights outside the mask, pattern structure, achieved vs target."""
+    if tuple(keep.shape) != tuple(weight.shape):
+        return [f"mask shape {tuple(keep.shape)} != weight shape {tuple(weight.shape)}"]
+    keep = keep.cpu()
+    problems = []
+    leaked = int((weight.detach().cpu()[~keep] != 0).sum())
+    if leaked:
+        problems.append(f"{leaked} pruned weights are non-zero")
+    problems += pattern_violations(keep, pattern)
+    achieved = 1.0 - float(keep.float().mean())
+    tol = sparsity_tolerance((keep.shape[0], keep.shape[1]), pattern, compare)
+    if abs(achieved - target) > tol + 1e-9:
+        problems.append(f"achieved sparsity {achieved:.4f} is not the target {target:.4f} (tolerance {tol:.4f})")
+    return problems

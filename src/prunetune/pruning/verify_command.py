@@ -16,9 +16,8 @@ from rich.console import Console
 from safetensors import safe_open
 
 from prunetune.errors import UserError
-from prunetune.pruning.engine import PRUNE_JSON, check_matrix
-from prunetune.pruning.masks import MASKS_FILE, load_masks, mask_digest
-from prunetune.pruning.patterns import parse_pattern
+from prunetune.pruning.masks import MASKS_FILE, PRUNE_JSON, load_masks, mask_digest
+from prunetune.pruning.patterns import matrix_violations, parse_pattern
 
 
 @dataclass
@@ -72,7 +71,7 @@ def verify_dir(model_dir: str | Path) -> VerifyResult:
         if name not in weights:
             issues.append("weight missing from the model files")
         else:
-            issues += check_matrix(weights[name], keep, pattern, matrices[name]["target"], compare)
+            issues += matrix_violations(weights[name], keep, pattern, matrices[name]["target"], compare)
             achieved = 1.0 - float(keep.float().mean())
             if abs(achieved - matrices[name]["achieved"]) > 1e-9:
                 issues.append(f"mask sparsity {achieved:.4f} != recorded {matrices[name]['achieved']:.4f}")

@@ -1,0 +1,140 @@
+"""Pruning on the real SmolLM2-135M: dense vs unstructured / 2:4 / block16x16 at 50% (Wanda), each with and
+without --reconstruct. Records WikiText-2 test perplexity on a fixed subset of windows, pruning seconds and peak
+memory (RSS) per configuration in bench/RESULTS.md (section "prune").
+
+Each configuration runs in its own process so its peak RSS is its own. Results are appended to a JSONL file as
+they come, and the RESULTS.md section is rewritten after every configuration, so a long run leaves partial data.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_prune.py --data-dir /work/shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import machine_line, write_section
+
+CONFIGS = [
+    ("dense", None, False),
+    ("unstructured", "unstructured", False),
+    ("unstructured", "unstructured", True),
+    ("2:4", "2:4", False),
+    ("2:4", "2:4", True),
+    ("block16x16", "block16x16", False),
+    ("block16x16", "block16x16", True),
+]
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    from rich.console import Console
+
+    from prunetune.data import load_text, tokenize
+    from prunetune.evaluate import perplexity
+    from prunetune.models import load_model
+    from prunetune.pruning.config import PruneConfig
+    from prunetune.pruning.engine import run_prune
+
+    torch.manual_seed(0)
+    result: dict = {"name": spec["name"], "reconstruct": spec["reconstruct"]}
+    model_dir = spec["model"]
+    if spec["pattern"] is not None:
+        out = Path(spec["tmp"]) / f"{spec['name'].replace(':', '-')}-{int(spec['reconstruct'])}"
+        cfg = PruneConfig(
+            model=spec["model"], out=str(out), method="wanda", pattern=spec["pattern"], sparsity=0.5,
+            calib_dataset="wikitext2", data_dir=spec["data_dir"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
+            seed=0, reconstruct=spec["reconstruct"], overwrite=True, device="cpu",
+        )
+        run_prune(cfg, console=Console(file=sys.stderr, width=120))
+        info = json.loads((out / "prune.json").read_text())
+        result.update(prune_s=info["timings"]["prune_s"] + info["timings"].get("capture_s", 0.0),
+                      total_s=info["timings"]["total_s"], peak_rss_mib=info["peak_rss_mib"],
+                      sparsity=info["overall"]["achieved"], pattern_ok=info["pattern_check"]["ok"])
+        model_dir = str(out)
+    model, tok = load_model(model_dir, log=lambda *_: None)
+    if spec["pattern"] is None:
+        result.update(peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, sparsity=0.0)
+    ids = tokenize(load_text("wikitext2", "test", spec["data_dir"]), tok).input_ids
+    ppl = perplexity(model, ids, spec["eval_seqlen"], max_windows=spec["eval_windows"])
+    result.update(perplexity=ppl.perplexity, eval_windows=ppl.windows, eval_s=ppl.seconds)
+    return result
+
+
+def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) -> str:
+    lines = [
+        machine_line(),
+        "",
+        f"Model `smollm2-135m` (SmolLM2-135M-Instruct, GGUF Q4_1 de-quantised to float32), CPU, float32. "
+        f"Wanda at 50% (unstructured: per output row; 2:4: 2 zeros of every 4; block16x16: whole tiles ranked per "
+        f"matrix). Calibration: {args.nsamples} windows x {args.seqlen} tokens from the WikiText-2 train head "
+        f"(seed 0), sequential. Perplexity: WikiText-2 test, seqlen {args.eval_seqlen}, the first "
+        f"{args.eval_windows} windows. `--reconstruct`: exact per-band least squares for blocks, CG least "
+        "squares for unstructured/2:4 (dampening 1%). Pruning seconds = calibration capture + layer walk; "
+        "peak RSS of the pruning process.",
+        "",
+        "| pattern | reconstruct | sparsity | perplexity | pruning s | total s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rec = "-" if r["name"] == "dense" else ("yes" if r["reconstruct"] else "no")
+        lines.append(
+            f"| {r['name']} | {rec} | {r['sparsity']:.2%} | {r['perplexity']:.2f} | "
+            f"{r.get('prune_s', 0):.1f} | {r.get('total_s', 0):.1f} | {r['peak_rss_mib']:.0f} |"
+        )
+    lines += ["", f"Bench wall time: {wall / 60:.1f} min{'' if done else ' (partial: still running or stopped)'}."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=os.environ.get("PRUNETUNE_DATA_DIR", "/work/shared/data"))
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--only", default=None, help="comma list of indexes into the config list (0 = dense)")
+    parser.add_argument("--jsonl", default="/tmp/bench_prune.jsonl", help="results as they come")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    chosen = [CONFIGS[int(i)] for i in args.only.split(",")] if args.only else CONFIGS
+    rows: list[dict] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
+        for name, pattern, rec in chosen:
+            spec = dict(name=name, pattern=pattern, reconstruct=rec, model=args.model, data_dir=args.data_dir,
+                        nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
+                        eval_windows=args.eval_windows, tmp=tmp)
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"config {name} reconstruct={rec} failed")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            write_section("prune", "Pruning SmolLM2-135M (prunetune prune)",
+                          _table(rows, args, time.perf_counter() - start, done=False))
+    write_section("prune", "Pruning SmolLM2-135M (prunetune prune)", _table(rows, args, time.perf_counter() - start, done=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
