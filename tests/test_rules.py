@@ -61,7 +61,8 @@ def test_thresholds_from_flags_and_yaml():
     th = thresholds_from_mapping({"min_train_points": 20.0, "ppl_relative_bands": [1.2, 2.0, 5.0]})
     assert th.min_train_points == 20 and isinstance(th.min_train_points, int)
     assert th.ppl_relative_bands == (1.2, 2.0, 5.0)
-    assert kinds(logs([2.5] * 15), thresholds=th) == []
+    quiet = [2.5 + 0.001 * (i % 3) for i in range(15)]
+    assert kinds(logs(quiet)) == ["loss_flat"] and kinds(logs(quiet), thresholds=th) == []
     with pytest.raises(ValueError, match="valid: min_train_points"):
         thresholds_from_mapping({"bogus": 1})
     with pytest.raises(ValueError, match="whole number"):
@@ -225,8 +226,22 @@ def test_no_eval_only_at_the_end():
 
 def test_too_few_steps_say_nothing():
     # per-step logging: 20 points over 20 steps is not enough to judge a trend
-    assert kinds(logs([2.5] * 20, every=1)) == []
-    assert kinds(logs([2.5] * 60, every=1)) == ["loss_flat"]
+    rng = random.Random(7)
+    assert kinds(logs([2.5 + rng.gauss(0, 0.001) for _ in range(20)], every=1)) == []
+    assert kinds(logs([2.5 + rng.gauss(0, 0.001) for _ in range(60)], every=1)) == ["loss_flat"]
+
+
+def test_frozen_model_is_flat_at_once():
+    # what lr=1e30 does: a saturated network, the same loss to the last digit and a zero gradient
+    records = logs([6.27] + [6.2383] * 6, every=1)
+    found = diagnose(records, context={"lr": 1e30})
+    assert [a.kind for a in found] == ["loss_flat"]
+    assert found[0].evidence["identical_losses"] == 6 and "an absurd LR" in found[0].fix
+    zero = logs([6.3, 6.2, 6.25, 6.22], every=1)
+    for r in zero[1:]:
+        r["grad_norm"] = 0.0
+    assert kinds(zero) == ["loss_flat"]
+    assert kinds(logs([6.2383] * 5, every=1)) == []
 
 
 def test_noisy_per_step_logging_is_healthy():

@@ -21,6 +21,7 @@ from prunetune.analysis.rules import (
     BAND_PRESETS,
     Anomaly,
     Thresholds,
+    anomalies_from_alerts,
     diagnose,
     rate_perplexity,
     thresholds_from_mapping,
@@ -122,6 +123,10 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
         if epochs and max(epochs) >= 1.5:
             context["epochs"] = math.ceil(max(epochs) - 1e-6)
     anomalies = diagnose(records, cfg.thresholds, final=True, context=context)
+    anomalies += anomalies_from_alerts(records, anomalies)
+    if {"nan_inf", "out_of_memory"} & {a.kind for a in anomalies}:
+        anomalies = [a for a in anomalies if a.kind != "no_eval"]
+    anomalies.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
     verdict = verdicts(records, cfg.thresholds, anomalies=anomalies)
     summary = summarize(records, dense_ppl=cfg.dense_ppl, pruned_ppl=cfg.pruned_ppl)
     rating = rate_perplexity(summary.final_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)

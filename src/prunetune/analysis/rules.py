@@ -71,6 +71,9 @@ class Thresholds:
     the noise (median |step-to-step change|): no change that stands out of the noise."""
     flat_quiet_noise: float = 0.02
     """Relative noise below which a series counts as quiet (a noisy series is never called flat by noise)."""
+    flat_identical_points: int = 6
+    """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, or
+    half as many consecutive grad norms are exactly 0: a model that no batch changes is frozen or dead."""
     slow_max_rel_drop: float = 0.1
     """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
     slow_min_late_share: float = 0.5
@@ -200,6 +203,8 @@ class Series:
     """(step, eval_loss) of `eval` records with a finite eval loss."""
     lr: list[tuple[int, float]]
     """(step, lr) of `log` records."""
+    grad_norm: list[tuple[int, float]]
+    """(step, grad_norm) of `log` records with a finite grad norm."""
     nonfinite: list[tuple[int | None, str, str]]
     """(step, key, value) of every NaN/Inf loss, grad_norm or eval_loss."""
     errors: list[Mapping[str, Any]]
@@ -232,6 +237,9 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
             loss = to_float(rec.get("loss"))
             if loss is not None and math.isfinite(loss):
                 series.train.append((step, loss))
+            gn = to_float(rec.get("grad_norm"))
+            if gn is not None and math.isfinite(gn):
+                series.grad_norm.append((step, gn))
             rate = to_float(rec.get("lr", rec.get("learning_rate")))
             if rate is not None and math.isfinite(rate):
                 series.lr.append((step, rate))
@@ -253,7 +261,7 @@ def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
     if cached is not None and 0 < cached[0] <= n and records[0] is cached[1] and records[cached[0] - 1] is cached[2]:
         done, raw = cached[0], cached[3]
     else:
-        done, raw = 0, Series([], [], [], [], [])
+        done, raw = 0, Series([], [], [], [], [], [])
     _scan(records[done:], raw)
     if isinstance(records, list) and n:
         _SCAN_CACHE.clear()  # one live run at a time; never grows
@@ -263,6 +271,7 @@ def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
         sorted(raw.train, key=lambda p: p[0]),
         sorted(raw.evals, key=lambda p: p[0]),
         sorted(raw.lr, key=lambda p: p[0]),
+        sorted(raw.grad_norm, key=lambda p: p[0]),
         list(raw.nonfinite),
         list(raw.errors),
     )
@@ -524,7 +533,46 @@ def rule_oscillating(series: Series, th: Thresholds, context: Mapping[str, Any] 
     return Anomaly("loss_oscillating", "warning", msg, evidence, fix, os_.steps[1])
 
 
+def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
+    """(length, end index) of the longest run of consecutive values where pred(prev, cur) holds."""
+    best, best_end, cur = 1 if values else 0, 0, 1
+    for i in range(1, len(values)):
+        cur = cur + 1 if pred(values[i - 1], values[i]) else 1
+        if cur > best:
+            best, best_end = cur, i
+    return best, best_end
+
+
+def rule_frozen(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+    """Exactly repeated losses or exactly zero gradients: no statistics needed, the model does not change."""
+    n_same, end = _longest_run([v for _, v in series.train], lambda a, b: a == b)
+    zero = [(s, v) for s, v in series.grad_norm]
+    n_zero, zend = _longest_run([v for _, v in zero], lambda a, b: a == 0.0 and b == 0.0)
+    if n_same >= th.flat_identical_points:
+        step, value = series.train[end]
+        evidence = {"identical_losses": n_same, "value": value, "until_step": step}
+        what = f"the train loss is exactly {_fmt(value)} at {n_same} log lines in a row (until step {step})"
+    elif zero and n_zero >= max(2, th.flat_identical_points // 2):
+        step = zero[zend][0]
+        evidence = {"zero_grad_norms": n_zero, "until_step": step}
+        what = f"the gradient norm is exactly 0 at {n_zero} log lines in a row (until step {step})"
+    else:
+        return None
+    lr = _current_lr(series, context)
+    fix = (
+        "the weights no longer change: check that parameters are trainable (LoRA --target-modules match the "
+        "model), the labels are not all masked, and the LR is sane"
+        + (f" (--lr {fmt_lr(lr)}: an absurd LR saturates the network; restart from the last good checkpoint "
+           f"with --lr {fmt_lr(lr / 1000)} or lower)" if lr and lr >= 0.1 else "")
+        + "."
+    )
+    return Anomaly("loss_flat", "error", f"{what}: the model is not learning.", evidence, fix, step)
+
+
 def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+    frozen = rule_frozen(series, th, context)
+    if frozen is not None:
+        return frozen
     warm = warmup_end_index(series.lr) if series.lr else 0
     if warm is None:
         return None  # still warming up: a flat loss is expected while the LR climbs
@@ -677,6 +725,25 @@ LIVE_RULES = (
 FINAL_RULES = (rule_no_eval,)
 
 
+def anomalies_from_alerts(records: Sequence[Mapping[str, Any]], known: Sequence[Anomaly] = ()) -> list[Anomaly]:
+    """`alert` records of kinds not in `known`, as Anomalies (first of each kind): what the run itself saw
+    live, e.g. non-finite weights caught before a NaN loss was ever logged."""
+    seen = {a.kind for a in known}
+    out = []
+    for rec in records:
+        kind, severity = rec.get("kind"), rec.get("severity")
+        if rec.get("event") != "alert" or kind not in ANOMALY_KINDS or kind in seen:
+            continue
+        seen.add(kind)
+        evidence = rec.get("evidence")
+        out.append(Anomaly(
+            kind, severity if severity in SEVERITIES else "warning", str(rec.get("message", "")),
+            dict(evidence) if isinstance(evidence, Mapping) else {"recorded": evidence} if evidence else {},
+            str(rec.get("fix", "")), _step(rec),
+        ))
+    return out
+
+
 def diagnose(
     records: Sequence[Mapping[str, Any]],
     thresholds: Thresholds = Thresholds(),
@@ -700,6 +767,8 @@ def diagnose(
         # After a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them
         # would only repeat the NaN story with a weaker word.
         found = [a for a in found if a.kind not in ("loss_flat", "loss_slow")]
+    if kinds & {"nan_inf", "out_of_memory"}:
+        found = [a for a in found if a.kind != "no_eval"]  # the run died; the missing eval is not the story
     if kinds & {"loss_diverging", "loss_oscillating"}:
         # A window median of a jumping series says nothing about progress; the LR story is the one to tell.
         found = [a for a in found if a.kind not in ("loss_slow", "loss_flat")]
@@ -783,7 +852,10 @@ def verdicts(
     elif series.evals[-1][1] < series.evals[0][1] * (1 - thresholds.flat_max_rel_change):
         ev = _verdict("eval_loss", "ok", "improving", "generalises to held-out text")
     else:
-        ev = _verdict("eval_loss", "warning", "not improving", "eval loss ended above its first value")
+        first, last = series.evals[0][1], series.evals[-1][1]
+        why = ("eval loss ended above its first value" if last > first else
+               f"eval loss fell less than {thresholds.flat_max_rel_change:.1%} since the first evaluation")
+        ev = _verdict("eval_loss", "warning", "not improving", f"{why} ({first:.4g} -> {last:.4g})")
     return {"train_loss": train, "eval_loss": ev}
 
 

@@ -70,9 +70,17 @@ def summarize(
     max_steps = next((int(m) for r in reversed(logs) if (m := _finite(r.get("max_steps")))), None)
 
     time_s = None
-    for r in records:
-        if r.get("event") in ("train_end", "summary") and _finite(r.get("train_runtime")) is not None:
-            time_s = _finite(r.get("train_runtime"))
+    # training time proper: the Trainer's train_runtime or finetune's train_end.runtime_s; the summary's
+    # total_time_s (loading and final evaluation included) only when no train_end says it
+    for event, keys in (("train_end", ("train_runtime", "runtime_s")), ("summary", ("train_runtime", "total_time_s"))):
+        for r in records:
+            if r.get("event") == event:
+                for key in keys:
+                    if (t := _finite(r.get(key))) is not None:
+                        time_s = t
+                        break
+        if time_s is not None:
+            break
     if time_s is None:
         elapsed = [v for r in logs if (v := _finite(r.get("elapsed"))) is not None]
         if elapsed:
@@ -97,8 +105,13 @@ def summarize(
         final_eval = fl  # the evaluation after training (best checkpoint loaded) is the run's result
     if final_ppl is None:
         final_ppl = _ppl(final_eval)
+    # the pruned model's perplexity measured on the same eval set before training beats the one from prune
     if pruned_ppl is None and final_rec is not None:
-        pruned_ppl = _finite(final_rec.get("pruned_perplexity"))
+        pruned_ppl = _finite(final_rec.get("pruned_perplexity")) or _finite(final_rec.get("baseline_perplexity"))
+    if pruned_ppl is None:
+        base = next((r for r in reversed(records) if r.get("event") == "baseline_eval"), None)
+        if base is not None:
+            pruned_ppl = _finite(base.get("pruned_perplexity")) or _finite(base.get("perplexity"))
     if dense_ppl is None:
         for r in reversed(records):
             if (d := _finite(r.get("dense_perplexity"))) is not None:
