@@ -115,3 +115,56 @@ def test_sparkline_and_machine_load():
     assert sparkline([], 10) == "" and sparkline([2.0, 2.0], 10) == "▁▁"
     load = machine_load()
     assert load["kind"] in ("cpu", "gpu")
+
+
+class _FakeNVML:
+    """The few pynvml calls monitor makes, answering like one busy GPU (no NVIDIA driver here)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.shut = fail, False
+
+    def nvmlInit(self):
+        if self.fail:
+            raise self.NVMLError("Driver Not Loaded")
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("U", (), {"gpu": 87})()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("M", (), {"used": 40 * 2**30, "total": 80 * 2**30})()
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return 71
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100"
+
+
+def test_machine_load_reads_nvml_and_falls_back_to_cpu(monkeypatch, tmp_path):
+    import sys
+
+    fake = _FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    load = machine_load()
+    assert load == {"kind": "gpu", "gpus": [{"index": 0, "name": "NVIDIA H100", "util_pct": 87,
+                                              "mem_used_mb": 40960.0, "mem_total_mb": 81920.0, "temp_c": 71}]}
+    assert fake.shut
+    run = _write_run(tmp_path / "run")
+    _, text = _text(MonitorConfig(run, once=True))
+    assert "GPU0 NVIDIA H100: 87% util | 40,960/81,920 MB | 71°C" in text
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML(fail=True))
+    assert machine_load()["kind"] == "cpu"
