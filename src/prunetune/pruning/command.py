@@ -8,13 +8,12 @@ from prunetune.pruning.config import METHODS, PruneConfig
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--model", required=True, help="hub id, local model directory, .gguf file or alias (smollm2-135m)")
     parser.add_argument("--method", default="wanda", choices=METHODS,
-                        help="wanda: |W|*||x|| (calibrated); magnitude: |W| (no data); sparsegpt: OBS with weight updates")
+                        help="wanda: |W|*||x|| (calibrated); magnitude: |W| (no data); sparsegpt: OBS with weight updates (default: wanda)")
     parser.add_argument("--pattern", default="unstructured",
                         help="unstructured | N:M = N ZEROS in every M consecutive input weights (2:4 keeps 2 of 4, "
-                             "as in Wanda) | blockHxW = whole HxW tiles pruned (block16x16)")
+                             "as in Wanda) | blockHxW = whole HxW tiles pruned (block16x16); default: unstructured")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="fraction of weights set to zero, in [0, 1); default 0.5 (N:M: fixed at N/M)")
     parser.add_argument("--sparsity-map", default=None,
@@ -28,20 +27,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconstruct", action="store_true",
                         help="update kept weights to minimise each layer's output error on the calibration data "
                              "(exact least squares per row band for blocks, conjugate gradients for unstructured and N:M)")
-    parser.add_argument("--calib-dataset", default="c4", help="calibration corpus (train split): c4 | wikitext2 | wikipedia-vital | FILE")
+    parser.add_argument("--calib-dataset", default="c4", help="calibration corpus (train split): c4 (default) | wikitext2 | wikipedia-vital | FILE")
     parser.add_argument("--data-dir", action="append", default=None,
                         help="directory with local corpora (repeatable); default $PRUNETUNE_DATA_DIR, else the hub")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (Wanda: 128)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128, as Wanda)")
     parser.add_argument("--seqlen", type=int, default=2048,
-                        help="tokens per calibration window; must not exceed the model's context")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+                        help="tokens per calibration window (default 2048); must not exceed the model's context")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
     parser.add_argument("--one-shot", action="store_true",
                         help="calibrate every layer on dense activations instead of the pruned previous layers")
     parser.add_argument("--out", required=True, help="output directory (pruned model, masks.safetensors, prune.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds a different model")
     parser.add_argument("--eval", action="store_true", help="also measure dense and pruned perplexity")
-    parser.add_argument("--eval-dataset", default="wikitext2", help="perplexity corpus")
-    parser.add_argument("--eval-split", default="test", help="perplexity split")
+    parser.add_argument("--eval-dataset", default="wikitext2", help="perplexity corpus (default wikitext2)")
+    parser.add_argument("--eval-split", default="test", help="perplexity split (default test)")
     parser.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: --seqlen)")
     parser.add_argument("--eval-max-windows", type=int, default=None, help="evaluate only the first N windows")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),

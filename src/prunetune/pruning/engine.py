@@ -44,6 +44,7 @@ from prunetune.pruning.sparsegpt import damped, inverse_cholesky_upper, sparsegp
 from prunetune.runinfo import provenance, write_json
 
 FORMAT = "prunetune-prune/1"
+STAGING_PREFIX = ".staging-"
 
 
 def default_device() -> str:
@@ -58,7 +59,8 @@ def check_out_dir(cfg: PruneConfig) -> Path:
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    # `.staging-*` directories are what an interrupted save of ours leaves behind; they do not count as content.
+    if not out.is_dir() or not any(not p.name.startswith(STAGING_PREFIX) for p in out.iterdir()):
         return out
     previous = out / PRUNE_JSON
     if previous.is_file():
@@ -355,8 +357,9 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
     # Save into a staging directory first so an interrupted save never leaves a half-written model in --out.
     t = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     pattern_meta = {"pattern": pattern.name, "compare": compare, "method": cfg.method}
