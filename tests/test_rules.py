@@ -337,3 +337,17 @@ def test_growing_list_gives_the_same_answer_as_a_fresh_one():
     assert diagnose(other) == []
     live[0] = {"event": "log", "step": 1, "loss": "inf"}  # rewritten, not appended: scanned afresh
     assert "nan_inf" in [a.kind for a in diagnose(live)] and diagnose(live)[0].step == 1
+
+
+def test_rules_documentation_is_the_code():
+    from pathlib import Path
+
+    from prunetune.analysis import rules
+
+    assert set(rules.KIND_DOCS) == set(ANOMALY_KINDS)
+    doc = (Path(rules.__file__).parent / "RULES.md").read_text(encoding="utf-8")
+    assert doc == rules.describe(), "regenerate: python -m prunetune.analysis.rules > src/prunetune/analysis/RULES.md"
+    from dataclasses import fields
+
+    for f in fields(Thresholds):
+        assert f"| `{f.name}` |" in doc

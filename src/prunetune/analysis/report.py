@@ -188,7 +188,7 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
     vrows = [
         ["Train loss", f"{v['train_loss']['symbol']} {v['train_loss']['label']} ({v['train_loss']['reason']})"],
         ["Eval loss", f"{v['eval_loss']['symbol']} {v['eval_loss']['label']} ({v['eval_loss']['reason']})"],
-        ["Perplexity", f"{rating['symbol']} {rating['band']}: {rating['text']}"],
+        ["Perplexity", f"{rating['symbol']} {rating['text']}"],
     ]
     if s.pruned_perplexity is not None and s.final_perplexity is not None:
         vrows.append(["Improvement", f"pruned {fmt_num(s.pruned_perplexity)} → {fmt_num(s.final_perplexity)}"
