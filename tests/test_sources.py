@@ -255,3 +255,17 @@ def test_announced_total_steps_and_named_eval_loss():
     assert kinds_steps(records, "log") == [500, 1000]
     (ev,) = [r for r in records if r["event"] == "eval"]
     assert ev["step"] == 500 and ev["eval_loss"] == 2.9
+
+
+def test_resumed_run_log_keeps_the_later_lines():
+    # the run was stopped after step 40 and resumed from checkpoint-20: tqdm starts again at 20/60
+    text = (LOGS / "healthy" / "console.log").read_text(encoding="utf-8")
+    cut = text.index("{'loss'", text.index(" 40/60 ["))
+    resume = text.index(" 20/60 [")
+    resumed = text[:cut] + "\n^C KeyboardInterrupt\n" + text[resume:]
+    records, meta = parse_console_log(resumed)
+    want, _ = parse_console_log(text)
+    assert meta["step_source"] == "bar" and meta["superseded"] > 0
+    key = [(r["event"], r["step"], r.get("loss"), r.get("eval_loss")) for r in records if r["event"] in ("log", "eval")]
+    assert key == [(r["event"], r["step"], r.get("loss"), r.get("eval_loss")) for r in want
+                   if r["event"] in ("log", "eval")]

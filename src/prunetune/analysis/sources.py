@@ -247,14 +247,31 @@ def _read_dict(lines: list[str], i: int, start: int, max_lines: int) -> tuple[di
 
 
 def _train_bar_total(bars: list[_Event]) -> str | None:
-    """The training bar's total: the first bar total whose count never goes back (eval bars restart)."""
+    """The training bar's total: the bar whose count goes back least often (eval bars restart at every
+    evaluation; the training bar only at a resume), the first to appear on a tie."""
     seen: dict[str, list[int]] = {}
     for ev in bars:
         seen.setdefault(ev.data["total"], []).append(int(ev.data["n"]))
-    for total, ns in seen.items():
-        if all(b >= a for a, b in zip(ns, ns[1:], strict=False)) and len(ns) > 1:
-            return total
-    return next(iter(seen), None)
+    if not seen:
+        return None
+    drops = {t: sum(1 for a, b in zip(ns, ns[1:], strict=False) if b < a) for t, ns in seen.items()}
+    order = list(seen)
+    return min(order, key=lambda t: (drops[t], order.index(t)))
+
+
+def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A resumed run logs again from its checkpoint's step: the later lines replace the earlier ones."""
+    out: list[dict[str, Any]] = []
+    top = -1
+    for rec in records:
+        step = rec.get("step")
+        if rec["event"] == "log" and isinstance(step, int):
+            if step < top:
+                out = [r for r in out if not (isinstance(r.get("step"), int) and r["step"] >= step
+                                              and r["event"] in ("log", "eval"))]
+            top = step
+        out.append(rec)
+    return out
 
 
 def _seconds(clock: str | None) -> float | None:
@@ -402,6 +419,11 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if last_bar:
             _bar_extras(rec, last_bar)
 
+    if train_bars:
+        kept = _drop_superseded(records)
+        if len(kept) < len(records):
+            meta["superseded"] = len(records) - len(kept)
+            records = kept
     meta["step_source"] = "bar" if train_bars else "table"
     if not _steps_monotonic(records) or (not train_bars and len(fixed) < len(records)):
         meta["step_source"] = _steps_from_epochs(records, meta, fixed)
