@@ -207,3 +207,35 @@ def test_leftover_staging_dir_is_not_user_content(tmp_path, tiny_model_dir, shar
     (out / ".staging-12345").mkdir(parents=True)  # what an interrupted save leaves
     run_prune(_cfg(tiny_model_dir, out, shared_data, method="magnitude"), console=QUIET)
     assert not list(out.glob(".staging-*")) and (out / "prune.json").is_file()
+
+
+def test_input_stats_match_direct_sums_and_share_inputs(tiny_model_dir, shared_data):
+    from prunetune.architecture import linear_modules
+    from prunetune.data import load_text, tokenize
+
+    model, tok = load_model(str(tiny_model_dir))
+    windows = cal.calibration_windows(tokenize(load_text("wikitext2", "train", str(shared_data)), tok).input_ids, 3, 32, 1)
+    _, layers = find_decoder_layers(model)
+    inputs = cal.capture_first_layer_inputs(model, layers[0], windows, "cpu")
+    assert inputs.hidden.shape == (3, 32, 64) and "position_embeddings" in inputs.kwargs
+    mods = linear_modules(layers[0])
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in mods.items()]
+    out = torch.empty_like(inputs.hidden)
+    cal.run_layer(layers[0], inputs, out)
+    for h in handles:
+        h.remove()
+    for hessian in (True, False):
+        with cal.collecting(mods, hessian) as stats:
+            again = cal.run_layer(layers[0], inputs, torch.empty_like(out))
+        assert torch.equal(again, out)
+        # q/k/v and gate/up read the same tensor: one accumulator each, found by identity
+        assert stats.shared_with == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                                     "mlp.up_proj": "mlp.gate_proj"}
+        for n in mods:
+            x = torch.cat(seen[n]).float()
+            if hessian:
+                torch.testing.assert_close(stats.hessians[n], x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+            else:
+                torch.testing.assert_close(stats.col_sq_norms(n), (x**2).sum(0), rtol=1e-4, atol=1e-4)

@@ -123,6 +123,8 @@ class InputStats:
 
     With `hessian`, H = mean over tokens of x x^T (in, in); its diagonal also gives Wanda's column norms.
     Without, only sum over tokens of x_j^2 (in,), which is all Wanda needs.
+    Modules fed the very same tensor (q/k/v, gate/up) share one accumulator: found on the first call by object
+    identity, never by name, so any family's fused or split projections work.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], hessian: bool):
@@ -130,6 +132,8 @@ class InputStats:
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.shared_with: dict[str, str] = {}
+        self._last: tuple[torch.Tensor, str] | None = None  # the last input accumulated, kept alive so `is` is safe
         self._handles = []
         for name, module in modules.items():
             self.counts[name] = 0
@@ -142,13 +146,23 @@ class InputStats:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach()
+            x = args[0]
+            if name in self.shared_with:
+                return
+            if self.counts[name] == 0 and self._last is not None and x is self._last[0]:
+                owner = self._last[1]
+                self.shared_with[name] = owner
+                store = self.hessians if self.hessian else self.sq_norms
+                store[name] = store[owner]
+                return
+            x = x.detach()
             if self.hessian:
                 self.counts[name] = hessian_update(self.hessians[name], self.counts[name], x)
             else:
-                x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                self.sq_norms[name] += x.pow(2).sum(0)
-                self.counts[name] += x.shape[0]
+                flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+                self.sq_norms[name] += flat.pow(2).sum(0)
+                self.counts[name] += flat.shape[0]
+            self._last = (args[0], name)
         return hook
 
     def col_sq_norms(self, name: str) -> torch.Tensor:
@@ -159,6 +173,7 @@ class InputStats:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
 
 
 @contextmanager
