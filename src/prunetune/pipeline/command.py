@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,45 +76,61 @@ def resolved_yaml(cfg: PipelineConfig, root: Path, data: DataChoice, stages: lis
 
 
 def perplexity_story(root: Path) -> dict[str, Any]:
-    """dense -> pruned -> recovered perplexity from the eval stage, and where the report is."""
-    eval_state = read_stage(root / "eval") or {}
-    result = eval_state.get("result") or {}
+    """dense -> pruned -> recovered perplexity, on the fine-tuning eval set (the numbers of the finetune
+    console and the report) and on the held-out split of the eval stage; and where the report is."""
     story: dict[str, Any] = {}
-    for name in ("dense", "pruned", "recovered"):
-        value = (result.get(name) or {}).get("perplexity")
-        if value is not None:
-            story[name] = value
-    if story:
-        story.update({k: result.get(k) for k in ("dataset", "split", "seqlen", "max_windows")})
+    eval_result = (read_stage(root / "eval") or {}).get("result") or {}
     report_state = read_stage(root / "report") or {}
+    report_result = report_state.get("result") or {}
+    summary = report_result.get("summary") or {}
+    same_set = eval_result.get("finetune_eval_set") or {}
+    if summary.get("final_perplexity") is not None:
+        story["finetune_eval_set"] = {
+            **{k: same_set.get(k) for k in ("dataset", "split", "seqlen", "max_windows")},
+            "dense": summary.get("dense_perplexity"), "pruned": summary.get("pruned_perplexity"),
+            "recovered": summary.get("final_perplexity"),
+        }
+    test = eval_result.get("test") or {}
+    if test:
+        story["test"] = {
+            **{k: test.get(k) for k in ("dataset", "split", "seqlen", "max_windows")},
+            **{m: (test.get(m) or {}).get("perplexity") for m in ("dense", "pruned", "recovered")},
+        }
     if report_state.get("complete"):
-        report = root / "report"
-        story["report"] = str(report / "report.html") if (report / "report.html").is_file() else str(report)
-        rating = (report_state.get("result") or {}).get("rating")
-        if rating is not None:
-            story["rating"] = rating
+        files = report_result.get("files") or {}
+        story["report"] = files.get("report.html") or str(root / "report")
+        story["rating"] = report_result.get("rating")
     return story
 
 
-def fmt_ppl(value: float | None) -> str:
-    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return str(value)
+def fmt_ppl(value: Any) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-" if value is None else str(value)
     return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
 
 
 def print_story(console: Console, story: dict[str, Any]) -> None:
-    if {"dense", "pruned", "recovered"} <= set(story):
-        dense, pruned, recovered = story["dense"], story["pruned"], story["recovered"]
-        console.print(
-            f"[bold]Perplexity[/] on {story.get('dataset')}/{story.get('split')} (seqlen {story.get('seqlen')}): "
-            f"dense [bold]{fmt_ppl(dense)}[/] → pruned [bold red]{fmt_ppl(pruned)}[/] → "
-            f"recovered [bold green]{fmt_ppl(recovered)}[/]"
-        )
-        if pruned > dense and math.isfinite(pruned):
-            closed = (pruned - recovered) / (pruned - dense)
+    rows = [("fine-tuning eval set", story.get("finetune_eval_set")), ("held-out test", story.get("test"))]
+    rows = [(label, r) for label, r in rows if r]
+    if rows:
+        table = Table(title="Perplexity (lower is better)", title_justify="left", show_edge=False)
+        for column in ("measured on", "data", "dense", "pruned", "recovered"):
+            table.add_column(column, justify="right" if column in ("dense", "pruned", "recovered") else "left")
+        for label, r in rows:
+            windows = f"{r['max_windows']} x {r['seqlen']} tokens" if r.get("max_windows") else f"seqlen {r.get('seqlen')}"
+            table.add_row(label, f"{r.get('dataset')}/{r.get('split')}, {windows}", fmt_ppl(r.get("dense")),
+                          f"[red]{fmt_ppl(r.get('pruned'))}[/]", f"[bold green]{fmt_ppl(r.get('recovered'))}[/]")
+        console.print(table)
+        label, r = rows[0]  # the report's numbers (and its rating) lead; the held-out row is the cross-check
+        dense, pruned, recovered = r.get("dense"), r.get("pruned"), r.get("recovered")
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (dense, pruned, recovered)):
             console.print(
-                f"  LoRA recovered {closed:.1%} of the gap pruning opened; the recovered model is "
-                f"{recovered / dense:.2f}x the dense perplexity"
+                f"[bold]dense {fmt_ppl(dense)} → pruned {fmt_ppl(pruned)} → recovered {fmt_ppl(recovered)}[/] "
+                f"({label}): the recovered model is {recovered / dense:.2f}x the dense perplexity"
+                + (f", pruning's gap closed by {(pruned - recovered) / (pruned - dense):.1%}"
+                   # The share of the gap closed means something only when pruning opened a real gap.
+                   if pruned > 1.05 * dense else "")
+                + (f"; rating: {story['rating']}" if story.get("rating") else "")
             )
     if "report" in story:
         console.print(f"[bold]Report:[/] {story['report']}")
@@ -135,6 +152,11 @@ def print_timings(console: Console, root: Path, stages: list[Stage]) -> None:
     console.print(table)
 
 
+def make_console() -> Console:
+    """Rich console; when piped to a file, 120 columns instead of 80 so the tables do not wrap."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     out: str | Path,
@@ -144,7 +166,7 @@ def run_pipeline(
     source: str | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the pipeline into `out`. Returns the perplexity story (dense/pruned/recovered, report)."""
-    console = console or Console()
+    console = console or make_console()
     root = Path(out).expanduser().resolve()
     check_run_dir(root)
     data = choose_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.fallback)

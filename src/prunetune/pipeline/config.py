@@ -50,7 +50,7 @@ SCHEMAS: dict[str, StageSchema] = {
         ("pruned", "out", "data_dir", "resume_from_checkpoint", "overwrite"),
     ),
     "eval": StageSchema("prunetune.evaluate_command", "EvalConfig", ("model", "adapter", "out", "data_dir", "quiet")),
-    "report": StageSchema("prunetune.analysis.report", "ReportConfig", ("source", "out", "dense_ppl")),
+    "report": StageSchema("prunetune.analysis.report", "ReportConfig", ("source", "out", "dense_ppl", "pruned_ppl")),
 }
 
 

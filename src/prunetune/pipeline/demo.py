@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from prunetune.pipeline.command import run_pipeline
+from prunetune.pipeline.command import make_console, run_pipeline
 from prunetune.pipeline.config import PipelineConfig, parse_pipeline
 
 # Full demo: ~15 minutes on a 2-core CPU (see README for the measured time). Every number is chosen for that
@@ -101,7 +101,7 @@ def run_demo(
     # The demo is offline by definition: never wait on an unreachable hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    console = console or Console()
+    console = console or make_console()
     cfg = demo_config(quick, model, data_dir)
     out = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
     budget = "under 3 minutes" if quick else "about 15 minutes on a 2-core CPU"

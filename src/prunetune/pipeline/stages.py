@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
+from rich.table import Table
 
 from prunetune.errors import UserError
 from prunetune.runinfo import provenance, write_json
@@ -35,8 +36,9 @@ STAGE_FILE = "stage.json"
 PIPELINE_FILE = "pipeline.json"
 
 
-class StageInterrupted(Exception):
-    """A stage stopped early but cleanly (e.g. fine-tuning saved a checkpoint on SIGINT): not complete."""
+class StageInterrupted(KeyboardInterrupt):
+    """A stage stopped early but cleanly (fine-tuning saved a checkpoint on SIGINT): not complete. A
+    KeyboardInterrupt, so the pipeline stops and the CLI exits 130 as for Ctrl-C."""
 
 
 @dataclass(frozen=True)
@@ -351,8 +353,12 @@ class PipelineRun:
 
     def _print_plan(self, actions: dict[str, Action]) -> None:
         marks = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold yellow]resume[/]"}
+        table = Table(title="Plan", title_justify="left", show_edge=False, box=None, padding=(0, 2))
+        for column in ("stage", "action", "why", "fingerprint"):
+            table.add_column(column, style="dim" if column == "fingerprint" else None)
         for name, action in actions.items():
-            self.console.print(f"  {name:<9} {marks[action.kind]:<24} {action.reason}  [dim]{self.fps[name]}[/]")
+            table.add_row(name, marks[action.kind], action.reason, self.fps[name])
+        self.console.print(table)
 
     def record_results(self, results: dict[str, Any]) -> None:
         self._record({}, results)

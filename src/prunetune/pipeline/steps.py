@@ -43,12 +43,15 @@ def _data_dir_text(data_dir: str | None) -> str:
 
 
 def choose_data(dataset: str, data_dir: str | None, fallback: str | None,
-                splits: Sequence[str] = ("train", "test")) -> DataChoice:
+                splits: Sequence[str] = ("train", "validation", "test")) -> DataChoice:
     """`dataset` when every split the stages need loads (locally, or from the hub when online), else `fallback`."""
     try:
         loaded = [load_text(dataset, split, data_dir) for split in splits]
         note = next((t.note for t in loaded if t.note), None)
-        return DataChoice(dataset, data_dir, loaded[-1].origin, f"{dataset} from {loaded[-1].origin}", note=note)
+        origin = loaded[-1].origin
+        where = f"local copy in {Path(origin).parent} ({_data_dir_text(data_dir)})" if Path(origin).exists() \
+            else f"from {origin}"
+        return DataChoice(dataset, data_dir, origin, f"{dataset}, {where}", note=note)
     except UserError as err:
         if fallback is None or fallback == dataset:
             raise
@@ -58,7 +61,8 @@ def choose_data(dataset: str, data_dir: str | None, fallback: str | None,
             if not dirs else f"{dataset} is not in {', '.join(map(str, dirs))}: {str(err).split(': ', 1)[-1]}"
         )
     loaded = [load_text(fallback, split, data_dir) for split in splits]
-    return DataChoice(fallback, data_dir, loaded[-1].origin, f"{fallback} ({why})", fallback_used=True)
+    return DataChoice(fallback, data_dir, loaded[-1].origin, f"{fallback} instead of {dataset}: {why}",
+                      fallback_used=True)
 
 
 def _fields(cls: type) -> set[str]:
@@ -121,8 +125,14 @@ def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) ->
         this = dataclasses.replace(config, resume_from_checkpoint="auto", overwrite=False) if ctx.resume \
             else dataclasses.replace(config, overwrite=True)
         result = run_finetune(this) or {}
-        if result.get("interrupted") or result.get("stopped_by_signal"):
+        status = result.get("status", "completed")
+        if status == "interrupted":
             raise StageInterrupted("fine-tuning stopped before the end; its checkpoint is kept")
+        if status == "diverged":
+            raise UserError(
+                f"fine-tuning diverged (NaN/Inf loss; last good checkpoint: {result.get('last_good_checkpoint')}); "
+                f"lower finetune.lr (now {config.lr:g}, try {config.lr / 10:g}) in the YAML and run again"
+            )
         return _jsonable_summary(result)
 
     targets = ",".join(config.lora_targets)
@@ -156,12 +166,13 @@ def _jsonable_summary(result: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
-def _eval_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
+def _eval_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice, finetune: Any) -> Stage:
     out = layout.stage_dir("eval")
     section = dict(cfg.eval)
     section.setdefault("dataset", data.dataset)
     data_dir = [data.data_dir] if data.data_dir else None
-    # One template config; the three evaluations differ only in model/adapter, all fixed by the run directory.
+    # One template config; the evaluations differ only in model/adapter (fixed by the run directory) and, for
+    # the dense model on the fine-tuning eval set, in split/seqlen/windows (fixed by the finetune config).
     config = build_stage_config("eval", section, model=cfg.model, out=str(out / "dense.json"),
                                 data_dir=data_dir, quiet=False)
 
@@ -174,27 +185,44 @@ def _eval_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Sta
             "pruned": dict(model=str(prune_dir), adapter=None),
             "recovered": dict(model=str(prune_dir), adapter=str(adapter_dir(layout.stage_dir("finetune")))),
         }
-        results: dict[str, Any] = {}
+        test: dict[str, Any] = {"dataset": config.dataset, "split": config.split, "seqlen": config.seqlen,
+                                "max_windows": config.max_windows}
         for name, which in variants.items():
-            ctx.console.print(f"[bold]{name}[/] model")
+            ctx.console.print(f"[bold]{name} model[/] on {config.dataset}/{config.split}")
             r = run_evaluate(dataclasses.replace(config, out=str(ctx.dir / f"{name}.json"), **which),
                              console=ctx.console)
-            results[name] = {"perplexity": r["perplexity"], "nll": r["nll"], "tokens": r["tokens"],
-                             "windows": r["windows"], "sparsity": r["sparsity"].get("overall")}
+            test[name] = _eval_numbers(r)
+        # The fine-tuning console measured pruned and recovered perplexity on its own eval set (the validation
+        # split cut into block_size sequences: the same windows as this protocol). The dense model on that set
+        # completes the comparison, so the report rates the recovery against the right reference.
+        same_set = dataclasses.replace(
+            config, model=cfg.model, adapter=None, dataset=finetune.dataset, split="validation",
+            seqlen=finetune.block_size, max_windows=finetune.max_eval_samples,
+            out=str(ctx.dir / "dense-finetune-eval-set.json"),
+        )
+        ctx.console.print(f"[bold]dense model[/] on the fine-tuning eval set ({finetune.dataset}/validation)")
+        r = run_evaluate(same_set, console=ctx.console)
         summary = {
-            "dataset": config.dataset, "split": config.split, "seqlen": config.seqlen,
-            "max_windows": config.max_windows, **{k: v for k, v in results.items()},
+            "test": test,
+            "finetune_eval_set": {"dataset": finetune.dataset, "split": "validation", "seqlen": finetune.block_size,
+                                  "max_windows": finetune.max_eval_samples, "dense": _eval_numbers(r)},
         }
         write_json(ctx.dir / "eval.json", summary)
         return summary
 
     windows = f", first {config.max_windows} windows" if config.max_windows else ""
-    title = f"perplexity of dense, pruned and recovered on {config.dataset}/{config.split}, seqlen {config.seqlen}{windows}"
+    title = (f"perplexity of dense, pruned and recovered on {config.dataset}/{config.split}, "
+             f"seqlen {config.seqlen}{windows}")
     return Stage(
         name="eval", deps=("prune", "finetune"), title=title, config=config, run=run,
         outputs=("eval.json", *(f"{m}.json" for m in EVAL_MODELS)),
         volatile=frozenset({"out", "model", "adapter", "data_dir", "quiet"}),
     )
+
+
+def _eval_numbers(r: dict[str, Any]) -> dict[str, Any]:
+    return {"perplexity": r["perplexity"], "nll": r["nll"], "tokens": r["tokens"], "windows": r["windows"],
+            "sparsity": (r.get("sparsity") or {}).get("overall")}
 
 
 def _report_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
@@ -203,24 +231,31 @@ def _report_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> S
                                 out=str(out), dense_ppl=None)
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        from prunetune.analysis.report import run_report
+        from prunetune.analysis.report import render_console, run_report
 
-        dense = (ctx.upstream.get("eval", {}).get("dense") or {}).get("perplexity")
-        result = run_report(dataclasses.replace(config, dense_ppl=dense)) or {}
-        return _jsonable_summary(result)
+        same_set = ctx.upstream.get("eval", {}).get("finetune_eval_set") or {}
+        dense = (same_set.get("dense") or {}).get("perplexity")
+        data = run_report(dataclasses.replace(config, dense_ppl=dense))
+        ctx.console.print(render_console(data), markup=False, highlight=False)
+        files = data.get("files") or {}
+        ctx.console.print(f"Report: {files.get('report.html')} | {files.get('report.md')} | {files.get('report.json')}")
+        rating = data.get("perplexity_rating") or {}
+        return {"summary": data.get("summary"), "rating": rating.get("band"), "ratio": rating.get("ratio"),
+                "anomalies": [a.get("kind") for a in data.get("anomalies") or []], "files": files}
 
     return Stage(
         name="report", deps=("finetune", "eval"), title="plots and diagnosis of the fine-tuning run",
-        config=config, run=run, outputs=("report.md",),
-        volatile=frozenset({"out", "source", "dense_ppl"}),
+        config=config, run=run, outputs=("report.md", "report.html", "report.json"),
+        volatile=frozenset({"out", "source", "dense_ppl", "pruned_ppl"}),
     )
 
 
 def build_stages(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> list[Stage]:
     """The pipeline's stages in order, their configs built (and so validated) from the YAML."""
+    finetune = _finetune_stage(cfg, layout, data)
     return [
         _prune_stage(cfg, layout, data),
-        _finetune_stage(cfg, layout, data),
-        _eval_stage(cfg, layout, data),
+        finetune,
+        _eval_stage(cfg, layout, data, finetune.config),
         _report_stage(cfg, layout, data),
     ]
