@@ -168,3 +168,14 @@ def test_machine_load_reads_nvml_and_falls_back_to_cpu(monkeypatch, tmp_path):
     assert "GPU0 NVIDIA H100: 87% util | 40,960/81,920 MB | 71°C" in text
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML(fail=True))
     assert machine_load()["kind"] == "cpu"
+
+
+def test_a_run_that_died_of_oom_ends_the_view(tmp_path):
+    run = _write_run(tmp_path / "run", n_logs=12, partial=False)
+    writer = JsonlWriter(run / "metrics.jsonl")
+    writer.write(make_record("error", 120, kind="out_of_memory", message="Out of memory during training."))
+    writer.close()
+    snap, text = _text(MonitorConfig(run, interval=0.1))  # returns at once: nothing more will be written
+    assert snap["finished"] and snap["ending"] == "error"
+    assert "Training failed: 120 steps" in text and "[out_of_memory]" in text
+    assert "last written 0:00:0" in text

@@ -25,7 +25,7 @@ from prunetune.analysis.summary import fmt_duration, fmt_num, summarize
 from prunetune.errors import UserError
 from prunetune.records import iter_jsonl, to_float
 
-FINISH_EVENTS = ("train_end", "summary")
+FINISH_EVENTS = ("train_end", "summary", "stopped", "error")  # error: finetune records only fatal ones
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -140,6 +140,9 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
             best = (r.get("step"), v)
     alerts = {a.get("kind"): dict(a) for a in records if a.get("event") == "alert"}
     finished = any(r.get("event") in FINISH_EVENTS for r in records)
+    ending = next((r.get("event") for r in reversed(records) if r.get("event") in FINISH_EVENTS), None)
+    origin_path = Path(origin)
+    age = time.time() - origin_path.stat().st_mtime if origin_path.is_file() else None
     for a in diagnose(records, final=finished):
         alerts.setdefault(a.kind, a.to_record())
     errors = [r for r in records if r.get("event") == "error"]
@@ -163,6 +166,8 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
         "alerts": list(alerts.values()),
         "errors": errors,
         "finished": finished,
+        "ending": ending,
+        "age_s": age,
         "summary": summarize(records).to_dict() if finished else None,
         "load": machine_load() if load else None,
     }
@@ -175,7 +180,9 @@ def _bar(frac: float, width: int = 30) -> str:
 
 def render(snap: Mapping[str, Any]) -> Group:
     parts: list[Any] = []
-    head = Text(f"{snap['origin']} | {snap['records']} records", style="dim")
+    age = snap.get("age_s")
+    head = Text(f"{snap['origin']} | {snap['records']} records"
+                + (f" | last written {fmt_duration(age)} ago" if age is not None else ""), style="dim")
     parts.append(head)
     if snap["step"] is None:
         parts.append(Text("No training step logged yet.", style="yellow"))
@@ -225,7 +232,7 @@ def render(snap: Mapping[str, Any]) -> Group:
     if snap["finished"]:
         s = snap["summary"]
         parts.append(Panel(Text(
-            f"Training finished: {s['steps']} steps in {fmt_duration(s['time_s'])} | final train loss "
+            f"Training {'failed' if snap.get('ending') == 'error' else 'stopped' if snap.get('ending') == 'stopped' else 'finished'}: {s['steps']} steps in {fmt_duration(s['time_s'])} | final train loss "
             f"{fmt_num(s['final_train_loss'])} | final eval loss {fmt_num(s['final_eval_loss'])} | best "
             f"{fmt_num(s['best_eval_loss'])} at step {s['best_step']} | perplexity {fmt_num(s['final_perplexity'])}"
         ), title="summary", style="green"))

@@ -16,7 +16,7 @@ class Summary:
     """What a run achieved. None where the records do not say."""
 
     steps: int | None
-    """Last optimizer step seen in any record."""
+    """Last optimizer step of a log, eval or train_end record."""
     max_steps: int | None
     """Planned steps (from `log` records' `max_steps`), if known."""
     time_s: float | None
@@ -62,7 +62,8 @@ def summarize(
     dense_ppl: float | None = None,
     pruned_ppl: float | None = None,
 ) -> Summary:
-    steps = [int(s) for r in records if (s := _finite(r.get("step"))) is not None]
+    steps = [int(s) for r in records
+             if r.get("event") in ("log", "eval", "train_end") and (s := _finite(r.get("step"))) is not None]
     logs = [r for r in records if r.get("event") == "log"]
     evals = [(int(_finite(r.get("step")) or 0), v, r) for r in records
              if r.get("event") == "eval" and (v := _finite(r.get("eval_loss"))) is not None]
