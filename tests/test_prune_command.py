@@ -13,6 +13,7 @@ def _argv(tiny_model_dir, shared_data, out, *extra):
             "--nsamples", "4", "--seqlen", "64", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_prune_cli_writes_exact_files_and_table(tmp_path, tiny_model_dir, shared_data, capsys):
     out = tmp_path / "pruned"
     assert main(_argv(tiny_model_dir, shared_data, out, "--pattern", "block16x16", "--reconstruct")) == 0

@@ -32,6 +32,7 @@ def _weights(out):
     return load_file(str(out / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_wanda_unstructured_per_row_saved_and_self_describing(tmp_path, tiny_model_dir, shared_data):
     # A small local eval file keeps the test fast (tokenising all of WikiText-2 test takes seconds).
     evalfile = tmp_path / "eval.txt"
@@ -118,6 +119,7 @@ def test_reconstruction_lowers_layer_output_error(tmp_path, tiny_model_dir, shar
     assert errors[1] < errors[0]
 
 
+@pytest.mark.slow
 def test_sparsegpt_runs_and_keeps_pattern(tmp_path, tiny_model_dir, shared_data):
     out = run_prune(_cfg(tiny_model_dir, tmp_path / "g", shared_data, method="sparsegpt", pattern="4:8"), console=QUIET)
     info = json.loads((out / "prune.json").read_text())

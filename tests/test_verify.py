@@ -39,6 +39,7 @@ def test_clean_output_verifies(pruned, capsys):
     assert "14 matrices match" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_tampered_weight_fails(pruned, tmp_path):
     d = _copy(pruned, tmp_path)
     weights = load_file(str(d / "model.safetensors"))
