@@ -469,20 +469,22 @@ def recovery_section(r: dict[str, Any], args) -> str:
         f"{x['load_before']} / {x['load_after']} |"
         for name, x in r["recipes"].items()
     )
+    tokens = s["steps"] * s["batch_size"] * s["block_size"]
     return f"""{machine_line()}
 
 Model: SmolLM2-135M pruned 50% block16x16 with {args.prune_method} ({args.calib_samples} x {args.calib_seqlen}
-calibration tokens of WikiText-2 train). Recovery: {s['steps']} steps of batch {s['batch_size']} x {s['block_size']}
-tokens of WikiText-2 train (the local 300 KB head: {'' if args.device != 'cpu' else 'about one epoch; '}see
-shared/data), LoRA dropout 0.05, linear decay unless stated, device {args.device}. Perplexity: WikiText-2 test,
-windows of {args.block_size} tokens, first {args.eval_windows or 'all'} windows, base + adapter (unmerged).
-Reference to beat (unofficial): ~1.4e5 -> ~330 after 150 steps of 512 tokens, all linear, r=16, lr 5e-4.
+calibration tokens of WikiText-2 train). Recovery through `run_finetune`: {s['steps']} steps of batch
+{s['batch_size']} x {s['block_size']} tokens ({tokens:,} training tokens) of WikiText-2 train (the local head in
+shared/data), LoRA dropout 0.05, linear decay unless stated, float32, device {args.device}. Perplexity: WikiText-2
+test, windows of {args.block_size} tokens, the first {args.eval_windows or 'all'} windows; "before" is the pruned
+model, "after" the pruned model + adapter (unmerged). Reference to beat (unofficial): ~1.4e5 -> ~330 after 150
+steps of 512 tokens, all linear, r=16, lr 5e-4.
 
 | recipe | settings | perplexity before | after | train+eval wall (s) | load before / after |
 |---|---|---|---|---|---|
 {rows}
 
-Rerun: `.venv/bin/python bench/bench_finetune.py recovery --device {args.device} --steps {s['steps']} --block-size {s['block_size']} --eval-windows {args.eval_windows}`"""
+Rerun: `.venv/bin/python bench/bench_finetune.py recovery --device {args.device} --steps {s['steps']} --block-size {s['block_size']} --eval-windows {args.eval_windows or 0} --prune-method {args.prune_method} --calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen} --recipes {','.join(r['recipes'])}`"""
 
 
 # ------------------------------------------------------------------------------------------------- main

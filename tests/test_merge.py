@@ -228,6 +228,17 @@ def test_masks_derived_from_zeros_and_model_override(tmp_path, pruned_dir, adapt
     assert not (tmp_path / "merged" / "masks.safetensors").exists()
 
 
+def test_pruned_model_found_from_peft_config(tmp_path, pruned_dir, adapter_dir):
+    """Without prunetune_adapter.json (a plain PEFT adapter), the base recorded by PEFT is the pruned model."""
+    adapter = tmp_path / "peft-only"
+    shutil.copytree(adapter_dir, adapter)
+    (adapter / "prunetune_adapter.json").unlink()
+    assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) == pruned_dir
+    record = run_merge(MergeConfig(adapter=str(adapter), out=str(tmp_path / "merged")), _quiet())
+    assert record["pruned_model"] == str(pruned_dir.resolve())
+    assert record["masks"].endswith("masks.safetensors")
+
+
 def test_masks_that_disagree_with_weights_refused(tmp_path, pruned_dir, adapter_dir):
     edited = tmp_path / "pruned-edited"
     shutil.copytree(pruned_dir, edited)
