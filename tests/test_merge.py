@@ -239,6 +239,20 @@ def test_pruned_model_found_from_peft_config(tmp_path, pruned_dir, adapter_dir):
     assert record["masks"].endswith("masks.safetensors")
 
 
+def test_merge_keeps_the_pruned_models_dtype(tmp_path, pruned_dir, adapter_dir):
+    bf16_dir = tmp_path / "pruned-bf16"
+    model, tokenizer = load_model(str(pruned_dir), dtype="bfloat16")
+    model.save_pretrained(bf16_dir)
+    tokenizer.save_pretrained(bf16_dir)
+    shutil.copy2(pruned_dir / "masks.safetensors", bf16_dir / "masks.safetensors")
+    run_merge(MergeConfig(adapter=str(adapter_dir), out=str(tmp_path / "merged"), model=str(bf16_dir)), _quiet())
+    merged, _ = load_model(str(tmp_path / "merged"), dtype="bfloat16")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    masks = load_masks(pruned_dir)
+    linears = prunable_linears(merged)
+    assert all(masked_nonzeros(linears[n].weight, keep) == 0 for n, keep in masks.items())
+
+
 def test_masks_that_disagree_with_weights_refused(tmp_path, pruned_dir, adapter_dir):
     edited = tmp_path / "pruned-edited"
     shutil.copytree(pruned_dir, edited)

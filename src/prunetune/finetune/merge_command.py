@@ -59,15 +59,17 @@ class MergeConfig:
     max_windows: int | None = None
     """Evaluate only the first N windows (quick checks); None = the whole split."""
     batch_size: int = 1
-    dtype: str = "float32"
-    """Dtype the model is loaded, merged (deltas in float32 first) and saved in."""
+    dtype: str | None = None
+    """Dtype the model is loaded and saved in (each merge is computed in float32 first); None = the pruned
+    model's own dtype from its config.json (float32 when it records none), so a merge never changes it."""
     device: str | None = None
     """cuda when available, else cpu."""
     overwrite: bool = False
     """Replace an existing `out` that holds an earlier merge or model (anything else is never deleted)."""
 
     def __post_init__(self) -> None:
-        parse_dtype(self.dtype)
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
         if self.seqlen is not None and self.seqlen < 2:
             raise UserError(f"--seqlen {self.seqlen} is too short; use at least 2 (2048 for published tables)")
         if self.max_windows is not None and self.max_windows < 1:
@@ -131,6 +133,13 @@ def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise UserError(
             f"--out {str(out)!r} holds files that are not a model; refusing to delete them even with --overwrite"
         )
+
+
+def saved_dtype(model_dir: Path) -> str:
+    """The dtype a model directory's config.json records (`dtype`, or the older `torch_dtype`)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
 
 
 def load_keep_masks(pruned: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
@@ -286,7 +295,8 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict[str, Any
 
     console.print(f"[bold]Merging[/] adapter {adapter} into pruned model {pruned}")
     console.print(f"  keep sparsity: {'yes (LoRA deltas masked by the pruning mask)' if cfg.keep_sparsity else 'no (plain merge)'}")
-    model, base_tokenizer = load_model(str(pruned), dtype=cfg.dtype, device=device, log=console.print)
+    dtype = cfg.dtype or saved_dtype(pruned)
+    model, base_tokenizer = load_model(str(pruned), dtype=dtype, device=device, log=console.print)
     masks, mask_source = load_keep_masks(pruned, model)
     console.print(f"  masks: {mask_source} ({len(masks)} modules)")
     if cfg.keep_sparsity:
@@ -342,7 +352,7 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict[str, Any
         )
 
     record: dict[str, Any] = {
-        "config": {**asdict(cfg), "device": device, "seqlen": seqlen},
+        "config": {**asdict(cfg), "device": device, "seqlen": seqlen, "dtype": dtype},
         "adapter": str(adapter.resolve()),
         "pruned_model": str(pruned),
         "masks": mask_source,
@@ -386,7 +396,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int, help="evaluation window (default: min(2048, model context))")
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", choices=list(DTYPES), help="load/save dtype (default: the pruned model's own)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing merged model in --out")
 
