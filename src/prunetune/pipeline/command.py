@@ -179,13 +179,16 @@ def run_pipeline(
     if data.note:
         console.print(f"  [yellow]note:[/] {data.note}")
     console.print(f"  run dir {root}")
-    root.mkdir(parents=True, exist_ok=True)
-    layout.pipeline_yaml.write_text(resolved_yaml(cfg, root, data, stages))
     meta = {
         "name": cfg.name, "config_file": str(Path(source).resolve()) if source else None, "model": cfg.model,
         "data": dataclasses.asdict(data),
     }
     runner = PipelineRun(stages, layout, console, meta)
+    if stage is not None:
+        runner.check_dependencies(stage)  # before anything is written
+    root.mkdir(parents=True, exist_ok=True)
+    runner.start()
+    layout.pipeline_yaml.write_text(resolved_yaml(cfg, root, data, stages))
     runner.execute(only=stage, force=force)
     story = perplexity_story(root)
     runner.record_results(story)

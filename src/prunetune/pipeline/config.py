@@ -157,6 +157,12 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, bool):
             return False, value
+        if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string, a classic trap for learning rates.
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
     if hint is str:
         return isinstance(value, str), value
@@ -188,8 +194,8 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", text) if not typing.get_args(hint) else text
 
 
-def _build(cls: type, section: dict[str, Any], where: str, owned: tuple[str, ...], **fixed: Any) -> Any:
-    """Instantiate `cls` from a YAML section plus pipeline-set fields; errors name the key and the fix."""
+def coerce_section(cls: type, section: dict[str, Any], where: str, owned: tuple[str, ...]) -> dict[str, Any]:
+    """A YAML section checked against `cls`'s fields and type hints, values converted where lossless."""
     valid = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in owned]
     check_keys(section, where, valid, owned)
     hints = typing.get_type_hints(cls)
@@ -199,6 +205,12 @@ def _build(cls: type, section: dict[str, Any], where: str, owned: tuple[str, ...
         if not ok:
             raise UserError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
         kwargs[key] = converted
+    return kwargs
+
+
+def _build(cls: type, section: dict[str, Any], where: str, owned: tuple[str, ...], **fixed: Any) -> Any:
+    """Instantiate `cls` from a YAML section plus pipeline-set fields; errors name the key and the fix."""
+    kwargs = coerce_section(cls, section, where, owned)
     kwargs.update(fixed)
     try:
         return cls(**kwargs)
@@ -219,6 +231,28 @@ def validate_sections(cfg: PipelineConfig) -> None:
     for stage in STAGES:
         schema = SCHEMAS[stage]
         check_keys(getattr(cfg, stage), stage, valid_keys(stage), schema.owned)
+
+
+# Stand-ins for the fields the pipeline sets, so every stage's own validation runs when the YAML is loaded,
+# before anything is computed (the real values are set when the stages are built).
+_PLACEHOLDERS: dict[str, dict[str, Any]] = {
+    "prune": {"out": "<run>/prune"},
+    "finetune": {"pruned": "<run>/prune", "out": "<run>/finetune"},
+    "eval": {"out": "<run>/eval/dense.json"},
+    "report": {"source": "<run>/finetune", "out": "<run>/report"},
+}
+
+
+def validate_values(cfg: PipelineConfig) -> None:
+    """Build every stage's config once: its own `__post_init__` checks the values (ranges, choices)."""
+    for stage in STAGES:
+        schema = SCHEMAS[stage]
+        section = coerce_section(schema.dataclass(), getattr(cfg, stage), stage, schema.owned)
+        setattr(cfg, stage, section)
+        fixed = dict(_PLACEHOLDERS[stage])
+        if stage in ("prune", "eval"):
+            fixed["model"] = cfg.model
+        build_stage_config(stage, section, **fixed)
 
 
 def parse_pipeline(raw: Any, source: str = "pipeline.yaml") -> PipelineConfig:
@@ -245,6 +279,7 @@ def parse_pipeline(raw: Any, source: str = "pipeline.yaml") -> PipelineConfig:
         out=raw.get("out"),
     )
     validate_sections(cfg)
+    validate_values(cfg)
     return cfg
 
 

@@ -258,13 +258,19 @@ class PipelineRun:
         }
         write_json(self.layout.pipeline_json, doc)
 
+    def start(self) -> None:
+        """Mark the directory as a pipeline run (pipeline.json) before anything else is written into it."""
+        self._provenance = provenance()
+        self._record({})
+
     def execute(self, only: str | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
         """Run (or skip) each stage in order. Returns stage name -> its stage.json state."""
         if only is not None:
             if only not in self.by_name:
                 raise UserError(f"unknown stage {only!r}; choose one of: {', '.join(self.by_name)}")
             self.check_dependencies(only)
-        self._provenance = provenance()
+        if not hasattr(self, "_provenance"):
+            self.start()
         actions = self.plan(only, force)
         self._print_plan(actions)
         status: dict[str, dict[str, Any]] = {}
