@@ -6,8 +6,10 @@ The Trainer keeps its one training loop; everything prunetune adds to it lives h
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,8 +51,11 @@ class SignalGuard:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again aborts without saving)", flush=True)
+        # Immediate feedback on stderr (a step can take minutes); the record follows at the end of the step.
+        # A closed console must not turn a clean stop into a crash.
+        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+                  "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
@@ -135,6 +140,9 @@ class MonitorCallback(TrainerCallback):
             control.should_log = True
         elif self._signalled(args) and self.state.stop_reason is None:
             self.state.stop_reason, self.state.stop_step = "signal", state.global_step
+            name = signal.Signals(self.guard.received).name if self.guard and self.guard.received else "signal"
+            self.runlog.emit("message", state.global_step, kind="signal", signal=name,
+                             message=f"{name} received: saving a checkpoint at step {state.global_step} and stopping")
             control.should_save = True
             self._save_reason = "signal"
             control.should_training_stop = True

@@ -71,7 +71,10 @@ def _config(r: Mapping[str, Any]) -> list[str]:
         RULE,
         f"Pruned model:      {r.get('pruned')}",
         f"Base model:        {r.get('base_model') or 'unknown (no prune.json)'}",
-        f"Pruning:           {r.get('pruning') or 'unknown'}",
+        f"Pruning:           {r.get('pruning') or 'unknown'}"
+        + (f" (perplexity dense {fmt_ppl(r['dense_perplexity'])}" if r.get("dense_perplexity") else "")
+        + (f"{', ' if r.get('dense_perplexity') else ' ('}pruned {fmt_ppl(r['pruned_perplexity'])}, from prune --eval)"
+           if r.get("pruned_perplexity") else (")" if r.get("dense_perplexity") else "")),
         f"Output directory:  {r.get('out')}",
         f"Dataset:           {r.get('dataset')} (train split 'train', eval split 'validation')",
         f"Training samples:  {r.get('max_train_samples') or 'all'} sequences; eval samples: "
@@ -342,7 +345,7 @@ class RunLog:
     def __init__(self, out_dir: str | Path, enabled: bool = True, stream: IO[str] | None = None) -> None:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
-        self.stream = stream if stream is not None else sys.stdout
+        self.stream: IO[str] | None = stream if stream is not None else sys.stdout
         self.records: list[dict[str, Any]] = []
         self._metrics: JsonlWriter | None = None
         self._log: IO[str] | None = None
@@ -385,7 +388,12 @@ class RunLog:
     def print_text(self, text: str, persist: bool = True) -> None:
         if not self.enabled:
             return
-        print(text, file=self.stream, flush=True)
+        if self.stream is not None:
+            try:
+                print(text, file=self.stream, flush=True)
+            except (BrokenPipeError, ValueError, OSError):
+                # The console went away (`| head` exited, terminal closed): training and the files carry on.
+                self.stream = None
         if persist and self._log is not None:
             self._log.write(text + "\n")
             self._log.flush()

@@ -56,6 +56,7 @@ class PrunedInfo:
     base_model: str | None
     """The dense model the pruned one came from (`prune.json` `model`): the teacher and the base spec."""
     pruned_perplexity: float | None
+    dense_perplexity: float | None
     pruning: str | None
     """One-line description of how it was pruned."""
     prune_json: dict[str, Any]
@@ -74,7 +75,8 @@ def read_pruned(path: str | Path) -> PrunedInfo:
     parts = [str(cfg[k]) for k in ("method", "pattern", "sparsity") if cfg.get(k) is not None]
     base = meta.get("model") or cfg.get("model")
     ppl = to_float(meta.get("pruned_perplexity"))
-    return PrunedInfo(path, str(base) if base else None, ppl, " ".join(parts) or None, meta)
+    dense = to_float(meta.get("dense_perplexity"))
+    return PrunedInfo(path, str(base) if base else None, ppl, dense, " ".join(parts) or None, meta)
 
 
 def keep_masks(model: nn.Module, pruned_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -389,7 +391,8 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     teacher_spec = cfg.teacher or pruned.base_model
     runlog.emit(
         "config", None, persist=False, version=__version__, pruned=str(pruned.path), base_model=pruned.base_model,
-        pruning=pruned.pruning, pruned_perplexity=pruned.pruned_perplexity, out=str(out), dataset=cfg.dataset,
+        pruning=pruned.pruning, pruned_perplexity=pruned.pruned_perplexity,
+        dense_perplexity=pruned.dense_perplexity, out=str(out), dataset=cfg.dataset,
         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, lr=cfg.lr,
         block_size=cfg.block_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)},
