@@ -63,6 +63,12 @@ def _header(title: str) -> list[str]:
     return ["", RULE, title, RULE]
 
 
+def _prune_ppl(r: Mapping[str, Any]) -> str:
+    parts = [f"{name} {fmt_ppl(r[key])}" for name, key in (("dense", "dense_perplexity"),
+                                                            ("pruned", "pruned_perplexity")) if r.get(key)]
+    return f"; perplexity measured by prune --eval: {', '.join(parts)}" if parts else ""
+
+
 def _config(r: Mapping[str, Any]) -> list[str]:
     lora = r.get("lora", {})
     lines = [
@@ -71,12 +77,10 @@ def _config(r: Mapping[str, Any]) -> list[str]:
         RULE,
         f"Pruned model:      {r.get('pruned')}",
         f"Base model:        {r.get('base_model') or 'unknown (no prune.json)'}",
-        f"Pruning:           {r.get('pruning') or 'unknown'}"
-        + (f" (perplexity dense {fmt_ppl(r['dense_perplexity'])}" if r.get("dense_perplexity") else "")
-        + (f"{', ' if r.get('dense_perplexity') else ' ('}pruned {fmt_ppl(r['pruned_perplexity'])}, from prune --eval)"
-           if r.get("pruned_perplexity") else (")" if r.get("dense_perplexity") else "")),
+        f"Pruning:           {r.get('pruning') or 'unknown'}{_prune_ppl(r)}",
         f"Output directory:  {r.get('out')}",
-        f"Dataset:           {r.get('dataset')} (train split 'train', eval split 'validation')",
+        f"Dataset:           {r.get('dataset')} = {r.get('dataset_config')} (train split 'train', "
+        "eval split 'validation')",
         f"Training samples:  {r.get('max_train_samples') or 'all'} sequences; eval samples: "
         f"{r.get('max_eval_samples') or 'all'} sequences",
         f"Learning rate:     {r.get('lr'):g}   Block size: {r.get('block_size')}   Epochs: {r.get('epochs'):g}"
@@ -284,7 +288,8 @@ def _summary(r: Mapping[str, Any]) -> list[str]:
     lines += [
         f"  Total steps:      {r.get('total_steps')}",
         f"  Total time:       {hms(r.get('total_time_s'))}",
-        f"  Final train loss: {fmt_num(r.get('final_train_loss'))}",
+        f"  Final train loss: {fmt_num(r.get('final_train_loss'))} (mean over the run "
+        f"{fmt_num(r.get('mean_train_loss'))})",
         f"  Final eval loss:  {fmt_num(r.get('final_eval_loss'))}",
         f"  Final perplexity: {fmt_ppl(r.get('final_perplexity'))}",
         f"  Best checkpoint:  {r.get('best_checkpoint') or 'none'}",

