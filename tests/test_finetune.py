@@ -337,3 +337,22 @@ def test_resume_auto_without_checkpoint_starts_over(pruned_dir, shared_data, tmp
     assert result["status"] == "completed"
     assert "no checkpoint to resume from" in console
     assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "log"] != [99.0]
+
+
+def test_live_alert_from_the_shared_rules_is_printed_once(pruned_dir, shared_data, tmp_path):
+    out = tmp_path / "flat"
+    # One training sequence and an LR that cannot move the weights: the train loss stays flat (`loss_flat`).
+    cfg = small_config(pruned_dir, out, shared_data, lr=1e-12, max_steps=14, logging_steps=1, eval_strategy="no",
+                       load_best_model_at_end=False, probe_steps=0, max_train_samples=1, lora_dropout=0.0,
+                       alert_thresholds={"min_train_points": 6})
+    result, console = run(cfg)
+    assert result["status"] == "completed"
+    records = read_jsonl(out / "metrics.jsonl")
+    alerts = [r for r in records if r["event"] == "alert"]
+    assert [a["kind"] for a in alerts] == ["loss_flat"]
+    assert alerts[0]["fix"] and alerts[0]["evidence"]
+    events = [(r["event"], r["step"]) for r in records]
+    position = events.index(("alert", alerts[0]["step"]))
+    assert alerts[0]["step"] >= 6  # not before the evidence (6 points) existed ...
+    assert ("log", 14) in events[position:]  # ... and raised live, while training went on
+    assert console.count("ALERT [loss_flat]") == 1

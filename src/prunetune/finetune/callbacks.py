@@ -269,7 +269,8 @@ class MonitorCallback(TrainerCallback):
                 continue
             self.alerted.add(anomaly.kind)
             fields = {k: v for k, v in anomaly.to_record().items() if k not in ("event", "step", "time")}
-            self.runlog.emit("alert", anomaly.step if anomaly.step is not None else step, **fields)
+            # `step` is when the alert was raised (the live moment); the rule's own step is kept beside it.
+            self.runlog.emit("alert", step, anomaly_step=anomaly.step, **fields)
 
 
 def _perplexity(loss: float | None) -> float | None:
