@@ -180,7 +180,7 @@ def run_plain(s: Settings, out: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
     model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(
-        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=list(s.lora_targets),
+        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules="all-linear" if s.lora_targets == ("all-linear",) else list(s.lora_targets),
         task_type="CAUSAL_LM",
     ))
     # run_clm's grouping: the split as one token stream cut into block_size blocks, remainder dropped.
@@ -197,6 +197,22 @@ def run_plain(s: Settings, out: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- models
+
+
+def random_weights_dir(model_dir: str, work: Path) -> str:
+    """The model's architecture and tokenizer with seeded random weights, for speed runs where the real weights
+    cannot travel (the GGUF is 98 MB; a device machine takes 64 MiB): step time does not depend on the values."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        model_dir = smollm2_dir(model_dir)
+    out = work / f"random-{Path(model_dir).name}"
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+        model.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return str(out)
 
 
 def smollm2_dir(spec: str) -> str:
@@ -493,7 +509,8 @@ Rerun: `.venv/bin/python bench/bench_finetune.py recovery --device {args.device}
 def base_settings(args, **overrides: Any) -> Settings:
     fields = dict(
         model_dir=args.model_dir, data_dir=args.data_dir, device=args.device, block_size=args.block_size,
-        batch_size=args.batch_size, steps=args.steps, logging_steps=args.logging_steps,
+        batch_size=args.batch_size, steps=args.steps, logging_steps=args.logging_steps, lr=args.lr,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
     )
     fields.update(overrides)
     return Settings(**fields)
@@ -512,6 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="steps excluded from the speed window")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2, help="runs per arm (overhead, bf16)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="overhead/bf16 LoRA targets (or all-linear)")
+    p.add_argument("--lora-r", type=int, default=8, help="overhead/bf16 LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=16, help="overhead/bf16 LoRA alpha")
+    p.add_argument("--lr", type=float, default=1e-4, help="overhead/bf16 learning rate")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--recipes", default="default,reference,all-lr1e-3,all-r64-lr1e-3,all-lr2e-3-warmup,distill",
                    help=f"comma list of: {', '.join(RECIPES)}")
@@ -521,6 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prune-method", default="wanda", choices=["wanda", "magnitude", "sparsegpt"])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--random-weights", action="store_true",
+                   help="speed parts only: the --model architecture with random weights (a config + tokenizer dir "
+                        "is enough, e.g. where the real weights cannot be copied)")
     p.add_argument("--no-write", action="store_true", help="print results, leave RESULTS.md alone")
     args = p.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -537,8 +561,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    args.model_dir = smollm2_dir(args.model)
     parts = ["overhead", "bf16", "recovery"] if args.part == "all" else [args.part]
+    if args.random_weights:
+        if "recovery" in parts:
+            raise SystemExit("--random-weights measures speed only; recovery needs the real weights")
+        args.model_dir = random_weights_dir(args.model, work)
+    else:
+        args.model_dir = smollm2_dir(args.model)
     for part in parts:
         t = time.perf_counter()
         if part == "overhead":
@@ -550,12 +579,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r = bench_recovery(args, work)
             body, title = recovery_section(r, args), "Fine-tuning: recovery of SmolLM2-135M at 50% block16x16"
-        name = f"finetune-{part}" + ("" if args.device == "cpu" else f"-{args.device}")
+        recipe = "" if part == "recovery" or args.lora_targets == "q_proj,v_proj" else f"-{args.lora_targets}-r{args.lora_r}"
+        name = f"finetune-{part}" + ("" if args.device == "cpu" else f"-{args.device}") + recipe
         (work / f"{name}.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
         body += f"\n\nMeasured in {time.perf_counter() - t:.0f} s; raw numbers: `{work.name}/{name}.json`."
         print(body)
         if not args.no_write:
-            write_section(name, title + ("" if args.device == "cpu" else f" ({args.device})"), body)
+            suffix = ", ".join(x for x in (args.device if args.device != "cpu" else "", recipe.strip("-")) if x)
+            write_section(name, title + (f" ({suffix})" if suffix else ""), body)
     return 0
 
 
