@@ -401,6 +401,8 @@ def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str
 def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[str, Any]:
     started = time.perf_counter()
     device = _device(cfg)
+    if cfg.fp16 and device == "cpu":
+        raise UserError("--fp16 needs a CUDA GPU (loss scaling for float16); on CPU use --bf16")
     pruned = read_pruned(cfg.pruned)
     resume = _resolve_resume(cfg, out)
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
