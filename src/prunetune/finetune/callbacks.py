@@ -34,6 +34,26 @@ def memory_mb() -> tuple[float, str]:
     return psutil.Process().memory_info().rss / 2**20, "rss"
 
 
+@torch.no_grad()
+def trainable_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable weight is finite, checked after every optimizer step.
+
+    One fused norm per device and one host sync, not one per tensor: bench/RESULTS.md measured 136 ms per
+    step for the per-tensor check on SmolLM2 with all-linear r=16 adapters on CPU, 22 ms fused. A NaN/Inf
+    makes its tensor's norm non-finite; a norm that merely overflows (weights near 1e19) is re-checked
+    element-wise, so only a truly non-finite weight stops training.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            by_device.setdefault(p.device, []).append(p.detach())
+    for tensors in by_device.values():
+        total = torch.stack(torch._foreach_norm(tensors)).float().sum()
+        if not bool(torch.isfinite(total)) and not all(bool(torch.isfinite(t).all()) for t in tensors):
+            return False
+    return True
+
+
 def _finite(value: Any) -> bool:
     number = to_float(value)
     return number is None or math.isfinite(number)
@@ -128,9 +148,7 @@ class MonitorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         model = kwargs.get("model")
-        if model is not None and not all(
-            bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad
-        ):
+        if model is not None and not trainable_finite(model):
             # The weights are already ruined: never evaluate or checkpoint them, and log the loss that shows it.
             bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
             self._nan_alert(state.global_step, f"the LoRA weights became non-finite in the update of step "
