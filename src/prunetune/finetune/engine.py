@@ -4,6 +4,13 @@ The order of a run (each stage is a record in `metrics.jsonl` and its rendering 
 config banner -> pre-flight checks -> model + LoRA -> dataset -> baseline eval of the pruned model ->
 expected time from a measured probe -> training (step lines, evals, checkpoints, alerts) -> best checkpoint
 loaded -> final eval with the improvement -> sparsity assertion -> adapter saved -> summary and next steps.
+
+Events in `metrics.jsonl`, in that order (see prunetune.records for the common keys):
+`config`, `preflight` (checks), `resume` (from a checkpoint; superseded later records were dropped), `model`,
+`lora`, `dataset`, `baseline_eval` (the pruned model on the eval set), `estimate` (probe), `train_start`,
+then during training `log`, `eval`, `checkpoint`, `alert`, `message` (kind `signal`), then `train_end`,
+`stopped` (reason `signal` or `nan`: the run ends there) or `best_loaded`, `final_eval`, `sparsity_check`,
+`adapter_saved`, `summary`; `error` (kind `out_of_memory`) ends a run that ran out of memory.
 """
 
 from __future__ import annotations
