@@ -164,6 +164,7 @@ def test_resume_equals_uninterrupted(pruned_dir, shared_data, tmp_path):
     assert [r["step"] for r in records if r["event"] == "resume"] == [4]
     assert sum(1 for r in records if r["event"] == "log" and r["step"] == 5) == 1  # superseded lines dropped
     assert records[-1]["event"] == "summary"
+    assert [r["event"] for r in records].count("summary") == 1
 
 
 @pytest.mark.slow
@@ -294,6 +295,9 @@ def test_sigint_saves_a_resumable_checkpoint(pruned_dir, shared_data, tmp_path):
     assert result["status"] == "interrupted"
     logs = [r["step"] for r in read_jsonl(metrics) if r["event"] == "log"]
     assert logs[-1] == step + 1 and logs == list(range(1, step + 2))
+    # One history: the first session's ending was superseded by the resume (monitor must not see it finished).
+    events = [r["event"] for r in read_jsonl(metrics)]
+    assert events.count("stopped") == 1 and events.index("resume") < events.index("stopped")
 
 
 @pytest.mark.gpu

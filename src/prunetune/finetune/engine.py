@@ -51,7 +51,10 @@ RUN_CONFIG = "run_config.json"
 RUN_FILES = ("metrics.jsonl", "train.log", RUN_CONFIG, "trainer_state.json", "all_results.json",
              "train_results.json", "eval_results.json", ADAPTER_DIR)
 # Training records an interrupted run wrote after its last checkpoint; a resumed run writes them again.
-SUPERSEDED_EVENTS = ("log", "eval", "checkpoint", "alert", "train_end", "stopped", "error")
+SUPERSEDED_EVENTS = ("log", "eval", "checkpoint", "alert", "message")
+# How the interrupted session ended: a resumed run is not finished, so readers (monitor) must not see these.
+ENDING_EVENTS = ("train_end", "stopped", "error", "best_loaded", "final_eval", "sparsity_check", "adapter_saved",
+                 "summary")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,7 +203,8 @@ def _prune_superseded(out: Path, resume_step: int) -> tuple[list[dict[str, Any]]
     if not path.is_file():
         return [], 0
     records = read_jsonl(path)
-    kept = [r for r in records if not (r.get("event") in SUPERSEDED_EVENTS and (r.get("step") or 0) > resume_step)]
+    kept = [r for r in records if r.get("event") not in ENDING_EVENTS
+            and not (r.get("event") in SUPERSEDED_EVENTS and (r.get("step") or 0) > resume_step)]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
     os.replace(tmp, path)
