@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--only", default=None, help="comma list of indexes into the config list (0 = dense)")
     parser.add_argument("--jsonl", default="/tmp/bench_prune.jsonl", help="results as they come")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl, run only the others")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -114,19 +115,28 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = [CONFIGS[int(i)] for i in args.only.split(",")] if args.only else CONFIGS
     rows: list[dict] = []
-    start = time.perf_counter()
+    if args.resume and Path(args.jsonl).is_file():
+        rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
+        have = {(r["name"], r["reconstruct"]) for r in rows}
+        chosen = [c for c in chosen if (c[0], c[2]) not in have]
+    elif Path(args.jsonl).is_file():
+        Path(args.jsonl).unlink()
+    start = time.perf_counter() - sum(r.get("wall_s", r.get("total_s", 0.0) + r["eval_s"]) for r in rows)
     with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
         for name, pattern, rec in chosen:
             spec = dict(name=name, pattern=pattern, reconstruct=rec, model=args.model, data_dir=args.data_dir,
                         nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
                         eval_windows=args.eval_windows, tmp=tmp)
+            t_config = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                                   capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"config {name} reconstruct={rec} failed")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["wall_s"] = time.perf_counter() - t_config
             rows.append(row)
+            rows.sort(key=lambda r: next(i for i, c in enumerate(CONFIGS) if (c[0], c[2]) == (r["name"], r["reconstruct"])))
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
