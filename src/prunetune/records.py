@@ -4,13 +4,17 @@ Every console line of a training run is rendered from one of these records, so t
 the text a person reads never disagree. Common keys: `event` (kind of record), `step` (optimizer step),
 `time` (unix seconds). Event kinds and their main keys:
 
-- `log`:        epoch, loss, lr, grad_norm, tokens_per_s, memory_mb, max_steps, elapsed, eta_s
+- `log`:        epoch, loss, lr, grad_norm, tokens_per_s, memory_mb, memory_kind (gpu|rss), max_steps,
+                elapsed, eta_s
 - `eval`:       epoch, eval_loss, perplexity, eval_runtime, eval_samples_per_second, eval_steps_per_second,
                 is_best, best_before, best_step
-- `checkpoint`: path, ok
-- `alert`:      kind (see prunetune.analysis.rules), severity, message, evidence, fix
+- `checkpoint`: path, ok, reason
+- `alert`:      kind (see prunetune.analysis.rules), severity, message, evidence, fix, anomaly_step
 - `error`:      kind (e.g. out_of_memory), message, fix
-- others (`config`, `preflight`, `train_start`, `train_end`, `final_eval`, `summary`, ...) carry their own keys.
+- `finetune` writes, in order: `config`, `preflight`, `resume`, `model`, `lora`, `dataset`, `baseline_eval`,
+  `estimate`, `train_start`, then `log`/`eval`/`checkpoint`/`alert` while training, then `train_end` (or
+  `stopped`, or `message` of kind `signal`), `best_loaded`, `final_eval`, `sparsity_check`, `adapter_saved`,
+  `summary`; each carries its own keys (prunetune.finetune.engine documents them).
 """
 
 from __future__ import annotations
