@@ -271,7 +271,7 @@ def bench_overhead(args, work: Path) -> dict[str, Any]:
         print(f"[overhead] {arm}: {stats['tokens_per_s']:.1f} tok/s, {stats['cpu_s_per_step']:.3f} CPU-s/step over "
               f"steps {stats['window']} (load {before} -> {load()})", flush=True)
         gc.collect()
-    return {"settings": vars(s), "warmup": args.warmup, "runs": runs}
+    return {"settings": vars(s), "warmup": args.warmup, "runs": runs, "machine": machine_line()}
 
 
 def overhead_section(r: dict[str, Any], device: str) -> str:
@@ -302,10 +302,25 @@ def overhead_section(r: dict[str, Any], device: str) -> str:
     )
     spread = {arm: (max(x["tokens_per_s"] for x in runs) / min(x["tokens_per_s"] for x in runs) - 1)
               for arm, runs in by_arm.items()}
-    judged = "CPU time" if device == "cpu" else "wall time"
-    overhead = cpu_overhead if device == "cpu" else wall_overhead
-    verdict = "meets" if overhead < 0.03 else "does NOT meet"
-    return f"""{machine_line()}
+    cpu_spread = {arm: (max(x["cpu_s_per_step"] for x in runs) / min(x["cpu_s_per_step"] for x in runs) - 1)
+                  for arm, runs in by_arm.items()}
+    end_to_end = cpu_overhead if device == "cpu" else wall_overhead
+    noise = max((cpu_spread if device == "cpu" else spread).values())
+    if len(by_arm["plain"]) > 1 and abs(end_to_end) <= noise:
+        verdict = (f"the end-to-end difference ({end_to_end:+.2%}) is inside the spread between repeats of one arm "
+                   f"({noise:.1%}), so it cannot resolve 3% here; the callback time measured directly, "
+                   f"{cb_share['prunetune'] - cb_share['plain']:.2%} of a step more than plain, "
+                   f"{'meets' if cb_share['prunetune'] - cb_share['plain'] < 0.03 else 'does NOT meet'} the < 3% target "
+                   "(it does not see costs outside callbacks, which the end-to-end numbers bound only to the spread)")
+    else:
+        verdict = (f"end-to-end overhead {end_to_end:+.2%} ({'CPU' if device == 'cpu' else 'wall'} time, spread "
+                   f"between repeats {noise:.1%}): {'meets' if end_to_end < 0.03 else 'does NOT meet'} the < 3% target")
+    top_event, top_ms = next(iter(cb["prunetune"].items()), ("none", 0.0))
+    dominant = (f" `{top_event}` alone takes {top_ms:.2f} ms/step ({top_ms / max(cb_total['prunetune'], 1e-9):.0%} of the "
+                "callback time)" + (": the per-tensor finite check of the LoRA weights after every step; see the "
+                "finite-check sections for its cost and a fused alternative." if top_event == "MonitorCallback.on_step_end"
+                else ".") if top_ms > 0.5 * cb_total["prunetune"] else "")
+    return f"""{r.get('machine') or machine_line()}
 
 Settings: `{Path(s['model_dir']).name}`, device {device}, block size {s['block_size']}, batch {s['batch_size']},
 {s['steps']} steps, LoRA r={s['lora_r']} alpha={s['lora_alpha']} on {','.join(s['lora_targets'])}, lr {s['lr']},
@@ -322,12 +337,14 @@ tokenising fall outside. Arms alternate (A B B A). Load average (1 min) before /
 
 - Wall-clock overhead (mean tokens/s): **{wall_overhead:+.2%}**; spread between repeats of one arm: plain
   {spread.get('plain', 0):.1%}, prunetune {spread.get('prunetune', 0):.1%}.
-- CPU-time overhead (CPU-seconds per step, robust to other processes' load): **{cpu_overhead:+.2%}**.
+- CPU-time overhead (CPU-seconds per step; less sensitive than wall time to other processes, not immune:
+  spread between repeats plain {cpu_spread.get('plain', 0):.1%}, prunetune {cpu_spread.get('prunetune', 0):.1%}):
+  **{cpu_overhead:+.2%}**.
 - Time inside Trainer callbacks, measured directly: prunetune {cb_total['prunetune']:.2f} ms/step
   ({cb_share['prunetune']:.2%} of a step), plain {cb_total['plain']:.2f} ms/step ({cb_share['plain']:.2%}).
-  prunetune by event: {', '.join(f'{k} {v:.2f}' for k, v in cb['prunetune'].items())} (ms/step).
+  prunetune by event: {', '.join(f'{k} {v:.2f}' for k, v in cb['prunetune'].items() if v >= 0.01)} (ms/step).{dominant}
 
-Verdict (judged on {judged}): {verdict} the < 3% target at these settings."""
+Verdict at these settings: {verdict}."""
 
 
 # ------------------------------------------------------------------------------------------------- bf16
@@ -349,7 +366,7 @@ def bench_bf16(args, work: Path) -> dict[str, Any]:
         print(f"[bf16] {arm}: {stats['tokens_per_s']:.1f} tok/s, {stats['cpu_s_per_step']:.3f} CPU-s/step "
               f"(load {before} -> {load()})", flush=True)
         gc.collect()
-    return {"settings": vars(base_settings(args)), "warmup": args.warmup, "runs": runs}
+    return {"settings": vars(base_settings(args)), "warmup": args.warmup, "runs": runs, "machine": machine_line()}
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -362,7 +379,9 @@ def bf16_section(r: dict[str, Any], device: str) -> str:
     fp32, bf16 = r["runs"]["fp32"], r["runs"]["bf16"]
     tps = {k: statistics.mean(x["tokens_per_s"] for x in v) for k, v in r["runs"].items()}
     cpu = {k: statistics.mean(x["cpu_s_per_step"] for x in v) for k, v in r["runs"].items()}
-    a, b = fp32[0]["losses"], bf16[0]["losses"]
+    # int keys again after a JSON round trip (--render)
+    a = {int(k): v for k, v in fp32[0]["losses"].items()}
+    b = {int(k): v for k, v in bf16[0]["losses"].items()}
     steps = sorted(set(a) & set(b))
     diffs = [abs(a[k] - b[k]) for k in steps]
     rel = [d / abs(a[k]) for d, k in zip(diffs, steps, strict=True)]
@@ -382,7 +401,7 @@ def bf16_section(r: dict[str, Any], device: str) -> str:
     s = r["settings"]
     per_step = "\n".join(f"| {k} | {a[k]:.4f} | {b[k]:.4f} | {b[k] - a[k]:+.4f} |" for k in steps)
     loads = {k: ", ".join(f"{x['load_before']}/{x['load_after']}" for x in v) for k, v in r["runs"].items()}
-    return f"""{machine_line()}
+    return f"""{r.get('machine') or machine_line()}
 
 {note}Settings: `{Path(s['model_dir']).name}`, device {device}, block size {s['block_size']}, batch {s['batch_size']},
 {s['steps']} steps, default LoRA recipe through `run_finetune`; loss logged every step, same seed and data order.
@@ -460,7 +479,7 @@ def test_perplexity(model_dir: Path, adapter: Path | None, args) -> float:
 
 def bench_recovery(args, work: Path) -> dict[str, Any]:
     pruned = prune_once(args, work)
-    results: dict[str, Any] = {"pruned": str(pruned), "load_start": load(), "recipes": {}}
+    results: dict[str, Any] = {"pruned": str(pruned), "load_start": load(), "recipes": {}, "machine": machine_line()}
     results["before"] = test_perplexity(pruned, None, args)
     print(f"[recovery] pruned perplexity {results['before']:.1f}", flush=True)
     s = base_settings(args, model_dir=str(pruned), max_eval_samples=args.eval_samples)
@@ -475,10 +494,13 @@ def bench_recovery(args, work: Path) -> dict[str, Any]:
             "load_before": before, "load_after": load(),
         }
         print(f"[recovery] {name}: {results['before']:.1f} -> {after:.2f} ({info['wall_s']:.0f}s)", flush=True)
+    results["args"] = {k: getattr(args, k) for k in
+                       ("prune_method", "calib_samples", "calib_seqlen", "eval_windows", "device")}
     return {"settings": vars(s), **results}
 
 
 def recovery_section(r: dict[str, Any], args) -> str:
+    args = argparse.Namespace(**(vars(args) | r.get("args", {})))  # the measured run's settings
     s = r["settings"]
     rows = "\n".join(
         f"| {name} | {x['description']} | {r['before']:.1f} | **{x['perplexity']:.2f}** | {x['wall_s']:.0f} | "
@@ -486,7 +508,7 @@ def recovery_section(r: dict[str, Any], args) -> str:
         for name, x in r["recipes"].items()
     )
     tokens = s["steps"] * s["batch_size"] * s["block_size"]
-    return f"""{machine_line()}
+    return f"""{r.get('machine') or machine_line()}
 
 Model: SmolLM2-135M pruned 50% block16x16 with {args.prune_method} ({args.calib_samples} x {args.calib_seqlen}
 calibration tokens of WikiText-2 train). Recovery through `run_finetune`: {s['steps']} steps of batch
@@ -546,6 +568,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speed parts only: the --model architecture with random weights (a config + tokenizer dir "
                         "is enough, e.g. where the real weights cannot be copied)")
     p.add_argument("--no-write", action="store_true", help="print results, leave RESULTS.md alone")
+    p.add_argument("--render", action="store_true", help="rewrite the sections from the saved raw JSON, measure nothing")
     args = p.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in args.recipes if r not in RECIPES]
@@ -562,27 +585,37 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = ["overhead", "bf16", "recovery"] if args.part == "all" else [args.part]
-    if args.random_weights:
+    if args.render:
+        args.model_dir = args.model
+    elif args.random_weights:
         if "recovery" in parts:
             raise SystemExit("--random-weights measures speed only; recovery needs the real weights")
         args.model_dir = random_weights_dir(args.model, work)
     else:
         args.model_dir = smollm2_dir(args.model)
     for part in parts:
-        t = time.perf_counter()
-        if part == "overhead":
-            r = bench_overhead(args, work)
-            body, title = overhead_section(r, args.device), "Fine-tuning: monitoring overhead (prunetune finetune vs plain Trainer+PEFT)"
-        elif part == "bf16":
-            r = bench_bf16(args, work)
-            body, title = bf16_section(r, args.device), "Fine-tuning: bf16 autocast vs float32"
-        else:
-            r = bench_recovery(args, work)
-            body, title = recovery_section(r, args), "Fine-tuning: recovery of SmolLM2-135M at 50% block16x16"
         recipe = "" if part == "recovery" or args.lora_targets == "q_proj,v_proj" else f"-{args.lora_targets}-r{args.lora_r}"
         name = f"finetune-{part}" + ("" if args.device == "cpu" else f"-{args.device}") + recipe
-        (work / f"{name}.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
-        body += f"\n\nMeasured in {time.perf_counter() - t:.0f} s; raw numbers: `{work.name}/{name}.json`."
+        raw = work / f"{name}.json"
+        t = time.perf_counter()
+        if args.render:
+            r = json.loads(raw.read_text())
+        elif part == "overhead":
+            r = bench_overhead(args, work)
+        elif part == "bf16":
+            r = bench_bf16(args, work)
+        else:
+            r = bench_recovery(args, work)
+        if not args.render:
+            r["measured_s"] = round(time.perf_counter() - t)
+            raw.write_text(json.dumps(r, indent=2, default=str) + "\n")
+        if part == "overhead":
+            body, title = overhead_section(r, args.device), "Fine-tuning: monitoring overhead (prunetune finetune vs plain Trainer+PEFT)"
+        elif part == "bf16":
+            body, title = bf16_section(r, args.device), "Fine-tuning: bf16 autocast vs float32"
+        else:
+            body, title = recovery_section(r, args), "Fine-tuning: recovery of SmolLM2-135M at 50% block16x16"
+        body += f"\n\nMeasured in {r.get('measured_s', '?')} s; raw numbers: `{work.name}/{name}.json`."
         print(body)
         if not args.no_write:
             suffix = ", ".join(x for x in (args.device if args.device != "cpu" else "", recipe.strip("-")) if x)
