@@ -17,8 +17,8 @@ from rich.console import Console
 from prunetune.pipeline.command import make_console, run_pipeline
 from prunetune.pipeline.config import PipelineConfig, parse_pipeline
 
-# Full demo: ~15 minutes on a 2-core CPU (see README for the measured time). Every number is chosen for that
-# budget; the GPU recipe (configs/llama2-7b-wanda-block16-lora.yaml) shows the research-scale values.
+# Full demo: sized for a 2-core CPU and a 20-minute budget (the README states the measured time). Every number
+# is chosen for that budget; configs/llama2-7b-wanda-block16-lora.yaml shows the research-scale values.
 DEMO: dict[str, Any] = {
     "name": "demo",
     "model": "smollm2-135m",
@@ -31,7 +31,7 @@ DEMO: dict[str, Any] = {
         "pattern": "block16x16",
         "sparsity": 0.5,
         "reconstruct": True,   # least-squares update of the kept weights: ~10x lower pruned perplexity
-        "nsamples": 32,        # Wanda uses 128 x 2048 tokens; 32 x 512 calibrates a 135M model in ~1 minute
+        "nsamples": 32,        # Wanda uses 128 x 2048 tokens; 32 x 512 is plenty for a 135M model
         "seqlen": 512,
         "seed": 0,
     },
@@ -39,29 +39,30 @@ DEMO: dict[str, Any] = {
         "lora_r": 16,
         "lora_alpha": 32,
         "lora_targets": ["all-linear"],  # every pruned matrix gets an adapter: recovery is much faster
-        "lr": 5e-4,                      # 1e-4 (the 7B recipe) is too slow for a 200-step budget
+        "lr": 5e-4,                      # the 7B recipe's 1e-4 is too slow for a 120-step budget
         "block_size": 512,
-        "max_steps": 200,
+        "max_steps": 120,                # ~61k training tokens: most of the demo's time
         "warmup_steps": 10,
         "logging_steps": 10,
-        "eval_steps": 50,
-        "save_steps": 50,
+        "eval_steps": 40,
+        "save_steps": 40,
         "max_eval_samples": 16,
         "per_device_eval_batch_size": 4,
-        "bf16": True,                    # CPU autocast: faster on AVX-512-bf16 CPUs, loss within noise
+        "bf16": False,                   # float32: this class of CPU has no native bf16 (autocast is 2x slower)
     },
     "eval": {
         "split": "test",
         "seqlen": 512,
-        "max_windows": 40,  # ~20k tokens per model: dense, pruned and recovered in about a minute
+        "max_windows": 40,  # dense, pruned and recovered on the same 40 x 512 held-out tokens
     },
     "report": {},
 }
 
-# Smoke test (CI, `make demo-quick`): the same stages, tiny budgets; under 3 minutes.
+# Smoke test (CI, `make demo-quick`): the same stages with tiny budgets, under 3 minutes. No reconstruction:
+# its least-squares solves are the slowest part of pruning, and the smoke test proves the path, not the quality.
 QUICK_OVERRIDES: dict[str, Any] = {
     "name": "demo-quick",
-    "prune": {"nsamples": 8, "seqlen": 256},
+    "prune": {"reconstruct": False, "nsamples": 8, "seqlen": 256},
     "finetune": {"block_size": 256, "max_steps": 12, "warmup_steps": 0, "logging_steps": 2, "eval_steps": 6,
                  "save_steps": 6, "max_eval_samples": 4},
     "eval": {"seqlen": 256, "max_windows": 8},
@@ -104,7 +105,7 @@ def run_demo(
     console = console or make_console()
     cfg = demo_config(quick, model, data_dir)
     out = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
-    budget = "under 3 minutes" if quick else "about 15 minutes on a 2-core CPU"
+    budget = "under 3 minutes" if quick else "under 20 minutes on a 2-core CPU"
     console.print(
         f"[bold]prunetune demo[/]{' --quick' if quick else ''}: prune {cfg.model} to 50% in 16x16 blocks "
         f"(Wanda{' + reconstruction' if cfg.prune.get('reconstruct') else ''}), recover it with LoRA, evaluate "
