@@ -33,6 +33,9 @@ CONFIGS = [
     ("2:4", "2:4", True),
     ("block16x16", "block16x16", False),
     ("block16x16", "block16x16", True),
+    # Blocks ranked within each 16-row band instead of across the matrix (`--compare band`).
+    ("block16x16 band", "block16x16", False),
+    ("block16x16 band", "block16x16", True),
 ]
 
 
@@ -50,11 +53,12 @@ def worker(spec: dict) -> dict:
     result: dict = {"name": spec["name"], "reconstruct": spec["reconstruct"]}
     model_dir = spec["model"]
     if spec["pattern"] is not None:
-        out = Path(spec["tmp"]) / f"{spec['name'].replace(':', '-')}-{int(spec['reconstruct'])}"
+        out = Path(spec["tmp"]) / f"{spec['name'].replace(':', '-').replace(' ', '-')}-{int(spec['reconstruct'])}"
         cfg = PruneConfig(
             model=spec["model"], out=str(out), method="wanda", pattern=spec["pattern"], sparsity=0.5,
             calib_dataset="wikitext2", data_dir=spec["data_dir"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
             seed=0, reconstruct=spec["reconstruct"], overwrite=True, device="cpu",
+            compare="band" if spec["name"].endswith(" band") else None,
         )
         run_prune(cfg, console=Console(file=sys.stderr, width=120))
         info = json.loads((out / "prune.json").read_text())
@@ -77,7 +81,7 @@ def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) 
         "",
         f"Model `smollm2-135m` (SmolLM2-135M-Instruct, GGUF Q4_1 de-quantised to float32), CPU, float32. "
         f"Wanda at 50% (unstructured: per output row; 2:4: 2 zeros of every 4; block16x16: whole tiles ranked per "
-        f"matrix). Calibration: {args.nsamples} windows x {args.seqlen} tokens from the WikiText-2 train head "
+        f"matrix, or per 16-row band with `band`). Calibration: {args.nsamples} windows x {args.seqlen} tokens from the WikiText-2 train head "
         f"(seed 0), sequential. Perplexity: WikiText-2 test, seqlen {args.eval_seqlen}, the first "
         f"{args.eval_windows} windows. `--reconstruct`: exact per-band least squares for blocks, CG least "
         "squares for unstructured/2:4 (dampening 1%). Pruning seconds = calibration capture + layer walk; "
