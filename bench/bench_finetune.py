@@ -499,6 +499,17 @@ def bench_recovery(args, work: Path) -> dict[str, Any]:
     return {"settings": vars(s), **results}
 
 
+def _accumulate(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Recipes measured earlier on the same pruned model, steps and evaluation stay in the table (a rerun of
+    one recipe replaces only its row), so the table can be filled a few recipes at a time."""
+    same = all(old.get(k) == new.get(k) for k in ("settings", "args", "pruned"))
+    if not same:
+        return new
+    new["recipes"] = old.get("recipes", {}) | new["recipes"]
+    new["measured_s"] = old.get("measured_s", 0) + new["measured_s"]
+    return new
+
+
 def recovery_section(r: dict[str, Any], args) -> str:
     args = argparse.Namespace(**(vars(args) | r.get("args", {})))  # the measured run's settings
     s = r["settings"]
@@ -608,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_recovery(args, work)
         if not args.render:
             r["measured_s"] = round(time.perf_counter() - t)
+            if part == "recovery" and raw.is_file():
+                r = _accumulate(json.loads(raw.read_text()), json.loads(json.dumps(r, default=str)))
             raw.write_text(json.dumps(r, indent=2, default=str) + "\n")
         if part == "overhead":
             body, title = overhead_section(r, args.device), "Fine-tuning: monitoring overhead (prunetune finetune vs plain Trainer+PEFT)"
