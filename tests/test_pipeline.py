@@ -115,7 +115,7 @@ def run_yaml(path: Path, run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_model_dir, shared_data):
+def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_model_dir, shared_data, capsys):
     cfg_path = write_yaml(tmp_path / "tiny.yaml", tiny_pipeline(tiny_model_dir, shared_data))
     run = tmp_path / "run"
 
@@ -143,6 +143,11 @@ def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_mode
 
     # A new LoRA rank: fine-tuning and everything after it re-run, pruning does not.
     write_yaml(cfg_path, tiny_pipeline(tiny_model_dir, shared_data, lora_r=8))
+    capsys.readouterr()
+    assert cli_main(["run", str(cfg_path), "--out", str(run), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "config changed: lora_r 4 -> 8" in plan and "up to date" in plan
+    assert statuses(run) == ["skipped"] * 4  # --plan wrote nothing
     run_yaml(cfg_path, run)
     assert statuses(run) == ["skipped", "ran", "ran", "ran"]
     second = states(run)

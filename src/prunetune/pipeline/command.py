@@ -36,6 +36,8 @@ class RunConfig:
     """Re-run the selected stages even when they are up to date."""
     data_dir: str | None = None
     """Local data directory; overrides the YAML's data.data_dir."""
+    plan: bool = False
+    """Only print which stages would run or be skipped, and why; write nothing."""
 
     def __post_init__(self) -> None:
         if self.stage is not None and self.stage not in STAGES:
@@ -165,8 +167,10 @@ def run_pipeline(
     force: bool = False,
     console: Console | None = None,
     source: str | None = None,
+    plan_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or continue) the pipeline into `out`. Returns the perplexity story (dense/pruned/recovered, report)."""
+    """Run (or continue) the pipeline into `out`. Returns the perplexity story (dense/pruned/recovered, report).
+    `plan_only`: print what would run and why, write nothing."""
     console = console or make_console()
     root = Path(out).expanduser().resolve()
     check_run_dir(root)
@@ -185,6 +189,9 @@ def run_pipeline(
         "data": dataclasses.asdict(data),
     }
     runner = PipelineRun(stages, layout, console, meta)
+    if plan_only:
+        runner.print_plan(runner.plan(stage, force))
+        return perplexity_story(root)
     if stage is not None:
         runner.check_dependencies(stage)  # before anything is written
     root.mkdir(parents=True, exist_ok=True)
@@ -206,13 +213,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (default: the YAML's `out`, else runs/<name>)")
     parser.add_argument("--force", action="store_true", help="re-run the selected stages even when up to date")
     parser.add_argument("--data-dir", help="local data directory (overrides data.data_dir and PRUNETUNE_DATA_DIR)")
+    parser.add_argument("--plan", action="store_true", help="only show which stages would run or be skipped, and why")
 
 
 def main(args: argparse.Namespace) -> int:
-    rc = RunConfig(pipeline=args.pipeline, out=args.out, stage=args.stage, force=args.force, data_dir=args.data_dir)
+    rc = RunConfig(pipeline=args.pipeline, out=args.out, stage=args.stage, force=args.force, data_dir=args.data_dir,
+                   plan=args.plan)
     cfg = load_pipeline(rc.pipeline)
     if rc.data_dir is not None:
         cfg.data.data_dir = rc.data_dir
     out = Path(rc.out) if rc.out else default_out(cfg, rc.pipeline)
-    run_pipeline(cfg, out, stage=rc.stage, force=rc.force, source=rc.pipeline)
+    run_pipeline(cfg, out, stage=rc.stage, force=rc.force, source=rc.pipeline, plan_only=rc.plan)
     return 0

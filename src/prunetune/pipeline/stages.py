@@ -272,7 +272,7 @@ class PipelineRun:
         if not hasattr(self, "_provenance"):
             self.start()
         actions = self.plan(only, force)
-        self._print_plan(actions)
+        self.print_plan(actions)
         status: dict[str, dict[str, Any]] = {}
         states: dict[str, dict[str, Any]] = {}
         total = len(actions)
@@ -357,7 +357,7 @@ class PipelineRun:
             )
         shutil.rmtree(stage_dir)
 
-    def _print_plan(self, actions: dict[str, Action]) -> None:
+    def print_plan(self, actions: dict[str, Action]) -> None:
         marks = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold yellow]resume[/]"}
         table = Table(title="Plan", title_justify="left", show_edge=False, box=None, padding=(0, 2))
         for column in ("stage", "action", "why", "fingerprint"):
