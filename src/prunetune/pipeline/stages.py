@@ -285,7 +285,8 @@ class PipelineRun:
             stage_dir = self.layout.stage_dir(stage.name)
             if action.kind == "skip":
                 state = read_stage(stage_dir) or {}
-                self.console.print(f"[dim]━━ [{index + 1}/{total}] {stage.name}: skipped, {action.reason}[/]")
+                hint = "; --force re-runs it" if only is not None else ""
+                self.console.print(f"[dim]━━ [{index + 1}/{total}] {stage.name}: skipped, {action.reason}{hint}[/]")
                 status[stage.name] = {
                     "status": "skipped", "reason": action.reason, "fingerprint": self.fps[stage.name],
                     "seconds": state.get("seconds"), "finished": state.get("finished"),
