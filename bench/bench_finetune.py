@@ -519,16 +519,22 @@ def recovery_section(r: dict[str, Any], args) -> str:
         for name, x in r["recipes"].items()
     )
     tokens = s["steps"] * s["batch_size"] * s["block_size"]
+    reference_tokens = 150 * 512
+    scale = "" if tokens >= reference_tokens else (
+        f"\n**Scale: {tokens:,} training tokens, {tokens / reference_tokens:.1%} of the reference's {reference_tokens:,}, "
+        f"and perplexity on {s['block_size']}-token windows: the rows rank the recipes against each other; they are not "
+        "comparable with the reference's numbers.** The full table is the GPU script's `recovery` part "
+        "(`bench/bench_finetune_gpu.sh`, real weights).\n")
     return f"""{r.get('machine') or machine_line()}
 
 Model: SmolLM2-135M pruned 50% block16x16 with {args.prune_method} ({args.calib_samples} x {args.calib_seqlen}
 calibration tokens of WikiText-2 train). Recovery through `run_finetune`: {s['steps']} steps of batch
 {s['batch_size']} x {s['block_size']} tokens ({tokens:,} training tokens) of WikiText-2 train (the local head in
 shared/data), LoRA dropout 0.05, linear decay unless stated, float32, device {args.device}. Perplexity: WikiText-2
-test, windows of {args.block_size} tokens, the first {args.eval_windows or 'all'} windows; "before" is the pruned
+test, windows of {s['block_size']} tokens, the first {args.eval_windows or 'all'} windows; "before" is the pruned
 model, "after" the pruned model + adapter (unmerged). Reference to beat (unofficial): ~1.4e5 -> ~330 after 150
 steps of 512 tokens, all linear, r=16, lr 5e-4.
-
+{scale}
 | recipe | settings | perplexity before | after | train+eval wall (s) | load before / after |
 |---|---|---|---|---|---|
 {rows}
