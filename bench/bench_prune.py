@@ -85,7 +85,8 @@ def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) 
         f"(seed 0), sequential. Perplexity: WikiText-2 test, seqlen {args.eval_seqlen}, the first "
         f"{args.eval_windows} windows. `--reconstruct`: exact per-band least squares for blocks, CG least "
         "squares for unstructured/2:4 (dampening 1%). Pruning seconds = calibration capture + layer walk; "
-        "peak RSS of the pruning process.",
+        "peak RSS of the pruning process. The 2 cores were shared with other jobs (load average 3-9 during "
+        "the run), so the seconds are upper bounds and not comparable row to row.",
         "",
         "| pattern | reconstruct | sparsity | perplexity | pruning s | total s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|",
