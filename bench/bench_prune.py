@@ -124,6 +124,7 @@ def main() -> int:
         rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
         have = {(r["name"], r["reconstruct"]) for r in rows}
         chosen = [c for c in chosen if (c[0], c[2]) not in have]
+        rows.sort(key=lambda r: next(i for i, c in enumerate(CONFIGS) if (c[0], c[2]) == (r["name"], r["reconstruct"])))
     elif Path(args.jsonl).is_file():
         Path(args.jsonl).unlink()
     start = time.perf_counter() - sum(r.get("wall_s", r.get("total_s", 0.0) + r["eval_s"]) for r in rows)
