@@ -63,9 +63,9 @@ DEMO: dict[str, Any] = {
 QUICK_OVERRIDES: dict[str, Any] = {
     "name": "demo-quick",
     "prune": {"reconstruct": False, "nsamples": 8, "seqlen": 256},
-    "finetune": {"block_size": 256, "max_steps": 12, "warmup_steps": 0, "logging_steps": 2, "eval_steps": 6,
-                 "save_steps": 6, "max_eval_samples": 4},
-    "eval": {"seqlen": 256, "max_windows": 8},
+    "finetune": {"block_size": 256, "max_steps": 8, "warmup_steps": 0, "logging_steps": 2, "eval_steps": 4,
+                 "save_steps": 4, "max_eval_samples": 4},
+    "eval": {"seqlen": 256, "max_windows": 4},
 }
 
 
