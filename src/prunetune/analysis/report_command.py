@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 from prunetune.analysis.report import ReportConfig, render_console, run_report
-from prunetune.analysis.rules import BAND_PRESETS
+from prunetune.analysis.rules import BAND_PRESETS, parse_threshold_flags
 from prunetune.analysis.sources import SOURCE_KINDS
-from prunetune.errors import UserError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -26,22 +25,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="override a diagnosis threshold (fields of prunetune.analysis.rules.Thresholds)")
 
 
-def parse_thresholds(items: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--threshold {item!r}: expected NAME=VALUE, e.g. slow_max_rel_drop=0.05")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise UserError(f"--threshold {item!r}: VALUE must be a number") from None
-    return out
-
-
 def main(args: argparse.Namespace) -> int:
     cfg = ReportConfig(source=args.source, out=args.out, dense_ppl=args.dense_ppl, pruned_ppl=args.pruned_ppl,
-                       bands=args.bands, prefer=args.source_kind, thresholds=parse_thresholds(args.threshold))
+                       bands=args.bands, prefer=args.source_kind, thresholds=parse_threshold_flags(args.threshold, "--threshold"))
     data = run_report(cfg)
     print(render_console(data))
     print(f"Report: {data['files']['report.md']} | {data['files']['report.html']} | {data['files']['report.json']}")

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from prunetune.errors import UserError
 from prunetune.records import to_float
 
 ANOMALY_KINDS: tuple[str, ...] = (
@@ -168,6 +169,20 @@ def thresholds_from_mapping(values: Mapping[str, Any] | None) -> Thresholds:
     if unknown:
         raise ValueError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return Thresholds(**values)
+
+
+def parse_threshold_flags(items: Sequence[str], flag: str) -> dict[str, float]:
+    """`["slow_max_rel_drop=0.05", ...]` from repeated `--threshold`-style flags -> `{name: value}`."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE, e.g. slow_max_rel_drop=0.05")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"{flag} {item!r}: VALUE must be a number") from None
+    return out
 
 
 @dataclass(frozen=True)

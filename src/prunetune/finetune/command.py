@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from prunetune.analysis.rules import parse_threshold_flags
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig, load_config_file, normalize_mapping
 
@@ -109,26 +110,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME=VALUE", help="override a live-alert threshold (prunetune.analysis.rules)")
 
 
-def _parse_thresholds(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--alert-threshold {item!r}: expected NAME=VALUE")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise UserError(f"--alert-threshold {item!r}: VALUE must be a number") from None
-    return out
-
-
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "alert_thresholds")}
     if isinstance(flags.get("report_to"), list):
         flags["report_to"] = ",".join(flags["report_to"])
     if args.alert_thresholds:
-        flags["alert_thresholds"] = {**values.get("alert_thresholds", {}), **_parse_thresholds(args.alert_thresholds)}
+        flags["alert_thresholds"] = {**values.get("alert_thresholds", {}), **parse_threshold_flags(args.alert_thresholds, "--alert-threshold")}
     values.update(normalize_mapping(flags, "command line"))
     for key, flag in (("pruned", "--pruned DIR"), ("out", "--out DIR")):
         if not values.get(key):
