@@ -74,6 +74,15 @@ def test_bad_settings_are_user_errors(argv, match):
         parse(argv)
 
 
+def test_alert_threshold_flags_override_the_yaml_ones(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("pruned: p\nout: o\nalert_thresholds: {min_train_points: 20, flat_max_rel_change: 0.01}\n")
+    cfg = parse(["--config", str(yaml_file), "--alert-threshold", "flat_max_rel_change=0.02"])
+    assert cfg.alert_thresholds == {"min_train_points": 20, "flat_max_rel_change": 0.02}
+    with pytest.raises(UserError, match="--alert-threshold 'flat': expected NAME=VALUE"):
+        parse(["--pruned", "p", "--out", "o", "--alert-threshold", "flat"])
+
+
 def test_unknown_yaml_key_names_the_valid_ones(tmp_path):
     with pytest.raises(UserError, match="unknown setting 'lora_rank'.*lora_r"):
         config_from_mapping({"pruned": "p", "out": "o", "lora_rank": 4})
