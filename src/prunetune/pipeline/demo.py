@@ -62,10 +62,10 @@ DEMO: dict[str, Any] = {
 # its least-squares solves are the slowest part of pruning, and the smoke test proves the path, not the quality.
 QUICK_OVERRIDES: dict[str, Any] = {
     "name": "demo-quick",
-    "prune": {"reconstruct": False, "nsamples": 8, "seqlen": 256},
-    "finetune": {"block_size": 256, "max_steps": 8, "warmup_steps": 0, "logging_steps": 2, "eval_steps": 4,
+    "prune": {"reconstruct": False, "nsamples": 8, "seqlen": 128},
+    "finetune": {"block_size": 128, "max_steps": 8, "warmup_steps": 0, "logging_steps": 2, "eval_steps": 4,
                  "save_steps": 4, "max_eval_samples": 4},
-    "eval": {"seqlen": 256, "max_windows": 4},
+    "eval": {"seqlen": 128, "max_windows": 4},
 }
 
 
