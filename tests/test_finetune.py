@@ -24,7 +24,7 @@ from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.console import render
 from prunetune.finetune.engine import run_finetune
-from prunetune.pruning.masks import save_masks
+from prunetune.rundir import save_masks
 from prunetune.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prunetune.pruning.masks import MASKS_FILE, load_masks, read_mask_meta, save_masks
+from prunetune.rundir import MASKS_FILE, load_masks, read_mask_meta, save_masks
 from prunetune.pruning.patterns import block_mask, unstructured_mask
 
 

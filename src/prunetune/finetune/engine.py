@@ -97,7 +97,7 @@ def keep_masks(model: nn.Module, pruned_dir: Path) -> tuple[dict[str, torch.Tens
     weights = {name: module.weight for name, module in prunable_linears(model).items()}
     if (pruned_dir / "masks.safetensors").is_file():
         try:
-            from prunetune.pruning.masks import load_masks
+            from prunetune.rundir import load_masks
         except ImportError:
             load_masks = None
         if load_masks is not None:

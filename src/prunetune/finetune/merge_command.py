@@ -148,7 +148,7 @@ def load_keep_masks(pruned: Path, model: torch.nn.Module) -> tuple[dict[str, tor
     if (pruned / MASKS_FILE).is_file():
         from safetensors import SafetensorError
 
-        from prunetune.pruning.masks import load_masks
+        from prunetune.rundir import load_masks
 
         try:
             masks = {name: keep.to(torch.bool) for name, keep in load_masks(pruned).items()}

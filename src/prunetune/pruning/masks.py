@@ -1,30 +1,24 @@
-"""Keep-masks on disk (`masks.safetensors`), compact: block masks are stored one bit per tile, all others one bit
-per weight (numpy `packbits`, big-endian bit order). `load_masks` always returns full bool tensors.
+"""Keep-mask encoding, pure (no I/O): block masks are stored one bit per tile, all others one bit per weight
+(numpy `packbits`, big-endian bit order). The file itself (`masks.safetensors`) is read and written by
+`prunetune.rundir` (`save_masks` / `load_masks`), which calls these.
 
-File layout: one uint8 tensor per pruned module, keyed by the module's full name from
-`prunetune.architecture.prunable_linears` on the plain model (e.g. `model.layers.0.self_attn.q_proj`);
-the safetensors metadata holds `prunetune_masks` = JSON {"version", "pattern", "modules": {name: {"shape",
-"encoding": "bits"|"tiles", "tile": [h, w]}}} plus any extra pattern metadata the caller passes.
+Layout: one uint8 tensor per pruned module, keyed by the module's full name from
+`prunetune.architecture.prunable_linears` on the plain model (e.g. `model.layers.0.self_attn.q_proj`); the
+metadata is JSON {"version", "pattern", "modules": {name: {"shape", "encoding": "bits"|"tiles", "tile": [h, w]}}}
+plus any extra pattern metadata the caller passes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from prunetune.pruning.patterns import expand_tiles, tile_grid, tile_sums
 
-MASKS_FILE = "masks.safetensors"
-PRUNE_JSON = "prune.json"
 FORMAT_VERSION = 1
-_META_KEY = "prunetune_masks"
 
 
 def _pack(bits: torch.Tensor) -> torch.Tensor:
@@ -32,6 +26,8 @@ def _pack(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
+    if packed.numel() * 8 < count:  # np.unpackbits would pad with zeros: a truncated mask would read as "pruned"
+        raise ValueError(f"packed mask holds {packed.numel() * 8} bits, {count} needed")
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
 
 
@@ -50,14 +46,13 @@ def mask_digest(keep: torch.Tensor) -> str:
     return hashlib.sha256(_pack(keep).numpy().tobytes() + str(tuple(keep.shape)).encode()).hexdigest()[:16]
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str | Path, pattern_meta: dict[str, Any]) -> Path:
-    """Write `masks` (name -> bool keep-mask) to `path` (a directory gets `masks.safetensors`).
+def encode_masks(
+    masks: dict[str, torch.Tensor], pattern_meta: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(packed uint8 tensors by name, metadata) for `masks` (name -> bool keep-mask).
 
-    `pattern_meta` is stored as-is; when it has `"tile": [h, w]` (block patterns) masks are stored per tile.
+    With `pattern_meta["tile"] = [h, w]` (block patterns) a mask of whole tiles is stored one bit per tile.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / MASKS_FILE
     tile = tuple(pattern_meta["tile"]) if pattern_meta.get("tile") else None
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
@@ -70,46 +65,26 @@ def save_masks(masks: dict[str, torch.Tensor], path: str | Path, pattern_meta: d
         else:
             tensors[name] = _pack(keep)
             modules[name] = {"shape": list(keep.shape), "encoding": "bits"}
-    meta = {"version": FORMAT_VERSION, "pattern": pattern_meta, "modules": modules}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    return tensors, {"version": FORMAT_VERSION, "pattern": pattern_meta, "modules": modules}
 
 
-def _mask_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path / MASKS_FILE if path.is_dir() else path
+def decode_mask(packed: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
+    """The full bool keep-mask from one packed tensor and its metadata entry."""
+    shape = tuple(info["shape"])
+    if info["encoding"] == "tiles":
+        h, w = info["tile"]
+        r, c = tile_grid(shape, h, w)
+        return expand_tiles(_unpack(packed, r * c).view(r, c), shape, h, w)
+    return _unpack(packed, shape[0] * shape[1]).view(shape)
 
 
-def read_mask_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a masks file (pattern and per-module shapes/encodings)."""
-    with safe_open(str(_mask_path(path)), framework="pt") as f:
-        raw = (f.metadata() or {}).get(_META_KEY)
-    if raw is None:
-        raise ValueError(f"{_mask_path(path)} is not a prunetune masks file (no {_META_KEY} metadata)")
-    return json.loads(raw)
+_MOVED = ("MASKS_FILE", "PRUNE_JSON", "save_masks", "load_masks", "read_mask_meta")
 
 
-def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """Full bool keep-masks (True = kept), shaped like each weight, keyed by full module name.
+def __getattr__(name: str):
+    # The file I/O moved to prunetune.rundir (issue 9); this forwards old imports until every caller has switched.
+    if name in _MOVED:
+        import prunetune.rundir
 
-    `path` is a pruned model directory or its `masks.safetensors`.
-    """
-    path = _mask_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no masks file at {path}")
-    meta = read_mask_meta(path)
-    masks: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name, info in meta["modules"].items():
-            shape = tuple(info["shape"])
-            packed = f.get_tensor(name)
-            if info["encoding"] == "tiles":
-                h, w = info["tile"]
-                r, c = tile_grid(shape, h, w)
-                masks[name] = expand_tiles(_unpack(packed, r * c).view(r, c), shape, h, w)
-            else:
-                masks[name] = _unpack(packed, shape[0] * shape[1]).view(shape)
-    return masks
+        return getattr(prunetune.rundir, name)
+    raise AttributeError(name)

@@ -16,7 +16,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 from prunetune.errors import UserError
-from prunetune.pruning.masks import MASKS_FILE, PRUNE_JSON, load_masks, mask_digest
+from prunetune.rundir import MASKS_FILE, PRUNE_JSON, load_masks, mask_digest
 from prunetune.pruning.patterns import matrix_violations, parse_pattern
 
 
