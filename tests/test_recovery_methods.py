@@ -1,0 +1,223 @@
+"""Recovery methods on their own: masked-LoRA math against a direct computation, merge exactness on a tiny
+model, the deployable switch of plain LoRA, and sparse fine-tuning keeping exact zeros through a real Trainer
+run with gradient accumulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from prunetune.architecture import prunable_linears
+from prunetune.errors import UserError
+from prunetune.finetune.merge import lora_delta, masked_merge
+from prunetune.finetune.methods import (
+    ADAMW_STATE_BYTES,
+    attach_masks,
+    check_method,
+    deployable,
+    masked_lora_delta,
+    prepare,
+    prepare_sparse_ft,
+    select_types,
+)
+from tiny import tiny_config
+
+
+def block_masks(model: torch.nn.Module, seed: int = 0, block: int = 16) -> dict[str, torch.Tensor]:
+    """Keep-masks that drop half of the 16x16 tiles of every prunable linear, chosen at random."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, module in prunable_linears(model).items():
+        out, inp = module.weight.shape
+        tiles = torch.rand(out // block, inp // block, generator=gen) < 0.5
+        masks[name] = tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return masks
+
+
+def pruned_tiny(seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 97))
+    masks = block_masks(model, seed)
+    with torch.no_grad():
+        for name, module in prunable_linears(model).items():
+            module.weight.mul_(masks[name])
+    return model, masks
+
+
+def lora_config(targets="all-linear") -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def randomize_lora_b(model: torch.nn.Module, seed: int = 1) -> None:
+    """PEFT starts B at 0 (a no-op adapter); give it values so the delta matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def test_masked_delta_matches_autograd_of_the_direct_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(6, 8) < 0.5
+    direct = x @ torch.where(keep, b @ a, 0.0).T
+    ours = masked_lora_delta(x, a, b, keep)
+    torch.testing.assert_close(ours, direct)
+    g = torch.randn_like(direct)
+    want = torch.autograd.grad(direct, (x, a, b), g)
+    got = torch.autograd.grad(ours, (x, a, b), g)
+    for w, o in zip(want, got, strict=True):
+        torch.testing.assert_close(o, w)
+    assert torch.autograd.gradcheck(lambda x, a, b: masked_lora_delta(x, a, b, keep), (x, a, b))
+
+
+def test_masked_lora_merges_exactly_and_keeps_the_pattern():
+    model, masks = pruned_tiny()
+    reference = copy.deepcopy(model)
+    prepared = prepare(model, "masked-lora", masks, lora_config=lora_config())
+    peft_model = prepared.model
+    assert prepared.banner["masked_layers"] == len(masks)
+    randomize_lora_b(peft_model)
+    ids = torch.randint(0, 97, (2, 12))
+    peft_model.eval()
+    lora_layers = dict(peft_model.named_modules())
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+        # The merge prunetune writes (merge.py): weight + keep * (s * B @ A), module by module.
+        for name, layer in prunable_linears(reference).items():
+            lora = lora_layers[f"base_model.model.{name}"]
+            delta = lora_delta(lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"])
+            merged_weight, _ = masked_merge(layer.weight, delta, masks[name], name)
+            layer.weight.copy_(merged_weight)
+        reference_logits = reference(input_ids=ids).logits
+        merged = peft_model.merge_and_unload(safe_merge=True)
+        merged_logits = merged(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, unmerged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reference_logits, unmerged, rtol=1e-4, atol=1e-4)
+    reference_linears = prunable_linears(reference)
+    for name, module in prunable_linears(merged).items():
+        assert not bool((module.weight[~masks[name]] != 0).any()), name
+        torch.testing.assert_close(module.weight, reference_linears[name].weight)
+
+
+def test_plain_lora_trains_dense_and_deployable_masks():
+    model, masks = pruned_tiny()
+    plain = prepare(model, "lora", masks, lora_config=lora_config(["q_proj", "v_proj"])).model
+    randomize_lora_b(plain)
+    vanilla = copy.deepcopy(plain)
+    for layer in vanilla.modules():
+        if hasattr(layer, "lora_variant"):
+            layer.lora_variant.clear()
+    ids = torch.randint(0, 97, (1, 10))
+    plain.eval()
+    vanilla.eval()
+    with torch.no_grad():
+        dense_update = plain(input_ids=ids).logits
+        torch.testing.assert_close(dense_update, vanilla(input_ids=ids).logits)
+        with deployable(plain) as n:
+            masked = plain(input_ids=ids).logits
+        assert n == 4  # q_proj, v_proj of 2 layers
+        again = plain(input_ids=ids).logits
+        merged = copy.deepcopy(plain)
+        with deployable(merged):
+            merged = merged.merge_and_unload(safe_merge=True)
+        merged_logits = merged(input_ids=ids).logits
+    torch.testing.assert_close(again, dense_update)
+    torch.testing.assert_close(merged_logits, masked, rtol=1e-4, atol=1e-4)
+    assert (masked - dense_update).abs().max() > 1e-4  # the masked part of the update matters
+
+
+def test_masked_lora_trains_its_adapter_and_names_bad_methods():
+    model, masks = pruned_tiny()
+    peft_model = prepare(model, "masked-lora", masks, lora_config=lora_config(["q_proj"])).model
+    randomize_lora_b(peft_model)
+    ids = torch.randint(0, 97, (1, 8))
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    layer = dict(peft_model.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+    assert layer.get_base_layer().weight.grad is None  # the pruned base stays frozen
+    assert check_method("masked-lora") == "masked-lora"
+    with pytest.raises(UserError, match="choose one of"):
+        check_method("dora")
+
+
+def test_attach_masks_refuses_a_wrong_shape():
+    model, masks = pruned_tiny()
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(["q_proj"]))
+    masks["model.layers.0.self_attn.q_proj"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep-mask"):
+        attach_masks(peft_model, masks, masked=True)
+
+
+def test_sparse_ft_types_and_memory():
+    model, masks = pruned_tiny()
+    with pytest.raises(UserError, match="not found in this model"):
+        prepare_sparse_ft(model, masks, ["mlp"])
+    assert select_types(["down_proj", "q_proj"], ["all-linear"]) == ["down_proj", "q_proj"]
+    training = prepare_sparse_ft(model, masks, ["down_proj", "up_proj"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(f"model.layers.{i}.mlp.{t}.weight" for i in (0, 1) for t in ("down_proj", "up_proj"))
+    mem = training.memory()
+    assert mem["trained_params"] == 4 * 64 * 128
+    assert mem["optimizer_state_bytes"] == ADAMW_STATE_BYTES * mem["trained_params"]
+    assert mem["kept_params"] == sum(int(masks[n].sum()) for n in training.params)
+    training.remove_hooks()
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int, length: int, vocab: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, length), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_sparse_ft_keeps_exact_zeros_under_grad_accumulation(tmp_path):
+    model, masks = pruned_tiny()
+    before = {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
+    prepared = prepare(model, "sparse-ft", masks)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, weight_decay=0.1, warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=prepared.model, args=args, train_dataset=RandomTokens(12, 16, 97),
+                      callbacks=prepared.callbacks)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    changed = 0
+    for name, module in prunable_linears(model).items():
+        weight, keep = module.weight.detach(), masks[name]
+        assert bool((weight[~keep] == 0).all()), name
+        assert not bool(torch.signbit(weight[~keep]).any()), f"{name}: -0.0 at a pruned position"
+        changed += int((weight[keep] != before[name][keep]).sum())
+    assert changed > 0.9 * sum(int(m.sum()) for m in masks.values())
+    # Frozen everywhere else.
+    assert prepared.banner["modules"] == len(masks) and prepared.sparse is not None
+
+
+def test_sparse_ft_gradient_is_masked_before_the_optimizer():
+    model, masks = pruned_tiny()
+    prepare(model, "sparse-ft", masks)
+    ids = torch.randint(0, 97, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, module in prunable_linears(model).items():
+        assert bool((module.weight.grad[~masks[name]] == 0).all())
+        assert module.weight.grad[masks[name]].abs().sum() > 0
