@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prunetune.analysis.compare_command import CompareConfig, run_compare
+from prunetune.analysis.compare import CompareConfig, run_compare
 from prunetune.cli import main as cli_main
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"

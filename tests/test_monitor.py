@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from prunetune.analysis.anomaly import Anomaly
 from prunetune.analysis.monitor import MonitorConfig, machine_load, run_monitor, snapshot, sparkline
-from prunetune.analysis.rules import Anomaly
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
 from prunetune.records import JsonlWriter, make_record

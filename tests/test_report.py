@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from prunetune.analysis.anomaly import ANOMALY_KINDS
 from prunetune.analysis.report import ReportConfig, analyse, fix_context, run_report
-from prunetune.analysis.rules import ANOMALY_KINDS, diagnose
+from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError

@@ -9,19 +9,12 @@ import random
 
 import pytest
 
-from prunetune.analysis.rules import (
-    ANOMALY_KINDS,
-    Anomaly,
-    Thresholds,
-    diagnose,
-    fmt_lr,
-    oscillation_stats,
-    rate_perplexity,
-    thresholds_from_mapping,
-    trend_stats,
-    verdicts,
-    warmup_end_index,
-)
+from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
+from prunetune.analysis.rules import diagnose
+from prunetune.analysis.series import oscillation_stats, trend_stats, warmup_end_index
+from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
+from prunetune.analysis.verdicts import rate_perplexity, verdicts
+from prunetune.fmt import fmt_lr
 
 
 def logs(values, every=10, lr=1e-4, start=1):
@@ -342,11 +335,11 @@ def test_growing_list_gives_the_same_answer_as_a_fresh_one():
 def test_rules_documentation_is_the_code():
     from pathlib import Path
 
-    from prunetune.analysis import rules
+    from prunetune.analysis import anomaly, rules_doc
 
-    assert set(rules.KIND_DOCS) == set(ANOMALY_KINDS)
-    doc = (Path(rules.__file__).parent / "RULES.md").read_text(encoding="utf-8")
-    assert doc == rules.describe(), "regenerate: python -m prunetune.analysis.rules > src/prunetune/analysis/RULES.md"
+    assert set(anomaly.KIND_DOCS) == set(ANOMALY_KINDS)
+    doc = (Path(rules_doc.__file__).parent / "RULES.md").read_text(encoding="utf-8")
+    assert doc == rules_doc.describe(), "regenerate: python -m prunetune.analysis.rules_doc > src/prunetune/analysis/RULES.md"
     from dataclasses import fields
 
     for f in fields(Thresholds):

@@ -19,10 +19,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from prunetune.analysis.rules import diagnose, fmt_lr
+from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
-from prunetune.analysis.summary import fmt_duration, fmt_num, summarize
+from prunetune.analysis.summary import summarize
 from prunetune.errors import UserError
+from prunetune.fmt import fmt_lr, fmt_sig, hms
 from prunetune.records import iter_jsonl, to_float
 
 FINISH_EVENTS = ("train_end", "summary", "stopped", "error")  # error: finetune records only fatal ones
@@ -182,7 +183,7 @@ def render(snap: Mapping[str, Any]) -> Group:
     parts: list[Any] = []
     age = snap.get("age_s")
     head = Text(f"{snap['origin']} | {snap['records']} records"
-                + (f" | last written {fmt_duration(age)} ago" if age is not None else ""), style="dim")
+                + (f" | last written {hms(age, '-')} ago" if age is not None else ""), style="dim")
     parts.append(head)
     if snap["step"] is None:
         parts.append(Text("No training step logged yet.", style="yellow"))
@@ -190,9 +191,9 @@ def render(snap: Mapping[str, Any]) -> Group:
         total = snap["max_steps"]
         frac = snap["step"] / total if total else 0.0
         line = f"Step {snap['step']}" + (f"/{total} [{_bar(frac)}] {frac * 100:.1f}%" if total else "")
-        line += f" | Elapsed {fmt_duration(snap['elapsed'])} | ETA {fmt_duration(snap['eta_s'])}"
+        line += f" | Elapsed {hms(snap['elapsed'], '-')} | ETA {hms(snap['eta_s'], '-')}"
         parts.append(Text(line, style="bold"))
-        stats = f"Loss {fmt_num(snap['loss'])} | LR {fmt_lr(snap['lr']) if snap['lr'] else '-'} | grad norm {fmt_num(snap['grad_norm'])}"
+        stats = f"Loss {fmt_sig(snap['loss'])} | LR {fmt_lr(snap['lr']) if snap['lr'] else '-'} | grad norm {fmt_sig(snap['grad_norm'])}"
         if snap["tokens_per_s"] is not None:
             stats += f" | {snap['tokens_per_s']:,.0f} tok/s"
         if snap["memory_mb"] is not None:
@@ -201,18 +202,18 @@ def render(snap: Mapping[str, Any]) -> Group:
     if snap["curve"]:
         lo, hi = snap["loss_range"] or (math.nan, math.nan)
         parts.append(Panel(Text(snap["curve"], style="cyan"),
-                           title=f"train loss (min {fmt_num(lo)}, max {fmt_num(hi)})", expand=False))
+                           title=f"train loss (min {fmt_sig(lo)}, max {fmt_sig(hi)})", expand=False))
     if snap["evals"]:
         table = Table(title="Evaluations", show_edge=False)
         for col in ("step", "eval loss", "perplexity", ""):
             table.add_column(col, justify="right")
         best_step = snap["best"]["step"] if snap["best"] else None
         for e in snap["evals"][-8:]:
-            table.add_row(str(e["step"]), fmt_num(e["eval_loss"]), fmt_num(e["perplexity"]),
+            table.add_row(str(e["step"]), fmt_sig(e["eval_loss"]), fmt_sig(e["perplexity"]),
                           "best" if e["step"] == best_step else "")
         parts.append(table)
         if snap["best"]:
-            parts.append(Text(f"Best so far: eval loss {fmt_num(snap['best']['eval_loss'])} at step "
+            parts.append(Text(f"Best so far: eval loss {fmt_sig(snap['best']['eval_loss'])} at step "
                               f"{snap['best']['step']}"))
     for a in snap["alerts"]:
         style = "red" if a.get("severity") == "error" else "yellow"
@@ -232,9 +233,9 @@ def render(snap: Mapping[str, Any]) -> Group:
     if snap["finished"]:
         s = snap["summary"]
         parts.append(Panel(Text(
-            f"Training {'failed' if snap.get('ending') == 'error' else 'stopped' if snap.get('ending') == 'stopped' else 'finished'}: {s['steps']} steps in {fmt_duration(s['time_s'])} | final train loss "
-            f"{fmt_num(s['final_train_loss'])} | final eval loss {fmt_num(s['final_eval_loss'])} | best "
-            f"{fmt_num(s['best_eval_loss'])} at step {s['best_step']} | perplexity {fmt_num(s['final_perplexity'])}"
+            f"Training {'failed' if snap.get('ending') == 'error' else 'stopped' if snap.get('ending') == 'stopped' else 'finished'}: {s['steps']} steps in {hms(s['time_s'], '-')} | final train loss "
+            f"{fmt_sig(s['final_train_loss'])} | final eval loss {fmt_sig(s['final_eval_loss'])} | best "
+            f"{fmt_sig(s['best_eval_loss'])} at step {s['best_step']} | perplexity {fmt_sig(s['final_perplexity'])}"
         ), title="summary", style="green"))
     return Group(*parts)
 

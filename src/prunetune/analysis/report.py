@@ -16,20 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.analysis import plots
-from prunetune.analysis.rules import (
-    ANOMALY_KINDS,
-    BAND_PRESETS,
-    Anomaly,
-    Thresholds,
-    anomalies_from_alerts,
-    diagnose,
-    rate_perplexity,
-    thresholds_from_mapping,
-    verdicts,
-)
+from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
+from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import Source, load_source
-from prunetune.analysis.summary import Summary, fmt_duration, fmt_num, summarize
+from prunetune.analysis.summary import Summary, summarize
+from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
+from prunetune.analysis.verdicts import BAND_PRESETS, rate_perplexity, verdicts
 from prunetune.errors import UserError
+from prunetune.fmt import fmt_sig, hms, json_safe
 from prunetune.records import to_float
 from prunetune.runinfo import write_json
 
@@ -122,11 +116,7 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
         epochs = [e for r in records if (e := to_float(r.get("epoch"))) is not None and math.isfinite(e)]
         if epochs and max(epochs) >= 1.5:
             context["epochs"] = math.ceil(max(epochs) - 1e-6)
-    anomalies = diagnose(records, cfg.thresholds, final=True, context=context)
-    anomalies += anomalies_from_alerts(records, anomalies)
-    if {"nan_inf", "out_of_memory"} & {a.kind for a in anomalies}:
-        anomalies = [a for a in anomalies if a.kind != "no_eval"]
-    anomalies.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
+    anomalies = diagnose(records, cfg.thresholds, final=True, context=context, recorded=True)
     verdict = verdicts(records, cfg.thresholds, anomalies=anomalies)
     summary = summarize(records, dense_ppl=cfg.dense_ppl, pruned_ppl=cfg.pruned_ppl)
     rating = rate_perplexity(summary.final_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)
@@ -168,15 +158,15 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
     blocks.append(("p", f"Source: {how}."))
 
     steps = f"{s.steps}" + (f" / {s.max_steps}" if s.max_steps else "") if s.steps is not None else "-"
-    best = f"{fmt_num(s.best_eval_loss)} at step {s.best_step}" if s.best_eval_loss is not None else "-"
+    best = f"{fmt_sig(s.best_eval_loss)} at step {s.best_step}" if s.best_eval_loss is not None else "-"
     rows = [
         ["Steps", steps],
-        ["Training time", fmt_duration(s.time_s)],
-        ["Final train loss", fmt_num(s.final_train_loss)],
-        ["Final eval loss", fmt_num(s.final_eval_loss)],
+        ["Training time", hms(s.time_s, "-")],
+        ["Final train loss", fmt_sig(s.final_train_loss)],
+        ["Final eval loss", fmt_sig(s.final_eval_loss)],
         ["Best eval loss", best],
-        ["Final perplexity", fmt_num(s.final_perplexity)],
-        ["Best perplexity", fmt_num(s.best_perplexity)],
+        ["Final perplexity", fmt_sig(s.final_perplexity)],
+        ["Best perplexity", fmt_sig(s.best_perplexity)],
         ["Evaluations", str(s.eval_points)],
     ]
     if s.tokens_per_s is not None:
@@ -191,7 +181,7 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
         ["Perplexity", f"{rating['symbol']} {rating['text']}"],
     ]
     if s.pruned_perplexity is not None and s.final_perplexity is not None:
-        vrows.append(["Improvement", f"pruned {fmt_num(s.pruned_perplexity)} → {fmt_num(s.final_perplexity)}"
+        vrows.append(["Improvement", f"pruned {fmt_sig(s.pruned_perplexity)} → {fmt_sig(s.final_perplexity)}"
                       + (f", reduction {s.improvement_pct:.2f}%" if s.improvement_pct is not None else "")])
     blocks += [("h2", "Verdicts"), ("table", ["Metric", "Verdict"], vrows)]
 
@@ -271,9 +261,9 @@ def render_console(data: Mapping[str, Any]) -> str:
     s = data["summary"]
     v = data["verdicts"]
     lines = [
-        f"Steps {s['steps']} | time {fmt_duration(s['time_s'])} | final train loss {fmt_num(s['final_train_loss'])}"
-        f" | final eval loss {fmt_num(s['final_eval_loss'])} | best {fmt_num(s['best_eval_loss'])}"
-        f" at step {s['best_step']} | perplexity {fmt_num(s['final_perplexity'])}",
+        f"Steps {s['steps']} | time {hms(s['time_s'], '-')} | final train loss {fmt_sig(s['final_train_loss'])}"
+        f" | final eval loss {fmt_sig(s['final_eval_loss'])} | best {fmt_sig(s['best_eval_loss'])}"
+        f" at step {s['best_step']} | perplexity {fmt_sig(s['final_perplexity'])}",
         f"Train loss: {v['train_loss']['symbol']} {v['train_loss']['label']} ({v['train_loss']['reason']})",
         f"Eval loss:  {v['eval_loss']['symbol']} {v['eval_loss']['label']} ({v['eval_loss']['reason']})",
         f"Perplexity: {data['perplexity_rating']['symbol']} {data['perplexity_rating']['text']}",
@@ -303,23 +293,12 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     data["files"] = {"report.md": str(out / "report.md"), "report.html": str(out / "report.html"),
                      "report.json": str(out / "report.json"),
                      **{f"{k}.png": str(p) for k, p in images.items()}}
-    write_json(out / "report.json", _json_safe(data))
+    write_json(out / "report.json", json_safe(data))
     return data
 
 
 def _anomalies(data: Mapping[str, Any]) -> list[Anomaly]:
     return [Anomaly(**a) for a in data["anomalies"]]
-
-
-def _json_safe(value: Any) -> Any:
-    # report.json must stay strict JSON: NaN/Inf become strings, as in metrics.jsonl
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def load_report(path: Path) -> dict[str, Any]:

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from prunetune.analysis.report import ReportConfig, render_console, run_report
-from prunetune.analysis.rules import BAND_PRESETS, parse_threshold_flags
 from prunetune.analysis.sources import SOURCE_KINDS
+from prunetune.analysis.thresholds import parse_threshold_flags
+from prunetune.analysis.verdicts import BAND_PRESETS
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from prunetune.fmt import perplexity_from_loss
 from prunetune.records import to_float
 
 
@@ -49,12 +50,6 @@ class Summary:
 def _finite(value: Any) -> float | None:
     f = to_float(value)
     return f if f is not None and math.isfinite(f) else None
-
-
-def _ppl(loss: float | None) -> float | None:
-    if loss is None:
-        return None
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def summarize(
@@ -101,11 +96,11 @@ def summarize(
     if final_rec is not None:
         final_ppl = _finite(final_rec.get("perplexity"))
         if final_ppl is None:
-            final_ppl = _ppl(_finite(final_rec.get("eval_loss")))
+            final_ppl = perplexity_from_loss(_finite(final_rec.get("eval_loss")))
     if final_rec is not None and (fl := _finite(final_rec.get("eval_loss"))) is not None:
         final_eval = fl  # the evaluation after training (best checkpoint loaded) is the run's result
     if final_ppl is None:
-        final_ppl = _ppl(final_eval)
+        final_ppl = perplexity_from_loss(final_eval)
     # the pruned model's perplexity measured on the same eval set before training beats the one from prune
     if pruned_ppl is None and final_rec is not None:
         pruned_ppl = _finite(final_rec.get("pruned_perplexity")) or _finite(final_rec.get("baseline_perplexity"))
@@ -140,24 +135,9 @@ def summarize(
         best_eval_loss=best_eval,
         best_step=best_step,
         final_perplexity=final_ppl,
-        best_perplexity=_ppl(best_eval),
+        best_perplexity=perplexity_from_loss(best_eval),
         tokens_per_s=statistics.median(throughput) if throughput else None,
         pruned_perplexity=pruned_ppl,
         dense_perplexity=dense_ppl,
         improvement_pct=improvement,
     )
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def fmt_num(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.{digits}g}" if abs(value) < 1e6 else f"{value:.3e}"

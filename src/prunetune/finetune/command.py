@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from prunetune.analysis.rules import parse_threshold_flags
+from prunetune.analysis.thresholds import parse_threshold_flags
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig, load_config_file, normalize_mapping
 

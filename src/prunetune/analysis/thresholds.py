@@ -1,0 +1,130 @@
+"""Every number a diagnosis rule compares against (`Thresholds`), and the NAME=VALUE flags that override them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from prunetune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every number a rule compares against. Defaults are tuned on the labelled logs in `tests/fixtures/logs`."""
+
+    min_train_points: int = 10
+    """Finite train-loss log points needed before any train-loss trend rule (flat, slow, oscillating,
+    diverging) may fire; with logging every 10 steps that is 100 steps ..."""
+    min_train_steps: int = 50
+    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge)."""
+    window_fraction: float = 0.2
+    """Size of the first/last comparison windows as a fraction of the train-loss points."""
+    min_window: int = 3
+    """Smallest window (points) whose median is trusted."""
+    max_window: int = 100
+    """Largest window (points): more adds no robustness, only cost (`diagnose` runs after every log line)."""
+    flat_max_rel_change: float = 0.005
+    """`loss_flat` when the median of the last window differs from the median of the first window by less
+    than this fraction of the latter (0.5%) ..."""
+    flat_noise_multiple: float = 1.0
+    """... or, in a quiet series (noise below `flat_quiet_noise` of the level), by less than this many times
+    the noise (median |step-to-step change|): no change that stands out of the noise."""
+    flat_quiet_noise: float = 0.02
+    """Relative noise below which a series counts as quiet (a noisy series is never called flat by noise)."""
+    flat_identical_points: int = 6
+    """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, or
+    half as many consecutive grad norms are exactly 0: a model that no batch changes is frozen or dead."""
+    slow_max_rel_drop: float = 0.1
+    """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
+    slow_min_late_share: float = 0.5
+    """... the second half of the run still fell by at least this share of the first half's drop:
+    the curve is still going down at its initial pace (no plateau), so a larger LR would help ..."""
+    slow_min_significance: float = 2.0
+    """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window))."""
+    osc_min_rel_amplitude: float = 0.25
+    """`loss_oscillating` when the median |step-to-step change| of the recent losses exceeds this
+    fraction of their mean level ..."""
+    osc_min_sign_changes: float = 0.5
+    """... the changes flip sign at least this often (fraction of consecutive pairs) ..."""
+    osc_max_progress: float = 0.03
+    """... and the recent window is not lower than the window before it by more than this fraction."""
+    osc_recent_points: int = 20
+    """How many of the latest train-loss points the oscillation rule looks at."""
+    diverge_min_rel_rise: float = 0.1
+    """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
+    first logged loss (the untrained model) and the minimum of the running window medians."""
+    diverge_noise_multiple: float = 2.0
+    """... and by more than this many times the noise (median |step-to-step change|), so the low points of an
+    oscillation are not read as a rise."""
+    overfit_min_evals: int = 3
+    """Evaluations needed before `overfitting` may fire."""
+    overfit_consecutive_rises: int = 2
+    """`overfitting` when the eval loss rose at this many consecutive evaluations ..."""
+    overfit_min_rel_rise: float = 0.01
+    """... ends at least this fraction above its best value ..."""
+    overfit_train_max_rel_change: float = 0.0
+    """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
+    far_min_gap: float = 0.5
+    """`eval_far_above_train` when eval loss exceeds the train loss at its step (median of the last 3 logged
+    losses) by more than this many nats (perplexity x1.65) ..."""
+    far_min_ratio: float = 1.2
+    """... and by more than this factor ..."""
+    far_consecutive_evals: int = 2
+    """... at this many consecutive evaluations (a single eval is not evidence)."""
+    ppl_relative_bands: tuple[float, float, float] = (1.3, 2.0, 10.0)
+    """Relative perplexity bands (pruned or recovered / dense): ideal, good, fair upper bounds; above is poor."""
+    ppl_llama2_7b_bands: tuple[float, float, float, float] = (6.5, 7.0, 10.0, 50.0)
+    """Absolute Llama-2-7B WikiText-2 bands: ideal from the first to the second value, good to the third,
+    fair to the fourth, poor above."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # values arrive from YAML and NAME=VALUE flags as floats and lists: counts must be ints
+            if f.type == "int" and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"Thresholds.{f.name}={value!r} must be a whole number")
+                value = int(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            object.__setattr__(self, f.name, value)
+            if not isinstance(value, (int, float, tuple)) or isinstance(value, bool):
+                raise ValueError(f"Thresholds.{f.name}={value!r} must be a number")
+            values = value if isinstance(value, tuple) else (value,)
+            if any(v < 0 for v in values):
+                raise ValueError(f"Thresholds.{f.name}={value!r} must not be negative")
+        if not 0 < self.window_fraction <= 0.5:
+            raise ValueError(f"Thresholds.window_fraction={self.window_fraction} must be in (0, 0.5]")
+        if self.min_window < 1 or self.min_train_points < 2 * self.min_window:
+            raise ValueError("Thresholds.min_train_points must be at least 2 * min_window and min_window >= 1")
+        if self.overfit_consecutive_rises < 1 or self.far_consecutive_evals < 1:
+            raise ValueError("Thresholds.overfit_consecutive_rises and far_consecutive_evals must be >= 1")
+
+
+def thresholds_from_mapping(values: Mapping[str, Any] | None) -> Thresholds:
+    """Thresholds with the given fields overridden; ValueError naming the valid fields for an unknown one."""
+    values = dict(values or {})
+    valid = [f.name for f in fields(Thresholds)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return Thresholds(**values)
+
+
+def parse_threshold_flags(items: Sequence[str], flag: str) -> dict[str, float]:
+    """`["slow_max_rel_drop=0.05", ...]` from repeated `--threshold`-style flags -> `{name: value}`."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE, e.g. slow_max_rel_drop=0.05")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"{flag} {item!r}: VALUE must be a number") from None
+    return out
+
+
+DEFAULTS = Thresholds()
+"""The thresholds every rule uses unless told otherwise."""
