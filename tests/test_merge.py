@@ -20,8 +20,8 @@ from prunetune.finetune.merge_command import MergeConfig, run_merge
 from prunetune.models import load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
+from prunetune.pruning.verify import verify_dir
 from prunetune.rundir import load_masks, save_masks
-from prunetune.pruning.verify_command import verify_dir
 
 TILE = 16
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

@@ -19,7 +19,7 @@ def test_prune_cli_writes_exact_files_and_table(tmp_path, tiny_model_dir, shared
     assert main(_argv(tiny_model_dir, shared_data, out, "--pattern", "block16x16", "--reconstruct")) == 0
     assert {p.name for p in out.iterdir()} == {
         "config.json", "generation_config.json", "model.safetensors", "masks.safetensors", "prune.json",
-        "tokenizer.json", "tokenizer_config.json",
+        "tokenizer.json", "tokenizer_config.json", ".prunetune-files.json",  # the marker of prunetune's files
     }
     console = capsys.readouterr().out
     assert "Sparsity by module type" in console and "overall" in console and "layer 2/2" in console

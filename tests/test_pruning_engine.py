@@ -15,8 +15,8 @@ from prunetune.models import load_model
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
-from prunetune.rundir import load_masks
 from prunetune.pruning.patterns import n_pruned, parse_pattern, pattern_violations
+from prunetune.rundir import load_masks
 
 QUIET = Console(quiet=True)
 
@@ -175,8 +175,13 @@ def test_out_dir_safety(tmp_path, tiny_model_dir, shared_data):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude"), console=QUIET)
-    out = run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude", overwrite=True), console=QUIET)
-    assert (out / "notes.txt").read_text() == "mine"  # --overwrite never deletes the user's files
+    # issue 12: --overwrite replaces only what prunetune wrote; a directory of the user's is never written into
+    with pytest.raises(UserError, match="not empty"):
+        run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude", overwrite=True), console=QUIET)
+    assert (foreign / "notes.txt").read_text() == "mine"  # --overwrite never deletes the user's files
+    (foreign / "notes.txt").unlink()
+    run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude"), console=QUIET)
+    (foreign / "notes.txt").write_text("mine")  # a user's file beside our output survives every rerun
     # same config again: allowed (same model); a different one: refused unless --overwrite
     run_prune(_cfg(tiny_model_dir, foreign, shared_data, method="magnitude"), console=QUIET)
     with pytest.raises(UserError, match="different pruned model"):

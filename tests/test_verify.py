@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from prunetune.cli import main
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
+from prunetune.pruning.verify import verify_dir
 from prunetune.rundir import load_masks, read_mask_meta, save_masks
-from prunetune.pruning.verify_command import verify_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from prunetune.architecture import module_type
@@ -160,8 +161,9 @@ class PruneConfig:
 
     # ---- resolved views ----
 
-    @property
+    @cached_property
     def pattern_spec(self) -> Pattern:
+        """`pattern` parsed once (it is validated and normalised in `__post_init__`)."""
         return parse_pattern(self.pattern)
 
     @property

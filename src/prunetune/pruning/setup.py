@@ -1,0 +1,128 @@
+"""The data side of a prune run: calibration windows, the perplexity set, validating the config against the
+loaded model, and the memory figure for prune.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.progress import Progress
+
+from prunetune.architecture import module_type
+from prunetune.data import load_text, tokenize
+from prunetune.errors import UserError
+from prunetune.evaluate import perplexity
+from prunetune.models import context_length
+from prunetune.pruning import calibration as cal
+from prunetune.pruning.config import PruneConfig
+from prunetune.rundir import PRUNE_JSON, check_output, is_ours, read_json
+
+OWNED = (PRUNE_JSON,)
+"""What marks a directory written by a prune of an older version (before the marker file)."""
+
+
+def input_paths(cfg: PruneConfig) -> list[Path]:
+    """Local files or directories the run reads (model, calibration/eval files): --out may not overlap them."""
+    specs = (cfg.model, cfg.calib_dataset, cfg.eval_dataset if cfg.eval else None)
+    return [Path(s).expanduser() for s in specs if s and Path(s).expanduser().exists()]
+
+
+def check_out(cfg: PruneConfig) -> tuple[Path, bool]:
+    """(resolved --out, whether to replace what a previous prune wrote there), or a UserError before any work.
+
+    Rerunning the same config into its own output is allowed without --overwrite (it rewrites the same model);
+    a different pruned model there needs --overwrite; anything prunetune did not write is never replaced.
+    """
+    out = Path(cfg.out).expanduser()
+    replace = cfg.overwrite
+    if out.is_dir() and (out / PRUNE_JSON).is_file() and is_ours(out, OWNED) and not replace:
+        old = read_json(out / PRUNE_JSON, PRUNE_JSON)
+        old = old.get("config", {}) if isinstance(old, dict) else {}
+        if {k: old.get(k) for k in cfg.identity()} != json.loads(json.dumps(cfg.identity())):
+            raise UserError(f"--out {str(out)!r} already holds a different pruned model (prune.json differs); "
+                            "pass --overwrite to replace it, or choose another --out")
+        replace = True
+    return check_output(out, inputs=input_paths(cfg), overwrite=replace, owned=OWNED), replace
+
+
+def eval_tokens(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
+    text = load_text(cfg.eval_dataset, cfg.eval_split, cfg.data_dir)
+    ids = tokenize(text, tokenizer).input_ids
+    return ids, {"dataset": cfg.eval_dataset, "split": text.split, "origin": text.origin,
+                 "fingerprint": text.fingerprint, "seqlen": cfg.eval_seqlen or cfg.seqlen,
+                 "max_windows": cfg.eval_max_windows}
+
+
+def measure_ppl(model, ids: torch.Tensor, cfg: PruneConfig, device: str, progress: Progress, label: str) -> dict:
+    """Perplexity by the `evaluate` protocol, the whole model moved to `device` for the duration."""
+    seqlen = cfg.eval_seqlen or cfg.seqlen
+    task = progress.add_task(label, total=None)
+    if device != "cpu":
+        model.to(device)
+    try:
+        result = perplexity(model, ids, seqlen, max_windows=cfg.eval_max_windows,
+                            on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+    except ValueError as err:
+        raise UserError(f"evaluation: {err}; lower --eval-seqlen or use a larger --eval-dataset") from None
+    finally:
+        progress.remove_task(task)
+        if device != "cpu":
+            model.to("cpu")
+    return {"perplexity": result.perplexity, "nll": result.nll, "windows": result.windows,
+            "tokens": result.tokens, "seconds": round(result.seconds, 3)}
+
+
+def calibration_windows(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(nsamples, seqlen) token windows from the calibration corpus' train split, and their record."""
+    text = load_text(cfg.calib_dataset, "train", cfg.data_dir)
+    tokens = tokenize(text, tokenizer)
+    try:
+        windows = cal.calibration_windows(tokens.input_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    except ValueError:
+        raise UserError(
+            f"calibration data {cfg.calib_dataset!r} (train) has {tokens.input_ids.numel()} tokens, not more than "
+            f"--seqlen {cfg.seqlen}; lower --seqlen or use a larger --calib-dataset"
+        ) from None
+    info = {"dataset": cfg.calib_dataset, "split": "train", "origin": text.origin, "fingerprint": text.fingerprint,
+            "note": text.note, "tokens": int(tokens.input_ids.numel()), "nsamples": cfg.nsamples,
+            "seqlen": cfg.seqlen, "seed": cfg.seed, "windows_sha256": cal.windows_hash(windows)}
+    return windows, info
+
+
+def validate_against_model(cfg: PruneConfig, model, targets: dict[str, float], shapes: dict[str, tuple]) -> None:
+    """The checks that need the model: context length, module names in --sparsity-map/--skip, pattern fit."""
+    ctx = context_length(model)
+    if cfg.needs_calibration and ctx is not None and cfg.seqlen > ctx:
+        raise UserError(f"--seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
+    if cfg.eval and ctx is not None and (cfg.eval_seqlen or cfg.seqlen) > ctx:
+        raise UserError(f"--eval-seqlen {cfg.eval_seqlen or cfg.seqlen} exceeds the model's context of {ctx}; lower it")
+    types = {module_type(n) for n in shapes}
+    for key in (*cfg.sparsity_map, *cfg.skip):
+        if "*" not in key and "?" not in key and key not in types and key not in shapes:
+            raise UserError(f"module {key!r} (in --sparsity-map/--skip) matches nothing; module types here: {', '.join(sorted(types))}")
+    if not targets:
+        raise UserError("--skip leaves no module to prune; skip fewer modules")
+    pattern = cfg.pattern_spec
+    pruned = [s for n, s in shapes.items() if n in targets]
+    if pattern.kind == "block":
+        small = min(pruned, key=lambda s: s[0] * s[1])
+        if pattern.h > min(s[0] for s in pruned) or pattern.w > min(s[1] for s in pruned):
+            raise UserError(f"--pattern {pattern.name} does not fit the smallest matrix {small[0]}x{small[1]}; use a smaller block")
+    if pattern.kind == "nm":
+        bad = sorted({s[1] for s in pruned if s[1] % pattern.m})
+        if bad:
+            raise UserError(f"--pattern {pattern.name}: input widths {bad} do not divide into groups of {pattern.m}; "
+                            "pick an M that divides them or --skip those modules")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # Windows: current RSS is the best available
+        return psutil.Process().memory_info().rss / 2**20
