@@ -464,8 +464,7 @@ def prune_once(args, work: Path) -> Path:
 def test_perplexity(model_dir: Path, adapter: Path | None, args) -> float:
     from prunetune.data import load_text, tokenize
     from prunetune.evaluate import perplexity
-    from prunetune.evaluate_command import apply_adapter
-    from prunetune.models import load_model
+    from prunetune.models import apply_adapter, load_model
 
     model, tokenizer = load_model(str(model_dir), dtype="float32", device=args.device)
     if adapter is not None:

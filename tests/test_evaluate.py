@@ -59,3 +59,19 @@ def test_windows_drop_the_remainder_and_short_text_fails():
     assert windows_of(torch.arange(10), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(Bigram(5), torch.zeros(3, dtype=torch.long), seqlen=4)
+
+
+def test_auto_batch_fits_memory_and_caps(monkeypatch):
+    import psutil
+
+    from prunetune.evaluate import auto_batch_size
+
+    class Mem:
+        available = 64 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    batch, reason = auto_batch_size(2048, 49152, 100, "cpu")
+    assert batch == 4 and "capped at 4" in reason
+    assert auto_batch_size(2048, 49152, 2, "cpu")[0] == 2  # never more than the windows there are
+    Mem.available = 2 * 2**30  # a quarter is 0.5 GiB: not even one window's 1.1 GiB of logits
+    assert auto_batch_size(2048, 49152, 100, "cpu")[0] == 1

@@ -24,7 +24,6 @@ from prunetune.rundir import (
     staged_output,
 )
 
-
 # ---- staged_output ----
 
 def test_new_output_appears_whole_with_a_marker(tmp_path):
@@ -181,8 +180,9 @@ def test_masks_roundtrip_and_truncated_masks(tmp_path, tiny_model_dir):
 
 
 def test_adapter_base_digest_refuses_another_base(tmp_path, tiny_model_dir, tokenizer_dir):
-    from tiny import make_tiny_model
     from transformers import AutoModelForCausalLM
+
+    from tiny import make_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     other = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "other", tokenizer_dir, seed=7))

@@ -256,6 +256,16 @@ def load_text(dataset: str, split: str, data_dir: str | Path | Sequence[str | Pa
     raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}, or a path to a data file")
 
 
+def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """(N,) -> (W, seqlen): consecutive non-overlapping windows, the remainder dropped, optionally the first
+    `max_windows`. Evaluation windows and fine-tuning blocks (run_clm's `group_texts`) are both cut by this one
+    function, so the pipeline's baseline and final evaluations see the same tokens."""
+    count = input_ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return input_ids[: count * seqlen].view(count, seqlen)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))

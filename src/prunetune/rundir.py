@@ -345,7 +345,7 @@ def _content(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.name not in (MARKER, LOCK_FILE) and not p.name.startswith(STAGING_PREFIX)]
 
 
-def _probe_writable(out: Path) -> None:
+def _probe_writable(out: Path, what: str = "--out") -> None:
     """Refuse an `out` that cannot be created or written (read-only fs, a path under a file) before any work."""
     anchor = out
     while not anchor.exists():
@@ -353,7 +353,7 @@ def _probe_writable(out: Path) -> None:
             break
         anchor = anchor.parent
     if anchor.exists() and not anchor.is_dir():
-        raise UserError(f"--out {str(out)!r} lies under the file {str(anchor)!r}; choose a directory path")
+        raise UserError(f"{what} {str(out)!r} lies under the file {str(anchor)!r}; choose a directory path")
     try:
         fd = os.open(anchor / f"{STAGING_PREFIX}probe-{os.getpid()}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
         os.close(fd)
@@ -361,8 +361,19 @@ def _probe_writable(out: Path) -> None:
     except FileExistsError:
         pass
     except OSError as err:
-        raise UserError(f"--out {str(out)!r} is not writable ({err.strerror} in {anchor}); "
+        raise UserError(f"{what} {str(out)!r} is not writable ({err.strerror} in {anchor}); "
                         "choose a directory you can write") from None
+
+
+def check_writable_file(path: str | Path, what: str = "--out") -> Path:
+    """Refuse an output *file* path that is a directory, lies under a file, or cannot be written; before work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory, expected a file path")
+    _probe_writable(path.parent, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{what} {str(path)!r}: permission denied; choose a file you can write")
+    return path
 
 
 def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrite: bool = False,

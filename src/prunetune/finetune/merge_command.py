@@ -24,9 +24,9 @@ from prunetune.architecture import module_type, prunable_linears
 from prunetune.data import load_text, tokenize
 from prunetune.errors import UserError
 from prunetune.evaluate import perplexity
-from prunetune.evaluate_command import adapter_base, apply_adapter
 from prunetune.finetune.merge import MergeStats, lora_delta, masked_merge, masked_nonzeros
-from prunetune.models import DTYPES, context_length, load_model, parse_dtype
+from prunetune.models import DTYPES, apply_adapter, context_length, load_model, parse_dtype
+from prunetune.rundir import adapter_base
 from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity import sparsity_report
 
