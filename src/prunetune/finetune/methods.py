@@ -334,6 +334,32 @@ def load_sparse_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
                         "it belongs to another model")
 
 
+@torch.no_grad()
+def pattern_violations(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the prunable linears with a non-zero weight where the keep-mask says pruned."""
+    bad = []
+    for name, module in prunable_linears(model).items():
+        keep = masks.get(name)
+        if keep is not None and bool((module.weight[~keep.to(module.weight.device)] != 0).any()):
+            bad.append(name)
+    return bad
+
+
+@torch.no_grad()
+def merge_deployable(peft_model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """The deployable sparse model of a LoRA/masked-LoRA `peft_model`: every delta masked by its keep-mask and
+    merged (float32 math, PEFT's safe merge: refuses non-finite weights). Raises RuntimeError if a pruned
+    weight ends up non-zero (a bug, not a user error)."""
+    if not _variants(peft_model):
+        attach_masks(peft_model, masks, masked=True)
+    with deployable(peft_model):
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    bad = pattern_violations(merged, masks)
+    if bad:
+        raise RuntimeError(f"masked merge left pruned weights non-zero in {bad[:3]}: this is a bug in prunetune")
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------------
 # One entry point for the engine
 # ---------------------------------------------------------------------------------------------------
