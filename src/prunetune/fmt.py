@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _number(value: Any) -> float | None:
+def to_float(value: Any) -> float | None:
     """A value as float (`"nan"`/`"inf"` strings from JSONL included); None when it is not a number."""
     if value is None or isinstance(value, bool):
         return None
@@ -24,7 +24,7 @@ def _number(value: Any) -> float | None:
 
 def hms(seconds: float | None, unknown: str = "?") -> str:
     """0:10:00 style; `unknown` when the duration is not known."""
-    number = _number(seconds)
+    number = to_float(seconds)
     if number is None or not math.isfinite(number):
         return unknown
     whole = int(round(max(number, 0)))
@@ -33,7 +33,7 @@ def hms(seconds: float | None, unknown: str = "?") -> str:
 
 def fmt_num(value: Any, spec: str = ".4f", missing: str = "n/a") -> str:
     """`value` formatted with `spec`; NaN/Inf as `nan`/`inf` (they are evidence); `missing` when absent."""
-    number = _number(value)
+    number = to_float(value)
     if number is None:
         return missing
     if not math.isfinite(number):
@@ -43,7 +43,7 @@ def fmt_num(value: Any, spec: str = ".4f", missing: str = "n/a") -> str:
 
 def fmt_sig(value: Any, digits: int = 4, missing: str = "-") -> str:
     """`digits` significant digits, scientific above 1e6: tables that mix losses and perplexities."""
-    number = _number(value)
+    number = to_float(value)
     if number is None:
         return missing
     if not math.isfinite(number):
@@ -54,7 +54,7 @@ def fmt_sig(value: Any, digits: int = 4, missing: str = "-") -> str:
 def fmt_ppl(value: Any, missing: str = "n/a", grouped: bool = False) -> str:
     """A perplexity: two decimals (`grouped`: thousands separators and no decimals from 1,000 on),
     scientific from 1e6 on."""
-    number = _number(value)
+    number = to_float(value)
     if number is None:
         return missing
     if not math.isfinite(number):
@@ -77,7 +77,7 @@ def fmt_lr(value: float) -> str:
 
 def perplexity_from_loss(loss: Any) -> float | None:
     """exp(mean token NLL); inf past float range (a diverged run), None when the loss is unknown."""
-    number = _number(loss)
+    number = to_float(loss)
     if number is None:
         return None
     if math.isnan(number):

@@ -20,26 +20,18 @@ the text a person reads never disagree. Common keys: `event` (kind of record), `
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from prunetune.fmt import json_safe, to_float
+
+__all__ = ["JsonlWriter", "iter_jsonl", "make_record", "read_jsonl", "to_float"]
+
 
 def make_record(event: str, step: int | None, **fields: Any) -> dict[str, Any]:
     return {"event": event, "step": step, "time": time.time(), **fields}
-
-
-def _jsonable(value: Any) -> Any:
-    # NaN/Inf are evidence (divergence), so they are kept, as strings JSON can carry.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class JsonlWriter:
@@ -51,21 +43,11 @@ class JsonlWriter:
         self._file: IO[str] = self.path.open("a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(_jsonable(record), default=str) + "\n")
+        self._file.write(json.dumps(json_safe(record), default=str) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
-
-
-def to_float(value: Any) -> float | None:
-    """A record value as float, turning the strings `"nan"`/`"inf"` back into floats."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from prunetune.architecture import prunable_linears
 from prunetune.errors import UserError
+from prunetune.fmt import to_float
 from prunetune.pruning.masks import decode_mask, encode_masks, mask_digest
 
 __all__ = ["mask_digest"]  # re-exported: the digest `prune.json` records per mask
@@ -136,13 +137,6 @@ class PrunedInfo:
     prune_json: dict[str, Any]
 
 
-def _float(value: Any) -> float | None:
-    try:
-        return None if value is None or isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def read_pruned(path: str | Path) -> PrunedInfo:
     """What `prune.json` says about a pruned model directory (all None for a plain model dir)."""
     path = Path(path).expanduser()
@@ -155,8 +149,8 @@ def read_pruned(path: str | Path) -> PrunedInfo:
     cfg = cfg if isinstance(cfg, dict) else {}
     parts = [str(cfg[k]) for k in ("method", "pattern", "sparsity") if cfg.get(k) is not None]
     base = meta.get("model") or cfg.get("model")
-    return PrunedInfo(path, str(base) if base else None, _float(meta.get("pruned_perplexity")),
-                      _float(meta.get("dense_perplexity")), " ".join(parts) or None, meta)
+    return PrunedInfo(path, str(base) if base else None, to_float(meta.get("pruned_perplexity")),
+                      to_float(meta.get("dense_perplexity")), " ".join(parts) or None, meta)
 
 
 # ---- keep-masks on disk -----------------------------------------------------------------------------------
