@@ -24,8 +24,8 @@ from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.console import render
 from prunetune.finetune.engine import run_finetune
-from prunetune.rundir import save_masks
 from prunetune.records import read_jsonl
+from prunetune.rundir import save_masks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_preflight_refuses_missing_model_and_existing_run(pruned_dir, shared_dat
 
 
 def test_out_of_memory_is_caught_with_fixes_and_resume_command(pruned_dir, shared_data, tmp_path, monkeypatch):
-    from prunetune.finetune.engine import PrunetuneTrainer
+    from prunetune.finetune.trainer import PrunetuneTrainer
 
     calls = {"n": 0}
     original = PrunetuneTrainer.training_step

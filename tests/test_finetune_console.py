@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from prunetune.finetune.console import RunLog, hms, progress_bar, render
+from prunetune.finetune.console import RunLog, progress_bar, render
+from prunetune.fmt import hms
 from prunetune.records import make_record, read_jsonl
 
 

@@ -21,7 +21,9 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
+from prunetune.analysis import fixes
 from prunetune.finetune.console import RunLog
+from prunetune.fmt import fmt_lr, perplexity_from_loss
 from prunetune.records import to_float
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt")
@@ -100,6 +102,8 @@ class RunState:
     best_step: int | None = None
     best_checkpoint: str | None = None
     last_checkpoint: str | None = None
+    last_good_checkpoint: str | None = None
+    """The last checkpoint saved while every train loss and eval loss so far was finite."""
     last_train_loss: float | None = None
     phase_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """Metrics of the evaluations outside training (`baseline`, `final`), by phase."""
@@ -118,6 +122,7 @@ class MonitorCallback(TrainerCallback):
         context: dict[str, Any] | None = None,
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
+        resume_lr: float | None = None,
     ) -> None:
         self.runlog = runlog
         self.tokens_per_step = tokens_per_step
@@ -126,7 +131,10 @@ class MonitorCallback(TrainerCallback):
         self.thresholds = thresholds
         self.context = context or {}
         self.guard = guard
+        self.resume_lr = resume_lr
+        """The LR this session asks for when resuming: applied to the restored optimizer and schedule."""
         self.state = RunState()
+        self._all_finite = True
         if best is not None:
             self.state.best_loss, self.state.best_step, self.state.best_checkpoint = best
         self.phase = "baseline"
@@ -145,10 +153,33 @@ class MonitorCallback(TrainerCallback):
         self._t0 = self._last_time = time.perf_counter()
         self._first_step = self._last_step = state.global_step
         self.runlog.emit("train_start", state.global_step, max_steps=state.max_steps, **self.header)
+        if self.resume_lr is not None:
+            self._apply_resume_lr(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+
+    def _apply_resume_lr(self, step: int, optimizer, scheduler) -> None:
+        """A resumed run that asks for another LR trains with it: the restored schedule is rescaled (same shape,
+        new peak) so the banner, run_config.json and the step lines all show the LR actually used."""
+        base = getattr(scheduler, "base_lrs", None)
+        if not base or optimizer is None or math.isclose(base[0], self.resume_lr, rel_tol=1e-9):
+            return
+        ratio = self.resume_lr / base[0]
+        scheduler.base_lrs = [lr * ratio for lr in base]
+        for group in optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        self.runlog.emit("message", step, kind="lr_changed", old_lr=base[0], new_lr=self.resume_lr,
+                         message=f"LR changed on resume: peak {fmt_lr(base[0])} -> {fmt_lr(self.resume_lr)} "
+                                 f"(the restored schedule keeps its shape)")
 
     def on_step_end(self, args, state, control, **kwargs):
         model = kwargs.get("model")
-        if model is not None and not trainable_finite(model):
+        # Checked only where the weights are about to be used (logged, evaluated or saved): a non-finite
+        # weight is never evaluated or checkpointed, and the other steps pay nothing for the check.
+        due = control.should_log or control.should_evaluate or control.should_save or self._signalled_locally()
+        if model is not None and due and not trainable_finite(model):
             # The weights are already ruined: never evaluate or checkpoint them, and log the loss that shows it.
             bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
             self._nan_alert(state.global_step, f"the LoRA weights became non-finite in the update of step "
@@ -165,6 +196,9 @@ class MonitorCallback(TrainerCallback):
             self._save_reason = "signal"
             control.should_training_stop = True
         return control
+
+    def _signalled_locally(self) -> bool:
+        return self.guard is not None and self.guard.received is not None
 
     def _signalled(self, args) -> bool:
         """Whether any process received SIGINT/SIGTERM. Under DDP all ranks must stop at the same step (a rank
@@ -212,6 +246,7 @@ class MonitorCallback(TrainerCallback):
                 max_steps=state.max_steps, memory_mb=mem, memory_kind=kind, **self._timing(step, state.max_steps),
             )
             if not (_finite(logs["loss"]) and _finite(logs.get("grad_norm"))):
+                self._all_finite = False
                 self._nan_alert(step, f"non-finite training signal (loss {logs.get('loss')}, grad norm "
                                 f"{logs.get('grad_norm')})",
                                 {"step": step, "loss": logs.get("loss"), "grad_norm": logs.get("grad_norm")})
@@ -223,19 +258,18 @@ class MonitorCallback(TrainerCallback):
         if "nan_inf" in self.alerted:
             return
         self.alerted.add("nan_inf")
-        kept = self.state.last_checkpoint or "none (no checkpoint was written before the divergence)"
+        self._all_finite = False
+        kept = self.state.last_good_checkpoint or "none (no checkpoint was written before the divergence)"
         self.runlog.emit(
             "alert", step, kind="nan_inf", severity="error",
             message=f"{what}: training stopped; the last good checkpoint is kept: {kept}",
-            evidence=evidence,
-            fix=f"lower the learning rate (e.g. --lr {self.context.get('lr', 1e-4) / 10:g}), add "
-                "--warmup_steps, or use --bf16 instead of --fp16",
+            evidence=evidence, fix=fixes.nan_inf(step, self.context.get("lr"), "prunetune"),
         )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = dict(metrics or {})
         loss = to_float(metrics.get("eval_loss"))
-        metrics["perplexity"] = _perplexity(loss)
+        metrics["perplexity"] = perplexity_from_loss(loss)
         runtime = to_float(metrics.get("eval_runtime")) or 0.0
         if self.phase != "train":
             self.state.phase_metrics[self.phase] = metrics
@@ -260,6 +294,11 @@ class MonitorCallback(TrainerCallback):
             eval_steps_per_second=metrics.get("eval_steps_per_second"),
             is_best=is_best, best_before=best_before, best_step=best_step,
         )
+        if not _finite(loss):
+            # As a non-finite train loss: the run stops, and this state is never checkpointed.
+            self._nan_alert(step, f"non-finite eval loss ({loss})", {"step": step, "eval_loss": loss})
+            self._stop("nan", step, control)
+            return control
         self._alerts(step, state)
         return control
 
@@ -272,6 +311,8 @@ class MonitorCallback(TrainerCallback):
                              reason=self._save_reason or "schedule")
         self._save_reason = None
         self.state.last_checkpoint = str(path)
+        if self._all_finite and self.state.stop_reason != "nan":
+            self.state.last_good_checkpoint = str(path)
         if self.state.best_step == step:
             self.state.best_checkpoint = str(path)
         return control
@@ -290,11 +331,3 @@ class MonitorCallback(TrainerCallback):
             # `step` is when the alert was raised (the live moment); the rule's own step is kept beside it.
             self.runlog.emit("alert", step, anomaly_step=anomaly.step, **fields)
 
-
-def _perplexity(loss: float | None) -> float | None:
-    if loss is None:
-        return None
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")

@@ -22,6 +22,9 @@ SCHEDULERS = (
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
 )
 BEST_METRICS = ("eval_loss", "loss")
+METHODS = ("lora", "masked-lora", "sparse-ft")
+DISTILL_MODES = ("none", "logits", "layerwise", "both")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -46,6 +49,11 @@ class FinetuneConfig:
     """Use only the first N grouped training sequences (None: all)."""
     max_eval_samples: int | None = 128
     """Use only the first N grouped validation sequences; the same set gives the before/after perplexity."""
+    method: str = "lora"
+    """What trains: `lora` (adapter, dense update), `masked-lora` (adapter whose update keeps the pruned
+    pattern: merging is exact) or `sparse-ft` (the kept weights themselves; no adapter)."""
+    sparse_ft_targets: tuple[str, ...] = ("all-linear",)
+    """Module types whose kept weights `sparse-ft` trains (`all-linear` for every pruned linear)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -104,12 +112,15 @@ class FinetuneConfig:
     """`auto` (the latest checkpoint in `out`) or a checkpoint directory."""
     overwrite: bool = False
     """Replace an existing run in `out` (otherwise it is refused, never silently overwritten)."""
-    distill: bool = False
-    """Add knowledge distillation from the dense model: loss = CE + alpha * T^2 * KL(teacher || student)."""
+    distill: str = "none"
+    """Teacher signal from the dense model: `none`, `logits` (CE + alpha * T^2 * KL(teacher || student)),
+    `layerwise` (CE + weight * SquareHead over decoder hidden states) or `both`. true/false = logits/none."""
     distill_alpha: float = 0.5
     """Weight of the distillation term."""
     distill_temperature: float = 2.0
     """Softmax temperature of teacher and student in the KL term."""
+    distill_layerwise_weight: float = 1.0
+    """Weight of the layer-wise (SquareHead) distillation term."""
     teacher: str | None = None
     """Teacher model spec; None: the dense model named in the pruned dir's `prune.json`."""
     alert_thresholds: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +129,9 @@ class FinetuneConfig:
     """Forward+backward passes timed before training for the expected-time estimate (the last one counts)."""
     device: str | None = None
     """`cpu` or `cuda`; None: CUDA when available."""
+    dtype: str = "auto"
+    """Training precision: `auto` = bf16 autocast where the device computes bf16 natively, float32 elsewhere
+    (the choice and its reason go to the banner and run_config.json); `--bf16`/`--fp16` override it."""
 
     def __post_init__(self) -> None:
         self._coerce_strings()
@@ -125,6 +139,8 @@ class FinetuneConfig:
             self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         else:
             self.lora_targets = tuple(self.lora_targets)
+        self.sparse_ft_targets = _names(self.sparse_ft_targets)
+        self.distill = _distill_mode(self.distill)
         if isinstance(self.report_to, str):
             self.report_to = tuple(t.strip() for t in self.report_to.split(",") if t.strip())
         else:
@@ -172,14 +188,23 @@ class FinetuneConfig:
             raise UserError("--bf16 and --fp16 are exclusive; choose one")
         if self.warmup_steps < 0:
             raise UserError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.distill and not (self.distill_alpha >= 0 and self.distill_temperature > 0):
-            raise UserError("--distill-alpha must be >= 0 and --distill-temperature > 0")
+        if self.distill != "none" and not (self.distill_alpha >= 0 and self.distill_temperature > 0
+                                           and self.distill_layerwise_weight >= 0):
+            raise UserError("--distill-alpha and --distill-layerwise-weight must be >= 0 and --distill-temperature > 0")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.resume_from_checkpoint is not None and self.overwrite:
             raise UserError("--overwrite and --resume_from_checkpoint contradict each other; choose one")
         if self.probe_steps < 0:
             raise UserError(f"probe_steps must be >= 0, got {self.probe_steps}")
         if self.device not in (None, "cpu", "cuda"):
             raise UserError(f"unknown --device {self.device!r}; choose cpu or cuda")
+
+    @property
+    def distilling(self) -> bool:
+        return self.distill != "none"
 
     def _coerce_strings(self) -> None:
         """YAML reads `5e-4` as a string (YAML 1.1 wants `5.0e-4`); numbers and booleans given as text are
@@ -207,6 +232,27 @@ class FinetuneConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A comma-separated string or a sequence -> a tuple of stripped names."""
+    if isinstance(value, str):
+        return tuple(t.strip() for t in value.split(",") if t.strip())
+    return tuple(value)
+
+
+def _distill_mode(value: str | bool | None) -> str:
+    """`--distill` value -> one of DISTILL_MODES; booleans of older configs: true = logits, false = none."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "logits"
+    mode = str(value).strip().lower()
+    mode = {"true": "logits", "yes": "logits", "1": "logits", "false": "none", "no": "none", "0": "none",
+            "": "none"}.get(mode, mode)
+    if mode not in DISTILL_MODES:
+        raise UserError(f"unknown --distill {value!r}; choose one of: {', '.join(DISTILL_MODES)}")
+    return mode
 
 
 # Names users bring from Transformers' TrainingArguments / run_clm, mapped to ours.

@@ -4,24 +4,16 @@ record goes to `metrics.jsonl`, so the log a script reads and the text a person 
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from prunetune.fmt import fmt_num, fmt_ppl, hms
 from prunetune.records import JsonlWriter, make_record, to_float
 
 BAR_WIDTH = 20
 RULE = "=" * 78
-
-
-def hms(seconds: float | None) -> str:
-    """0:10:00 style; `?` when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(max(seconds, 0)))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -31,24 +23,6 @@ def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
     if filled >= width:
         return "[" + "=" * width + "]"
     return "[" + "=" * filled + ">" + " " * (width - filled - 1) + "]"
-
-
-def fmt_num(value: Any, spec: str = ".4f") -> str:
-    number = to_float(value)
-    if number is None:
-        return "n/a"
-    if not math.isfinite(number):
-        return str(number)
-    return format(number, spec)
-
-
-def fmt_ppl(value: Any) -> str:
-    number = to_float(value)
-    if number is None:
-        return "n/a"
-    if not math.isfinite(number):
-        return str(number)
-    return f"{number:.2f}" if number < 1e6 else f"{number:.3e}"
 
 
 def fmt_memory(mb: Any, kind: str | None) -> str:
@@ -73,7 +47,7 @@ def _config(r: Mapping[str, Any]) -> list[str]:
     lora = r.get("lora", {})
     lines = [
         RULE,
-        f"prunetune finetune {r.get('version', '')}: LoRA recovery of a pruned model",
+        f"prunetune finetune {r.get('version', '')}: recovery of a pruned model ({r.get('method', 'lora')})",
         RULE,
         f"Pruned model:      {r.get('pruned')}",
         f"Base model:        {r.get('base_model') or 'unknown (no prune.json)'}",
@@ -87,11 +61,13 @@ def _config(r: Mapping[str, Any]) -> list[str]:
         + (f"   Max steps: {r['max_steps']}" if r.get("max_steps", -1) > 0 else ""),
         f"LoRA:              r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"targets={','.join(lora.get('targets', []))}",
-        f"Precision/device:  {r.get('precision')} on {r.get('device')}",
+        f"Precision/device:  {r.get('precision')} on {r.get('device')}"
+        + (f" ({r['precision_reason']})" if r.get("precision_reason") else ""),
     ]
     if r.get("distill"):
         d = r["distill"]
-        lines.append(f"Distillation:      teacher {d.get('teacher')}, alpha={d.get('alpha')}, T={d.get('temperature')}")
+        lines.append(f"Distillation:      {d.get('mode', 'logits')} from teacher {d.get('teacher')}, "
+                     f"alpha={d.get('alpha')}, T={d.get('temperature')}")
     if r.get("resume_from"):
         lines.append(f"Resuming from:     {r['resume_from']}")
     return lines
@@ -287,7 +263,7 @@ def _summary(r: Mapping[str, Any]) -> list[str]:
     lines = _header("Training summary")
     lines += [
         f"  Total steps:      {r.get('total_steps')}",
-        f"  Total time:       {hms(r.get('total_time_s'))}",
+        f"  Total time:       {hms(r.get('total_time_s'))}" + _sessions(r.get("sessions")),
         f"  Final train loss: {fmt_num(r.get('final_train_loss'))} (mean over the run "
         f"{fmt_num(r.get('mean_train_loss'))})",
         f"  Final eval loss:  {fmt_num(r.get('final_eval_loss'))}",
@@ -301,9 +277,18 @@ def _summary(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _sessions(sessions: Any) -> str:
+    """` over 2 sessions: steps 0-6 0:00:41, steps 6-12 0:00:38` for a resumed run; empty for one session."""
+    if not isinstance(sessions, list) or len(sessions) < 2:
+        return ""
+    parts = [f"steps {s.get('from_step')}-{s.get('to_step')} {hms(s.get('seconds'))}" for s in sessions]
+    return f" over {len(sessions)} sessions: {', '.join(parts)}"
+
+
 def _resume(r: Mapping[str, Any]) -> list[str]:
-    return ["", f"Resuming from {r.get('checkpoint')} at step {r.get('step')}; "
-                f"{r.get('dropped', 0)} records after it were superseded."]
+    lines = [f"Skipped {line}" for line in r.get("skipped") or []]
+    return ["", *lines, f"Resuming from {r.get('checkpoint')} at step {r.get('step')}; "
+                        f"{r.get('dropped', 0)} records after it were superseded."]
 
 
 def _plain(r: Mapping[str, Any]) -> list[str]:
@@ -401,6 +386,18 @@ class RunLog:
                 self.stream = None
         if persist and self._log is not None:
             self._log.write(text + "\n")
+            self._log.flush()
+
+    def record_error(self, message: str) -> None:
+        """A user error that ends the run, into train.log and metrics.jsonl when they are open (the console
+        shows it from the CLI); nothing when the run never opened them, or already recorded its error."""
+        if not self.enabled or self._metrics is None or (self.records and self.records[-1]["event"] == "error"):
+            return
+        record = make_record("error", None, kind="user_error", message=message)
+        self.records.append(record)
+        self._metrics.write(record)
+        if self._log is not None:
+            self._log.write(f"Error: {message}\n")
             self._log.flush()
 
     def close(self) -> None:

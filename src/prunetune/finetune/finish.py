@@ -1,0 +1,184 @@
+"""The end of a run that trained to its last step: best checkpoint loaded, final evaluation, the sparsity
+assertion, the adapter saved (complete-or-absent, with its base digest), and the summary over the whole run
+(all sessions when it was resumed).
+
+Extension point: `final_eval` is the one final-evaluation path (recovery methods add the deployable model's
+evaluation here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file
+
+from prunetune import rundir
+from prunetune.analysis import fixes
+from prunetune.errors import UserError
+from prunetune.finetune.callbacks import MonitorCallback
+from prunetune.finetune.prepare import sparsity_violations
+from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
+from prunetune.records import to_float
+
+if TYPE_CHECKING:
+    from prunetune.finetune.engine import Run
+
+
+def base_result(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
+                train_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The fields every ending of a run returns."""
+    return {
+        "status": "completed", "out": str(run.out), "pruned": str(run.pruned.path),
+        "base_model": run.pruned.base_model, "total_steps": trainer.state.global_step,
+        "train_loss": train_metrics.get("train_loss"), "baseline_eval_loss": baseline.get("eval_loss"),
+        "baseline_perplexity": baseline.get("perplexity"), "last_checkpoint": monitor.state.last_checkpoint,
+    }
+
+
+def oom_error(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, err: BaseException,
+              stage: str) -> UserError:
+    """The `error` record (with the fixes and the resume command) and the one-line error of an OOM."""
+    cfg = run.cfg
+    ways = fixes.oom_fixes(cfg.block_size, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                           cfg.gradient_checkpointing, run.precision.name != "fp32")
+    run.runlog.emit("error", trainer.state.global_step, kind="out_of_memory", stage=stage,
+                    message=f"Out of memory during {stage} ({type(err).__name__}).", fixes=ways,
+                    fix="; ".join(ways), resume_command=run.resume_command(),
+                    checkpoint=monitor.state.last_checkpoint)
+    return UserError(f"out of memory during {stage}; apply one of the fixes above, then resume with: "
+                     f"{run.resume_command()}")
+
+
+def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
+           train_metrics: dict[str, Any]) -> dict[str, Any]:
+    best_ckpt = load_best(run, trainer, monitor)
+    final = final_eval(run, trainer, monitor, baseline)
+    whole = whole_run(trainer, train_metrics)
+    train_metrics = train_metrics | {"train_loss": whole["mean_train_loss"],
+                                     "train_loss_this_session": train_metrics.get("train_loss"),
+                                     "total_time_s": whole["total_time_s"], "sessions": whole["sessions"]}
+    if run.is_main:
+        trainer.save_metrics("train", train_metrics)
+    violations = check_sparsity(run, trainer)
+    adapter_dir = save_adapter(run, trainer, best_ckpt, baseline, final)
+    state = monitor.state
+    run.runlog.emit("summary", trainer.state.global_step, total_steps=trainer.state.global_step,
+                    total_time_s=whole["total_time_s"], sessions=whole["sessions"],
+                    final_train_loss=state.last_train_loss, mean_train_loss=whole["mean_train_loss"],
+                    final_eval_loss=final.get("eval_loss"), final_perplexity=final.get("perplexity"),
+                    best_checkpoint=best_ckpt, next_steps=next_steps(run, adapter_dir))
+    return base_result(run, trainer, monitor, baseline, train_metrics) | {
+        "adapter": str(adapter_dir), "final_eval_loss": final.get("eval_loss"),
+        "final_perplexity": final.get("perplexity"), "best_checkpoint": best_ckpt,
+        "total_time_s": whole["total_time_s"], "sessions": whole["sessions"], "sparsity_ok": not violations,
+        "last_train_loss": state.last_train_loss,
+    }
+
+
+def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> str | None:
+    """Load the best checkpoint's adapter (load_best_model_at_end); returns that checkpoint."""
+    state = monitor.state
+    best_ckpt = state.best_checkpoint or trainer.state.best_model_checkpoint
+    if not run.cfg.load_best_model_at_end:
+        return best_ckpt
+    weights = Path(best_ckpt) / rundir.ADAPTER_WEIGHTS if best_ckpt else None
+    if weights is not None and weights.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.model, load_file(str(weights)))
+        run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
+                        best_step=state.best_step)
+    else:
+        run.runlog.emit("best_loaded", None, checkpoint=None)
+    return best_ckpt
+
+
+def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback,
+               baseline: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned model on the same tokenised eval set as the baseline, once."""
+    cfg = run.cfg
+    if cfg.eval_strategy == "no" and not cfg.load_best_model_at_end:
+        return {}
+    monitor.phase = "final"
+    try:
+        trainer.evaluate()
+    except OOM_ERRORS as err:
+        raise oom_error(run, trainer, monitor, err, "the final evaluation") from None
+    final = monitor.state.phase_metrics["final"]
+    before, after = to_float(baseline.get("perplexity")), to_float(final.get("perplexity"))
+    reduction = 100 * (before - after) / before if before and after is not None and math.isfinite(before) else None
+    run.runlog.emit("final_eval", trainer.state.global_step, eval_loss=final.get("eval_loss"),
+                    perplexity=after, eval_runtime=final.get("eval_runtime"),
+                    eval_samples_per_second=final.get("eval_samples_per_second"),
+                    eval_steps_per_second=final.get("eval_steps_per_second"),
+                    baseline_perplexity=before, baseline_eval_loss=baseline.get("eval_loss"), reduction_pct=reduction)
+    if run.is_main:
+        trainer.save_metrics("eval", {k: v for k, v in final.items() if k != "perplexity"} |
+                             {"eval_perplexity": after})
+    return final
+
+
+def whole_run(trainer: PrunetuneTrainer, train_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Mean train loss, time and steps over every session of the run, and each session's share."""
+    this = trainer.session()
+    steps_now = this["to_step"] - this["from_step"]
+    this["loss_sum"] = (to_float(train_metrics.get("train_loss")) or 0.0) * steps_now
+    sessions = [*trainer.sessions, this]
+    steps = sum(s["to_step"] - s["from_step"] for s in sessions)
+    loss_sum = sum(s["loss_sum"] for s in sessions)
+    shares = [{"from_step": s["from_step"], "to_step": s["to_step"], "seconds": s["seconds"],
+               "train_loss": s["loss_sum"] / max(s["to_step"] - s["from_step"], 1)} for s in sessions]
+    return {"mean_train_loss": loss_sum / steps if steps else to_float(train_metrics.get("train_loss")),
+            "total_time_s": sum(s["seconds"] for s in sessions), "sessions": shares}
+
+
+def check_sparsity(run: Run, trainer: PrunetuneTrainer) -> list[str]:
+    """Assert, not assume, that every pruned position of the base is still zero."""
+    violations = sparsity_violations(trainer.model, run.masks)
+    kept = sum(int(m.sum()) for m in run.masks.values())
+    total = sum(m.numel() for m in run.masks.values())
+    run.runlog.emit("sparsity_check", trainer.state.global_step, ok=not violations, violations=violations,
+                    matrices=len(run.masks), sparsity=1 - kept / max(total, 1))
+    if violations:
+        raise RuntimeError(f"pruned base weights became non-zero in {violations}: this is a bug in prunetune")
+    return violations
+
+
+def save_adapter(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, baseline: dict[str, Any],
+                 final: dict[str, Any]) -> Path:
+    """The adapter and its prunetune record, written beside `OUT/adapter` and renamed in whole."""
+    adapter_dir = run.out / rundir.ADAPTER_DIR
+    staging = run.out / f"{rundir.STAGING_PREFIX}{rundir.ADAPTER_DIR}-{os.getpid()}"
+    trainer.save_model(str(staging))
+    files = []
+    if run.is_main:
+        rundir.write_adapter_meta(
+            staging, pruned_model=run.pruned.path, base_model=run.pruned.base_model, digest=run.base_digest,
+            method=run.cfg.method, run_dir=str(run.out.resolve()), best_checkpoint=best_ckpt,
+            final_perplexity=to_float(final.get("perplexity")),
+            baseline_perplexity=to_float(baseline.get("perplexity")), mask_source=run.mask_source,
+        )
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(staging, adapter_dir)
+        files = sorted(str(p) for p in adapter_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
+    run.runlog.emit("adapter_saved", None, dir=str(adapter_dir), files=files)
+    return adapter_dir
+
+
+def next_steps(run: Run, adapter_dir: Path) -> list[tuple[str, str]]:
+    cfg = run.cfg
+    quoted = shlex.quote(str(run.pruned.path))
+    data_flag = f" --data-dir {shlex.quote(cfg.data_dir)}" if cfg.data_dir else ""
+    return [
+        ("perplexity of the recovered model", f"prunetune evaluate --model {quoted} --adapter "
+                                              f"{shlex.quote(str(adapter_dir))} --dataset {cfg.dataset}{data_flag}"),
+        ("plots and diagnosis of this run", f"prunetune report {shlex.quote(str(run.out))}"),
+        ("merge the adapter, keeping the sparsity", f"prunetune merge --adapter {shlex.quote(str(adapter_dir))} "
+                                                    f"--out {shlex.quote(str(run.out / 'merged'))}"),
+    ]

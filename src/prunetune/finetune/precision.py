@@ -1,0 +1,62 @@
+"""The training precision of a run: `--bf16` / `--fp16` when given, else `--dtype` (`auto`: bf16 autocast where
+the device computes bf16 natively, float32 elsewhere; `prunetune.devices.resolve_dtype` decides and says why).
+
+What stays float32 and why: the trainable parameters and the optimizer state (AdamW moments in bf16 lose the
+small updates a recovery run is made of), and the loss (the Trainer's causal-LM loss upcasts the logits before
+the log-softmax). bf16 is autocast on the forward pass; on CUDA the frozen base is also loaded in half
+precision (it never receives updates), on CPU it stays float32 and autocast casts per matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prunetune.devices import resolve_dtype
+from prunetune.errors import UserError
+from prunetune.finetune.config import FinetuneConfig
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    """fp32 | bf16 | fp16: the Trainer's mixed-precision mode."""
+    reason: str
+    """Why this precision, for the banner and run_config.json."""
+    load_dtype: torch.dtype
+    """The dtype the frozen base model is loaded in."""
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.name == "fp16"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"precision": self.name, "reason": self.reason,
+                "load_dtype": str(self.load_dtype).removeprefix("torch.")}
+
+
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_precision(cfg: FinetuneConfig, device: str) -> Precision:
+    if cfg.fp16 and device == "cpu":
+        raise UserError("--fp16 needs a CUDA GPU (loss scaling for float16); on CPU use --bf16")
+    if cfg.bf16:
+        name, reason = "bf16", "bf16: requested (--bf16)"
+    elif cfg.fp16:
+        name, reason = "fp16", "fp16: requested (--fp16)"
+    else:
+        dtype, reason = resolve_dtype(cfg.dtype, device, "train")
+        name = _NAMES[dtype]
+        if name == "fp16" and device == "cpu":
+            raise UserError("--dtype float16 needs a CUDA GPU (loss scaling); on CPU use --dtype bfloat16")
+    load_dtype = torch.float32
+    if device == "cuda" and name != "fp32":
+        load_dtype = torch.bfloat16 if name == "bf16" else torch.float16  # frozen base in half; adapters stay fp32
+    return Precision(name, reason, load_dtype)

@@ -1,0 +1,129 @@
+"""Pre-flight checks of a finetune run, before anything is written: the pruned model, the data, the block size
+against the model's context, the teacher, and what the output directory holds (a free directory, a run to
+resume, a finished run, an earlier attempt that never trained, or a run that must not be overwritten).
+
+Each check is a dict `{name, ok, detail, fix}`; the `preflight` record carries them to the console.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prunetune.data import TextSplit, load_text
+from prunetune.errors import UserError
+from prunetune.finetune.config import FinetuneConfig
+from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT
+from prunetune.finetune.resume import METRICS, ResumePoint, checkpoints
+from prunetune.models import context_length, load_config
+from prunetune.records import read_jsonl
+
+ADAPTER_DIR = "adapter"
+RUN_CONFIG = "run_config.json"
+# What a previous run leaves in its directory; --overwrite removes exactly these, nothing else.
+RUN_FILES = (METRICS, "train.log", RUN_CONFIG, "trainer_state.json", "all_results.json",
+             "train_results.json", "eval_results.json", ADAPTER_DIR, ".checkpoint-staging")
+# Records that show a run trained: its directory is then never replaced without --overwrite.
+_TRAINED_EVENTS = ("train_start", "log", "eval", "checkpoint")
+
+Check = dict[str, Any]
+
+
+def existing_run(out: Path) -> list[str]:
+    """Names of the files and checkpoints an earlier run left in `out` (empty for a free directory)."""
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    return found + sorted(path.name for _, path in checkpoints(out))
+
+
+def ever_trained(out: Path) -> bool:
+    """Whether the run in `out` reached training; an attempt that stopped before (a user error, a bad
+    setting) leaves nothing worth keeping and never blocks the corrected rerun."""
+    if checkpoints(out) or (out / ADAPTER_DIR).exists():
+        return True
+    metrics = out / METRICS
+    return metrics.is_file() and any(r.get("event") in _TRAINED_EVENTS for r in read_jsonl(metrics))
+
+
+def remove_run(out: Path, existing: list[str]) -> None:
+    for name in existing:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _check_pruned(cfg: FinetuneConfig) -> list[Check]:
+    pruned = Path(cfg.pruned).expanduser()
+    if not (pruned / "config.json").is_file():
+        return [{
+            "name": "pruned model", "ok": False, "detail": f"{pruned} is not a model directory (no config.json)",
+            "fix": f"prunetune prune --model smollm2-135m --method wanda --sparsity 0.5 --out {shlex.quote(str(pruned))}",
+        }]
+    checks: list[Check] = [{"name": "pruned model", "ok": True, "detail": f"found {pruned}"}]
+    context = context_length(load_config(str(pruned), log=lambda *_: None))
+    if context is not None and cfg.block_size > context:
+        checks.append({"name": "block size", "ok": False,
+                       "detail": f"--block-size {cfg.block_size} exceeds the model's context of {context} tokens",
+                       "fix": f"--block-size {context} or less"})
+    return checks
+
+
+def _check_data(cfg: FinetuneConfig) -> tuple[list[Check], dict[str, TextSplit]]:
+    try:
+        texts = {split: load_text(cfg.dataset, split, cfg.data_dir) for split in (TRAIN_SPLIT, EVAL_SPLIT)}
+    except UserError as err:
+        return [{"name": "dataset", "ok": False, "detail": str(err).split(": ", 1)[0],
+                 "fix": str(err).split(": ", 1)[-1]}], {}
+    detail = f"{cfg.dataset}: train {texts[TRAIN_SPLIT].origin}; validation {texts[EVAL_SPLIT].origin}"
+    return [{"name": "dataset", "ok": True, "detail": detail}], texts
+
+
+def _check_out(cfg: FinetuneConfig, out: Path, resume: ResumePoint | None, existing: list[str]) -> Check:
+    listed = ", ".join(existing[:4])
+    name = "output directory"
+    if out.exists() and not out.is_dir():
+        return {"name": name, "ok": False, "detail": f"{out} is a file", "fix": "choose another --out"}
+    if resume is not None:
+        skipped = "".join(f"; skipped {line}" for line in resume.skipped)
+        return {"name": name, "ok": True, "detail": f"{out}: resuming from {resume.path.name}{skipped}"}
+    if existing and not ever_trained(out):
+        return {"name": name, "ok": True,
+                "detail": f"{out}: an earlier attempt stopped before training ({listed}); its files are replaced"}
+    if existing and cfg.resume_from_checkpoint == "auto":
+        # Asked to continue, but the run stopped before its first checkpoint: starting over is all there is.
+        return {"name": name, "ok": True,
+                "detail": f"{out}: no checkpoint to resume from; the unfinished run ({listed}) is started over"}
+    if existing and cfg.overwrite:
+        return {"name": name, "ok": True, "detail": f"{out}: the previous run ({listed}) is replaced (--overwrite)"}
+    if existing:
+        return {"name": name, "ok": False,
+                "detail": f"{out} already holds a run ({listed}); it is never silently overwritten",
+                "fix": "add --resume_from_checkpoint auto to continue it, --overwrite to replace it, or choose "
+                       "another --out"}
+    return {"name": name, "ok": True, "detail": f"{out} is free"}
+
+
+def preflight_checks(
+    cfg: FinetuneConfig, out: Path, resume: ResumePoint | None, teacher_spec: str | None, is_main: bool
+) -> tuple[list[Check], dict[str, TextSplit], list[str]]:
+    """(checks, the train/validation texts, the earlier run's files to replace when the checks pass)."""
+    checks = _check_pruned(cfg)
+    data_checks, texts = _check_data(cfg)
+    existing = existing_run(out) if is_main else []
+    checks += data_checks + [_check_out(cfg, out, resume, existing)]
+    if cfg.distill and not teacher_spec:
+        checks.append({"name": "teacher", "ok": False, "detail": "--distill needs the dense model",
+                       "fix": "give --teacher MODEL (the pruned dir has no prune.json naming it)"})
+    return checks, texts, existing if resume is None else []
+
+
+def raise_on_failure(checks: list[Check]) -> None:
+    failed = [c for c in checks if not c["ok"]]
+    if failed:
+        first = failed[0]
+        raise UserError(f"{first['name']}: {first['detail']}; fix: {first.get('fix')}")

@@ -1,0 +1,182 @@
+"""Resuming a run: which checkpoint (`auto` = the newest *complete* one), whether it is whole before anything
+is touched, what the interrupted session wrote that the resumed one supersedes, and what it carries over
+(best evaluation, baseline, the earlier sessions' time and loss).
+
+A checkpoint is complete when its trainer state, adapter (or model) weights and optimizer state all read
+back; `PrunetuneTrainer` writes checkpoints complete-or-absent, and this module still checks, because a
+checkpoint may come from an older version, another tool, or a disk that filled up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from prunetune.errors import UserError
+from prunetune.finetune.config import FinetuneConfig
+from prunetune.finetune.trainer import CHECKPOINT_STAGING, SESSIONS
+from prunetune.records import read_jsonl, to_float
+from prunetune.rundir import ADAPTER_DIR, METRICS
+
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
+# Training records an interrupted run wrote after its last checkpoint; a resumed run writes them again.
+SUPERSEDED_EVENTS = ("log", "eval", "checkpoint", "alert", "message")
+# How the interrupted session ended: a resumed run is not finished, so readers (monitor) must not see these.
+ENDING_EVENTS = ("train_end", "stopped", "error", "best_loaded", "final_eval", "sparsity_check", "adapter_saved",
+                 "summary")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    step: int
+    skipped: tuple[str, ...] = ()
+    """Incomplete or unreadable checkpoints passed over, one line each (said on the console)."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (missing or unreadable file), or None when it is complete."""
+    state = path / TRAINER_STATE
+    try:
+        json.loads(state.read_text())["global_step"]
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE} (the save was interrupted)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE} is unreadable"
+    weights = next((path / name for name in WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        return f"no {' or '.join(WEIGHTS)}"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        return f"{weights.name} is unreadable ({type(err).__name__})"
+    if not (path / OPTIMIZER).is_file():
+        return f"no {OPTIMIZER}"
+    try:
+        with zipfile.ZipFile(path / OPTIMIZER) as archive:
+            bad = archive.testzip()  # CRC of every member: a truncated or corrupted file fails here
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{OPTIMIZER} is unreadable ({type(err).__name__})"
+    return f"{OPTIMIZER} is corrupt ({bad})" if bad else None
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """`checkpoint-N` directories of a run, newest (highest N) first."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def _step(path: Path) -> int:
+    return int(json.loads((path / TRAINER_STATE).read_text()).get("global_step", 0))
+
+
+def select_checkpoint(cfg: FinetuneConfig, out: Path) -> ResumePoint | None:
+    """The checkpoint to resume from (`auto`: the newest complete one in `out`; None when there is none), or
+    a one-line UserError. Nothing in `out` is changed here."""
+    if cfg.resume_from_checkpoint is None:
+        return None
+    if cfg.resume_from_checkpoint != "auto":
+        path = Path(cfg.resume_from_checkpoint).expanduser()
+        problem = checkpoint_problem(path) if path.is_dir() else "not a directory"
+        if problem is None:
+            return ResumePoint(path, _step(path))
+        hint = "give a complete checkpoint-N directory or `auto` (the newest complete one)"
+        raise UserError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} cannot be resumed: {problem}; "
+                        f"{hint}")
+    finished = finished_step(out)
+    if finished is not None:
+        raise UserError(
+            f"{out} holds a finished run (step {finished}, adapter saved); `--resume_from_checkpoint auto` never "
+            f"restarts a finished run: to train again add --overwrite (replaces it) or choose another --out"
+        )
+    skipped = []
+    if (out / CHECKPOINT_STAGING).exists():
+        skipped.append(f"{out / CHECKPOINT_STAGING}: a checkpoint whose save was interrupted")
+    for _, path in checkpoints(out):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return ResumePoint(path, _step(path), tuple(skipped))
+        skipped.append(f"{path.name}: {problem}")
+    if skipped:
+        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped)}); "
+                        "add --overwrite to start the run over")
+    return None
+
+
+def finished_step(out: Path) -> int | None:
+    """The last step of a finished run: its adapter is saved and its last session ended with a `summary`."""
+    path = out / METRICS
+    if not (path.is_file() and (out / ADAPTER_DIR).is_dir()):
+        return None
+    endings = [r for r in read_jsonl(path) if r.get("event") in ENDING_EVENTS or r.get("event") == "resume"]
+    if endings and endings[-1].get("event") == "summary":
+        return int(endings[-1].get("step") or 0)
+    return None
+
+
+def drop_superseded(out: Path, resume_step: int) -> tuple[list[dict[str, Any]], int]:
+    """Drop the records of the interrupted session after the checkpoint it resumes from: the resumed run writes
+    them again, so a reader sees one history. Returns (kept records, dropped count)."""
+    path = out / METRICS
+    if not path.is_file():
+        return [], 0
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("event") not in ENDING_EVENTS
+            and not (r.get("event") in SUPERSEDED_EVENTS and (r.get("step") or 0) > resume_step)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept, len(records) - len(kept)
+
+
+@dataclass
+class PriorRun:
+    """What the sessions before this one left that this one carries on with."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per earlier session, up to the checkpoint resumed from: steps, seconds, loss sum."""
+
+    def best(self, out: Path) -> tuple[float, int, str | None] | None:
+        """(eval loss, step, checkpoint or None) of the best finite evaluation so far."""
+        evals = [r for r in self.records if r.get("event") == "eval" and to_float(r.get("eval_loss")) is not None]
+        if not evals:
+            return None
+        top = min(evals, key=lambda r: to_float(r["eval_loss"]))
+        ckpt = out / f"checkpoint-{top['step']}"
+        return to_float(top["eval_loss"]), int(top["step"]), str(ckpt) if ckpt.is_dir() else None
+
+    def baseline(self) -> dict[str, Any] | None:
+        return next((r for r in self.records if r.get("event") == "baseline_eval"), None)
+
+
+def read_sessions(checkpoint: Path) -> list[dict[str, Any]]:
+    path = checkpoint / SESSIONS
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def load_prior(out: Path, resume: ResumePoint | None, is_main: bool) -> tuple[PriorRun, int]:
+    """The prior run to carry on (empty for a fresh run), and how many superseded records were dropped."""
+    if resume is None:
+        return PriorRun(), 0
+    records, dropped = drop_superseded(out, resume.step) if is_main else ([], 0)
+    return PriorRun(records, read_sessions(resume.path)), dropped

@@ -1,0 +1,202 @@
+"""The Trainer prunetune trains with: `PrunetuneTrainer` (the loss hook, complete-or-absent checkpoints),
+its `TrainingArguments` built from a `FinetuneConfig`, the measured probe step, and where a process runs.
+
+Extension points for recovery methods:
+- the loss: `PrunetuneTrainer(loss=...)` takes any `TrainingLoss` (`build_loss` picks CE or logit KD today);
+- after every optimizer step: a `TrainerCallback.on_optimizer_step` (the method's callbacks, see
+  `prunetune.finetune.prepare.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from prunetune.errors import UserError
+from prunetune.finetune.config import FinetuneConfig
+from prunetune.finetune.data import FinetuneData
+from prunetune.finetune.distill import distill_compute_loss
+from prunetune.runinfo import write_json
+
+# A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
+# `checkpoint-N` directory is always complete (a kill -9 mid-save leaves only this staging dir behind).
+CHECKPOINT_STAGING = ".checkpoint-staging"
+# In each checkpoint: the training sessions up to it (steps, seconds, loss sum), so a resumed run reports the
+# whole run's mean loss and time, not only its last session's.
+SESSIONS = "prunetune_sessions.json"
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
+
+
+class TrainingLoss(Protocol):
+    """`(model, inputs) -> (loss, outputs)` for a training micro-batch; evaluation always uses plain CE."""
+
+    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]: ...
+
+
+class LogitDistillation:
+    """CE + alpha * T^2 * KL(teacher || student) from a frozen teacher (prunetune.finetune.distill)."""
+
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float) -> None:
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        return distill_compute_loss(model, self.teacher, inputs, self.alpha, self.temperature)
+
+
+def build_loss(cfg: FinetuneConfig, teacher: nn.Module | None) -> TrainingLoss | None:
+    """The training loss of `cfg`: None = the Trainer's own causal-LM cross-entropy."""
+    if cfg.distill and teacher is not None:
+        return LogitDistillation(teacher, cfg.distill_alpha, cfg.distill_temperature)
+    return None
+
+
+class PrunetuneTrainer(Trainer):
+    """The Trainer with two changes: the training loss is pluggable, and checkpoints are complete-or-absent."""
+
+    def __init__(self, *args: Any, loss: TrainingLoss | None = None, sessions: list[dict[str, Any]] | None = None,
+                 started: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.training_loss = loss
+        self.sessions = list(sessions or [])
+        """The earlier sessions of this run (from the checkpoint resumed from)."""
+        self.started = time.perf_counter() if started is None else started
+
+    def session(self, loss_sum: float | None = None) -> dict[str, Any]:
+        """This session so far: steps from/to, wall seconds, and the sum of its per-step train losses (by
+        default from the Trainer's running sums: the total logged so far plus what waits for the next log)."""
+        first = getattr(self, "_initial_global_step", self.state.global_step)
+        if loss_sum is None:
+            pending = getattr(self, "_tr_loss", None)
+            loss_sum = getattr(self, "_total_loss_scalar", 0.0) + (float(pending) if pending is not None else 0.0)
+        return {"from_step": first, "to_step": self.state.global_step, "seconds": time.perf_counter() - self.started,
+                "loss_sum": loss_sum}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.training_loss is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = self.training_loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Save into `OUT/.checkpoint-staging/checkpoint-N`, then rename to `OUT/checkpoint-N` (atomic on one
+        filesystem). The Trainer's own rotation runs on the staging dir (one entry: a no-op), ours after."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self.args.output_dir)
+        staging_root = run_dir / CHECKPOINT_STAGING
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.args.output_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run_dir)
+        self._barrier()
+        if self.args.should_save:
+            write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+            _swap_in(staging_root / name, run_dir / name)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            best = self.state.best_global_step
+            if best and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}").is_dir():
+                self.state.best_model_checkpoint = str(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}")
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def _swap_in(staged: Path, final: Path) -> None:
+    """`staged` becomes `final`; an existing `final` (the same step saved twice) is replaced, never merged."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staged, final)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_device(device: str) -> torch.device:
+    """Where this process loads its models: under torchrun/accelerate each rank its own GPU, so eight ranks
+    never stack eight copies of a 7B model on GPU 0 before the Trainer places them."""
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+def training_args(cfg: FinetuneConfig, out: Path, device: str, bf16: bool, fp16: bool) -> TrainingArguments:
+    """TrainingArguments of `cfg`; `bf16`/`fp16` are the resolved precision (`--dtype auto` or the flags)."""
+    evaluating = cfg.eval_strategy != "no"
+    try:
+        return TrainingArguments(
+            output_dir=str(out), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.lr,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=cfg.logging_first_step,
+            # The Trainer's default hides NaN losses by averaging them away; divergence must be seen.
+            logging_nan_inf_filter=False,
+            eval_strategy=cfg.eval_strategy, eval_steps=cfg.eval_steps if cfg.eval_strategy == "steps" else None,
+            save_strategy=cfg.save_strategy, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+            # Best-checkpoint loading is done by the engine, so save_steps need not be a multiple of eval_steps:
+            # the callback checkpoints every new best evaluation.
+            load_best_model_at_end=False,
+            metric_for_best_model="eval_loss" if evaluating else None,
+            greater_is_better=False if evaluating else None,
+            activation_checkpointing=cfg.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+            bf16=bf16, fp16=fp16, warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler_type,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
+            dataloader_num_workers=cfg.dataloader_num_workers, report_to=list(cfg.report_to),
+            use_cpu=device == "cpu", remove_unused_columns=False,
+            disable_tqdm=True,  # the step lines replace the progress bar
+            ddp_find_unused_parameters=False,
+            save_only_model=False,  # optimizer, scheduler and RNG states make the resume exact
+        )
+    except (ValueError, ImportError) as err:
+        raise UserError(f"invalid training arguments: {str(err).strip().splitlines()[0]}") from None
+
+
+def probe_seconds(trainer: Trainer, model: nn.Module, data: FinetuneData, cfg: FinetuneConfig) -> float | None:
+    """Seconds of one micro-batch forward+backward, measured (the last of `probe_steps` counts: the first
+    pays one-off warm-up costs). No optimizer step and a forked RNG, so training is unchanged by it."""
+    if cfg.probe_steps == 0:
+        return None
+    rows = [data.train[i] for i in range(min(cfg.per_device_train_batch_size, len(data.train)))]
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    model.train()
+    seconds = None
+    with torch.random.fork_rng(devices=devices):
+        for _ in range(cfg.probe_steps):
+            start = time.perf_counter()
+            with trainer.accelerator.autocast():
+                loss = trainer.compute_loss(model, batch)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
