@@ -221,3 +221,24 @@ def test_sparse_ft_gradient_is_masked_before_the_optimizer():
     for name, module in prunable_linears(model).items():
         assert bool((module.weight.grad[~masks[name]] == 0).all())
         assert module.weight.grad[masks[name]].abs().sum() > 0
+
+
+def test_evaluate_deployable_runs_plain_lora_twice():
+    from prunetune.finetune.methods import evaluate_deployable
+
+    model, masks = pruned_tiny()
+    plain = prepare(model, "lora", masks, lora_config=lora_config(["q_proj"])).model
+    randomize_lora_b(plain)
+    ids = torch.randint(0, 97, (1, 10))
+    plain.eval()
+
+    def evaluate(metric_key_prefix="eval"):
+        with torch.no_grad():
+            return {f"{metric_key_prefix}_loss": float(plain(input_ids=ids, labels=ids).loss)}
+
+    both = evaluate_deployable(evaluate, plain, "lora")
+    with deployable(plain):
+        masked = evaluate()["eval_loss"]
+    assert both["eval_loss"] == masked and both["eval_adapter_loss"] == evaluate()["eval_loss"]
+    assert both["eval_loss"] != both["eval_adapter_loss"] and "deployable" in both["describes"]
+    assert set(evaluate_deployable(evaluate, plain, "masked-lora")) == {"eval_loss", "describes"}

@@ -193,6 +193,21 @@ def deployable(model: nn.Module) -> Iterator[int]:
             v.masked = was
 
 
+def evaluate_deployable(evaluate: Any, model: nn.Module, method: str) -> dict[str, Any]:
+    """Metrics of the deployable model from `evaluate` (e.g. `Trainer.evaluate`), which is called with
+    `metric_key_prefix`. For plain LoRA it runs twice: `eval_adapter_*` = the unmasked adapter (dense update),
+    then `eval_*` inside `deployable(model)` = the masked-merged model; the other methods train the deployable
+    model, so one run. `describes` says which model `eval_*` is."""
+    metrics: dict[str, Any] = {}
+    if method == "lora":
+        metrics |= evaluate(metric_key_prefix="eval_adapter")
+        with deployable(model):
+            metrics |= evaluate(metric_key_prefix="eval")
+    else:
+        metrics |= evaluate(metric_key_prefix="eval")
+    return metrics | {"describes": describes(method)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sparse fine-tuning
 # ---------------------------------------------------------------------------------------------------
