@@ -1,0 +1,164 @@
+"""Zero-shot accuracy through EleutherAI's lm-evaluation-harness used as a library: the loaded model (adapter
+applied) is wrapped in lm-eval's `HFLM`, so numbers come from the same code as the pruning papers' tables
+(`acc` and `acc_norm` per task, 0-shot).
+
+Tasks are lm-eval task names (boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, ...),
+whose data come from the Hugging Face hub (cached after the first run), or task YAML files of your own, e.g.
+over a local `.jsonl` (`dataset_path: json`, `dataset_kwargs: {data_files: {test: FILE}}`), which work offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunetune.errors import UserError
+
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+"""The seven zero-shot tasks of the Wanda and SparseGPT tables."""
+METRICS = ("acc", "acc_norm")
+_INSTALL = "pip install 'lm-eval>=0.4.13,<0.5' (the `zeroshot` extra; `make setup` installs it)"
+_Log = Callable[[str], None]
+
+
+def parse_tasks(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """`boolq,rte` or a list -> ('boolq', 'rte'); `paper` expands to the seven tasks of the pruning papers."""
+    if not value:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [v for part in value for v in str(part).split(",")]
+    tasks: list[str] = []
+    for item in (i.strip() for i in items):
+        if item == "paper":
+            tasks.extend(PAPER_TASKS)
+        elif item:
+            tasks.append(item)
+    return tuple(dict.fromkeys(tasks))
+
+
+@dataclass
+class ZeroShotConfig:
+    """What `evaluate --tasks` runs."""
+
+    tasks: tuple[str, ...]
+    """lm-eval task names or task YAML files (comma separated); `paper` = the seven tasks of Wanda/SparseGPT."""
+    limit: int | None = None
+    """Evaluate only the first N examples of each task (quick checks; not comparable with published numbers)."""
+    task_dir: str | None = None
+    """A directory of your own task YAMLs, so their names can be given in `tasks`."""
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.tasks = parse_tasks(self.tasks)
+        if not self.tasks:
+            raise UserError("--tasks is empty; give lm-eval task names or YAML files, e.g. --tasks boolq,rte")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit {self.limit} must be at least 1 (omit it for whole tasks)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.task_dir is not None and not Path(self.task_dir).expanduser().is_dir():
+            raise UserError(f"--task-dir {self.task_dir!r} is not a directory; give the folder holding your task YAMLs")
+        for task in self.tasks:
+            if task.endswith((".yaml", ".yml")) and not Path(task).expanduser().is_file():
+                raise UserError(f"task file {task!r} does not exist; check the path")
+
+
+def _is_file(task: str) -> bool:
+    return task.endswith((".yaml", ".yml"))
+
+
+def _lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError:
+        raise UserError(f"`--tasks` needs lm-eval: {_INSTALL}") from None
+    return lm_eval
+
+
+def _task_manager(cfg: ZeroShotConfig) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    include = [str(Path(cfg.task_dir).expanduser())] if cfg.task_dir else None
+    local = TaskManager(include_path=include, include_defaults=False)
+    # Indexing lm-eval's ~15k built-in task files takes tens of seconds: only when a task needs them.
+    if all(_is_file(t) or t in local.all_tasks for t in cfg.tasks):
+        return local
+    return TaskManager(include_path=include)
+
+
+def _task_error(err: BaseException, tasks: tuple[str, ...]) -> UserError:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, KeyError) or "not a registered task" in text:
+        return UserError(f"{text.strip(chr(34))}; give an lm-eval task name (e.g. boolq), a task YAML file, or "
+                         "--task-dir with your YAMLs")
+    return UserError(
+        f"cannot load the data of --tasks {','.join(tasks)} ({text[:160]}): hub tasks need the Hugging Face hub "
+        "(offline here); run once with network access to cache them, or use a local task YAML over a .jsonl "
+        "(dataset_path: json)"
+    )
+
+
+def run_zeroshot(model: nn.Module, tokenizer: Any, cfg: ZeroShotConfig, log: _Log = print) -> dict[str, Any]:
+    """Zero-shot accuracy of `model` on `cfg.tasks`: `{"tasks": {name: {"acc", "acc_stderr", "acc_norm",
+    "acc_norm_stderr", "samples"}}, "mean_acc", "limit", "lm_eval", "seconds"}` (metrics a task lacks are None)."""
+    _lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    start = time.perf_counter()
+    manager = _task_manager(cfg)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    log(f"Zero-shot: {', '.join(cfg.tasks)}" + (f" (first {cfg.limit} examples each)" if cfg.limit else ""))
+    previous = logging.getLogger("lm_eval").level
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task INFO lines would drown the console
+    try:
+        out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
+                              num_fewshot=0, log_samples=False, bootstrap_iters=1000)
+    except (KeyError, ConnectionError, FileNotFoundError, ValueError) as err:
+        raise _task_error(err, cfg.tasks) from None
+    finally:
+        logging.getLogger("lm_eval").setLevel(previous)
+    samples = out.get("n-samples", {})
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, metrics in out["results"].items():
+        row: dict[str, Any] = {}
+        for metric in METRICS:
+            row[metric] = _number(metrics.get(f"{metric},none"))
+            row[f"{metric}_stderr"] = _number(metrics.get(f"{metric}_stderr,none"))
+        row["samples"] = samples.get(name, {}).get("effective")
+        tasks[name] = row
+    accs = [r["acc"] for r in tasks.values() if r["acc"] is not None]
+    return {
+        "tasks": tasks,
+        "mean_acc": sum(accs) / len(accs) if accs else None,
+        "limit": cfg.limit,
+        "num_fewshot": 0,
+        "lm_eval": metadata.version("lm_eval"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def format_table(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows (task, acc, acc_norm, samples) with ± stderr where known: what the console shows."""
+
+    def cell(row: dict[str, Any], metric: str) -> str:
+        value, err = row.get(metric), row.get(f"{metric}_stderr")
+        if value is None:
+            return "-"
+        return f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+
+    rows = [(name, cell(r, "acc"), cell(r, "acc_norm"), str(r.get("samples") or "-"))
+            for name, r in result["tasks"].items()]
+    if result.get("mean_acc") is not None and len(result["tasks"]) > 1:
+        rows.append(("mean", f"{result['mean_acc']:.4f}", "", ""))
+    return rows
