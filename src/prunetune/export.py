@@ -165,7 +165,7 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
     model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
-    if _is_exported(model_dir):
+    if is_sparse_export(model_dir):
         raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
     pattern, skipped = _pattern_of(model_dir)
     try:
@@ -235,11 +235,12 @@ def _all_linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _is_exported(directory: Path) -> bool:
+def is_sparse_export(directory: str | Path) -> bool:
+    """Whether `directory` holds a compressed-tensors sparse checkpoint (config.json `sparsity_config`)."""
     import json
 
     try:
-        qc = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+        qc = json.loads((Path(directory) / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
         return False
     return bool(qc.get("sparsity_config"))
