@@ -1,0 +1,350 @@
+"""`prunetune speed`: measured inference speed and weight memory of a pruned model, with and without sparse
+kernels, beside the dense model, and the sparsity at which a BSR matmul breaks even on this machine.
+
+Variants (rows of the table):
+- `dense`: the dense model (`--dense`, default the base model named in prune.json);
+- `pruned (dense kernels)`: the pruned model as stored: zeros multiplied like any other number;
+- `pruned (sparse kernels)`: each pruned decoder linear replaced by a `SparseLinear` holding the weight as
+  PyTorch BSR (block patterns, tile = the pruning block), semi-structured 2:4 (`to_sparse_semi_structured`,
+  CUDA with fp16/bf16 only), or CSR (unstructured and other N:M; 2:4 on CPU). Nothing is assumed to be faster:
+  every number is measured, and a sparse kernel slower than the dense one shows as a speed-up below 1.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunetune.architecture import prunable_linears
+from prunetune.devices import DTYPE_NAMES, default_device, dtype_name
+from prunetune.errors import UserError
+from prunetune.pruning.patterns import Pattern, parse_pattern
+
+_Log = Callable[[str], None]
+SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/up_proj": (1536, 576),
+                  "down_proj": (576, 1536)}
+"""(out, in) of SmolLM2-135M's decoder linears: the shapes of the break-even sweep."""
+
+
+def _int_tuple(value: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(int(str(v).strip()) for v in items if str(v).strip())
+    except ValueError:
+        raise UserError(f"--batch {value!r} must be comma-separated integers, e.g. 1,8") from None
+
+
+@dataclass
+class SpeedConfig:
+    """One speed measurement of a pruned model."""
+
+    model_dir: str
+    """The pruned model: a `prunetune prune` output (or a `prunetune export` directory)."""
+    dense: str | None = None
+    """The dense model to compare with (alias, hub id, directory, .gguf); default: the base model in prune.json."""
+    batch: tuple[int, ...] = (1, 8)
+    """Batch sizes to measure, comma separated."""
+    seqlen: int = 512
+    """Tokens per sequence of the forward-pass measurement."""
+    prompt: int = 32
+    """Prompt tokens of the generation measurement."""
+    new_tokens: int = 32
+    """Tokens generated (greedy, KV cache) per sequence in the generation measurement."""
+    device: str | None = None
+    """cpu | cuda (default: cuda when available)."""
+    dtype: str | None = None
+    """float32 | bfloat16 | float16; default float32 on CPU, bfloat16 on CUDA (2:4 kernels need fp16/bf16)."""
+    repeats: int = 3
+    """Timed repetitions per measurement (after one warm-up); the median is reported."""
+    breakeven: bool = True
+    """Also sweep the sparsity of one 16x16-BSR matmul per SmolLM2 shape to find where it beats dense."""
+    out: str | None = None
+    """Write the results JSON here."""
+
+    def __post_init__(self) -> None:
+        self.batch = _int_tuple(self.batch)
+        if not self.batch or min(self.batch) < 1:
+            raise UserError(f"--batch {self.batch} must be positive integers, e.g. 1,8")
+        for name in ("seqlen", "prompt", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise UserError(f"--device {self.device!r}: use cpu or cuda")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device} but no CUDA device is visible; use --device cpu")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16")
+
+
+# ---- sparse-kernel linears -----------------------------------------------------------------------------------
+class SparseLinear(nn.Module):
+    """`y = x W^T + b` with W held in a sparse layout: `bsr` (tiles), `csr`, or `semi` (CUDA 2:4)."""
+
+    def __init__(self, linear: nn.Linear, layout: str, block: tuple[int, int] = (16, 16)) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        self.layout = layout
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if layout == "bsr":
+            with warnings.catch_warnings():  # "BSR support is in beta": the table says what it measured
+                warnings.simplefilter("ignore", UserWarning)
+                sparse = weight.to_sparse_bsr(block)
+        elif layout == "csr":
+            sparse = weight.to_sparse_csr()
+        elif layout == "semi":
+            from torch.sparse import to_sparse_semi_structured
+
+            sparse = to_sparse_semi_structured(weight)
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+        self.weight = nn.Parameter(sparse, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        # Semi-structured tensors dispatch F.linear to the 2:4 kernels; BSR/CSR: (out, in) @ (in, N) -> (out, N).
+        y = nn.functional.linear(flat, self.weight) if self.layout == "semi" else (self.weight @ flat.T).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage of a dense or sparse tensor: values plus index arrays."""
+    if t.layout in (torch.sparse_bsr, torch.sparse_csr):
+        return sum(a.numel() * a.element_size() for a in (t.values(), t.crow_indices(), t.col_indices()))
+    if type(t).__name__.startswith("SparseSemiStructured"):
+        return sum(a.numel() * a.element_size() for a in (t.packed, t.meta) if a is not None)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters (tied ones once), sparse layouts counted with their indices."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        key = id(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor_bytes(p.data)
+    return total
+
+
+def layout_for(pattern: Pattern, device: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(layout, why) of the sparse kernel for `pattern` on `device`."""
+    if pattern.kind == "block":
+        return "bsr", f"BSR with {pattern.h}x{pattern.w} blocks (torch.sparse)"
+    if pattern.name == "2:4":
+        if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            return "semi", "semi-structured 2:4 (to_sparse_semi_structured, CUDA sparse tensor cores)"
+        return "csr", "CSR: PyTorch's 2:4 kernels are CUDA-only with fp16/bf16"
+    return "csr", "CSR (torch.sparse)"
+
+
+def sparsify(model: nn.Module, pattern: Pattern, device: str, dtype: torch.dtype) -> tuple[str, int]:
+    """Replace each pruned decoder linear of `model` (in place) by a SparseLinear; (description, count)."""
+    layout, why = layout_for(pattern, device, dtype)
+    block = (pattern.h, pattern.w) if pattern.kind == "block" else (16, 16)
+    replaced = 0
+    for name, linear in prunable_linears(model).items():
+        if not bool((linear.weight == 0).any()):
+            continue  # a skipped (dense) module keeps its dense kernel
+        use = layout
+        if use == "bsr" and (linear.out_features % block[0] or linear.in_features % block[1]):
+            use = "csr"  # BSR needs whole blocks
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, SparseLinear(linear, use, block))
+        replaced += 1
+    return why, replaced
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
+    fn()  # warm-up: allocations, kernel selection
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def forward_tokens_per_s(model: nn.Module, vocab: int, batch: int, seqlen: int, repeats: int, device: str) -> float:
+    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    seconds = _median_seconds(lambda: model(input_ids=ids, use_cache=False), repeats, device)
+    return batch * seqlen / seconds
+
+
+@torch.inference_mode()
+def generate_tokens_per_s(model: nn.Module, vocab: int, batch: int, prompt: int, new_tokens: int, repeats: int,
+                          device: str) -> float:
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run() -> None:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    return batch * new_tokens / _median_seconds(run, repeats, device)
+
+
+# ---- break-even sweep ----------------------------------------------------------------------------------------
+def block_sparse_weight(out_f: int, in_f: int, sparsity: float, block: tuple[int, int], dtype: torch.dtype,
+                        seed: int = 0) -> torch.Tensor:
+    """A random (out, in) weight with round(sparsity * tiles) whole zero tiles."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = out_f // block[0], in_f // block[1]
+    tiles = torch.ones(rows * cols, dtype=torch.bool)
+    tiles[torch.randperm(rows * cols, generator=gen)[: round(sparsity * rows * cols)]] = False
+    mask = tiles.view(rows, cols).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return (torch.randn(out_f, in_f, generator=gen) * mask).to(dtype)
+
+
+@torch.inference_mode()
+def breakeven_sweep(shape: tuple[int, int], tokens: int, sparsities: tuple[float, ...], block: tuple[int, int],
+                    device: str, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+    """Dense vs BSR matmul time of one (out, in) weight on `tokens` inputs across sparsities, and the break-even:
+    the lowest measured sparsity from which BSR stays at least as fast (None: never within the sweep)."""
+    out_f, in_f = shape
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    rows = []
+    for s in sparsities:
+        w = block_sparse_weight(out_f, in_f, s, block, dtype).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            bsr = w.to_sparse_bsr(block)
+        dense_s = _median_seconds(lambda w=w: nn.functional.linear(x, w), repeats, device)
+        bsr_s = _median_seconds(lambda bsr=bsr: (bsr @ x.T).T, repeats, device)
+        rows.append({"sparsity": s, "dense_ms": dense_s * 1e3, "bsr_ms": bsr_s * 1e3, "speedup": dense_s / bsr_s})
+    even = None
+    for i, row in enumerate(rows):
+        if all(r["speedup"] >= 1.0 for r in rows[i:]):
+            even = row["sparsity"]
+            break
+    return {"shape": list(shape), "tokens": tokens, "block": list(block), "rows": rows, "breakeven_sparsity": even}
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+@dataclass
+class SpeedRow:
+    variant: str
+    batch: int
+    forward_tokens_per_s: float | None
+    generate_tokens_per_s: float | None
+    weight_mib: float
+    note: str = ""
+
+
+@dataclass
+class SpeedResult:
+    rows: list[SpeedRow]
+    pattern: str
+    kernel: str
+    device: str
+    dtype: str
+    breakeven: list[dict[str, Any]] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
+
+
+def _pruned_pattern(model_dir: Path) -> Pattern:
+    for record_name, key in (("prune.json", "config"), ("export.json", None)):
+        path = model_dir / record_name
+        if path.is_file():
+            record = json.loads(path.read_text())
+            cfg = record.get(key, record) if key else record
+            name = (cfg if isinstance(cfg, dict) else {}).get("pattern") or record.get("pattern")
+            if name:
+                return parse_pattern(str(name))
+    return parse_pattern("unstructured")
+
+
+def _load(spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
+    from prunetune.export import is_sparse_export, load_exported
+    from prunetune.models import load_model
+
+    if Path(spec).expanduser().is_dir() and is_sparse_export(Path(spec).expanduser()):
+        return load_exported(Path(spec).expanduser()).to(device=device, dtype=dtype)
+    model, _ = load_model(spec, dtype=dtype, device=device, log=log)
+    return model
+
+
+def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
+    from prunetune.rundir import check_readable_dir, read_pruned
+    from prunetune.runinfo import machine, write_json
+
+    device = default_device(cfg.device)
+    dtype = DTYPE_NAMES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
+    pattern = _pruned_pattern(model_dir)
+    dense_spec = cfg.dense or read_pruned(model_dir).base_model
+    rows: list[SpeedRow] = []
+
+    def measure(variant: str, model: nn.Module, note: str = "") -> None:
+        vocab = model.config.vocab_size
+        mib = weight_bytes(model) / 2**20
+        for b in cfg.batch:
+            log(f"  {variant}, batch {b} ...")
+            try:
+                fwd = forward_tokens_per_s(model, vocab, b, cfg.seqlen, cfg.repeats, device)
+                gen = generate_tokens_per_s(model, vocab, b, cfg.prompt, cfg.new_tokens, cfg.repeats, device)
+                rows.append(SpeedRow(variant, b, fwd, gen, mib, note))
+            except (RuntimeError, NotImplementedError) as err:  # a sparse layout without a kernel for this op
+                rows.append(SpeedRow(variant, b, None, None, mib, f"no kernel: {str(err).splitlines()[0][:120]}"))
+
+    if dense_spec:
+        log(f"Dense model {dense_spec}")
+        measure("dense", _load(dense_spec, dtype, device, log))
+    else:
+        log("No dense model (give --dense; prune.json names none): the dense row is left out")
+    pruned = _load(str(model_dir), dtype, device, log)
+    measure("pruned (dense kernels)", pruned)
+    kernel, replaced = sparsify(pruned, pattern, device, dtype)
+    measure("pruned (sparse kernels)", pruned, f"{replaced} linears: {kernel}")
+
+    sweeps = []
+    if cfg.breakeven:
+        log("Break-even sweep: 16x16 BSR vs dense matmul at SmolLM2 shapes")
+        sparsities = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+        for shape in SMOLLM2_SHAPES.values():
+            sweeps.append(breakeven_sweep(shape, cfg.seqlen, sparsities, (16, 16), device, dtype, cfg.repeats))
+    result = SpeedResult(rows, pattern.name, kernel, device, dtype_name(dtype), sweeps, machine())
+    if cfg.out:
+        write_json(cfg.out, {**result.to_json(), "config": asdict(cfg)})
+    return result
+
+
+def speedup_table(result: SpeedResult) -> list[dict[str, Any]]:
+    """Rows with each variant's speed relative to the first row of the same batch (dense when measured)."""
+    base: dict[int, SpeedRow] = {}
+    table = []
+    for row in result.rows:
+        ref = base.setdefault(row.batch, row)
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return a / b if a is not None and b else None
+
+        table.append({**asdict(row), "forward_x": ratio(row.forward_tokens_per_s, ref.forward_tokens_per_s),
+                      "generate_x": ratio(row.generate_tokens_per_s, ref.generate_tokens_per_s)})
+    return table

@@ -1,0 +1,113 @@
+"""`prunetune speed`: sparse-kernel linears compute what the dense ones do; the measurement runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from prunetune.errors import UserError
+from prunetune.pruning.config import PruneConfig
+from prunetune.pruning.engine import run_prune
+from prunetune.pruning.patterns import parse_pattern
+from prunetune.speed import (
+    SparseLinear,
+    SpeedConfig,
+    block_sparse_weight,
+    breakeven_sweep,
+    layout_for,
+    run_speed,
+    sparsify,
+    speedup_table,
+    tensor_bytes,
+    weight_bytes,
+)
+
+
+@pytest.fixture(scope="module")
+def pruned_block(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("speed") / "pruned"
+    return run_prune(PruneConfig(model=str(tiny_model_dir), out=str(out), method="magnitude", pattern="block16x16",
+                                 sparsity=0.5, device="cpu"), console=Console(quiet=True))
+
+
+@pytest.mark.parametrize("layout", ["bsr", "csr"])
+def test_sparse_linear_matches_dense(layout):
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(block_sparse_weight(48, 64, 0.5, (16, 16), torch.float32))
+    x = torch.randn(2, 5, 64)  # (B, T, in)
+    sparse = SparseLinear(linear, layout, (16, 16))
+    torch.testing.assert_close(sparse(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert sparse.weight.layout == {"bsr": torch.sparse_bsr, "csr": torch.sparse_csr}[layout]
+
+
+def test_block_sparse_weight_and_memory_accounting():
+    w = block_sparse_weight(64, 64, 0.75, (16, 16), torch.float32)
+    tiles = w.view(4, 16, 4, 16).abs().sum(dim=(1, 3))  # (4, 4) tile sums
+    assert int((tiles == 0).sum()) == 12
+    dense = tensor_bytes(w)
+    assert dense == 64 * 64 * 4
+    bsr = w.to_sparse_bsr((16, 16))
+    # 4 kept tiles of 256 floats + 4 int64 column indices + 5 int64 row pointers
+    assert tensor_bytes(bsr) == 4 * 256 * 4 + 4 * 8 + 5 * 8
+    # CSR at 50% in float32 costs more than dense: an int64 column index per kept value.
+    half = block_sparse_weight(64, 64, 0.5, (16, 16), torch.float32)
+    assert tensor_bytes(half.to_sparse_csr()) > dense
+
+
+def test_layout_choice_is_honest_about_devices():
+    assert layout_for(parse_pattern("block16x16"), "cpu", torch.float32)[0] == "bsr"
+    layout, why = layout_for(parse_pattern("2:4"), "cpu", torch.float32)
+    assert layout == "csr" and "CUDA-only" in why
+    assert layout_for(parse_pattern("unstructured"), "cpu", torch.float32)[0] == "csr"
+
+
+def test_sparsified_model_gives_the_same_logits(pruned_block):
+    model = AutoModelForCausalLM.from_pretrained(pruned_block).eval()
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        dense_bytes = weight_bytes(model)
+        _, replaced = sparsify(model, parse_pattern("block16x16"), "cpu", torch.float32)
+        assert replaced == 14
+        assert all(isinstance(m, SparseLinear) and m.layout == "bsr"
+                   for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj")))
+        torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=1e-4, atol=1e-4)
+    assert weight_bytes(model) < dense_bytes
+
+
+def test_breakeven_sweep_reports_every_sparsity():
+    sweep = breakeven_sweep((32, 32), 4, (0.5, 0.75), (16, 16), "cpu", torch.float32, repeats=1)
+    assert [r["sparsity"] for r in sweep["rows"]] == [0.5, 0.75]
+    assert all(r["dense_ms"] > 0 and r["bsr_ms"] > 0 for r in sweep["rows"])
+    assert sweep["breakeven_sparsity"] in (None, 0.5, 0.75)
+
+
+def test_run_speed_end_to_end(tmp_path, pruned_block, tiny_model_dir):
+    out = tmp_path / "speed.json"
+    cfg = SpeedConfig(model_dir=str(pruned_block), dense=str(tiny_model_dir), batch="1,2", seqlen=16, prompt=4,
+                      new_tokens=3, repeats=1, breakeven=False, device="cpu", out=str(out))
+    result = run_speed(cfg, log=lambda _: None)
+    assert [(r.variant, r.batch) for r in result.rows] == [
+        ("dense", 1), ("dense", 2), ("pruned (dense kernels)", 1), ("pruned (dense kernels)", 2),
+        ("pruned (sparse kernels)", 1), ("pruned (sparse kernels)", 2)]
+    assert all(r.forward_tokens_per_s > 0 and r.generate_tokens_per_s > 0 for r in result.rows)
+    assert result.pattern == "block16x16" and "BSR" in result.kernel
+    table = speedup_table(result)
+    assert table[0]["forward_x"] == 1.0
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["cpu_count"] and len(saved["rows"]) == 6
+
+
+def test_bad_values():
+    with pytest.raises(UserError, match="--batch"):
+        SpeedConfig(model_dir="x", batch="1,a")
+    with pytest.raises(UserError, match="--seqlen 0"):
+        SpeedConfig(model_dir="x", seqlen=0)
+    with pytest.raises(UserError, match="--device 'tpu'"):
+        SpeedConfig(model_dir="x", device="tpu")
