@@ -26,7 +26,9 @@ from prunetune.finetune.console import RunLog
 from prunetune.fmt import fmt_lr, perplexity_from_loss
 from prunetune.records import to_float
 
-CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt")
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt")
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
+"""A checkpoint holds one of these: the adapter (LoRA methods) or the model itself (sparse-ft)."""
 
 
 def memory_mb() -> tuple[float, str]:
@@ -307,6 +309,8 @@ class MonitorCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{step}"
         if state.is_world_process_zero:
             missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+            if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):
+                missing.append(" or ".join(CHECKPOINT_WEIGHTS))
             self.runlog.emit("checkpoint", step, path=str(path), ok=not missing, missing=missing,
                              reason=self._save_reason or "schedule")
         self._save_reason = None

@@ -243,6 +243,11 @@ def _final_eval(r: Mapping[str, Any]) -> list[str]:
             if (to_float(r.get("reduction_pct")) or 0) > 0
             else f"  Not improved: {fmt_ppl(before)} → {fmt_ppl(r.get('perplexity'))}"
         )
+    if r.get("describes"):
+        lines.append(f"  This is the perplexity of the {r['describes']}.")
+    if r.get("adapter_perplexity") is not None:
+        lines.append(f"  With the adapter unmasked: perplexity {fmt_ppl(r['adapter_perplexity'])} "
+                     f"({r.get('adapter_describes')})")
     return lines
 
 

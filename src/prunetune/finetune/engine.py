@@ -41,7 +41,7 @@ from prunetune.finetune.callbacks import MonitorCallback, SignalGuard
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.console import RunLog
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT, FinetuneData, load_finetune_data
-from prunetune.finetune.finish import base_result, finish, oom_error
+from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_error
 from prunetune.finetune.precision import Precision, resolve_precision
 from prunetune.finetune.preflight import preflight_checks, raise_on_failure, remove_run
 from prunetune.finetune.prepare import Prepared, prepare_model
@@ -276,7 +276,7 @@ def _baseline(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
             baseline = {k: prior.get(k) for k in ("eval_loss", "perplexity", "eval_runtime")}
             run.runlog.emit("baseline_eval", None, reused=True, **baseline)
         elif cfg.eval_strategy != "no" or cfg.load_best_model_at_end:
-            metrics = _evaluate(trainer, monitor, "baseline")
+            metrics = evaluate_phase(trainer, monitor, "baseline")
             baseline = {k: metrics.get(k) for k in ("eval_loss", "perplexity", "eval_runtime",
                                                     "eval_samples_per_second")}
             run.runlog.emit("baseline_eval", None, reused=False, **baseline)
@@ -291,13 +291,6 @@ def _baseline(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
         raise oom_error(run, trainer, monitor, err, "the baseline evaluation") from None
     _estimate(run, trainer, monitor, data, probe, to_float(baseline.get("eval_runtime")) or 0.0)
     return baseline
-
-
-def _evaluate(trainer: PrunetuneTrainer, monitor: MonitorCallback, phase: str) -> dict[str, Any]:
-    """One evaluation outside training (`baseline`, `final`) on the shared tokenised eval set."""
-    monitor.phase = phase
-    trainer.evaluate()
-    return monitor.state.phase_metrics[phase]
 
 
 def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, data: FinetuneData,

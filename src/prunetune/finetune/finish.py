@@ -2,8 +2,8 @@
 assertion, the adapter saved (complete-or-absent, with its base digest), and the summary over the whole run
 (all sessions when it was resumed).
 
-Extension point: `final_eval` is the one final-evaluation path (recovery methods add the deployable model's
-evaluation here).
+`final_eval` is the one final-evaluation path: every perplexity it reports as the result is the deployable
+sparse model's (issue 10).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from prunetune import rundir
 from prunetune.analysis import fixes
 from prunetune.errors import UserError
+from prunetune.finetune import methods
 from prunetune.finetune.callbacks import MonitorCallback
 from prunetune.finetune.prepare import sparsity_violations
 from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
@@ -65,7 +66,7 @@ def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseli
     if run.is_main:
         trainer.save_metrics("train", train_metrics)
     violations = check_sparsity(run, trainer)
-    adapter_dir = save_adapter(run, trainer, best_ckpt, baseline, final)
+    adapter_dir = save_result(run, trainer, best_ckpt, baseline, final)
     state = monitor.state
     run.runlog.emit("summary", trainer.state.global_step, total_steps=trainer.state.global_step,
                     total_time_s=whole["total_time_s"], sessions=whole["sessions"],
@@ -81,46 +82,65 @@ def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseli
 
 
 def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> str | None:
-    """Load the best checkpoint's adapter (load_best_model_at_end); returns that checkpoint."""
+    """Load the best checkpoint's weights (load_best_model_at_end); returns that checkpoint."""
     state = monitor.state
     best_ckpt = state.best_checkpoint or trainer.state.best_model_checkpoint
     if not run.cfg.load_best_model_at_end:
         return best_ckpt
-    weights = Path(best_ckpt) / rundir.ADAPTER_WEIGHTS if best_ckpt else None
-    if weights is not None and weights.is_file():
+    adapter = Path(best_ckpt) / rundir.ADAPTER_WEIGHTS if best_ckpt else None
+    if best_ckpt and run.cfg.method == "sparse-ft" and Path(best_ckpt).is_dir():
+        methods.load_sparse_checkpoint(trainer.model, best_ckpt)
+    elif adapter is not None and adapter.is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(trainer.model, load_file(str(weights)))
-        run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
-                        best_step=state.best_step)
+        set_peft_model_state_dict(trainer.model, load_file(str(adapter)))
     else:
         run.runlog.emit("best_loaded", None, checkpoint=None)
+        return best_ckpt
+    run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
+                    best_step=state.best_step)
     return best_ckpt
 
 
 def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback,
                baseline: dict[str, Any]) -> dict[str, Any]:
-    """The fine-tuned model on the same tokenised eval set as the baseline, once."""
+    """The fine-tuned model on the same tokenised eval set as the baseline. Its `perplexity` is always the
+    deployable sparse model's: for plain LoRA (dense update) a second pass with the update masked by the
+    keep-mask, and the adapter's own number beside it as `adapter_perplexity`."""
     cfg = run.cfg
     if cfg.eval_strategy == "no" and not cfg.load_best_model_at_end:
         return {}
-    monitor.phase = "final"
     try:
-        trainer.evaluate()
+        final = evaluate_phase(trainer, monitor, "final")
+        adapter = None
+        if cfg.method == "lora":
+            adapter = final
+            with methods.deployable(trainer.model):
+                final = evaluate_phase(trainer, monitor, "deployable")
     except OOM_ERRORS as err:
         raise oom_error(run, trainer, monitor, err, "the final evaluation") from None
-    final = monitor.state.phase_metrics["final"]
     before, after = to_float(baseline.get("perplexity")), to_float(final.get("perplexity"))
     reduction = 100 * (before - after) / before if before and after is not None and math.isfinite(before) else None
     run.runlog.emit("final_eval", trainer.state.global_step, eval_loss=final.get("eval_loss"),
                     perplexity=after, eval_runtime=final.get("eval_runtime"),
                     eval_samples_per_second=final.get("eval_samples_per_second"),
                     eval_steps_per_second=final.get("eval_steps_per_second"),
-                    baseline_perplexity=before, baseline_eval_loss=baseline.get("eval_loss"), reduction_pct=reduction)
+                    baseline_perplexity=before, baseline_eval_loss=baseline.get("eval_loss"), reduction_pct=reduction,
+                    describes=methods.describes(cfg.method),
+                    adapter_perplexity=adapter.get("perplexity") if adapter else None,
+                    adapter_eval_loss=adapter.get("eval_loss") if adapter else None,
+                    adapter_describes=methods.describes(cfg.method, deployable=False) if adapter else None)
     if run.is_main:
         trainer.save_metrics("eval", {k: v for k, v in final.items() if k != "perplexity"} |
                              {"eval_perplexity": after})
     return final
+
+
+def evaluate_phase(trainer: PrunetuneTrainer, monitor: MonitorCallback, phase: str) -> dict[str, Any]:
+    """One evaluation outside training (`baseline`, `final`, `deployable`) on the shared tokenised eval set."""
+    monitor.phase = phase
+    trainer.evaluate()
+    return monitor.state.phase_metrics[phase]
 
 
 def whole_run(trainer: PrunetuneTrainer, train_metrics: dict[str, Any]) -> dict[str, Any]:
@@ -149,36 +169,47 @@ def check_sparsity(run: Run, trainer: PrunetuneTrainer) -> list[str]:
     return violations
 
 
-def save_adapter(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, baseline: dict[str, Any],
-                 final: dict[str, Any]) -> Path:
-    """The adapter and its prunetune record, written beside `OUT/adapter` and renamed in whole."""
-    adapter_dir = run.out / rundir.ADAPTER_DIR
-    staging = run.out / f"{rundir.STAGING_PREFIX}{rundir.ADAPTER_DIR}-{os.getpid()}"
-    trainer.save_model(str(staging))
+def save_result(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, baseline: dict[str, Any],
+                final: dict[str, Any]) -> Path:
+    """The trained result, written beside its place and renamed in whole: `OUT/adapter` (LoRA methods, with
+    prunetune's record and the base digest `merge` checks) or `OUT/model` (sparse-ft: a pruned-model dir)."""
+    cfg = run.cfg
+    sparse = cfg.method == "sparse-ft"
+    final_dir = run.out / (methods.SPARSE_MODEL_DIR if sparse else rundir.ADAPTER_DIR)
+    staging = run.out / f"{rundir.STAGING_PREFIX}{final_dir.name}-{os.getpid()}"
+    record = {"method": cfg.method, "run_dir": str(run.out.resolve()), "best_checkpoint": best_ckpt,
+              "final_perplexity": to_float(final.get("perplexity")),
+              "baseline_perplexity": to_float(baseline.get("perplexity")), "mask_source": run.mask_source}
+    if sparse:
+        if run.is_main:
+            methods.save_sparse_model(trainer.model, trainer.processing_class, staging, run.pruned.path, record)
+    else:
+        trainer.save_model(str(staging))
+        if run.is_main:
+            rundir.write_adapter_meta(staging, pruned_model=run.pruned.path, base_model=run.pruned.base_model,
+                                      digest=run.base_digest, **record)
     files = []
     if run.is_main:
-        rundir.write_adapter_meta(
-            staging, pruned_model=run.pruned.path, base_model=run.pruned.base_model, digest=run.base_digest,
-            method=run.cfg.method, run_dir=str(run.out.resolve()), best_checkpoint=best_ckpt,
-            final_perplexity=to_float(final.get("perplexity")),
-            baseline_perplexity=to_float(baseline.get("perplexity")), mask_source=run.mask_source,
-        )
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(staging, adapter_dir)
-        files = sorted(str(p) for p in adapter_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
-    run.runlog.emit("adapter_saved", None, dir=str(adapter_dir), files=files)
-    return adapter_dir
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)
+        files = sorted(str(p) for p in final_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
+    run.runlog.emit("adapter_saved", None, dir=str(final_dir), files=files, method=cfg.method)
+    return final_dir
 
 
-def next_steps(run: Run, adapter_dir: Path) -> list[tuple[str, str]]:
+def next_steps(run: Run, result_dir: Path) -> list[tuple[str, str]]:
     cfg = run.cfg
-    quoted = shlex.quote(str(run.pruned.path))
-    data_flag = f" --data-dir {shlex.quote(cfg.data_dir)}" if cfg.data_dir else ""
+    data_flag = f" --dataset {cfg.dataset}" + (f" --data-dir {shlex.quote(cfg.data_dir)}" if cfg.data_dir else "")
+    result, report = shlex.quote(str(result_dir)), ("plots and diagnosis of this run",
+                                                      f"prunetune report {shlex.quote(str(run.out))}")
+    if cfg.method == "sparse-ft":
+        return [("perplexity of the recovered sparse model", f"prunetune evaluate --model {result}{data_flag}"),
+                report, ("check that the pruned pattern holds", f"prunetune verify {result}")]
+    merged = shlex.quote(str(run.out / "merged"))
     return [
-        ("perplexity of the recovered model", f"prunetune evaluate --model {quoted} --adapter "
-                                              f"{shlex.quote(str(adapter_dir))} --dataset {cfg.dataset}{data_flag}"),
-        ("plots and diagnosis of this run", f"prunetune report {shlex.quote(str(run.out))}"),
-        ("merge the adapter, keeping the sparsity", f"prunetune merge --adapter {shlex.quote(str(adapter_dir))} "
-                                                    f"--out {shlex.quote(str(run.out / 'merged'))}"),
+        ("perplexity of the recovered model", f"prunetune evaluate --model {shlex.quote(str(run.pruned.path))} "
+                                              f"--adapter {result}{data_flag}"),
+        report,
+        ("merge the adapter, keeping the sparsity", f"prunetune merge --adapter {result} --out {merged}"),
     ]

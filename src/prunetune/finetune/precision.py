@@ -57,6 +57,6 @@ def resolve_precision(cfg: FinetuneConfig, device: str) -> Precision:
         if name == "fp16" and device == "cpu":
             raise UserError("--dtype float16 needs a CUDA GPU (loss scaling); on CPU use --dtype bfloat16")
     load_dtype = torch.float32
-    if device == "cuda" and name != "fp32":
+    if device == "cuda" and name != "fp32" and cfg.method != "sparse-ft":  # sparse-ft trains the base: fp32
         load_dtype = torch.bfloat16 if name == "bf16" else torch.float16  # frozen base in half; adapters stay fp32
     return Precision(name, reason, load_dtype)

@@ -1,34 +1,23 @@
 """Preparing the pruned model for training: the training method (`FinetuneConfig.method`) decides what trains
 and which callbacks keep the sparsity; the check afterwards asserts that every pruned weight is still zero.
 
-Extension point for recovery methods: `prepare_model(model, cfg, masks) -> Prepared` is the one place the
-engine makes the model trainable; the method's callbacks join the Trainer's, its banner the `lora` record.
+`prepare_model(model, cfg, masks) -> Prepared` is the one place the engine makes the model trainable (the
+methods themselves live in `prunetune.finetune.methods`); the method's callbacks join the Trainer's
+(re-masking in `on_optimizer_step`), its banner the `lora` record.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from prunetune.architecture import module_type, prunable_linears
 from prunetune.errors import UserError
+from prunetune.finetune import methods
 from prunetune.finetune.config import FinetuneConfig
+from prunetune.finetune.methods import Prepared
 
-
-@dataclass
-class Prepared:
-    """A model ready for the Trainer, and what the method adds to the one training loop."""
-
-    model: nn.Module
-    method: str
-    callbacks: list[TrainerCallback] = field(default_factory=list)
-    """E.g. re-masking in `on_optimizer_step` (after `optimizer.step()`, before `zero_grad`)."""
-    banner: dict[str, Any] = field(default_factory=dict)
-    """What trains and what it costs, for the `lora` record (trainable params, optimizer-state bytes)."""
+__all__ = ["Prepared", "lora_config", "prepare_model", "sparsity_violations"]
 
 
 def lora_config(model: nn.Module, cfg: FinetuneConfig):
@@ -51,21 +40,30 @@ def lora_config(model: nn.Module, cfg: FinetuneConfig):
 def prepare_model(model: nn.Module, cfg: FinetuneConfig, masks: dict[str, torch.Tensor]) -> Prepared:
     """The model of `cfg.method`, ready to train (seed the RNG first: adapter inits draw from it).
 
-    `lora`: PEFT LoRA on `cfg.lora_targets`; the frozen base keeps its zeros, the adapter's update is dense.
+    `lora`: PEFT LoRA, base frozen, dense update; `masked-lora`: the update masked by the keep-mask in the
+    forward; `sparse-ft`: the kept weights train, gradients masked, weights re-masked after every step.
     """
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config(model, cfg))
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return Prepared(peft_model, cfg.method, [], {"method": cfg.method, "trainable": trainable})
+    lora = None if cfg.method == "sparse-ft" else lora_config(model, cfg)
+    return methods.prepare(model, cfg.method, masks, lora_config=lora, sparse_targets=cfg.sparse_ft_targets)
 
 
 @torch.no_grad()
 def sparsity_violations(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the base matrices with a non-zero weight at a masked (pruned) position."""
-    bad = []
-    for name, module in prunable_linears(model).items():
-        mask = masks.get(name)
-        if mask is not None and bool((module.weight.detach().cpu()[~mask] != 0).any()):
-            bad.append(name)
+    """Names of the base matrices with a non-zero weight at a masked (pruned) position.
+
+    Works on the PEFT-wrapped model too (`...q_proj.base_layer` is checked against the mask of `q_proj`);
+    a mask that matches no module of the model is a bug, never a silently skipped check.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    bad, checked = [], 0
+    for name, module in prunable_linears(base).items():
+        mask = masks.get(name.removesuffix(".base_layer"))
+        if mask is None or ".lora_" in name:
+            continue
+        checked += 1
+        if bool((module.weight.detach().cpu()[~mask] != 0).any()):
+            bad.append(name.removesuffix(".base_layer"))
+    if checked != len(masks):
+        raise RuntimeError(f"the sparsity check matched {checked} of {len(masks)} masked matrices: "
+                           "this is a bug in prunetune")
     return bad

@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import FinetuneData
-from prunetune.finetune.distill import distill_compute_loss
+from prunetune.finetune.distill import DistillSpec, distill_compute_loss
 from prunetune.runinfo import write_json
 
 # A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
@@ -41,20 +41,20 @@ class TrainingLoss(Protocol):
     def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]: ...
 
 
-class LogitDistillation:
-    """CE + alpha * T^2 * KL(teacher || student) from a frozen teacher (prunetune.finetune.distill)."""
+class Distillation:
+    """CE plus the teacher's terms (logit KL, layer-wise SquareHead) from a frozen teacher, per `DistillSpec`."""
 
-    def __init__(self, teacher: nn.Module, alpha: float, temperature: float) -> None:
-        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+    def __init__(self, teacher: nn.Module, spec: DistillSpec) -> None:
+        self.teacher, self.spec = teacher, spec
 
     def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        return distill_compute_loss(model, self.teacher, inputs, self.alpha, self.temperature)
+        return distill_compute_loss(model, self.teacher, inputs, self.spec)
 
 
 def build_loss(cfg: FinetuneConfig, teacher: nn.Module | None) -> TrainingLoss | None:
     """The training loss of `cfg`: None = the Trainer's own causal-LM cross-entropy."""
-    if cfg.distill and teacher is not None:
-        return LogitDistillation(teacher, cfg.distill_alpha, cfg.distill_temperature)
+    if cfg.distilling and teacher is not None:
+        return Distillation(teacher, DistillSpec.from_config(cfg))
     return None
 
 
