@@ -15,8 +15,8 @@ from rich.console import Console
 from prunetune.architecture import prunable_linears
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.finetune.merge import lora_delta, masked_merge, masked_nonzeros
-from prunetune.finetune.merge_command import MergeConfig, run_merge
+from prunetune.finetune.merge import MergeConfig, run_merge
+from prunetune.finetune.merge_math import lora_delta, masked_merge, masked_nonzeros
 from prunetune.models import load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune

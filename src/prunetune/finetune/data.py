@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from prunetune.data import TextSplit, load_text, tokenize
+from prunetune.data import TextSplit, load_text, tokenize, windows_of
 from prunetune.errors import UserError
 
 TRAIN_SPLIT = "train"
@@ -17,11 +17,8 @@ EVAL_SPLIT = "validation"
 
 
 def group_blocks(input_ids: torch.Tensor, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
-    """(N,) -> (B, block_size): consecutive blocks, the remainder dropped (run_clm's `group_texts`)."""
-    count = input_ids.numel() // block_size
-    if max_blocks is not None:
-        count = min(count, max_blocks)
-    return input_ids[: count * block_size].view(count, block_size)
+    """Old name of `prunetune.data.windows_of` (run_clm's `group_texts`); kept until its last caller moves."""
+    return windows_of(input_ids, block_size, max_blocks)
 
 
 class BlockDataset(Dataset):
@@ -60,7 +57,7 @@ class FinetuneData:
 def _split(text: TextSplit, tokenizer, block_size: int, limit: int | None):
     dataset, split = text.dataset, text.split
     tokens = tokenize(text, tokenizer)
-    blocks = group_blocks(tokens.input_ids, block_size, limit)
+    blocks = windows_of(tokens.input_ids, block_size, limit)  # (B, block_size), the remainder dropped
     if blocks.shape[0] == 0:
         raise UserError(
             f"dataset {dataset!r} split {split!r} has {tokens.input_ids.numel()} tokens, fewer than one block of "
