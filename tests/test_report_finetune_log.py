@@ -1,5 +1,6 @@
-"""A `prunetune finetune` run directory: its train.log (the console, rendered by prunetune.finetune.console
-from the records) and its metrics.jsonl give the same summary; alerts recorded live reach the report."""
+"""A `prunetune finetune` run directory: its train.log is rendered from metrics.jsonl (prunetune.finetune.console),
+so the report reads metrics.jsonl whichever of the two it is pointed at (issue 11: one source of truth, no regex
+parser of our own console); alerts recorded live reach the report."""
 
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ def test_train_log_and_metrics_jsonl_give_the_same_summary(tmp_path):
     run = _run(tmp_path / "run")
     a = analyse(load_source(run, prefer="metrics_jsonl"), ReportConfig(source=run))
     b = analyse(load_source(run, prefer="console_log"), ReportConfig(source=run))
-    assert b["source"]["kind"] == "console_log" and b["source"]["step_source"] == "prunetune"
+    # the train.log is ours: the report reads the records it was rendered from
+    assert b["source"]["kind"] == "metrics_jsonl" and b["source"]["path"].endswith("metrics.jsonl")
+    assert load_source(run / "train.log").kind == "metrics_jsonl"
     sa, sb = a["summary"], b["summary"]
     for key in ("steps", "max_steps", "best_step", "eval_points", "log_points"):
         assert sa[key] == sb[key], key

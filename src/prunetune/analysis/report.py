@@ -21,9 +21,9 @@ from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import Source, load_source
 from prunetune.analysis.summary import Summary, summarize
 from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
-from prunetune.analysis.verdicts import BAND_PRESETS, rate_perplexity, verdicts
+from prunetune.analysis.verdicts import BAND_PRESETS, Rating, rate_perplexity, verdicts
 from prunetune.errors import UserError
-from prunetune.fmt import fmt_sig, hms, json_safe
+from prunetune.fmt import fmt_ppl, fmt_sig, hms, json_safe
 from prunetune.records import to_float
 from prunetune.runinfo import write_json
 
@@ -103,6 +103,24 @@ def fix_context(meta: Mapping[str, Any]) -> dict[str, Any]:
     return context
 
 
+def reader_notes(source: Source, summary: Summary, anomalies: Sequence[Anomaly]) -> list[str]:
+    """What the reader must know before trusting the verdicts: nothing to judge, only end-of-run numbers, an
+    interrupted run."""
+    notes = []
+    events = {r.get("event") for r in source.records}
+    if summary.log_points == 0:
+        notes.append(f"0 train-loss points found in {source.path.name}: nothing to judge on the training curve"
+                     + (" (the log holds only the end-of-run metrics blocks)"
+                        if not events & {"log", "eval"} and events & {"train_end", "final_eval"} else ""))
+    if summary.status == "interrupted":
+        notes.append(f"the run did not finish: interrupted at step {summary.steps}"
+                     + (f" of {summary.max_steps}" if summary.max_steps else "")
+                     + (f" ({summary.stopped_reason})" if summary.stopped_reason else ""))
+    elif summary.status == "failed":
+        notes.append(f"the run failed at step {summary.steps} ({summary.stopped_reason})")
+    return notes
+
+
 def _alerts(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in records if r.get("event") == "alert"]
 
@@ -116,10 +134,15 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
         epochs = [e for r in records if (e := to_float(r.get("epoch"))) is not None and math.isfinite(e)]
         if epochs and max(epochs) >= 1.5:
             context["epochs"] = math.ceil(max(epochs) - 1e-6)
+    context["flavour"] = source.meta.get("flavour") or ("prunetune" if source.kind == "metrics_jsonl" else "trainer")
     anomalies = diagnose(records, cfg.thresholds, final=True, context=context, recorded=True)
     verdict = verdicts(records, cfg.thresholds, anomalies=anomalies)
     summary = summarize(records, dense_ppl=cfg.dense_ppl, pruned_ppl=cfg.pruned_ppl)
     rating = rate_perplexity(summary.final_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)
+    if summary.loss_kind != "lm":
+        rating = Rating("unrated", "?", None, None, None, cfg.bands,
+                        f"not a perplexity: the log reports {summary.loss_kind_evidence}, so its loss is not a "
+                        "token-level language-model cross-entropy and exp(loss) means nothing")
     pruned_rating = (
         rate_perplexity(summary.pruned_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)
         if summary.pruned_perplexity is not None else None
@@ -128,8 +151,11 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
         {k: a.get(k) for k in ("step", "kind", "severity", "message", "evidence", "fix")} for a in _alerts(records)
     ]
     return {
-        "source": {"path": str(source.path), "kind": source.kind,
-                   "step_source": source.meta.get("step_source"), "records": len(records)},
+        "source": {"path": str(source.path), "kind": source.kind, "format": source.meta.get("format"),
+                   "step_source": source.meta.get("step_source"), "records": len(records),
+                   "best_checkpoint": source.meta.get("best_checkpoint") or source.meta.get("best_model_checkpoint"),
+                   "notes": list(source.meta.get("notes") or [])},
+        "notes": reader_notes(source, summary, anomalies),
         "summary": summary.to_dict(),
         "verdicts": {k: v.to_dict() for k, v in verdict.items()},
         "perplexity_rating": rating.to_dict(),
@@ -156,30 +182,35 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
     if src.get("step_source") and src["step_source"] != "bar":
         how += f" (steps estimated from {src['step_source']}s: the log has no usable progress bar)"
     blocks.append(("p", f"Source: {how}."))
+    blocks += [("p", f"⚠ {note}.") for note in data.get("notes", [])]
 
     steps = f"{s.steps}" + (f" / {s.max_steps}" if s.max_steps else "") if s.steps is not None else "-"
     best = f"{fmt_sig(s.best_eval_loss)} at step {s.best_step}" if s.best_eval_loss is not None else "-"
     rows = [
+        ["Run", s.status + (f" ({s.stopped_reason})" if s.stopped_reason else "")],
         ["Steps", steps],
         ["Training time", hms(s.time_s, "-")],
         ["Final train loss", fmt_sig(s.final_train_loss)],
-        ["Final eval loss", fmt_sig(s.final_eval_loss)],
+        [f"Final eval loss ({s.final_eval_set})" if s.final_eval_set else "Final eval loss",
+         fmt_sig(s.final_eval_loss)],
         ["Best eval loss", best],
         ["Final perplexity", fmt_sig(s.final_perplexity)],
         ["Best perplexity", fmt_sig(s.best_perplexity)],
         ["Evaluations", str(s.eval_points)],
     ]
+    for name, numbers in (s.eval_sets or {}).items():
+        rows.append([f"Eval set {name}", f"final {fmt_sig(numbers['final_eval_loss'])}, best "
+                     f"{fmt_sig(numbers['best_eval_loss'])} at step {numbers['best_step']}"])
+    if src.get("best_checkpoint"):
+        rows.append(["Best checkpoint", str(src["best_checkpoint"])])
     if s.tokens_per_s is not None:
         rows.append(["Throughput", f"{s.tokens_per_s:,.0f} tokens/s"])
     blocks += [("h2", "Summary"), ("table", ["", ""], rows)]
 
     v = data["verdicts"]
     rating = data["perplexity_rating"]
-    vrows = [
-        ["Train loss", f"{v['train_loss']['symbol']} {v['train_loss']['label']} ({v['train_loss']['reason']})"],
-        ["Eval loss", f"{v['eval_loss']['symbol']} {v['eval_loss']['label']} ({v['eval_loss']['reason']})"],
-        ["Perplexity", f"{rating['symbol']} {rating['text']}"],
-    ]
+    vrows = [[_metric_title(key), f"{x['symbol']} {x['label']} ({x['reason']})"] for key, x in v.items()]
+    vrows.append(["Perplexity", f"{rating['symbol']} {rating['text']}"])
     if s.pruned_perplexity is not None and s.final_perplexity is not None:
         vrows.append(["Improvement", f"pruned {fmt_sig(s.pruned_perplexity)} → {fmt_sig(s.final_perplexity)}"
                       + (f", reduction {s.improvement_pct:.2f}%" if s.improvement_pct is not None else "")])
@@ -187,7 +218,9 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
 
     blocks.append(("h2", "Anomalies"))
     if not data["anomalies"]:
-        blocks.append(("p", "None: no rule fired; the run looks healthy."))
+        judged = s.log_points > 0 or s.eval_points > 0
+        blocks.append(("p", "None: no rule fired; the run looks healthy." if judged else
+                        "None found, but there was nothing to judge (no train or eval loss series)."))
     for a in data["anomalies"]:
         mark = "❌" if a["severity"] == "error" else "⚠"
         at = f" at step {a['step']}" if a["step"] is not None else ""
@@ -205,6 +238,13 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
         blocks.append(("h2", "Plots"))
         blocks += [("img", titles.get(name, name), path) for name, path in images.items()]
     return blocks
+
+
+def _metric_title(key: str) -> str:
+    """`train_loss` -> `Train loss`, `eval_loss` -> `Eval loss`, `eval_wiki_loss` -> `Eval loss (wiki)`."""
+    if key in ("train_loss", "eval_loss"):
+        return key.replace("_", " ").capitalize()
+    return f"Eval loss ({key[len('eval_'):-len('_loss')]})"
 
 
 def render_markdown(blocks: Sequence[Block]) -> str:
@@ -260,16 +300,23 @@ def render_console(data: Mapping[str, Any]) -> str:
     """The few lines `prunetune report` prints."""
     s = data["summary"]
     v = data["verdicts"]
-    lines = [
+    eval_name = f" ({s['final_eval_set']})" if s.get("final_eval_set") else ""
+    lines = [f"⚠ {note}" for note in data.get("notes", [])]
+    lines += [
         f"Steps {s['steps']} | time {hms(s['time_s'], '-')} | final train loss {fmt_sig(s['final_train_loss'])}"
-        f" | final eval loss {fmt_sig(s['final_eval_loss'])} | best {fmt_sig(s['best_eval_loss'])}"
-        f" at step {s['best_step']} | perplexity {fmt_sig(s['final_perplexity'])}",
-        f"Train loss: {v['train_loss']['symbol']} {v['train_loss']['label']} ({v['train_loss']['reason']})",
-        f"Eval loss:  {v['eval_loss']['symbol']} {v['eval_loss']['label']} ({v['eval_loss']['reason']})",
-        f"Perplexity: {data['perplexity_rating']['symbol']} {data['perplexity_rating']['text']}",
+        f" | final eval loss{eval_name} {fmt_sig(s['final_eval_loss'])} | best {fmt_sig(s['best_eval_loss'])}"
+        f" at step {s['best_step']} | perplexity {fmt_ppl(s['final_perplexity'], '-')}",
     ]
+    if data["source"].get("best_checkpoint"):
+        lines.append(f"Best checkpoint: {data['source']['best_checkpoint']}")
+    lines += [f"{_metric_title(k) + ':':<11} {x['symbol']} {x['label']} ({x['reason']})" for k, x in v.items()]
+    lines.append(f"Perplexity: {data['perplexity_rating']['symbol']} {data['perplexity_rating']['text']}")
+    if s.get("pruned_perplexity") is not None and s.get("final_perplexity") is not None:
+        lines.append(f"Improvement: pruned {fmt_ppl(s['pruned_perplexity'])} → {fmt_ppl(s['final_perplexity'])}"
+                     + (f", reduction {s['improvement_pct']:.2f}%" if s.get("improvement_pct") is not None else ""))
     if not data["anomalies"]:
-        lines.append("Anomalies: none")
+        lines.append("Anomalies: none" if s["log_points"] or s["eval_points"] else
+                     "Anomalies: none found, but there was nothing to judge")
     for a in data["anomalies"]:
         mark = "❌" if a["severity"] == "error" else "⚠"
         lines.append(f"{mark} {a['kind']}: {a['message']}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from prunetune.analysis import fixes
@@ -35,8 +36,10 @@ from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly, anomalies_from_al
 from prunetune.analysis.series import (
     Series,
     extract_series,
+    noise_sigma,
     oscillation_stats,
     record_step,
+    running_medians,
     train_loss_near,
     trend_stats,
     warmup_end_index,
@@ -142,25 +145,31 @@ def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | 
 
 def rule_oscillating(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
     os_ = oscillation_stats(series.train, th)
-    if os_ is None:
+    if os_ is None or os_.level < th.osc_min_level:
         return None
-    if not (
+    swinging = os_.log_jump >= th.osc_min_log_jump
+    sawtooth = (
         os_.rel_amplitude >= th.osc_min_rel_amplitude
         and os_.sign_change_fraction >= th.osc_min_sign_changes
         and os_.progress <= th.osc_max_progress
-    ):
+    )
+    if not (swinging or sawtooth):
         return None
     evidence = {
         "steps": list(os_.steps),
+        "points": os_.points,
+        "log_jump_p75": round(os_.log_jump, 4),
         "rel_amplitude": round(os_.rel_amplitude, 4),
         "sign_change_fraction": round(os_.sign_change_fraction, 3),
         "progress": round(os_.progress, 4),
     }
     lr = _current_lr(series, context)
+    swing = (math.exp(os_.log_jump) - 1) * 100
     msg = (
-        f"train loss oscillates between steps {os_.steps[0]} and {os_.steps[1]}: typical jump "
-        f"{os_.rel_amplitude * 100:.0f}% of its level, direction flips {os_.sign_change_fraction * 100:.0f}% "
-        "of the time, no progress: the LR is too high or the batch too small."
+        f"train loss oscillates between steps {os_.steps[0]} and {os_.steps[1]}: a quarter of the log points "
+        f"jump by {swing:.0f}% or more from the previous one (median jump {os_.rel_amplitude * 100:.0f}% of its "
+        f"level, direction flips {os_.sign_change_fraction * 100:.0f}% of the time): the LR is too high or the "
+        "batch too small."
     )
     fix = fixes.lower_lr(lr, to_float(_ctx(context, "gradient_accumulation_steps")), _flavour(context)) + "."
     return Anomaly("loss_oscillating", "warning", msg, evidence, fix, os_.steps[1])
@@ -176,11 +185,24 @@ def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
     return best, best_end
 
 
+def _converged(series: Series, th: Thresholds) -> bool:
+    """The train loss ends near zero after a much higher start: a memorised training set (printed with 4
+    decimals, its last losses repeat exactly), which no flat or oscillation verdict describes."""
+    if len(series.train) < th.min_window * 2:
+        return False
+    head = [v for _, v in series.train[: th.min_window]]
+    tail = [v for _, v in series.train[-th.min_window :]]
+    end = statistics.median(tail)
+    return end <= th.flat_converged_loss and statistics.median(head) >= th.overfit_memorise_drop * max(end, 1e-4)
+
+
 def rule_frozen(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
     """Exactly repeated losses or exactly zero gradients: no statistics needed, the model does not change."""
     n_same, end = _longest_run([v for _, v in series.train], lambda a, b: a == b)
     zero = [(s, v) for s, v in series.grad_norm]
     n_zero, zend = _longest_run([v for _, v in zero], lambda a, b: a == 0.0 and b == 0.0)
+    if _converged(series, th):
+        return None  # 0.0002 repeated: memorised, not frozen (rule_overfitting says so)
     if n_same >= th.flat_identical_points:
         step, value = series.train[end]
         evidence = {"identical_losses": n_same, "value": value, "until_step": step}
@@ -215,33 +237,62 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     lr = _current_lr(series, context)
     span = f"steps {tr.first_step}-{tr.last_step}"
     evidence["noise"] = round(tr.noise, 5)
-    change = abs(tr.first_median - tr.last_median)
-    quiet = tr.noise <= th.flat_quiet_noise * abs(tr.first_median)
-    if abs(tr.rel_change) < th.flat_max_rel_change or (quiet and change < th.flat_noise_multiple * tr.noise):
+    if _converged(series, th):
+        return None
+    values = [v for _, v in series.train]
+    sigma = noise_sigma(values)
+    # standard error of the difference of two window medians (a median's SE is 1.25 sigma / sqrt(w))
+    band = th.flat_noise_multiple * math.sqrt(2) * 1.2533 * sigma / math.sqrt(tr.window)
+    evidence["noise_band"] = round(band, 5)
+    within = abs(tr.first_median - tr.last_median) < band and all(
+        abs(m - tr.first_median) < band for m in running_medians(values, tr.window))
+    if abs(tr.rel_change) < th.flat_max_rel_change or within:
         msg = (
             f"train loss is flat: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
-            f"({tr.rel_change * 100:+.2f}%): the model is not learning."
+            f"({tr.rel_change * 100:+.2f}%, within the noise of its first value all run): the model is not "
+            "learning."
         )
-        fix = fixes.flat(lr, _flavour(context))
-        return Anomaly("loss_flat", "error", msg, evidence, fix, tr.last_step)
+        return Anomaly("loss_flat", "error", msg, evidence, fixes.flat(lr, _flavour(context)), tr.last_step)
     late_share = tr.second_half_drop / tr.first_half_drop if tr.first_half_drop > 0 else math.inf
     evidence["late_share"] = round(late_share, 3) if math.isfinite(late_share) else None
     significant = tr.first_median - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
+    evals = series.evals
+    eval_drop = (evals[0][1] - evals[-1][1]) / abs(evals[0][1]) if len(evals) >= 2 and evals[0][1] else None
+    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop
+    limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still else 1.0)
     if (
-        0 < tr.rel_change < th.slow_max_rel_drop
+        0 < tr.rel_change < limit
         and significant
         and tr.second_half_drop > 0
         and late_share >= th.slow_min_late_share
     ):
         per100 = tr.rel_change / max(1, tr.last_step - tr.first_step) * 100
         evidence["rel_drop_per_100_steps"] = round(per100, 5)
+        if eval_drop is not None:
+            evidence["eval_rel_drop"] = round(eval_drop, 4)
         msg = (
             f"train loss falls too slowly: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
             f"(-{tr.rel_change * 100:.1f}%, {per100 * 100:.2f}% per 100 steps) and still falling at the same "
-            "pace: the LR is too low."
+            "pace" + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
+            + ": the LR is too low."
         )
         return Anomaly("loss_slow", "warning", msg, evidence, fixes.raise_lr(lr, _flavour(context)) + ".", tr.last_step)
     return None
+
+
+def rule_memorised(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+    """Train loss converged near zero (0.89 -> 0.0002): the model memorised its training text."""
+    if not _converged(series, th):
+        return None
+    start = statistics.median(v for _, v in series.train[: th.min_window])
+    step, end = series.train[-1]
+    evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "last_step": step,
+                "points": len(series.train)}
+    msg = (f"train loss fell from {_fmt(start)} to {_fmt(end)} by step {step}: near zero, the model has memorised "
+           "its training text (overfitting), whatever the eval loss says.")
+    fix = fixes.overfitting(to_float(_ctx(context, "lora_dropout")), to_float(_ctx(context, "epochs")), None,
+                            _flavour(context))
+    return Anomaly("overfitting", "warning", msg, evidence, fix, step)
 
 
 def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
@@ -322,9 +373,17 @@ LIVE_RULES = (
     rule_diverging,
     rule_oscillating,
     rule_flat_or_slow,
+    rule_memorised,
     rule_overfitting,
     rule_far_above,
 )
+EVAL_RULES = (rule_overfitting, rule_far_above)
+"""Rules that judge one eval series: with several eval sets they run once per set."""
+
+
+def _for_eval_set(anomaly: Anomaly, name: str) -> Anomaly:
+    return replace(anomaly, message=f"eval set `{name}`: {anomaly.message}",
+                   evidence={**anomaly.evidence, "eval_set": name})
 FINAL_RULES = (rule_no_eval,)
 
 
@@ -346,7 +405,12 @@ def diagnose(
     series = extract_series(records)
     found: list[Anomaly] = []
     rules = LIVE_RULES + (FINAL_RULES if final else ())
+    named_sets = [name for name in series.eval_sets if name] if len(series.eval_sets) > 1 else []
     for rule in rules:
+        if rule in EVAL_RULES and named_sets:
+            found += [_for_eval_set(a, name) for name in series.eval_sets
+                      if (a := rule(series.for_eval_set(name), thresholds, context)) is not None]
+            continue
         anomaly = rule(series, thresholds, context)
         if anomaly is not None:
             found.append(anomaly)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prunetune.analysis.thresholds import Thresholds
@@ -29,6 +29,13 @@ class Series:
     """(step, key, value) of every NaN/Inf loss, grad_norm or eval_loss."""
     errors: list[Mapping[str, Any]]
     """`error` records."""
+    eval_sets: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """(step, eval_loss) per eval set (`eval_set` of the records; "" for the plain `eval_loss`), in the order
+    the sets first appear; `evals` is the first of them. Sets are never merged into one series."""
+
+    def for_eval_set(self, name: str) -> Series:
+        """This series with `evals` replaced by eval set `name`'s."""
+        return replace(self, evals=self.eval_sets.get(name, []))
 
 
 def record_step(record: Mapping[str, Any]) -> int | None:
@@ -42,6 +49,13 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
         event = rec.get("event")
         if event == "error":
             series.errors.append(rec)
+            continue
+        if event in ("final_eval", "train_end"):
+            # end-of-run numbers: a NaN there is as much a divergence as one in a step log
+            key = "eval_loss" if event == "final_eval" else "train_loss"
+            value = to_float(rec.get(key))
+            if value is not None and not math.isfinite(value):
+                series.nonfinite.append((record_step(rec), key, str(value)))
             continue
         if event not in ("log", "eval"):
             continue
@@ -66,7 +80,7 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
         else:
             value = to_float(rec.get("eval_loss"))
             if value is not None and math.isfinite(value):
-                series.evals.append((step, value))
+                series.eval_sets.setdefault(str(rec.get("eval_set") or ""), []).append((step, value))
 
 
 # The trainer calls `diagnose` after every log line with the same growing list: scanning only the new records
@@ -87,13 +101,15 @@ def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
         _SCAN_CACHE.clear()  # one live run at a time; never grows
         _SCAN_CACHE[id(records)] = (n, records[0], records[n - 1], raw)
     # sorted copies: the cached lists stay in record order and are never handed out
+    sets = {name: sorted(points, key=lambda p: p[0]) for name, points in raw.eval_sets.items()}
     return Series(
         sorted(raw.train, key=lambda p: p[0]),
-        sorted(raw.evals, key=lambda p: p[0]),
+        next(iter(sets.values()), []),
         sorted(raw.lr, key=lambda p: p[0]),
         sorted(raw.grad_norm, key=lambda p: p[0]),
         list(raw.nonfinite),
         list(raw.errors),
+        sets,
     )
 
 
@@ -155,12 +171,28 @@ class OscillationStats:
     progress: float
     """(mean of the window before - mean of the recent window) / |mean before|."""
     steps: tuple[int, int]
+    log_jump: float
+    """75th percentile of |change of log loss| between consecutive points, the trend (median change) taken out:
+    how far a typical large swing takes the loss, on the data's own (relative) scale."""
+    level: float
+    """Mean loss over the recent points."""
+    points: int
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> OscillationStats | None:
     if not enough_evidence(train, th):
         return None
-    k = min(th.osc_recent_points, len(train) // 2 + 1)
+    # the recent half of the run (at least `osc_recent_points`): an oscillation that started late still counts
+    n = len(train)
+    k = min(th.osc_recent_points, n // 2 + 1) if n < 2 * th.osc_recent_points else min(n // 2, 500)
     recent = [v for _, v in train[-k:]]
     before = [v for _, v in train[-2 * k + 1 : -k + 1]] or recent
     diffs = [b - a for a, b in zip(recent, recent[1:], strict=False)]
@@ -172,7 +204,31 @@ def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> Osc
     flip_frac = flips / (len(signs) - 1) if len(signs) > 1 else 0.0
     b_mean = statistics.fmean(before)
     progress = (b_mean - statistics.fmean(recent)) / abs(b_mean) if b_mean != 0 else 0.0
-    return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]))
+    logs = [math.log(max(v, 1e-6)) for v in recent]
+    log_diffs = [b - a for a, b in zip(logs, logs[1:], strict=False)]
+    trend = statistics.median(log_diffs)
+    jump = _quantile([abs(d - trend) for d in log_diffs], 0.75)
+    return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k)
+
+
+def noise_sigma(values: Sequence[float]) -> float:
+    """Robust standard deviation of the point-to-point noise of `values` around their trend: the MAD of the
+    consecutive differences (trend removed) scaled to a normal sigma, divided by sqrt(2) (a difference carries
+    the noise of two points)."""
+    recent = list(values[-2001:])
+    diffs = [b - a for a, b in zip(recent, recent[1:], strict=False)]
+    if len(diffs) < 2:
+        return 0.0
+    trend = statistics.median(diffs)
+    mad = statistics.median(abs(d - trend) for d in diffs)
+    return 1.4826 * mad / math.sqrt(2)
+
+
+def running_medians(values: Sequence[float], w: int) -> list[float]:
+    """Medians of windows of `w` points at (at most ~100) evenly spaced offsets, the last window included."""
+    stride = max(1, (len(values) - w + 1) // 100)
+    starts = [*range(0, len(values) - w + 1, stride), len(values) - w]
+    return [statistics.median(values[i : i + w]) for i in starts]
 
 
 def warmup_end_index(lr: Sequence[tuple[int, float]]) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -42,6 +43,20 @@ class Summary:
     """Perplexity of the dense model (final_eval record or --dense-ppl)."""
     improvement_pct: float | None
     """Perplexity reduction from pruned to final, in percent."""
+    status: str = "unknown"
+    """`finished` (end-of-run records), `interrupted` (a `stopped` record: signal, NaN stop, traceback, or a
+    log that ends before its last step), `failed` (an `error` record) or `unknown`."""
+    stopped_reason: str | None = None
+    """Why an interrupted run stopped, as the log says."""
+    final_eval_set: str | None = None
+    """The eval set the final/best eval numbers belong to, when the run evaluates named sets."""
+    eval_sets: dict[str, dict[str, Any]] | None = None
+    """Per eval set (`eval_<name>_loss`): final_eval_loss, best_eval_loss, best_step, evaluations."""
+    loss_kind: str = "lm"
+    """`lm` (token-level language-model cross-entropy: perplexity = exp(loss)) or `other` (the log carries
+    accuracy / rewards / generation metrics: the loss is not a perplexity's log)."""
+    loss_kind_evidence: str | None = None
+    """The log keys that made the loss `other`."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +67,32 @@ def _finite(value: Any) -> float | None:
     return f if f is not None and math.isfinite(f) else None
 
 
+_NOT_LM = re.compile(r"(?:^|[_/])(?:accuracy|acc|f1|exact_match|rouge\w*|bleu|sacrebleu|reward\w*|logps|"
+                     r"chosen|rejected|margins)(?:$|[_/])", re.IGNORECASE)
+
+
+def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """(`lm` | `other`, evidence): the loss is a token-level LM cross-entropy unless the log reports
+    classification, preference (DPO/RLHF) or generation metrics beside it."""
+    keys = sorted({k for r in records if r.get("event") in ("log", "eval", "final_eval") for k in r
+                   if _NOT_LM.search(k)})
+    return ("other", ", ".join(keys[:4])) if keys else ("lm", None)
+
+
+def run_status(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """(status, reason) of a run from its records (see `Summary.status`)."""
+    events = [r.get("event") for r in records]
+    if "error" in events:
+        err = next(r for r in records if r.get("event") == "error")
+        return "failed", str(err.get("kind") or err.get("message") or "error")
+    stopped = next((r for r in reversed(records) if r.get("event") == "stopped"), None)
+    if stopped is not None:
+        return "interrupted", str(stopped.get("reason") or "stopped")
+    if any(e in ("train_end", "summary", "final_eval") for e in events):
+        return "finished", None
+    return "unknown", None
+
+
 def summarize(
     records: Sequence[Mapping[str, Any]],
     dense_ppl: float | None = None,
@@ -60,8 +101,13 @@ def summarize(
     steps = [int(s) for r in records
              if r.get("event") in ("log", "eval", "train_end") and (s := _finite(r.get("step"))) is not None]
     logs = [r for r in records if r.get("event") == "log"]
-    evals = [(int(_finite(r.get("step")) or 0), v, r) for r in records
-             if r.get("event") == "eval" and (v := _finite(r.get("eval_loss"))) is not None]
+    set_names = list(dict.fromkeys(str(r.get("eval_set") or "") for r in records if r.get("event") == "eval"))
+    main_set = set_names[0] if set_names else ""
+    per_set: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("event") == "eval" and (v := _finite(r.get("eval_loss"))) is not None:
+            per_set.setdefault(str(r.get("eval_set") or ""), []).append((int(_finite(r.get("step")) or 0), v))
+    evals = [(s, v, None) for s, v in per_set.get(main_set, [])]
     train = [v for r in logs if (v := _finite(r.get("loss"))) is not None]
     max_steps = next((int(m) for r in reversed(logs) if (m := _finite(r.get("max_steps")))), None)
 
@@ -91,7 +137,8 @@ def summarize(
         final_eval = evals[-1][1]
         best_step, best_eval, _ = min(evals, key=lambda e: e[1])
 
-    final_rec = next((r for r in reversed(records) if r.get("event") == "final_eval"), None)
+    final_rec = next((r for r in reversed(records) if r.get("event") == "final_eval"
+                      and str(r.get("eval_set") or "") == main_set), None)
     final_ppl = None
     if final_rec is not None:
         final_ppl = _finite(final_rec.get("perplexity"))
@@ -124,6 +171,20 @@ def summarize(
     if pruned_ppl and final_ppl is not None and math.isfinite(final_ppl):
         improvement = (1 - final_ppl / pruned_ppl) * 100
 
+    kind, kind_evidence = loss_kind(records)
+    if kind != "lm":
+        final_ppl = pruned_ppl = dense_ppl = improvement = None
+    status, reason = run_status(records)
+    sets = None
+    if len(per_set) > 1:
+        sets = {}
+        for name, points in per_set.items():
+            final = next((f for r in reversed(records) if r.get("event") == "final_eval"
+                          and str(r.get("eval_set") or "") == name and (f := _finite(r.get("eval_loss"))) is not None),
+                         points[-1][1])
+            best_s, best_v = min(points, key=lambda p: p[1])
+            sets[name or "eval"] = {"final_eval_loss": final, "best_eval_loss": best_v, "best_step": best_s,
+                                    "evaluations": len(points)}
     return Summary(
         steps=max(steps) if steps else None,
         max_steps=max_steps,
@@ -135,9 +196,15 @@ def summarize(
         best_eval_loss=best_eval,
         best_step=best_step,
         final_perplexity=final_ppl,
-        best_perplexity=perplexity_from_loss(best_eval),
+        best_perplexity=perplexity_from_loss(best_eval) if kind == "lm" else None,
         tokens_per_s=statistics.median(throughput) if throughput else None,
         pruned_perplexity=pruned_ppl,
         dense_perplexity=dense_ppl,
         improvement_pct=improvement,
+        status=status,
+        stopped_reason=reason,
+        final_eval_set=main_set or None,
+        eval_sets=sets,
+        loss_kind=kind,
+        loss_kind_evidence=kind_evidence,
     )

@@ -26,37 +26,63 @@ class Thresholds:
     """Largest window (points): more adds no robustness, only cost (`diagnose` runs after every log line)."""
     flat_max_rel_change: float = 0.005
     """`loss_flat` when the median of the last window differs from the median of the first window by less
-    than this fraction of the latter (0.5%) ..."""
-    flat_noise_multiple: float = 1.0
-    """... or, in a quiet series (noise below `flat_quiet_noise` of the level), by less than this many times
-    the noise (median |step-to-step change|): no change that stands out of the noise."""
-    flat_quiet_noise: float = 0.02
-    """Relative noise below which a series counts as quiet (a noisy series is never called flat by noise)."""
+    than this fraction of the latter (0.5%: 6.2247 -> 6.2443 is flat) ..."""
+    flat_noise_multiple: float = 2.0
+    """... or by less than this many standard errors of the difference of two window medians
+    (sqrt(2) x 1.25 sigma / sqrt(window), sigma the robust point-to-point noise) while no window on the way
+    left that band: nothing stands out of the noise, whatever the noise level (2: ~95% of pure-noise runs)."""
     flat_identical_points: int = 6
     """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, or
-    half as many consecutive grad norms are exactly 0: a model that no batch changes is frozen or dead."""
+    half as many consecutive grad norms are exactly 0: a model that no batch changes is frozen or dead ..."""
+    flat_converged_loss: float = 0.05
+    """... unless the repeated value is at or below this loss (nats) after a much higher start: a run
+    converged near zero and printed with 4 decimals (0.0002, 0.0002, ...) has memorised its data; the
+    overfitting rule reports it."""
     slow_max_rel_drop: float = 0.1
     """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
+    slow_eval_still_factor: float = 1.6
+    """... or by less than this many times `slow_max_rel_drop` (16%: a run ending 10-15% below its start)
+    when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
+    slow_eval_max_rel_drop: float = 0.05
+    """... (first vs last evaluation, at least two) ..."""
     slow_min_late_share: float = 0.5
     """... the second half of the run still fell by at least this share of the first half's drop:
     the curve is still going down at its initial pace (no plateau), so a larger LR would help ..."""
     slow_min_significance: float = 2.0
     """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window))."""
+    verdict_min_rel_drop: float = 0.1
+    """The train verdict says "decreasing steadily (the LR suits the run)" only when the loss fell at least
+    this fraction (median of the first vs the last tenth of the points); a smaller drop with no anomaly
+    reads "decreasing a little"."""
+    osc_min_log_jump: float = 0.45
+    """`loss_oscillating` when the 75th percentile of |change of log loss| between consecutive log points
+    (the trend, their median change, taken out) reaches this: a quarter of the points jump by x1.57 or more
+    from the previous one. Decided on the data's own relative scale: healthy batch-1 noise of +-10-20% per
+    step gives 0.1-0.3; an LR too high jumping 1.3 <-> 3.4 gives ~0.9 ..."""
     osc_min_rel_amplitude: float = 0.25
-    """`loss_oscillating` when the median |step-to-step change| of the recent losses exceeds this
+    """... or, a regular saw-tooth, when the median |step-to-step change| of the recent losses exceeds this
     fraction of their mean level ..."""
     osc_min_sign_changes: float = 0.5
     """... the changes flip sign at least this often (fraction of consecutive pairs) ..."""
     osc_max_progress: float = 0.03
     """... and the recent window is not lower than the window before it by more than this fraction."""
+    osc_min_level: float = 0.05
+    """No oscillation is judged on a loss level below this (nats): near zero, 4-decimal rounding turns
+    0.0001 -> 0.0002 into a x2 jump."""
     osc_recent_points: int = 20
-    """How many of the latest train-loss points the oscillation rule looks at."""
+    """How many of the latest train-loss points the oscillation rule looks at (the latest half of the run,
+    up to 500 points, once the run has twice this many)."""
     diverge_min_rel_rise: float = 0.1
     """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
     first logged loss (the untrained model) and the minimum of the running window medians."""
     diverge_noise_multiple: float = 2.0
     """... and by more than this many times the noise (median |step-to-step change|), so the low points of an
     oscillation are not read as a rise."""
+    overfit_memorise_loss: float = 0.05
+    """`overfitting` (memorisation) when the train loss ends below this (nats) ...: a language model's
+    cross-entropy on new text never gets near zero ..."""
+    overfit_memorise_drop: float = 10.0
+    """... after starting at least this many times higher (0.89 -> 0.0002)."""
     overfit_min_evals: int = 3
     """Evaluations needed before `overfitting` may fire."""
     overfit_consecutive_rises: int = 2

@@ -4,13 +4,14 @@ perplexity rating against relative or absolute bands."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from prunetune.analysis.anomaly import Anomaly
 from prunetune.analysis.rules import diagnose
-from prunetune.analysis.series import extract_series
+from prunetune.analysis.series import Series, extract_series
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
 from prunetune.records import to_float
 
@@ -45,53 +46,92 @@ def _verdict(metric: str, status: str, label: str, reason: str, kinds: tuple[str
     return Verdict(metric, status, label, _SYMBOL[status], reason, kinds)
 
 
+def _train_verdict(series: Series, found: Sequence[Anomaly], th: Thresholds) -> Verdict:
+    kinds = {a.kind for a in found}
+    memorised = any(a.kind == "overfitting" and "train_loss_end" in a.evidence and "eval_steps" not in a.evidence
+                    for a in found)
+    if "nan_inf" in kinds:
+        return _verdict("train_loss", "error", "NaN/Inf", "training diverged numerically (LR far too high)",
+                        ("nan_inf",))
+    if "loss_diverging" in kinds:
+        return _verdict("train_loss", "warning", "rising", "LR too high", ("loss_diverging",))
+    if "loss_oscillating" in kinds:
+        return _verdict("train_loss", "warning", "oscillating", "LR too high", ("loss_oscillating",))
+    if "loss_flat" in kinds:
+        return _verdict("train_loss", "error", "flat", "data or configuration broken", ("loss_flat",))
+    if "loss_slow" in kinds:
+        return _verdict("train_loss", "warning", "falling too slowly", "LR too low", ("loss_slow",))
+    if memorised:
+        return _verdict("train_loss", "warning", "converged near zero", "the model memorised its training text",
+                        ("overfitting",))
+    if not series.train:
+        return _verdict("train_loss", "unknown", "nothing to judge", "0 train-loss points found")
+    if len(series.train) < th.min_train_points:
+        return _verdict("train_loss", "unknown", "too few points",
+                        f"{len(series.train)} finite train-loss logs, {th.min_train_points} needed")
+    values = [v for _, v in series.train]
+    w = max(th.min_window, len(values) // 10)
+    head, tail = statistics.median(values[:w]), statistics.median(values[-w:])
+    fell = (head - tail) / abs(head) if head else 0.0
+    if fell >= th.verdict_min_rel_drop:
+        return _verdict("train_loss", "ok", "decreasing steadily", "the LR suits the run")
+    return _verdict("train_loss", "ok", "decreasing a little",
+                    f"fell {fell * 100:.1f}% over the run ({head:.4g} -> {tail:.4g}); no rule fired, but the LR "
+                    "is not shown to suit the run")
+
+
+def _eval_verdict(metric: str, series: Series, found: Sequence[Anomaly], th: Thresholds,
+                  name: str | None) -> Verdict:
+    mine = [a for a in found if name is None or a.evidence.get("eval_set") == name]
+    kinds = {a.kind for a in mine if a.kind != "overfitting" or "eval_steps" in a.evidence}
+    evals = series.evals
+    if "overfitting" in kinds:
+        return _verdict(metric, "warning", "rising", "overfitting", ("overfitting",))
+    if "eval_far_above_train" in kinds:
+        return _verdict(metric, "warning", "far above train", "eval data differs or the model memorises",
+                        ("eval_far_above_train",))
+    if not evals:
+        return _verdict(metric, "unknown", "no evaluation", "the run has no eval loss",
+                        ("no_eval",) if any(a.kind == "no_eval" for a in found) else ())
+    if len(evals) < 2:
+        return _verdict(metric, "unknown", "one evaluation", "a trend needs two or more evaluations")
+    first, last = evals[0][1], evals[-1][1]
+    if series.train and last > series.train[0][1] * (1 + th.diverge_min_rel_rise):
+        return _verdict(metric, "warning", "worse than the start",
+                        f"eval loss {last:.4g} ends above the first train loss {series.train[0][1]:.4g}")
+    if last < first * (1 - th.flat_max_rel_change):
+        return _verdict(metric, "ok", "improving", "generalises to held-out text")
+    why = ("eval loss ended above its first value" if last > first else
+           f"eval loss fell less than {th.flat_max_rel_change:.1%} since the first evaluation")
+    return _verdict(metric, "warning", "not improving", f"{why} ({first:.4g} -> {last:.4g})")
+
+
+def eval_metric(name: str) -> str:
+    """The log's own key for an eval set's loss: `eval_loss`, or `eval_<name>_loss`."""
+    return f"eval_{name}_loss" if name else "eval_loss"
+
+
 def verdicts(
     records: Sequence[Mapping[str, Any]],
     thresholds: Thresholds = DEFAULTS,
     anomalies: Sequence[Anomaly] | None = None,
 ) -> dict[str, Verdict]:
-    """A verdict for the train loss and the eval loss, from the same rules as `diagnose`."""
+    """A verdict for the train loss and one per eval set (`eval_loss`, or `eval_<name>_loss` per set when the
+    run evaluates several), from the same rules as `diagnose`."""
     series = extract_series(records)
     found = list(anomalies) if anomalies is not None else diagnose(records, thresholds, final=True)
-    kinds = {a.kind for a in found}
-
-    if "nan_inf" in kinds:
-        train = _verdict("train_loss", "error", "NaN/Inf", "training diverged numerically (LR far too high)", ("nan_inf",))
-    elif "loss_diverging" in kinds:
-        train = _verdict("train_loss", "warning", "rising", "LR too high", ("loss_diverging",))
-    elif "loss_oscillating" in kinds:
-        train = _verdict("train_loss", "warning", "oscillating", "LR too high", ("loss_oscillating",))
-    elif "loss_flat" in kinds:
-        train = _verdict("train_loss", "error", "flat", "data or configuration broken", ("loss_flat",))
-    elif "loss_slow" in kinds:
-        train = _verdict("train_loss", "warning", "falling too slowly", "LR too low", ("loss_slow",))
-    elif len(series.train) < thresholds.min_train_points:
-        train = _verdict("train_loss", "unknown", "too few points",
-                         f"{len(series.train)} finite train-loss logs, {thresholds.min_train_points} needed")
-    else:
-        train = _verdict("train_loss", "ok", "decreasing steadily", "the LR suits the run")
-
-    if "overfitting" in kinds:
-        ev = _verdict("eval_loss", "warning", "rising", "overfitting", ("overfitting",))
-    elif "eval_far_above_train" in kinds:
-        ev = _verdict("eval_loss", "warning", "far above train", "eval data differs or the model memorises",
-                      ("eval_far_above_train",))
-    elif not series.evals:
-        ev = _verdict("eval_loss", "unknown", "no evaluation", "the run has no eval loss",
-                      ("no_eval",) if "no_eval" in kinds else ())
-    elif len(series.evals) < 2:
-        ev = _verdict("eval_loss", "unknown", "one evaluation", "a trend needs two or more evaluations")
-    elif series.train and series.evals[-1][1] > series.train[0][1] * (1 + thresholds.diverge_min_rel_rise):
-        ev = _verdict("eval_loss", "warning", "worse than the start",
-                      f"eval loss {series.evals[-1][1]:.4g} ends above the first train loss {series.train[0][1]:.4g}")
-    elif series.evals[-1][1] < series.evals[0][1] * (1 - thresholds.flat_max_rel_change):
-        ev = _verdict("eval_loss", "ok", "improving", "generalises to held-out text")
-    else:
-        first, last = series.evals[0][1], series.evals[-1][1]
-        why = ("eval loss ended above its first value" if last > first else
-               f"eval loss fell less than {thresholds.flat_max_rel_change:.1%} since the first evaluation")
-        ev = _verdict("eval_loss", "warning", "not improving", f"{why} ({first:.4g} -> {last:.4g})")
-    return {"train_loss": train, "eval_loss": ev}
+    out = {"train_loss": _train_verdict(series, found, thresholds)}
+    named = [n for n in series.eval_sets if n] if len(series.eval_sets) > 1 else []
+    if not named:
+        only = next(iter(series.eval_sets), "")
+        out["eval_loss"] = _eval_verdict("eval_loss", series, found, thresholds, None)
+        if only:
+            out["eval_loss"] = replace(out["eval_loss"], metric=eval_metric(only))
+        return out
+    for name in series.eval_sets:
+        metric = eval_metric(name)
+        out[metric] = _eval_verdict(metric, series.for_eval_set(name), found, thresholds, name or None)
+    return out
 
 
 @dataclass(frozen=True)

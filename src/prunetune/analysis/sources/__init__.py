@@ -3,7 +3,6 @@
 - `base`:              `Source` (records + where they came from), shared conversions;
 - `trainer_state`:     Transformers `trainer_state.json` (`log_history`) and the Trainer's log dicts;
 - `trainer_console`:   the raw console log of any Trainer run (dicts, tqdm bars, metrics blocks, notebook tables);
-- `prunetune_console`: `prunetune finetune`'s train.log;
 - `loader`:            which reader a path needs (`load_source`: a run directory's richest source).
 """
 

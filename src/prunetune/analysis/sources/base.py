@@ -12,7 +12,7 @@ from prunetune.records import to_float
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-SOURCE_KINDS = ("metrics_jsonl", "trainer_state", "console_log")
+SOURCE_KINDS = ("metrics_jsonl", "trainer_state", "trainer_log_jsonl", "console_log")
 
 
 @dataclass

@@ -4,20 +4,24 @@ console log."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prunetune.analysis.sources.base import SOURCE_KINDS, Source
+from prunetune.analysis.sources.jsonl import read_jsonl
+from prunetune.analysis.sources.llamafactory import is_trainer_log, records_from_trainer_log
 from prunetune.analysis.sources.trainer_console import OOM, parse_console_log
 from prunetune.analysis.sources.trainer_state import records_from_trainer_state
 from prunetune.errors import UserError
-from prunetune.records import iter_jsonl
 
 
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; make it readable (chmod +r) or copy it") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read {path} as JSON ({err}); pass a trainer_state.json, metrics.jsonl or a log") from err
 
@@ -52,6 +56,8 @@ def candidate_files(path: Path) -> list[tuple[str, Path]]:
         found.append(("trainer_state", state))
     elif (ckpt := _latest_checkpoint_state(path)) is not None:
         found.append(("trainer_state", ckpt))
+    if (path / "trainer_log.jsonl").is_file():
+        found.append(("trainer_log_jsonl", path / "trainer_log.jsonl"))
     for name in ("train.log", "console.log"):
         if (path / name).is_file():
             found.append(("console_log", path / name))
@@ -60,34 +66,70 @@ def candidate_files(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def _jsonl_source(path: Path, kind: str | None) -> Source:
+    entries, skipped = read_jsonl(path)
+    notes = [f"{skipped} unreadable line(s) skipped"] if skipped else []
+    if kind == "trainer_log_jsonl" or (kind is None and is_trainer_log(entries)):
+        records, meta = records_from_trainer_log(entries)
+        return Source("trainer_log_jsonl", path, records, {**meta, "flavour": "trainer", "notes": notes})
+    if entries and not any("event" in e for e in entries[:20]) and not is_trainer_log(entries):
+        raise UserError(f"{path} is JSONL but neither a prunetune metrics.jsonl (records with `event`) nor a "
+                        "LLaMA-Factory trainer_log.jsonl (`current_steps`); pass the run's log")
+    return Source("metrics_jsonl", path, entries, {"flavour": "prunetune", "step_source": "metrics",
+                                                   "notes": notes})
+
+
+def _own_console(path: Path) -> Path | None:
+    """The metrics.jsonl a prunetune train.log was rendered from (the one source of truth), if beside it: a
+    train.log with no Trainer log dict in it, next to a metrics.jsonl."""
+    metrics = path.parent / "metrics.jsonl"
+    if path.name != "train.log" or not metrics.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return None if re.search(r"""\{\s*['"](?:eval_)?loss['"]\s*:""", text) else metrics
+
+
 def load_file(path: Path, kind: str | None = None) -> Source:
     """Records of one file; kind guessed from its name and content when not given."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass it as the run directory, not as a file of kind {kind}")
     if kind is None:
         if path.suffix == ".jsonl":
-            kind = "metrics_jsonl"
-        elif path.suffix == ".json":
-            kind = "trainer_state"
-        else:
-            kind = "console_log"
-    if kind == "metrics_jsonl":
-        return Source(kind, path, list(iter_jsonl(path)))
+            return _jsonl_source(path, None)
+        kind = "trainer_state" if path.suffix == ".json" else "console_log"
+    if kind in ("metrics_jsonl", "trainer_log_jsonl"):
+        return _jsonl_source(path, kind)
     if kind == "trainer_state":
         state = _read_json(path)
         if not isinstance(state, dict):
             raise UserError(f"{path} is not a trainer_state.json (a JSON object with `log_history`)")
         meta = {k: state[k] for k in ("max_steps", "best_metric", "best_model_checkpoint", "best_global_step",
                                       "logging_steps", "eval_steps", "train_batch_size") if k in state}
+        meta["flavour"] = "trainer"
         return Source(kind, path, records_from_trainer_state(state), meta)
+    if (metrics := _own_console(path)) is not None:
+        src = _jsonl_source(metrics, "metrics_jsonl")
+        src.meta["notes"].append(f"read {metrics.name}, the record {path.name} is rendered from")
+        return src
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; make the log readable (chmod +r) or copy it") from None
     except OSError as err:
-        raise UserError(f"cannot read {path}: {err}") from err
-    records, meta = parse_console_log(text)
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"{path} is a binary file: no training records found in it; pass the run's console log, "
+                        "trainer_state.json or metrics.jsonl")
+    records, meta = parse_console_log(raw.decode("utf-8", errors="replace"))
+    meta["flavour"] = "trainer"
     return Source("console_log", path, records, meta)
 
 
 def _usable(records: Iterable[Mapping[str, Any]]) -> bool:
-    return any(r.get("event") in ("log", "eval", "error", "final_eval") for r in records)
+    return any(r.get("event") in ("log", "eval", "error", "final_eval", "train_end") for r in records)
 
 
 def load_source(source: str | Path, prefer: str | None = None) -> Source:
@@ -116,7 +158,7 @@ def load_source(source: str | Path, prefer: str | None = None) -> Source:
     tried = []
     for kind, file in candidates:
         src = load_file(file, kind)
-        if _usable(src.records):
+        if _usable(src.records) and (prefer is None or src.kind == kind or kind == "console_log"):
             src.meta.update(_dir_meta(path))
             if kind == "metrics_jsonl":
                 _merge_console_oom(src, path)

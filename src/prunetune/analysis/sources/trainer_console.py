@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prunetune.analysis.sources import wanda_console
 from prunetune.analysis.sources.base import num as _num
 from prunetune.analysis.sources.base import seconds as _seconds
 from prunetune.analysis.sources.base import split_lines
-from prunetune.analysis.sources.prunetune_console import parse_prunetune_console
-from prunetune.analysis.sources.trainer_state import record_from_trainer_dict
+from prunetune.analysis.sources.trainer_state import record_from_trainer_dict, records_from_trainer_dict
 from prunetune.records import to_float
 
 # tqdm: " 17%|█▋        | 10/60 [00:00<00:01, 46.90it/s]" (the rate may be "s/it" or "?it/s")
@@ -34,9 +34,12 @@ OOM = re.compile(
     r"(OutOfMemoryError|CUDA out of memory|MPS backend out of memory|DefaultCPUAllocator: can't allocate memory"
     r"|^\s*MemoryError\b)"
 )
-_METRICS_HEADER = re.compile(r"\*{3,}\s*(\w+) metrics\s*\*{3,}")
+# Trainer.log_metrics: "***** train metrics *****"; the Wanda fork: "***** Final eval results *****"
+_METRICS_HEADER = re.compile(r"\*{3,}\s*(?:(\w+) metrics|Final (eval) results)\s*\*{3,}", re.IGNORECASE)
 _METRIC_LINE = re.compile(r"^\s+(\w+)\s*=\s*(\S+)\s*$")
 _TOTAL_STEPS = re.compile(r"Total optimization steps = ([\d,]+)")
+# how a run that did not finish ends its console
+_INTERRUPT = re.compile(r"^\s*(?:\^C\s*)?(KeyboardInterrupt)\b|^(Traceback) \(most recent call last\)|\b(KeyboardInterrupt)\b")
 # Jupyter's NotebookProgressCallback table, as copied out of a notebook: "Step  Training Loss  Validation Loss"
 _TABLE_HEADER = re.compile(r"\b(Step|Epoch)\b.*\bTraining Loss\b")
 _TABLE_SPLIT = re.compile(r"\t+|\s{2,}|\s*\|\s*")
@@ -84,8 +87,7 @@ class _Event:
     data: Any
 
 
-def _console_events(text: str, max_dict_lines: int = 40) -> list[_Event]:
-    lines = split_lines(text)
+def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
     events: list[_Event] = []
     i = 0
     block: tuple[str, dict[str, Any]] | None = None
@@ -107,9 +109,11 @@ def _console_events(text: str, max_dict_lines: int = 40) -> list[_Event]:
                 events.append(_Event("row", i, dict(zip(columns, cells, strict=True))))
                 i += 1
             continue
+        if (stop := _INTERRUPT.search(line)) is not None:
+            events.append(_Event("interrupt", i, next(g for g in stop.groups() if g)))
         header = _METRICS_HEADER.search(line)
         if header:
-            block = (header.group(1), {})
+            block = ((header.group(1) or header.group(2)).lower(), {})
             events.append(_Event("block", i, block))
             i += 1
             continue
@@ -182,49 +186,108 @@ def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _block_value(key: str, text: str) -> float | str | None:
+    """A `key = value` of a metrics block: numbers, `0:01:23.45` runtimes as seconds, `1234GF` flos as None."""
+    if ":" in text and "runtime" in key:
+        head, _, frac = text.partition(".")
+        whole = _seconds(head)
+        return whole + float(f"0.{frac}") if whole is not None and frac.isdigit() else whole
+    return _num(text)
+
+
+def _block_records(name: str, values: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Records of an end-of-run metrics block: `train` -> train_end, `eval` -> final_eval (one per eval set)."""
+    parsed = {k: v for k, raw in values.items() if (v := _block_value(k, raw)) is not None}
+    if name == "train":
+        return [{"event": "train_end", "step": None, **parsed}]
+    if name == "eval":
+        out = []
+        for rec in records_from_trainer_dict(parsed, None):
+            if rec["event"] == "eval":
+                rec["event"] = "final_eval"
+                out.append(rec)
+        return out
+    return []
+
+
+def _wanda_bars(wanda: list[wanda_console.Event]) -> list[_Event]:
+    """The Wanda-fork `Step N/M ... | Loss: x` lines as the run's training bar."""
+    return [_Event("bar", e.pos, {"n": str(e.data["n"]), "total": str(e.data["total"]), "loss": e.data["loss"],
+                                  "elapsed_s": e.data["elapsed"]}) for e in wanda if e.kind == "step"]
+
+
 def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records from a raw Trainer console log (or a prunetune train.log), and meta (max_steps, step_source)."""
-    own = parse_prunetune_console(text)
-    if own is not None:
-        max_steps = next((r["max_steps"] for r in reversed(own) if r.get("max_steps")), None)
-        return own, {"step_source": "prunetune", "max_steps": max_steps}
-    events = _console_events(text)
-    bars = [e for e in events if e.kind == "bar"]
+    """Records from a raw Trainer console log (plain, Wanda-fork, notebook table), and meta (max_steps,
+    step_source, interrupted, best_checkpoint)."""
+    lines = split_lines(text)
+    events = _console_events(lines)
+    wanda = wanda_console.scan(lines)
+    own_bars = _wanda_bars(wanda)
+    bars = own_bars or [e for e in events if e.kind == "bar"]
     total = _train_bar_total(bars)
     train_bars = [e for e in bars if e.data["total"] == total]
     meta: dict[str, Any] = {}
-    if total is not None:
+    announced = [e.data for e in events if e.kind == "total"]
+    if announced:
+        meta["max_steps"] = announced[-1]
+    elif total is not None:
         meta["max_steps"] = int(total)
-    else:
-        announced = [e.data for e in events if e.kind == "total"]
-        if announced:
-            meta["max_steps"] = announced[-1]
-    fixed: set[int] = set()  # ids of records whose step the log states (notebook table rows)
+    if own_bars:
+        meta["format"] = "wanda_console"
+    fixed: set[int] = set()  # ids of records whose step the log states (table rows, Wanda lines)
 
     records: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # records waiting for the next bar redraw to learn their step
     last_bar: dict[str, Any] | None = None
-    bar_iter = iter(sorted(train_bars, key=lambda e: e.pos))
-    next_bar = next(bar_iter, None)
-    for ev in events:
-        while next_bar is not None and next_bar.pos <= ev.pos and (ev.kind != "dict" or next_bar.pos < ev.pos):
-            last_bar = next_bar.data
-            for rec in pending:
-                rec["step"] = int(last_bar["n"])
-                _bar_extras(rec, last_bar)
-            pending = []
-            next_bar = next(bar_iter, None)
-        if ev.kind == "dict":
-            rec = record_from_trainer_dict(ev.data, None)
-            if rec is None:
-                continue
+
+    def final_eval() -> dict[str, Any]:
+        rec = next((r for r in reversed(records) if r["event"] == "final_eval"), None)
+        if rec is None:
+            rec = {"event": "final_eval", "step": None}
             records.append(rec)
             pending.append(rec)
+        return rec
+
+    def on_bar(bar: dict[str, Any]) -> None:
+        nonlocal pending
+        step = int(bar["n"])
+        stepped = False
+        for rec in pending:
+            rec["step"] = step
+            _bar_extras(rec, bar)
+            stepped = stepped or rec["event"] == "log"
+        pending = []
+        if "loss" in bar and not stepped and bar["loss"] is not None:
+            # a Wanda `Step` line with no Trainer dict before it is a train-loss point of its own
+            rec = {"event": "log", "step": step, "loss": bar["loss"]}
+            _bar_extras(rec, bar)
+            records.append(rec)
+            fixed.add(id(rec))
+
+    # a dict on the same line as a bar redraw is printed before it (tqdm.write): it takes that bar's step
+    rank = {"dict": 0, "bar": 1}
+    stream = sorted([*(e for e in events if e.kind != "bar"), *(e for e in wanda if e.kind != "step"), *train_bars],
+                    key=lambda e: (e.pos, rank.get(e.kind, 2)))
+    for ev in stream:
+        if isinstance(ev, wanda_console.Event):
+            _wanda_event(ev, records, pending, fixed, meta, final_eval, last_bar)
+            continue
+        if ev.kind == "bar":
+            last_bar = ev.data
+            on_bar(ev.data)
+        elif ev.kind == "dict":
+            for rec in records_from_trainer_dict(ev.data, None):
+                if rec["event"] == "eval" and _merge_into_block_eval(rec, records):
+                    continue
+                records.append(rec)
+                pending.append(rec)
         elif ev.kind == "oom":
             if not any(r["event"] == "error" for r in records):
                 rec = {"event": "error", "step": None, "kind": "out_of_memory", "message": ev.data}
                 records.append(rec)
                 pending.append(rec)
+        elif ev.kind == "interrupt":
+            meta.setdefault("interrupted", ev.data)
         elif ev.kind == "row":
             for rec in _records_from_row(ev.data):
                 records.append(rec)
@@ -232,9 +295,13 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     fixed.add(id(rec))
         elif ev.kind == "block":
             name, values = ev.data
-            if name == "eval" and "eval_loss" in values:
-                rec = record_from_trainer_dict(values, None) or {}
-                rec["event"] = "final_eval"
+            block_records = _block_records(name, values)
+            for rec in block_records:
+                if rec["event"] == "final_eval":
+                    current = next((r for r in reversed(records) if r["event"] == "final_eval"), None)
+                    if current is not None and current.get("eval_set") == rec.get("eval_set"):
+                        current.update({k: v for k, v in rec.items() if k != "step"})
+                        continue
                 records.append(rec)
                 pending.append(rec)
     for rec in pending:  # nothing redrawn after them: the last bar is the best estimate
@@ -242,7 +309,7 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if last_bar:
             _bar_extras(rec, last_bar)
 
-    if train_bars:
+    if train_bars and not own_bars:
         kept = _drop_superseded(records)
         if len(kept) < len(records):
             meta["superseded"] = len(records) - len(kept)
@@ -250,11 +317,87 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta["step_source"] = "bar" if train_bars else "table"
     if not _steps_monotonic(records) or (not train_bars and len(fixed) < len(records)):
         meta["step_source"] = _steps_from_epochs(records, meta, fixed)
+    _mark_unfinished(records, meta)
     if meta.get("max_steps"):
         for rec in records:
             if rec["event"] == "log":
                 rec.setdefault("max_steps", meta["max_steps"])
     return records, meta
+
+
+def _merge_into_block_eval(rec: dict[str, Any], records: list[dict[str, Any]]) -> bool:
+    """An eval dict printed after its `Eval at step N` block describes the same evaluation: merge it."""
+    last = next((r for r in reversed(records) if r["event"] == "eval"), None)
+    if last is None or not last.get("_block") or last.get("_dict"):
+        return False
+    a, b = to_float(last.get("eval_loss")), to_float(rec.get("eval_loss"))
+    if a is None or b is None or abs(a - b) > 5e-4 * max(1.0, abs(a)):
+        return False
+    last.update({k: v for k, v in rec.items() if k not in ("step", "perplexity", "event")})
+    last["_dict"] = True
+    return True
+
+
+def _wanda_event(ev: wanda_console.Event, records: list[dict[str, Any]], pending: list[dict[str, Any]],
+                 fixed: set[int], meta: dict[str, Any], final_eval: Any, last_bar: Mapping[str, Any] | None) -> None:
+    """Fold one Wanda-fork event into the records."""
+    data = ev.data
+    if ev.kind == "eval":
+        # the eval dict printed just before the block is the same evaluation: the block names its step
+        waiting = [r for r in pending if r["event"] == "eval" and r.get("step") is None]
+        target = waiting[-1] if waiting else None
+        if target is None:
+            target = {"event": "eval", "step": data["step"], "_block": True}
+            records.append(target)
+        else:
+            pending.remove(target)
+        target["step"] = data["step"]
+        fixed.add(id(target))
+        for key in ("eval_loss", "perplexity", "is_best", "best_before_perplexity"):
+            if data.get(key) is not None:
+                target[key] = data[key]
+    elif ev.kind == "completed":
+        end = next((r for r in records if r["event"] == "train_end"), None)
+        if end is None:
+            end = {"event": "train_end", "step": data["steps"] or (int(last_bar["n"]) if last_bar else None)}
+            records.append(end)
+        end.setdefault("train_runtime", data["runtime"])
+    elif ev.kind == "final_ppl":
+        final_eval()["perplexity"] = data
+    elif ev.kind == "improved":
+        before, after = data
+        rec = final_eval()
+        rec["pruned_perplexity"] = before
+        rec.setdefault("perplexity", after)
+    elif ev.kind == "summary":
+        if data.get("best checkpoint"):
+            meta["best_checkpoint"] = data["best checkpoint"]
+        meta["training_summary"] = dict(data)
+
+
+def _mark_unfinished(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """A console without its end-of-run lines, or with a traceback / KeyboardInterrupt, is a run that stopped
+    early: one `stopped` record at its last step says so (never reported as finished)."""
+    for rec in records:
+        rec.pop("_block", None)
+        rec.pop("_dict", None)
+    steps = [r["step"] for r in records if r["event"] in ("log", "eval") and isinstance(r.get("step"), int)]
+    if not steps or any(r["event"] == "error" for r in records):
+        return
+    finished = any(r["event"] in ("train_end", "final_eval") for r in records)
+    reason = meta.get("interrupted")
+    if reason is None and finished:
+        return
+    if reason is None:
+        max_steps = meta.get("max_steps")
+        if not max_steps or max(steps) >= max_steps:
+            return
+        reason = "log ends"
+    meta["interrupted"] = reason
+    records.append({"event": "stopped", "step": max(steps), "reason": reason,
+                    "message": f"the log ends at step {max(steps)}"
+                               + (f" of {meta['max_steps']}" if meta.get("max_steps") else "")
+                               + (f" after a {reason}" if reason != "log ends" else " without its end-of-run lines")})
 
 
 def _records_from_row(row: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -275,7 +418,7 @@ def _records_from_row(row: Mapping[str, str]) -> list[dict[str, Any]]:
 def _bar_extras(rec: dict[str, Any], bar: Mapping[str, Any]) -> None:
     if rec["event"] != "log":
         return
-    elapsed = _seconds(bar.get("elapsed"))
+    elapsed = bar["elapsed_s"] if bar.get("elapsed_s") is not None else _seconds(bar.get("elapsed"))
     if elapsed is not None:
         rec.setdefault("elapsed", elapsed)
     remaining = _seconds(bar.get("remaining"))

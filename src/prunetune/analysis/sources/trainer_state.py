@@ -13,41 +13,58 @@ from prunetune.records import to_float
 LOG_KEYS = {"learning_rate": "lr"}
 
 
-def record_from_trainer_dict(d: Mapping[str, Any], step: int | None) -> dict[str, Any] | None:
-    """One Trainer `log_history` entry / console dict as a record, or None when it is none of log/eval/end."""
-    if "eval_loss" not in d:
-        # several eval datasets log eval_<name>_loss; the first one stands for "the" eval loss
-        named = next((k for k in d if k.startswith("eval_") and k.endswith("_loss")), None)
-        if named is not None:
-            d = {**d, "eval_loss": d[named]}
-    if "eval_loss" in d:
-        rec: dict[str, Any] = {"event": "eval", "step": step}
-        for key, value in d.items():
-            if key.startswith("eval_") or key in ("epoch", "perplexity"):
-                num = _num(value)
-                if num is not None:
-                    rec[key] = num
-        if rec.get("eval_loss") is None:
-            return None
-        loss = to_float(rec["eval_loss"])
-        if "perplexity" not in rec and loss is not None:
-            rec["perplexity"] = _num(math.exp(loss) if loss < 700 else math.inf)
-        return rec
+def _eval_sets(d: Mapping[str, Any]) -> list[str]:
+    """Names of the eval sets a dict reports (`eval_<name>_loss`); [] for the plain `eval_loss`."""
+    return [k[len("eval_"):-len("_loss")] for k in d
+            if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss" and len(k) > len("eval__loss")]
+
+
+def _eval_record(d: Mapping[str, Any], step: int | None, name: str | None) -> dict[str, Any] | None:
+    prefix = f"eval_{name}_" if name else "eval_"
+    rec: dict[str, Any] = {"event": "eval", "step": step}
+    if name:
+        rec["eval_set"] = name
+    for key, value in d.items():
+        if key.startswith(prefix) or key in ("epoch", "perplexity"):
+            num = _num(value)
+            if num is not None:
+                rec["eval_" + key[len(prefix):] if key.startswith(prefix) else key] = num
+    if rec.get("eval_loss") is None:
+        return None
+    loss = to_float(rec["eval_loss"])
+    if "perplexity" not in rec and loss is not None:
+        rec["perplexity"] = _num(math.exp(loss) if loss < 700 else math.inf)
+    return rec
+
+
+def records_from_trainer_dict(d: Mapping[str, Any], step: int | None) -> list[dict[str, Any]]:
+    """One Trainer `log_history` entry / console dict as records: a `log`, a `train_end`, or one `eval` per
+    eval set (`eval_<name>_loss` keys give `eval` records with `eval_set: name`, never merged into one)."""
+    sets = _eval_sets(d)
+    if "eval_loss" in d or sets:
+        names: list[str | None] = ([None] if "eval_loss" in d else []) + list(sets)
+        return [rec for name in names if (rec := _eval_record(d, step, name)) is not None]
     if "loss" in d and _num(d["loss"]) is not None:
         rec = {"event": "log", "step": step}
         for key, value in d.items():
             num = _num(value)
             if num is not None and key != "step":
                 rec[LOG_KEYS.get(key, key)] = num
-        return rec
+        return [rec]
     if "train_runtime" in d:
         rec = {"event": "train_end", "step": step}
         for key, value in d.items():
             num = _num(value)
             if num is not None and key != "step":
                 rec[key] = num
-        return rec
-    return None
+        return [rec]
+    return []
+
+
+def record_from_trainer_dict(d: Mapping[str, Any], step: int | None) -> dict[str, Any] | None:
+    """The first record of `records_from_trainer_dict`, or None."""
+    records = records_from_trainer_dict(d, step)
+    return records[0] if records else None
 
 
 def records_from_trainer_state(state: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -60,10 +77,8 @@ def records_from_trainer_state(state: Mapping[str, Any]) -> list[dict[str, Any]]
         if not isinstance(entry, Mapping):
             continue
         step = entry.get("step")
-        rec = record_from_trainer_dict(entry, int(step) if isinstance(step, (int, float)) else None)
-        if rec is None:
-            continue
-        if rec["event"] == "log" and max_steps:
-            rec["max_steps"] = max_steps
-        records.append(rec)
+        for rec in records_from_trainer_dict(entry, int(step) if isinstance(step, (int, float)) else None):
+            if rec["event"] == "log" and max_steps:
+                rec["max_steps"] = max_steps
+            records.append(rec)
     return records
