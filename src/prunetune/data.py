@@ -7,11 +7,13 @@ Names: `wikitext2`, `c4`, `wikipedia-vital`, or a path to a `.txt`/`.jsonl`/`.js
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import importlib.util
 import json
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from prunetune.errors import UserError
 from prunetune.home import prunetune_home
+from prunetune.rundir import read_bytes
 
 DATASETS = ("wikitext2", "c4", "wikipedia-vital")
 SPLITS = ("train", "validation", "test")
@@ -130,10 +133,10 @@ def _load_wikitext2(split: str, dirs: list[Path]) -> TextSplit:
     for d in _search_dirs(dirs, "wikitext-2-raw"):
         exact = d / f"wiki.{stem}.raw"
         if exact.is_file():
-            return TextSplit("wikitext2", split, wikitext_rows(exact.read_text()), str(exact), _fingerprint([exact]))
+            return TextSplit("wikitext2", split, wikitext_rows(read_text_file(exact)), str(exact), _fingerprint([exact]))
         partial = sorted(d.glob(f"wiki.{stem}.*.raw"))
         if partial:
-            rows = wikitext_rows(partial[0].read_text())
+            rows = wikitext_rows(read_text_file(partial[0]))
             note = f"{partial[0].name} is a part of the official {stem} split, not the whole of it"
             return TextSplit("wikitext2", split, rows, str(partial[0]), _fingerprint(partial[:1]), note)
     if dirs:
@@ -159,18 +162,58 @@ def _from_hub(dataset: str, split: str, load) -> TextSplit:
     return TextSplit(dataset, split, rows, f"hub:{dataset}", _rows_hash(rows))
 
 
-def _read_json_texts(path: Path) -> list[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if ".jsonl" in path.name or path.name.endswith(".json.gz"):
-            records = [json.loads(line) for line in f if line.strip()]
-        else:
-            data = json.load(f)
-            records = data if isinstance(data, list) else list(data.values())
+def read_text_file(path: Path, what: str = "data file") -> str:
+    """The whole of a UTF-8 text file (gzip-compressed when its name ends in .gz), every failure a UserError
+    that names the file: missing, a directory, permission denied, corrupt or truncated gzip, not UTF-8 (with
+    the byte offset and how to convert it)."""
+    raw = read_bytes(path, what)
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except EOFError:
+            raise UserError(f"{what} {str(path)!r} is a truncated gzip file; copy or download it again") from None
+        except (OSError, zlib.error) as err:
+            raise UserError(f"{what} {str(path)!r} is not a gzip file or is corrupt ({err}); "
+                            "check the file, or drop the .gz suffix if it is plain text") from None
     try:
-        return [r["text"] for r in records]
-    except (KeyError, TypeError):
-        raise UserError(f"{path}: every record needs a 'text' field") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{what} {str(path)!r} is not UTF-8 text: byte 0x{raw[err.start]:02x} at byte offset {err.start} "
+            f"({err.reason}); convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
+        ) from None
+
+
+def _record_text(record: object, where: str) -> str:
+    if not isinstance(record, dict) or "text" not in record:
+        raise UserError(f"{where}: every record needs a 'text' field (got {type(record).__name__})")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: 'text' is {type(text).__name__}, expected a string")
+    return text
+
+
+def _read_json_texts(path: Path) -> list[str]:
+    """The 'text' of every record of a .jsonl / .json(.gz) file; a bad line or record is named by its number."""
+    content = read_text_file(path)
+    if ".jsonl" in path.name or path.name.endswith(".json.gz"):
+        texts = []
+        for number, line in enumerate(content.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}); "
+                                "each line must be one JSON object") from None
+            texts.append(_record_text(record, f"{path} line {number}"))
+        return texts
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    records = data if isinstance(data, list) else list(data.values()) if isinstance(data, dict) else [data]
+    return [_record_text(r, f"{path} record {i}") for i, r in enumerate(records, start=1)]
 
 
 def _load_c4(split: str, dirs: list[Path]) -> TextSplit:
@@ -219,18 +262,26 @@ def _load_wikipedia_vital(split: str) -> TextSplit:
 
 def _load_file(path: Path, split: str) -> TextSplit:
     name = path.name
+    if not path.exists():
+        raise UserError(f"data file {str(path)!r} does not exist; check the path")
     if not name.endswith(FILE_SUFFIXES):
         raise UserError(f"unsupported data file {str(path)!r}; use one of: {', '.join(FILE_SUFFIXES)}")
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        read_bytes(path)  # missing / directory / permission denied, said plainly
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"data file {str(path)!r} is not a readable parquet file, it may be corrupt or "
+                            f"truncated ({str(err).splitlines()[0][:160]}); write it again") from None
         if "text" not in table.column_names:
             raise UserError(f"{path}: needs a 'text' column (has {', '.join(table.column_names)})")
         records = [str(t) for t in table.column("text").to_pylist()]
     elif name.endswith((".txt", ".raw")):
         # Paragraphs (blank-line separated) are the unit a split keeps together.
-        records = [p.strip() + "\n" for p in path.read_text().split("\n\n") if p.strip()]
+        records = [p.strip() + "\n" for p in read_text_file(path).split("\n\n") if p.strip()]
     else:
         records = _read_json_texts(path)
     rows = [r for r in records if _hash_split(r.strip()) == split]
@@ -249,11 +300,16 @@ def load_text(dataset: str, split: str, data_dir: str | Path | Sequence[str | Pa
     if dataset == "wikipedia-vital":
         return _load_wikipedia_vital(split)
     path = Path(dataset).expanduser()
-    if path.is_file():
+    if path.is_dir():
+        raise UserError(f"--dataset {dataset!r} is a directory, expected a file ({', '.join(FILE_SUFFIXES)}); "
+                        "a directory holding local copies of a named dataset goes in --data-dir")
+    if path.exists() or path.suffix or "/" in dataset:
         return _load_file(path, split)
-    if path.suffix or "/" in dataset:
-        raise UserError(f"data file {dataset!r} does not exist; check the path")
-    raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}, or a path to a data file")
+    close = difflib.get_close_matches(dataset.lower(), DATASETS, n=1, cutoff=0.5)
+    raise UserError(
+        f"unknown dataset {dataset!r}{f' (did you mean {close[0]!r}?)' if close else ''}; choose one of: "
+        f"{', '.join(DATASETS)}, or a path to a data file ({', '.join(FILE_SUFFIXES)})"
+    )
 
 
 def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

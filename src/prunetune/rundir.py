@@ -22,6 +22,7 @@ import shutil
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -515,7 +516,7 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-_held: dict[Path, int] = {}
+_held: dict[tuple[Path, int], int] = {}  # (lock path, thread) -> depth: re-entrant per thread, not per process
 
 
 def _try_create(path: Path, info: dict[str, Any]) -> bool:
@@ -547,12 +548,13 @@ def run_lock(directory: str | Path, command: str, *, wait_s: float = 0.0, name: 
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     path = (directory / name).resolve()
-    if _held.get(path):
-        _held[path] += 1
+    key = (path, threading.get_ident())
+    if _held.get(key):
+        _held[key] += 1
         try:
             yield path
         finally:
-            _held[path] -= 1
+            _held[key] -= 1
         return
     host = socket.gethostname()
     info = {"pid": os.getpid(), "host": host, "command": command,
@@ -583,11 +585,11 @@ def run_lock(directory: str | Path, command: str, *, wait_s: float = 0.0, name: 
                else "wait for it to finish")
         raise UserError(f"{directory} is being written by {_lock_holder(holder)}; {how}; if no such process "
                         f"runs any more, delete {path}")
-    _held[path] = 1
+    _held[key] = 1
     try:
         yield path
     finally:
-        _held.pop(path, None)
+        _held.pop(key, None)
         holder = _read_lock(path)
         if holder and holder.get("pid") == os.getpid():
             path.unlink(missing_ok=True)
