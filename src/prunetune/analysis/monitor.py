@@ -21,10 +21,11 @@ from rich.text import Text
 
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
+from prunetune.analysis.sources.jsonl import read_jsonl
 from prunetune.analysis.summary import summarize
 from prunetune.errors import UserError
 from prunetune.fmt import fmt_lr, fmt_sig, hms
-from prunetune.records import iter_jsonl, to_float
+from prunetune.records import to_float
 
 FINISH_EVENTS = ("train_end", "summary", "stopped", "error")  # error: finetune records only fatal ones
 SPARK = "▁▂▃▄▅▆▇█"
@@ -57,7 +58,7 @@ def read_records(run_dir: Path) -> tuple[list[dict[str, Any]], str]:
         raise UserError(f"{run_dir} does not exist; pass the --out directory of a `prunetune finetune` run")
     metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if metrics.name == "metrics.jsonl" and metrics.is_file():
-        return list(iter_jsonl(metrics)), str(metrics)
+        return read_jsonl(metrics, "metrics.jsonl")[0], str(metrics)
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         return [], "waiting for the run to write metrics.jsonl"
     try:

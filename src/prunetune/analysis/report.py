@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunetune import rundir
 from prunetune.analysis import plots
 from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
 from prunetune.analysis.rules import diagnose
@@ -324,23 +325,40 @@ def render_console(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_report_out(out: Path, source: Path, given: bool) -> Path:
+    """Refuse, before any work, an output the report may not write: the source itself or a directory holding
+    it, a file, an unwritable path, or a non-empty directory without prunetune's marker file (the user's
+    files, even when they are named report.md)."""
+    flag = f"--out {out}" if given else f"the default report directory {out}"
+    src = source.resolve()
+    target = out.expanduser().resolve()
+    if target == src or target in src.parents:
+        raise UserError(f"{flag} holds the source {source}; pass --out DIR, a new directory for the report")
+    if target.is_dir() and any(target.iterdir()) and not rundir.is_ours(target):
+        raise UserError(f"{flag} already holds files prunetune did not write; pass --out DIR (a new or empty "
+                        "directory) for the report: prunetune never overwrites your files")
+    return rundir.check_output(target, overwrite=True)
+
+
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
     """Read the source, judge it, write plots + report.md/.html/.json into cfg.out; returns report.json's data
-    with `files` (what was written) added."""
+    with `files` (what was written) added. The directory appears whole (staged, then swapped in); a previous
+    report there is replaced, anything else is refused."""
+    out = check_report_out(cfg.out or default_out(cfg.source), cfg.source, cfg.out is not None)
     source = load_source(cfg.source, cfg.prefer)
-    out = cfg.out or default_out(cfg.source)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory for the report")
-    out.mkdir(parents=True, exist_ok=True)
     data = analyse(source, cfg)
-    images = plots.write_plots(source.records, out, alerts=[a.to_record() for a in _anomalies(data)])
-    blocks = build_blocks(data, images)
-    (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
-    (out / "report.html").write_text(render_html(blocks), encoding="utf-8")
-    data["files"] = {"report.md": str(out / "report.md"), "report.html": str(out / "report.html"),
-                     "report.json": str(out / "report.json"),
-                     **{f"{k}.png": str(p) for k, p in images.items()}}
-    write_json(out / "report.json", json_safe(data))
+    s = data["summary"]
+    with rundir.staged_output(out, overwrite=True, command="report") as stage:
+        images = plots.write_plots(source.records, stage, alerts=[a.to_record() for a in _anomalies(data)],
+                                   dense_ppl=s["dense_perplexity"], pruned_ppl=s["pruned_perplexity"],
+                                   lm=s["loss_kind"] == "lm")
+        blocks = build_blocks(data, images)
+        (stage / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+        (stage / "report.html").write_text(render_html(blocks), encoding="utf-8")
+        data["files"] = {"report.md": str(out / "report.md"), "report.html": str(out / "report.html"),
+                         "report.json": str(out / "report.json"),
+                         **{p.name: str(out / p.name) for p in images.values()}}
+        write_json(stage / "report.json", json_safe(data))
     return data
 
 
