@@ -6,6 +6,10 @@ Each configuration runs in its own process so its peak RSS is its own. Results a
 they come, and the RESULTS.md section is rewritten after every configuration, so a long run leaves partial data.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_prune.py --data-dir /work/shared/data
+
+`--floor` (issue 13) instead times each configuration's prune against the floor, one forward pass of the
+whole model over the same calibration windows (same process, same threads, same compute dtype), and prints
+one JSON line per configuration with the ratio; nothing is written to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -75,6 +79,50 @@ def worker(spec: dict) -> dict:
     return result
 
 
+def floor_seconds(model_spec: str, data_dir: str, nsamples: int, seqlen: int, dtype: str | None) -> dict:
+    """Seconds of one forward pass over the calibration windows (window by window, as calibration runs)."""
+    import torch
+
+    from prunetune.data import load_text, tokenize
+    from prunetune.models import load_model
+    from prunetune.pruning import calibration as cal
+    from prunetune.pruning.precision import resolve_precision
+
+    precision = resolve_precision(dtype, "cpu")
+    model, tok = load_model(model_spec, dtype=precision.storage, log=lambda *_: None)
+    windows = cal.calibration_windows(tokenize(load_text("wikitext2", "train", data_dir), tok).input_ids,
+                                      nsamples, seqlen, 0)
+    with torch.no_grad(), precision.autocast():
+        model(input_ids=windows[:1], use_cache=False)  # warm-up
+        t = time.perf_counter()
+        for i in range(nsamples):
+            model(input_ids=windows[i : i + 1], use_cache=False)
+    return {"forward_s": time.perf_counter() - t, "dtype": precision.record()}
+
+
+def floor_main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from prunetune.pruning.config import PruneConfig
+    from prunetune.pruning.engine import run_prune
+
+    floor = floor_seconds(args.model, args.data_dir, args.nsamples, args.seqlen, args.dtype)
+    print(json.dumps({"floor": floor, "nsamples": args.nsamples, "seqlen": args.seqlen}), flush=True)
+    chosen = [CONFIGS[int(i)] for i in args.only.split(",")] if args.only else CONFIGS[1:]
+    with tempfile.TemporaryDirectory(prefix="bench_prune_floor_") as tmp:
+        for name, pattern, rec in chosen:
+            cfg = PruneConfig(model=args.model, out=f"{tmp}/{len(os.listdir(tmp))}", pattern=pattern, sparsity=0.5,
+                              calib_dataset="wikitext2", data_dir=args.data_dir, nsamples=args.nsamples,
+                              seqlen=args.seqlen, reconstruct=rec, device="cpu", dtype=args.dtype,
+                              compare="band" if name.endswith(" band") else None)
+            run_prune(cfg, console=Console(file=sys.stderr, width=120))
+            t = json.loads((Path(cfg.out) / "prune.json").read_text())["timings"]
+            prune_s = t["prune_s"] + t.get("capture_s", 0.0)
+            print(json.dumps({"name": name, "reconstruct": rec, "prune_s": round(prune_s, 2),
+                              "x_floor": round(prune_s / floor["forward_s"], 2), "timings": t}), flush=True)
+    return 0
+
+
 def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) -> str:
     lines = [
         machine_line(),
@@ -112,8 +160,13 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma list of indexes into the config list (0 = dense)")
     parser.add_argument("--jsonl", default="/tmp/bench_prune.jsonl", help="results as they come")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl, run only the others")
+    parser.add_argument("--floor", action="store_true", help="time each prune against one forward pass (issue 13)")
+    parser.add_argument("--dtype", default=None, help="--floor: auto (default) | float32 | bfloat16")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return floor_main(args)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0

@@ -246,3 +246,34 @@ def test_input_stats_match_direct_sums_and_share_inputs(tiny_model_dir, shared_d
                 torch.testing.assert_close(stats.hessians[n], x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
             else:
                 torch.testing.assert_close(stats.col_sq_norms(n), (x**2).sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_dtype_auto_is_recorded_with_its_reason(tmp_path, tiny_model_dir, shared_data):
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "auto", shared_data), console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    assert info["dtype"]["compute"] in ("float32", "bfloat16") and info["dtype"]["reason"]
+    assert info["dtype"]["storage"] == "float32"  # CPU: the dense precision is what gets saved
+
+
+def test_bf16_autocast_calibration_keeps_float32_weights_and_exact_pattern(tmp_path, tiny_model_dir, shared_data,
+                                                                           monkeypatch):
+    """A CPU with native bf16: forward passes under bf16 autocast, weights and statistics stay float32."""
+    import prunetune.pruning.precision as precision
+
+    monkeypatch.setattr(precision, "resolve_dtype", lambda req, dev, purpose: (torch.bfloat16, "bf16: native (test)"))
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "bf16", shared_data, pattern="block16x16", reconstruct=True),
+                    console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    assert info["dtype"] == {"storage": "float32", "compute": "bfloat16", "reason": "bf16: native (test)"}
+    assert info["pattern_check"]["ok"]
+    ref = load_masks(run_prune(_cfg(tiny_model_dir, tmp_path / "f32", shared_data, pattern="block16x16",
+                                    dtype="float32"), console=QUIET))
+    got = load_masks(out)
+    assert all(w.dtype == torch.float32 for w in _weights(out).values())
+    agree = sum(int((ref[n] == got[n]).sum()) for n in ref) / sum(m.numel() for m in ref.values())
+    assert agree > 0.9  # bf16 activations move a few tiles near the threshold, no more
+
+
+def test_unknown_dtype_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown --dtype 'fp8'"):
+        PruneConfig(model="m", out=str(tmp_path), dtype="fp8")

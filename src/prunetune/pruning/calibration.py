@@ -110,11 +110,16 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def layer_output(layer: nn.Module, inputs: LayerInputs, j: int) -> torch.Tensor:
+    """`layer` on calibration window j: (1, seqlen, hidden); differentiable (block-wise reconstruction)."""
+    return _first(layer(inputs.hidden[j : j + 1], *inputs.args, **inputs.kwargs))
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor) -> torch.Tensor:
     """Forward every calibration window through `layer`, one at a time, writing into `out` (same shape)."""
     for j in range(inputs.hidden.shape[0]):
-        out[j] = _first(layer(inputs.hidden[j : j + 1], *inputs.args, **inputs.kwargs))[0]
+        out[j] = layer_output(layer, inputs, j)[0]
     return out
 
 
@@ -146,6 +151,11 @@ class InputStats:
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            # Statistics are float32 sums over up to millions of tokens: never under the forward's autocast.
+            with torch.autocast(args[0].device.type, enabled=False):
+                accumulate(args)
+
+        def accumulate(args):
             x = args[0]
             if name in self.shared_with:
                 return

@@ -13,6 +13,7 @@ from typing import Any
 from prunetune.architecture import module_type
 from prunetune.errors import UserError
 from prunetune.pruning.patterns import COMPARE_CHOICES, Pattern, parse_pattern
+from prunetune.pruning.precision import check_dtype_name
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
 
@@ -101,9 +102,25 @@ class PruneConfig:
     eval_max_windows: int | None = None
     """Evaluate only the first N windows (None: all)."""
     dtype: str | None = None
-    """float32 | bfloat16 | float16; default float32 on CPU, bfloat16 on CUDA. Statistics are float32 always."""
+    """auto (default) | float32 | bfloat16 | float16: precision of the calibration forward passes. auto: bf16 where
+    the device computes it natively (CUDA with bf16, CPUs with avx512_bf16/amx_bf16), else float32; on CPU the
+    weights stay float32 and bf16 runs under autocast. Statistics, Hessians and least squares are float32 always."""
     device: str | None = None
     """Where each layer is computed (cuda if available, else cpu). The model stays on CPU; one layer at a time moves."""
+    owl: bool = False
+    """OWL: non-uniform per-layer sparsity for the same overall target; layers with more activation outliers keep
+    more weights. One extra calibration pass over the dense layers; per-layer targets are rounded to what the
+    pattern can hold (N:M: a per-layer N, so 2:4 stays uniform) and recorded in prune.json."""
+    owl_lambda: float = 0.08
+    """OWL: per-layer sparsities spread over +-lambda around the target (paper: 0.08)."""
+    owl_m: float = 5.0
+    """OWL: a Wanda score |W|*||x|| is an outlier above M times its layer's mean score (paper: 5-7)."""
+    block_reconstruct_epochs: int = 0
+    """Block-wise reconstruction (EBFT-style): after each decoder layer is pruned, this many passes of Adam over
+    the calibration windows train its kept weights to reproduce the dense model's outputs of that layer (masked
+    gradients; the pattern stays exact). 0 = off; 2-5 is typical. One layer resident at a time."""
+    block_reconstruct_lr: float = 1e-4
+    """Adam learning rate of the block-wise reconstruction."""
     percdamp: float = 0.01
     """Hessian dampening as a fraction of its mean diagonal (SparseGPT: 1%)."""
     blocksize: int = 128
@@ -144,6 +161,20 @@ class PruneConfig:
                 f"--compare {self.compare} does not apply to --method {self.method} --pattern {pattern.name}; "
                 + (f"choose one of: {', '.join(allowed)}" if allowed else "N:M compares within each group of M; drop --compare")
             )
+        self._check_numbers()
+        if not self.out:
+            raise UserError("--out is required: the directory for the pruned model")
+
+    def _check_numbers(self) -> None:
+        """Ranges of the numeric options (one-line UserErrors naming the flag and a sensible value)."""
+        check_dtype_name(self.dtype)
+        if not 0.0 <= self.owl_lambda < 0.5:
+            raise UserError(f"--owl-lambda {self.owl_lambda} is outside [0, 0.5); OWL uses 0.08")
+        if self.owl_m <= 0:
+            raise UserError(f"--owl-m {self.owl_m} must be positive; OWL uses 5 to 7")
+        if self.block_reconstruct_epochs < 0 or self.block_reconstruct_lr <= 0:
+            raise UserError(f"--block-reconstruct-epochs {self.block_reconstruct_epochs} / --block-reconstruct-lr "
+                            f"{self.block_reconstruct_lr}: epochs must be >= 0 and the rate positive (e.g. 3 and 1e-4)")
         if self.nsamples < 1:
             raise UserError(f"--nsamples {self.nsamples} must be at least 1 (Wanda uses 128)")
         if self.seqlen < 2:
@@ -156,8 +187,6 @@ class PruneConfig:
             raise UserError(f"percdamp {self.percdamp} is outside [0, 1); SparseGPT uses 0.01")
         if self.blocksize < 1:
             raise UserError(f"blocksize {self.blocksize} must be at least 1 (SparseGPT uses 128)")
-        if not self.out:
-            raise UserError("--out is required: the directory for the pruned model")
 
     # ---- resolved views ----
 
@@ -180,7 +209,7 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude" or self.reconstruct
+        return self.method != "magnitude" or self.reconstruct or self.owl or self.block_reconstruct_epochs > 0
 
     @property
     def needs_hessian(self) -> bool:

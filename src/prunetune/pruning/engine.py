@@ -11,26 +11,25 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from torch import nn
 
-from prunetune.architecture import find_decoder_layers, linear_modules, prunable_linears
+from prunetune.architecture import find_decoder_layers, prunable_linears
 from prunetune.devices import default_device
-from prunetune.models import load_model, parse_dtype
-from prunetune.pruning import calibration as cal
+from prunetune.models import load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.console import progress_bar, sparsity_table
-from prunetune.pruning.matrix import MatrixRecipe, prune_matrix
-from prunetune.pruning.patterns import matrix_violations
+from prunetune.pruning.layers import capture_inputs, owl_targets, prune_layers
+from prunetune.pruning.matrix import MatrixRecipe
+from prunetune.pruning.patterns import matrix_violations, sparsity_tolerance
+from prunetune.pruning.precision import resolve_precision
 from prunetune.pruning.setup import (
     OWNED,
-    calibration_windows,
+    PruneSession,
     check_out,
     eval_tokens,
     input_paths,
@@ -38,31 +37,10 @@ from prunetune.pruning.setup import (
     peak_rss_mib,
     validate_against_model,
 )
-from prunetune.pruning.sparsegpt import HessianFactors
 from prunetune.rundir import MASKS_FILE, PRUNE_JSON, mask_digest, run_lock, save_masks, staged_output
 from prunetune.runinfo import provenance, write_json
 
 FORMAT = "prunetune-prune/1"
-
-
-@dataclass
-class PruneSession:
-    """What setup produced and the phases share: the model on CPU, its decoder stack, and the run record."""
-
-    cfg: PruneConfig
-    model: Any
-    tokenizer: Any
-    prefix: str
-    layers: list[nn.Module]
-    shapes: dict[str, tuple[int, int]]
-    targets: dict[str, float]
-    """Sparsity per pruned matrix (full module name); skipped modules are absent."""
-    device: str
-    recipe: MatrixRecipe
-    record: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
@@ -74,7 +52,10 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
         session = setup(cfg, console)
         with progress_bar(console) as progress:
             eval_ids = evaluate_phase(session, progress, None, "dense") if cfg.eval else None
-            prune_layers(session, progress)
+            inputs = capture_inputs(session, progress) if cfg.needs_calibration else None
+            if cfg.owl:
+                owl_targets(session, inputs, progress)
+            prune_layers(session, inputs, progress)
             check_pattern(session)
             if cfg.eval:
                 evaluate_phase(session, progress, eval_ids, "pruned")
@@ -102,8 +83,8 @@ def setup(cfg: PruneConfig, console: Console) -> PruneSession:
     """Load the model on CPU, find its decoder layers and prunable matrices, validate the config against it."""
     t = time.perf_counter()
     device = default_device(cfg.device)
-    dtype = parse_dtype(cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    model, tokenizer = load_model(cfg.model, dtype=dtype, device=None, log=console.print)
+    precision = resolve_precision(cfg.dtype, device)
+    model, tokenizer = load_model(cfg.model, dtype=precision.storage, device=None, log=console.print)
     model.config.use_cache = False
     prefix, layers = find_decoder_layers(model)
     shapes = {n: tuple(m.weight.shape) for n, m in prunable_linears(model).items()}
@@ -111,17 +92,18 @@ def setup(cfg: PruneConfig, console: Console) -> PruneSession:
     validate_against_model(cfg, model, targets, shapes)
     recipe = MatrixRecipe(cfg.method, cfg.pattern_spec, cfg.resolved_compare, cfg.reconstruct, cfg.percdamp,
                           cfg.blocksize)
-    session = PruneSession(cfg, model, tokenizer, prefix, list(layers), shapes, targets, device, recipe)
+    session = PruneSession(cfg, model, tokenizer, prefix, list(layers), shapes, targets, device, precision, recipe)
     session.timings["load_s"] = time.perf_counter() - t
     session.record = {"format": FORMAT, "model": cfg.model, "method": cfg.method, "pattern": recipe.pattern.name,
-                      "compare": recipe.compare, "seed": cfg.seed, "config": cfg.to_dict()}
+                      "compare": recipe.compare, "seed": cfg.seed, "config": cfg.to_dict(),
+                      "dtype": precision.record()}
     console.print(
         f"[bold]Pruning[/] {cfg.model} ({len(layers)} layers, {len(targets)}/{len(shapes)} matrices) | "
         f"method {cfg.method} | pattern {recipe.pattern.name} | sparsity "
         f"{recipe.pattern.fixed_sparsity or cfg.sparsity:g}{' + map' if cfg.sparsity_map else ''} | "
-        f"compare {recipe.compare} | reconstruct {'on' if cfg.reconstruct else 'off'} | device {device} | "
-        f"dtype {str(dtype).removeprefix('torch.')}"
+        f"compare {recipe.compare} | reconstruct {'on' if cfg.reconstruct else 'off'} | device {device}"
     )
+    console.print(f"Precision: {precision.describe()}")
     return session
 
 
@@ -130,80 +112,13 @@ def evaluate_phase(s: PruneSession, progress: Progress, ids: torch.Tensor | None
     t = time.perf_counter()
     if ids is None:
         ids, s.record["eval"] = eval_tokens(s.cfg, s.tokenizer)
-    result = measure_ppl(s.model, ids, s.cfg, s.device, progress, f"{which} perplexity")
+    with s.precision.autocast():
+        result = measure_ppl(s.model, ids, s.cfg, s.device, progress, f"{which} perplexity")
     s.record[f"{which}_perplexity"] = result["perplexity"]
     s.record["eval"][which] = result
     s.timings[f"{which}_eval_s"] = time.perf_counter() - t
     progress.console.print(f"{which.capitalize()} perplexity: {result['perplexity']:.3f} ({result['windows']} windows)")
     return ids
-
-
-# ---- calibrate and prune, one decoder layer resident at a time ----
-
-def prune_layers(s: PruneSession, progress: Progress) -> None:
-    """Walk the decoder stack: each layer moves to the device, is calibrated on the current activations, pruned,
-    and (sequential) recomputed so the next layer sees the pruned model's outputs."""
-    inputs = capture_inputs(s, progress) if s.cfg.needs_calibration else None
-    outs = torch.empty_like(inputs.hidden) if inputs is not None else None
-    task = progress.add_task("layers", total=len(s.layers))
-    t = time.perf_counter()
-    for i, layer in enumerate(s.layers):
-        t_layer = time.perf_counter()
-        progress.update(task, description=f"layer {i + 1}/{len(s.layers)}")
-        layer.to(s.device)
-        mods = {f"{s.prefix}.{i}.{rel}": m for rel, m in linear_modules(layer).items()}
-        mods = {n: m for n, m in mods.items() if n in s.targets}
-        if inputs is None:
-            _prune_modules(s, mods, None)
-        else:
-            with cal.collecting(mods, hessian=s.cfg.needs_hessian) as stats:
-                cal.run_layer(layer, inputs, outs)  # dense outputs: the next layer's inputs when one-shot
-            _prune_modules(s, mods, stats)
-            del stats
-            if s.cfg.sequential:
-                cal.run_layer(layer, inputs, outs)  # the next layer sees this layer's pruned outputs
-            inputs.hidden, outs = outs, inputs.hidden
-        layer.to("cpu")
-        mean = sum(s.matrices[n]["achieved"] for n in mods) / max(len(mods), 1)
-        progress.console.print(f"layer {i + 1}/{len(s.layers)}: {len(mods)} matrices pruned, mean sparsity "
-                               f"{mean:.2%} ({time.perf_counter() - t_layer:.1f}s)")
-        progress.advance(task)
-    s.timings["prune_s"] = time.perf_counter() - t
-
-
-def capture_inputs(s: PruneSession, progress: Progress) -> cal.LayerInputs:
-    """Draw the calibration windows and capture what the first decoder layer is called with."""
-    t = time.perf_counter()
-    windows, s.record["calibration"] = calibration_windows(s.cfg, s.tokenizer)
-    s.timings["calibration_data_s"] = time.perf_counter() - t
-    progress.console.print(
-        f"Calibration: {s.cfg.nsamples} windows x {s.cfg.seqlen} tokens from {s.cfg.calib_dataset} train "
-        f"(seed {s.cfg.seed}, sha256 {s.record['calibration']['windows_sha256']})"
-    )
-    t = time.perf_counter()
-    cal.move_except_layers(s.model, s.prefix, s.device)
-    inputs = cal.capture_first_layer_inputs(s.model, s.layers[0], windows, s.device)
-    cal.move_except_layers(s.model, s.prefix, "cpu")
-    s.timings["capture_s"] = time.perf_counter() - t
-    return inputs
-
-
-def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.InputStats | None) -> None:
-    """Prune each module of one layer in place; modules that read the same input share one HessianFactors."""
-    factors: dict[int, HessianFactors] = {}
-    for name, module in mods.items():
-        hessian = stats.hessians.get(name) if stats is not None else None
-        shared = None
-        if hessian is not None:
-            shared = factors.setdefault(id(hessian), HessianFactors(hessian, s.cfg.percdamp))
-        norms = stats.col_sq_norms(name) if stats is not None else None
-        new, keep = prune_matrix(module.weight.data, s.recipe, s.targets[name], col_sq_norms=norms, factors=shared)
-        with torch.no_grad():
-            module.weight.copy_(new.to(module.weight.dtype))
-            module.weight[~keep.to(module.weight.device)] = 0
-        s.masks[name] = keep.cpu()
-        s.matrices[name] = {"shape": list(s.shapes[name]), "target": s.targets[name],
-                            "achieved": 1.0 - float(s.masks[name].float().mean())}
 
 
 # ---- assert, save ----
@@ -213,9 +128,18 @@ def check_pattern(s: PruneSession) -> None:
     linears = prunable_linears(s.model)
     violations = {}
     for name, keep in s.masks.items():
-        problems = matrix_violations(linears[name].weight, keep, s.recipe.pattern, s.targets[name], s.recipe.compare)
+        target, pattern = s.targets[name], s.recipe.pattern.at(s.targets[name])
+        problems = matrix_violations(linears[name].weight, keep, pattern, target, s.recipe.compare)
         if problems:
             violations[name] = problems
+    numel = {n: k.numel() for n, k in s.masks.items()}
+    total = sum(numel.values())
+    achieved = sum(float((~k).sum()) for k in s.masks.values()) / total
+    target = sum(s.targets[n] * numel[n] for n in numel) / total
+    slack = sum(sparsity_tolerance(tuple(k.shape), s.recipe.pattern, s.recipe.compare) * numel[n]
+                for n, k in s.masks.items()) / total
+    if abs(achieved - target) > slack + 1e-9:  # overall: what each matrix may round, summed, and no more
+        violations["overall"] = [f"achieved sparsity {achieved:.4f} is not the target {target:.4f}"]
     s.record["pattern_check"] = {"ok": not violations, "checked": len(s.masks), "violations": violations}
     if violations:
         raise RuntimeError(f"pruning produced an invalid pattern (a bug): {json.dumps(violations)[:2000]}")

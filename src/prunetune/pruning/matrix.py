@@ -50,7 +50,7 @@ def prune_matrix(
         new, keep = _sparsegpt(weight, recipe, target, factors)
     else:
         scores = wanda_scores(weight, col_sq_norms) if recipe.method == "wanda" else magnitude_scores(weight)
-        keep = make_mask(scores, recipe.pattern, target, recipe.compare)
+        keep = make_mask(scores, recipe.pattern.at(target), target, recipe.compare)
         new = weight * keep
     if recipe.reconstruct:
         # From the dense weights: exact per-band least squares for blocks, converged CG for the rest.
@@ -62,7 +62,7 @@ def prune_matrix(
 def _sparsegpt(
     weight: torch.Tensor, recipe: MatrixRecipe, target: float, factors: HessianFactors
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    pattern = recipe.pattern
+    pattern = recipe.pattern.at(target)
     if recipe.compare == "obs":  # SparseGPT's adaptive mask selection inside the sweep
         return sparsegpt_prune(weight, factors.hessian, target, pattern.n, pattern.m, blocksize=recipe.blocksize,
                                percdamp=recipe.percdamp, factors=factors)

@@ -53,6 +53,13 @@ class Pattern:
             return f"block{self.h}x{self.w}"
         return "unstructured"
 
+    def at(self, sparsity: float) -> Pattern:
+        """The pattern of one matrix pruned to `sparsity`: N:M with N = sparsity * M (OWL can give a layer its own
+        N, e.g. 3:8 in a 4:8 run); the other kinds are the same at every sparsity."""
+        if self.kind != "nm":
+            return self
+        return Pattern("nm", n=round(sparsity * self.m), m=self.m)
+
     @property
     def fixed_sparsity(self) -> float | None:
         """N:M fixes the sparsity at N/M; the other patterns take it from `--sparsity`."""

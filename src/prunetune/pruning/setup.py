@@ -4,12 +4,14 @@ loaded model, and the memory figure for prune.json."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 from rich.progress import Progress
+from torch import nn
 
 from prunetune.architecture import module_type
 from prunetune.data import load_text, tokenize
@@ -18,10 +20,33 @@ from prunetune.evaluate import perplexity
 from prunetune.models import context_length
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
+from prunetune.pruning.matrix import MatrixRecipe
+from prunetune.pruning.precision import Precision
 from prunetune.rundir import PRUNE_JSON, check_output, is_ours, read_json
 
 OWNED = (PRUNE_JSON,)
 """What marks a directory written by a prune of an older version (before the marker file)."""
+
+
+@dataclass
+class PruneSession:
+    """What setup produced and the phases share: the model on CPU, its decoder stack, and the run record."""
+
+    cfg: PruneConfig
+    model: Any
+    tokenizer: Any
+    prefix: str
+    layers: list[nn.Module]
+    shapes: dict[str, tuple[int, int]]
+    targets: dict[str, float]
+    """Sparsity per pruned matrix (full module name); skipped modules are absent."""
+    device: str
+    precision: Precision
+    recipe: MatrixRecipe
+    record: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def input_paths(cfg: PruneConfig) -> list[Path]:

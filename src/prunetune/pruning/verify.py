@@ -84,7 +84,8 @@ def _check_matrix(name: str, keep: torch.Tensor, weight: torch.Tensor | None, re
     if weight is None:
         return [*issues, "weight missing from the model files"]
     info = rec.matrices[name]
-    issues += matrix_violations(weight, keep, rec.pattern, float(info["target"]), rec.compare)
+    target = float(info["target"])
+    issues += matrix_violations(weight, keep, rec.pattern.at(target), target, rec.compare)
     achieved = 1.0 - float(keep.float().mean())
     if abs(achieved - float(info["achieved"])) > 1e-9:
         issues.append(f"mask sparsity {achieved:.4f} != recorded {float(info['achieved']):.4f}")
