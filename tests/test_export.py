@@ -127,3 +127,23 @@ def test_transformers_alone_refuses_the_export_instead_of_loading_random_weights
     export_compressed(ExportConfig(model_dir=str(pruned_24), out=str(tmp_path / "ct")), log=lambda _: None)
     with pytest.raises((ImportError, ValueError, OSError)):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+
+
+def test_export_command_writes_exactly_these_files(tmp_path, pruned_24):
+    import argparse
+
+    from prunetune.commands import export as command
+
+    parser = argparse.ArgumentParser()
+    command.configure_parser(parser)
+    out = tmp_path / "ct"
+    assert command.main(parser.parse_args([str(pruned_24), "--out", str(out)])) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".prunetune-files.json", "config.json", "export.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json"]
+    record = json.loads((out / "export.json").read_text())
+    assert record["compressor"] == "sparse-24-bitmask" and record["verified_bit_exact"] == 14
+    # A second export into the same directory needs --overwrite, then replaces only its own files.
+    with pytest.raises(UserError, match="--overwrite"):
+        command.main(parser.parse_args([str(pruned_24), "--out", str(out)]))
+    assert command.main(parser.parse_args([str(pruned_24), "--out", str(out), "--overwrite"])) == 0

@@ -111,3 +111,22 @@ def test_bad_values():
         SpeedConfig(model_dir="x", seqlen=0)
     with pytest.raises(UserError, match="--device 'tpu'"):
         SpeedConfig(model_dir="x", device="tpu")
+
+
+def test_speed_command_parses_batches_and_prints(tmp_path, pruned_block, tiny_model_dir, capsys):
+    import argparse
+
+    from prunetune.commands import flags
+    from prunetune.commands import speed as command
+
+    parser = argparse.ArgumentParser()
+    command.configure_parser(parser)
+    args = parser.parse_args([str(pruned_block), "--dense", str(tiny_model_dir), "--batch", "1,2", "--seqlen", "8",
+                              "--prompt", "2", "--new-tokens", "2", "--repeats", "1", "--no-breakeven",
+                              "--device", "cpu", "--out", str(tmp_path / "s.json")])
+    cfg = flags.config_from_args(SpeedConfig, args, command="speed")
+    assert cfg.batch == (1, 2) and cfg.breakeven is False
+    assert command.main(parser.parse_args([str(pruned_block), "--batch", "1", "--seqlen", "8", "--prompt", "2",
+                                           "--new-tokens", "2", "--repeats", "1", "--no-breakeven"])) == 0
+    printed = capsys.readouterr().out
+    assert "pruned (sparse kernels)" in printed

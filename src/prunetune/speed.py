@@ -35,12 +35,13 @@ SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gat
 """(out, in) of SmolLM2-135M's decoder linears: the shapes of the break-even sweep."""
 
 
-def _int_tuple(value: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+def int_tuple(value: str | int | tuple[int | str, ...] | list[int | str]) -> tuple[int, ...]:
+    """`1,8`, `("1,8",)`, `[1, 8]` -> (1, 8); anything else a UserError."""
     if isinstance(value, int):
         return (value,)
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [part for v in ([value] if isinstance(value, str) else value) for part in str(v).split(",")]
     try:
-        return tuple(int(str(v).strip()) for v in items if str(v).strip())
+        return tuple(int(v.strip()) for v in items if v.strip())
     except ValueError:
         raise UserError(f"--batch {value!r} must be comma-separated integers, e.g. 1,8") from None
 
@@ -73,7 +74,7 @@ class SpeedConfig:
     """Write the results JSON here."""
 
     def __post_init__(self) -> None:
-        self.batch = _int_tuple(self.batch)
+        self.batch = int_tuple(self.batch)
         if not self.batch or min(self.batch) < 1:
             raise UserError(f"--batch {self.batch} must be positive integers, e.g. 1,8")
         for name in ("seqlen", "prompt", "new_tokens", "repeats"):
