@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from prunetune.errors import UserError
 from prunetune.evaluate import perplexity, windows_of
 
 
@@ -75,3 +76,71 @@ def test_auto_batch_fits_memory_and_caps(monkeypatch):
     assert auto_batch_size(2048, 49152, 2, "cpu")[0] == 2  # never more than the windows there are
     Mem.available = 2 * 2**30  # a quarter is 0.5 GiB: not even one window's 1.1 GiB of logits
     assert auto_batch_size(2048, 49152, 100, "cpu")[0] == 1
+
+
+def _pruned_with_adapter(tmp_path, tiny_model_dir, method):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.architecture import prunable_linears
+    from prunetune.rundir import base_digest, save_masks, write_adapter_meta
+
+    pruned = tmp_path / "pruned"
+    shutil.copytree(tiny_model_dir, pruned)
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    torch.manual_seed(0)
+    masks = {}
+    for name, module in prunable_linears(model).items():
+        keep = torch.rand(module.weight.shape) > 0.5
+        module.weight.data[~keep] = 0
+        masks[name] = keep
+    model.save_pretrained(pruned)
+    save_masks(masks, pruned, {"pattern": "unstructured"})
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    write_adapter_meta(adapter, pruned_model=pruned, base_model=None, digest=base_digest(model), method=method)
+    return pruned, adapter, masks
+
+
+@pytest.mark.parametrize("method", ["lora", "masked-lora"])
+def test_adapter_on_a_pruned_model_is_evaluated_as_the_deployable_model(tmp_path, tiny_model_dir, shared_data, method):
+    from prunetune.data import load_text, tokenize
+    from prunetune.evaluate import EvalConfig, run_evaluate
+    from prunetune.finetune.methods import merge_deployable
+    from prunetune.models import apply_adapter, load_model
+
+    pruned, adapter, masks = _pruned_with_adapter(tmp_path, tiny_model_dir, method)
+    r = run_evaluate(EvalConfig(adapter=str(adapter), seqlen=64, max_windows=3, data_dir=[str(shared_data)],
+                                quiet=True))
+    assert "deployable" in r["describes"]
+    assert ("adapter_perplexity" in r) == (method == "lora")
+    base, tokenizer = load_model(str(pruned))
+    merged = merge_deployable(apply_adapter(base, adapter), masks)
+    ids = tokenize(load_text("wikitext2", "test", [str(shared_data)]), tokenizer).input_ids
+    expected = perplexity(merged, ids, 64, 1, 3).perplexity
+    assert abs(r["perplexity"] - expected) / expected < 1e-4
+    if method == "lora":
+        assert abs(r["adapter_perplexity"] - r["perplexity"]) > 1e-3  # the dense update is another model
+
+
+@pytest.mark.slow
+def test_zero_shot_tasks_through_evaluate(tmp_path, tiny_model_dir):
+    import json
+
+    from prunetune.evaluate import EvalConfig, run_evaluate
+    from test_zeroshot import write_task
+
+    task = write_task(tmp_path)
+    out = tmp_path / "eval.json"
+    r = run_evaluate(EvalConfig(model=str(tiny_model_dir), dataset="none", tasks=str(task), out=str(out), quiet=True))
+    assert "perplexity" not in r and set(r["zeroshot"]["tasks"]) == {"prunetune_mc"}
+    assert 0 <= r["zeroshot"]["tasks"]["prunetune_mc"]["acc"] <= 1
+    assert json.loads(out.read_text())["zeroshot"]["tasks"]["prunetune_mc"]["samples"]
+    with pytest.raises(UserError, match="nothing to evaluate"):
+        EvalConfig(model=str(tiny_model_dir), dataset="none")

@@ -14,11 +14,15 @@ from prunetune import data, models, records
 from prunetune.errors import UserError
 from prunetune.models import load_model, materialize, resolve_model
 
-GGUF = None
-try:
-    GGUF = models._alias_file("smollm2-135m")
-except UserError:
-    pass
+
+def _real_gguf() -> Path | None:
+    try:
+        return models._alias_file("smollm2-135m")
+    except UserError:
+        return None
+
+
+GGUF = _real_gguf()
 
 
 # ---- item 10: text data that is not what it claims ----

@@ -33,8 +33,8 @@ from torch import nn
 from prunetune.data import load_text, tokenize, windows_of
 from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, resolve_dtype
 from prunetune.errors import UserError
-from prunetune.models import apply_adapter, context_length, load_config, load_model, resolve_model
-from prunetune.rundir import adapter_base, check_writable_file
+from prunetune.models import ModelRef, apply_adapter, context_length, load_config, load_model, resolve_model
+from prunetune.rundir import MASKS_FILE, adapter_base, check_writable_file, load_keep_masks, read_adapter_meta
 from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity import sparsity_report
 
@@ -69,9 +69,24 @@ class EvalConfig:
     data_dir: list[str] | None = None
     out: str | None = None
     """Write the results JSON here."""
+    tasks: tuple[str, ...] = ()
+    """Zero-shot accuracy through lm-eval: task names or task YAML files, comma separated (`paper` = the seven
+    tasks of Wanda/SparseGPT: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa). Empty: perplexity
+    only; with tasks, `--dataset none` skips the perplexity."""
+    limit: int | None = None
+    """With --tasks: only the first N examples of each task (quick checks, not comparable with papers)."""
+    task_dir: str | None = None
+    """With --tasks: a directory of your own lm-eval task YAMLs (e.g. over a local .jsonl, works offline)."""
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if self.tasks:
+            from prunetune.zeroshot import ZeroShotConfig, parse_tasks
+
+            self.tasks = parse_tasks(self.tasks)
+            ZeroShotConfig(tasks=self.tasks, limit=self.limit, task_dir=self.task_dir)  # validates
+        elif self.dataset == "none":
+            raise UserError("--dataset none leaves nothing to evaluate; give --tasks, or a dataset for perplexity")
         if self.model is None and self.adapter is None:
             raise UserError("give --model (or --adapter, whose base model is recorded in it)")
         if self.seqlen < 2:
@@ -168,72 +183,43 @@ def _check_out(out: Path) -> None:
             raise UserError(f"--out {str(out)!r} exists and is not a prunetune eval file; choose another path")
 
 
+@dataclass
+class _Loaded:
+    model: nn.Module
+    tokenizer: Any
+    spec: str
+    device: str
+    dtype: torch.dtype
+    dtype_reason: str
+    vocab: int
+    sparsity: dict[str, Any]
+    adapter_method: str | None = None
+    """The adapter's training method when the pruned pattern is attached (deployable evaluation), else None."""
+
+
 def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
-    """Load, evaluate, print and (with `cfg.out`) write the results JSON; returns the results."""
+    """Load, evaluate (perplexity and/or zero-shot), print and (with `cfg.out`) write the results JSON."""
     console = console or Console(quiet=cfg.quiet)
-    model_spec = cfg.model
-    if model_spec is None:
-        model_spec = adapter_base(Path(cfg.adapter).expanduser())
-        if model_spec is None:
-            raise UserError(f"adapter {cfg.adapter!r} does not record its base model; pass --model")
     out = Path(cfg.out).expanduser() if cfg.out else None
     if out is not None:
         _check_out(out)
-    device = default_device(cfg.device)
-    dtype, dtype_reason = resolve_dtype(cfg.dtype, device, "eval")
-    ref = resolve_model(model_spec)
-    config = load_config(ref, log=console.print)
-    limit = context_length(config)
-    if limit is not None and cfg.seqlen > limit:
-        raise UserError(f"--seqlen {cfg.seqlen} exceeds the model's context of {limit} tokens; use --seqlen {limit} or less")
-    text = load_text(cfg.dataset, cfg.split, cfg.data_dir)
-    console.print(f"[bold]Evaluating[/] {model_spec}" + (f" + adapter {cfg.adapter}" if cfg.adapter else ""))
-    console.print(f"  data: {text.dataset}/{text.split} from {text.origin}")
-    if text.note:
-        console.print(f"  [yellow]note:[/] {text.note}")
-    with console.status("Loading model ..."):
-        model, tokenizer = load_model(ref, dtype=dtype, device=device, log=console.print)
-    # Sparsity is a property of the base weights; measure it before an adapter wraps them.
-    sparsity = sparsity_report(model)
-    if cfg.adapter:
-        model = apply_adapter(model, cfg.adapter)
-    tokens = tokenize(text, tokenizer)
-    total = tokens.input_ids.numel()
-    if total < cfg.seqlen:
-        raise UserError(f"{text.dataset}/{text.split} has {total} tokens, fewer than --seqlen {cfg.seqlen}; lower --seqlen")
-    windows = windows_of(tokens.input_ids, cfg.seqlen, cfg.max_windows).shape[0]
-    if cfg.batch_size is None:
-        batch_size, batch_reason = auto_batch_size(cfg.seqlen, int(config.vocab_size), windows, device)
-    else:
-        batch_size, batch_reason = cfg.batch_size, f"batch {cfg.batch_size}: requested"
-    console.print(f"  {total:,} tokens ({'cache hit' if tokens.cache_hit else 'tokenised, cached'}), "
-                  f"seqlen {cfg.seqlen}, device {device}")
-    console.print(f"  dtype {dtype_name(dtype)} ({dtype_reason}); {batch_reason}")
-    with Progress(
-        TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("eval", total=None)
-        result = perplexity(
-            model, tokens.input_ids, cfg.seqlen, batch_size, cfg.max_windows,
-            on_batch=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    results: dict[str, Any] = {
-        "perplexity": result.perplexity,
-        "nll": result.nll,
-        "tokens": result.tokens,
-        "windows": result.windows,
-        "seconds": round(result.seconds, 3),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "dtype": dtype_name(dtype),
-        "dtype_reason": dtype_reason,
-        "batch_size": batch_size,
-        "batch_reason": batch_reason,
-        "sparsity": sparsity,
-        "evaluated": {
-            **asdict(cfg), "model": model_spec, "device": device, "origin": text.origin,
-            "data_note": text.note, "total_tokens": total,
-        },
+    plan = _plan(cfg, console)
+    text = None if cfg.dataset == "none" else load_text(cfg.dataset, cfg.split, cfg.data_dir)
+    loaded = _load(cfg, plan, console)
+    results: dict[str, Any] = {}
+    if text is not None:
+        results |= _perplexity_results(cfg, loaded, text, console)
+    if cfg.tasks:
+        from prunetune.zeroshot import ZeroShotConfig, run_zeroshot
+
+        results["zeroshot"] = run_zeroshot(loaded.model, loaded.tokenizer, ZeroShotConfig(
+            tasks=cfg.tasks, limit=cfg.limit, task_dir=cfg.task_dir, batch_size=cfg.batch_size or 1),
+            log=console.print)
+    results |= {
+        "dtype": dtype_name(loaded.dtype), "dtype_reason": loaded.dtype_reason, "sparsity": loaded.sparsity,
+        "evaluated": {**asdict(cfg), "model": loaded.spec, "device": loaded.device,
+                      **({"origin": text.origin, "data_note": text.note,
+                          "total_tokens": results.pop("total_tokens")} if text else {})},
         **provenance(),
     }
     _print_results(console, results)
@@ -243,13 +229,126 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, A
     return results
 
 
+@dataclass(frozen=True)
+class _Plan:
+    spec: str
+    ref: ModelRef
+    config: Any
+    device: str
+    dtype: torch.dtype
+    dtype_reason: str
+
+
+def _plan(cfg: EvalConfig, console: Console) -> _Plan:
+    """What to load, where and in which dtype: the cheap checks, before any data or weights are read."""
+    spec = cfg.model
+    if spec is None:
+        spec = adapter_base(Path(cfg.adapter).expanduser())
+        if spec is None:
+            raise UserError(f"adapter {cfg.adapter!r} does not record its base model; pass --model")
+    device = default_device(cfg.device)
+    dtype, dtype_reason = resolve_dtype(cfg.dtype, device, "eval")
+    ref = resolve_model(spec)
+    config = load_config(ref, log=console.print)
+    limit = context_length(config)
+    if cfg.dataset != "none" and limit is not None and cfg.seqlen > limit:
+        raise UserError(f"--seqlen {cfg.seqlen} exceeds the model's context of {limit} tokens; use --seqlen {limit} or less")
+    return _Plan(spec, ref, config, device, dtype, dtype_reason)
+
+
+def _load(cfg: EvalConfig, plan: _Plan, console: Console) -> _Loaded:
+    """The model (+ adapter) to evaluate, in the planned dtype."""
+    spec, ref, config, device, dtype, dtype_reason = (plan.spec, plan.ref, plan.config, plan.device, plan.dtype,
+                                                      plan.dtype_reason)
+    console.print(f"[bold]Evaluating[/] {spec}" + (f" + adapter {cfg.adapter}" if cfg.adapter else ""))
+    console.print(f"  dtype {dtype_name(dtype)} ({dtype_reason}), device {device}")
+    with console.status("Loading model ..."):
+        model, tokenizer = load_model(ref, dtype=dtype, device=device, log=console.print)
+    # Sparsity is a property of the base weights; measure it before an adapter wraps them.
+    loaded = _Loaded(model, tokenizer, spec, device, dtype, dtype_reason, int(config.vocab_size),
+                     sparsity_report(model))
+    if cfg.adapter:
+        base_dir = Path(ref.location)
+        masks = load_keep_masks(base_dir, model)[0] if (base_dir / MASKS_FILE).is_file() else None
+        loaded.model = apply_adapter(model, cfg.adapter)
+        if masks is not None:
+            loaded.adapter_method = _attach_pattern(loaded.model, cfg.adapter, masks)
+    return loaded
+
+
+def _attach_pattern(model: nn.Module, adapter: str, masks: dict[str, torch.Tensor]) -> str | None:
+    """Give the LoRA layers the pruned pattern, so the evaluated model can be the deployable (masked-merge) one.
+
+    Returns the adapter's method (`lora`, `masked-lora`), or None when no LoRA layer was pruned.
+    """
+    from prunetune.finetune.methods import attach_masks
+
+    method = str(read_adapter_meta(Path(adapter).expanduser()).get("method") or "lora")
+    # masked-lora trained with the masked delta: that is its model; plain lora is measured both ways.
+    return method if attach_masks(model, masks, masked=method == "masked-lora") else None
+
+
+def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Console) -> dict[str, Any]:
+    if text.note:
+        console.print(f"  [yellow]note:[/] {text.note}")
+    tokens = tokenize(text, loaded.tokenizer)
+    total = tokens.input_ids.numel()
+    if total < cfg.seqlen:
+        raise UserError(f"{text.dataset}/{text.split} has {total} tokens, fewer than --seqlen {cfg.seqlen}; lower --seqlen")
+    windows = windows_of(tokens.input_ids, cfg.seqlen, cfg.max_windows).shape[0]
+    if cfg.batch_size is None:
+        batch_size, batch_reason = auto_batch_size(cfg.seqlen, loaded.vocab, windows, loaded.device)
+    else:
+        batch_size, batch_reason = cfg.batch_size, f"batch {cfg.batch_size}: requested"
+    console.print(f"  data: {text.dataset}/{text.split} from {text.origin}: {total:,} tokens "
+                  f"({'cache hit' if tokens.cache_hit else 'tokenised, cached'}), seqlen {cfg.seqlen}; {batch_reason}")
+
+    def measure(label: str) -> PerplexityResult:
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("eval", total=None)
+            return perplexity(loaded.model, tokens.input_ids, cfg.seqlen, batch_size, cfg.max_windows,
+                              on_batch=lambda done, n: progress.update(task, completed=done, total=n))
+
+    extra: dict[str, Any] = {}
+    if loaded.adapter_method is not None:
+        from prunetune.finetune.methods import deployable, describes
+
+        if loaded.adapter_method == "lora":
+            dense = measure("perplexity (adapter, dense update)")
+            extra = {"adapter_perplexity": dense.perplexity, "adapter_describes": describes("lora", False)}
+        with deployable(loaded.model):
+            result = measure("perplexity (deployable)")
+        extra["describes"] = describes(loaded.adapter_method, True)
+    else:
+        result = measure("perplexity")
+    return {
+        "perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+        "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
+        "batch_size": batch_size, "batch_reason": batch_reason, "total_tokens": total, **extra,
+    }
+
+
 def _print_results(console: Console, r: dict[str, Any]) -> None:
     table = Table(title="Evaluation", show_header=False)
-    table.add_row("perplexity", f"[bold]{r['perplexity']:.4f}[/]")
-    table.add_row("tokens / windows", f"{r['tokens']:,} / {r['windows']}")
-    table.add_row("time", f"{r['seconds']:.1f} s ({r['tokens_per_s']:,.0f} tokens/s)")
-    table.add_row("dtype / batch", f"{r['dtype']} / {r['batch_size']}")
+    if "perplexity" in r:
+        label = "perplexity" + (" (deployable sparse model)" if "describes" in r else "")
+        table.add_row(label, f"[bold]{r['perplexity']:.4f}[/]")
+        if "adapter_perplexity" in r:
+            table.add_row("perplexity (adapter, dense update)", f"{r['adapter_perplexity']:.4f}")
+        table.add_row("tokens / windows", f"{r['tokens']:,} / {r['windows']}")
+        table.add_row("time", f"{r['seconds']:.1f} s ({r['tokens_per_s']:,.0f} tokens/s)")
+        table.add_row("dtype / batch", f"{r['dtype']} / {r['batch_size']}")
     sp = r["sparsity"]
     table.add_row("sparsity (overall)", f"{sp['overall']:.2%}")
     table.add_row("sparsity by type", ", ".join(f"{k} {v:.1%}" for k, v in sp["by_type"].items()))
     console.print(table)
+    if "zeroshot" in r:
+        from prunetune.zeroshot import format_table
+
+        shot = Table(title="Zero-shot", title_justify="left")
+        for column in ("task", "acc", "acc_norm", "samples"):
+            shot.add_column(column)
+        for row in format_table(r["zeroshot"]):
+            shot.add_row(*row)
+        console.print(shot)

@@ -280,13 +280,22 @@ def load_model(
         dtype = parse_dtype(dtype)
     location = materialize(ref, log=log)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
+        model = _from_pretrained(ref, location, dtype)
     except _LOAD_ERRORS as err:
         raise _load_error(ref, err, "model") from None
     model.eval()
     if device is not None:
         model.to(device)
     return model, load_tokenizer(ref)
+
+
+def _from_pretrained(ref: ModelRef, location: str, dtype: torch.dtype) -> PreTrainedModel:
+    if ref.kind == "dir":
+        from prunetune.export import is_sparse_export, load_exported
+
+        if is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors itself
+            return load_exported(location).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
 
 
 def load_config(spec: str | ModelRef, log=print) -> PretrainedConfig:
