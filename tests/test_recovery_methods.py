@@ -242,3 +242,31 @@ def test_evaluate_deployable_runs_plain_lora_twice():
     assert both["eval_loss"] == masked and both["eval_adapter_loss"] == evaluate()["eval_loss"]
     assert both["eval_loss"] != both["eval_adapter_loss"] and "deployable" in both["describes"]
     assert set(evaluate_deployable(evaluate, plain, "masked-lora")) == {"eval_loss", "describes"}
+
+
+def test_remask_alone_restores_zeros_after_every_optimizer_step(tmp_path):
+    """Without the gradient hook AdamW moves pruned weights; the callback must zero them after each step."""
+    from transformers import TrainerCallback
+
+    model, masks = pruned_tiny()
+    prepared = prepare(model, "sparse-ft", masks)
+    prepared.sparse.remove_hooks()
+    seen = []
+
+    class Check(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(all(bool((m.weight[~masks[n]] == 0).all()) for n, m in prunable_linears(model).items()))
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    Trainer(model=model, args=args, train_dataset=RandomTokens(8, 16, 97),
+            callbacks=[*prepared.callbacks, Check()]).train()
+    assert seen == [True, True]
+    # And the control: without the callback the same run leaves pruned weights non-zero.
+    model2, masks2 = pruned_tiny()
+    prepare(model2, "sparse-ft", masks2).sparse.remove_hooks()
+    Trainer(model=model2, args=args, train_dataset=RandomTokens(8, 16, 97)).train()
+    assert any(bool((m.weight[~masks2[n]] != 0).any()) for n, m in prunable_linears(model2).items())
