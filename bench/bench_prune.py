@@ -15,6 +15,7 @@ one JSON line per configuration with the ratio; nothing is written to RESULTS.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -100,6 +101,63 @@ def floor_seconds(model_spec: str, data_dir: str, nsamples: int, seqlen: int, dt
     return {"forward_s": time.perf_counter() - t, "dtype": precision.record()}
 
 
+def breakdown_main(args: argparse.Namespace) -> int:
+    """Seconds per phase on the first `--breakdown` decoder layers, each phase from the same dense weights:
+    one plain forward of the layer over the windows (its share of the floor), the forward with Wanda's norm
+    hooks and with Hessian hooks, the Wanda masks, CG reconstruction (unstructured), per-band least squares
+    (block16x16) and SparseGPT, modules reading one input sharing their HessianFactors."""
+    import torch
+
+    from prunetune.architecture import find_decoder_layers, linear_modules
+    from prunetune.data import load_text, tokenize
+    from prunetune.models import load_model
+    from prunetune.pruning import calibration as cal
+    from prunetune.pruning.matrix import MatrixRecipe, prune_matrix
+    from prunetune.pruning.patterns import parse_pattern
+    from prunetune.pruning.precision import resolve_precision
+    from prunetune.pruning.sparsegpt import HessianFactors
+
+    precision = resolve_precision(args.dtype, "cpu")
+    model, tok = load_model(args.model, dtype=precision.storage, log=lambda *_: None)
+    windows = cal.calibration_windows(tokenize(load_text("wikitext2", "train", args.data_dir), tok).input_ids,
+                                      args.nsamples, args.seqlen, 0)
+    _, layers = find_decoder_layers(model)
+    with precision.autocast():
+        inputs = cal.capture_first_layer_inputs(model, layers[0], windows, "cpu")
+    recipes = {"wanda": MatrixRecipe("wanda", parse_pattern("unstructured"), "row"),
+               "wanda+cg": MatrixRecipe("wanda", parse_pattern("unstructured"), "row", reconstruct=True),
+               "block16+ls": MatrixRecipe("wanda", parse_pattern("block16x16"), "matrix", reconstruct=True),
+               "sparsegpt": MatrixRecipe("sparsegpt", parse_pattern("unstructured"), "obs")}
+    for i, layer in enumerate(layers[: args.breakdown]):
+        mods = linear_modules(layer)
+        row: dict[str, float] = {}
+        outs = torch.empty_like(inputs.hidden)
+        for label, hooks in (("forward", None), ("forward+norms", False), ("forward+hessian", True)):
+            t = time.perf_counter()
+            with precision.autocast(), (cal.collecting(mods, hessian=hooks) if hooks is not None
+                                        else contextlib.nullcontext()) as stats:
+                cal.run_layer(layer, inputs, outs)
+            row[label] = time.perf_counter() - t
+            kept = stats if hooks is not None else None
+            if hooks is False:
+                norms = kept
+            elif hooks:
+                hess = kept
+        for label, recipe in recipes.items():
+            t = time.perf_counter()
+            factors: dict[int, HessianFactors] = {}
+            for name, module in mods.items():
+                h = hess.hessians[name]
+                if id(h) not in factors:  # q/k/v and gate/up: one damped H and factorisation per input
+                    factors[id(h)] = HessianFactors(h)
+                prune_matrix(module.weight.data, recipe, 0.5, col_sq_norms=norms.col_sq_norms(name),
+                             factors=factors[id(h)])
+            row[label] = time.perf_counter() - t
+        inputs.hidden, outs = outs, inputs.hidden
+        print(json.dumps({"layer": i, **{k: round(v, 2) for k, v in row.items()}}), flush=True)
+    return 0
+
+
 def floor_main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -162,8 +220,12 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl, run only the others")
     parser.add_argument("--floor", action="store_true", help="time each prune against one forward pass (issue 13)")
     parser.add_argument("--dtype", default=None, help="--floor: auto (default) | float32 | bfloat16")
+    parser.add_argument("--breakdown", type=int, default=0, help="seconds per phase on the first N layers")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.breakdown:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return breakdown_main(args)
     if args.floor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return floor_main(args)

@@ -20,6 +20,7 @@ from rich.progress import Progress
 
 from prunetune.architecture import find_decoder_layers, prunable_linears
 from prunetune.devices import default_device
+from prunetune.fmt import fmt_ppl, hms
 from prunetune.models import load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.console import progress_bar, sparsity_table
@@ -61,7 +62,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
                 evaluate_phase(session, progress, eval_ids, "pruned")
         save(session, out, replace, t_start)
     console.print(sparsity_table(session.matrices))
-    console.print(f"[green]Saved[/] pruned model, masks and prune.json to {out} ({session.timings['total_s']:.1f}s)")
+    console.print(f"[green]Saved[/] pruned model, masks and prune.json to {out} (total {hms(session.timings['total_s'])})")
     return out
 
 
@@ -117,7 +118,7 @@ def evaluate_phase(s: PruneSession, progress: Progress, ids: torch.Tensor | None
     s.record[f"{which}_perplexity"] = result["perplexity"]
     s.record["eval"][which] = result
     s.timings[f"{which}_eval_s"] = time.perf_counter() - t
-    progress.console.print(f"{which.capitalize()} perplexity: {result['perplexity']:.3f} ({result['windows']} windows)")
+    progress.console.print(f"{which.capitalize()} perplexity: {fmt_ppl(result['perplexity'])} ({result['windows']} windows)")
     return ids
 
 
