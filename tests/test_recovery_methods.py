@@ -270,3 +270,20 @@ def test_remask_alone_restores_zeros_after_every_optimizer_step(tmp_path):
     prepare(model2, "sparse-ft", masks2).sparse.remove_hooks()
     Trainer(model=model2, args=args, train_dataset=RandomTokens(8, 16, 97)).train()
     assert any(bool((m.weight[~masks2[n]] != 0).any()) for n, m in prunable_linears(model2).items())
+
+
+def test_banner_lines_say_what_trains_and_what_it_costs():
+    from prunetune.finetune.methods import banner_lines
+
+    model, masks = pruned_tiny()
+    total = sum(p.numel() for p in model.parameters())
+    sparse = prepare(model, "sparse-ft", masks).banner | {"total": total}
+    text = "\n".join(banner_lines(sparse))
+    assert "Sparse fine-tuning of 14 pruned matrices" in text and "AdamW state" in text
+    assert f"{sparse['kept_params']:,} kept" in text
+    model, masks = pruned_tiny()
+    masked = prepare(model, "masked-lora", masks, lora_config=lora_config()).banner | {"total": total}
+    assert "merging is exact" in "\n".join(banner_lines(masked))
+    model, masks = pruned_tiny()
+    plain = prepare(model, "lora", masks, lora_config=lora_config()).banner
+    assert "reported twice" in "\n".join(banner_lines(plain))

@@ -375,6 +375,35 @@ def merge_deployable(peft_model: nn.Module, masks: dict[str, torch.Tensor]) -> n
     return merged
 
 
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def banner_lines(r: dict[str, Any]) -> list[str]:
+    """Console lines for a method's banner record (`Prepared.banner` + `total`): what trains, what it costs."""
+    method = r.get("method", "lora")
+    total = r.get("total")
+    of_all = f" of {total:,} params ({100 * r['trainable'] / total:.2f}%)" if total and r.get("trainable") else ""
+    if method == "sparse-ft":
+        return [
+            f"Sparse fine-tuning of {r.get('modules')} pruned matrices ({','.join(r.get('targets', []))}): "
+            f"{r.get('trained_params', 0):,} weights in the trained tensors{of_all}, {r.get('kept_params', 0):,} "
+            "kept (trained), the rest pruned (held at exactly 0)",
+            f"  memory beyond inference: AdamW state {_gib(r.get('optimizer_state_bytes', 0))} (2 fp32 values per "
+            f"weight) + gradients {_gib(r.get('grad_bytes', 0))} + keep-masks {_gib(r.get('mask_bytes', 0))}",
+        ]
+    lines = [f"{'Masked LoRA' if method == 'masked-lora' else 'LoRA'} on {r.get('modules', '?')} modules "
+             f"({','.join(r.get('targets', []))}): trainable params {r.get('trainable', 0):,}{of_all}; "
+             f"AdamW state {_gib(r.get('optimizer_state_bytes', 0))}"]
+    if method == "masked-lora":
+        lines.append(f"  the update is masked by the pruned pattern in {r.get('masked_layers')} matrices: "
+                     "training computes the deployable sparse model, merging is exact")
+    else:
+        lines.append("  the LoRA update is dense (weight back in every pruned position): perplexities are reported "
+                     "twice, with the adapter and deployable (masked, what `merge` writes)")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------
 # One entry point for the engine
 # ---------------------------------------------------------------------------------------------------
