@@ -79,7 +79,11 @@ def prune_layers(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
         progress.update(task, description=f"layer {i + 1}/{len(s.layers)}")
         layer.to(s.device)
         mods = layer_modules(s, i, layer)
-        note = _calibrated_layer(s, i, layer, mods, walk) if walk is not None else _prune_modules(s, mods, None)
+        note = ""
+        if walk is None:
+            _prune_modules(s, mods, None)
+        else:
+            note = _calibrated_layer(s, i, layer, mods, walk)
         layer.to("cpu")
         mean = sum(s.matrices[n]["achieved"] for n in mods) / max(len(mods), 1)
         progress.console.print(f"layer {i + 1}/{len(s.layers)}: {len(mods)} matrices pruned, mean sparsity "
@@ -89,6 +93,7 @@ def prune_layers(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
 
 
 def _calibrated_layer(s: PruneSession, i: int, layer: nn.Module, mods: dict[str, nn.Linear], walk: _Walk) -> str:
+    """Statistics, masks and (optional) block-wise training of layer i; returns a note for its console line."""
     autocast = s.precision.autocast
     if walk.dense is not None:
         with autocast():
@@ -112,7 +117,7 @@ def _calibrated_layer(s: PruneSession, i: int, layer: nn.Module, mods: dict[str,
     return note
 
 
-def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.InputStats | None) -> str:
+def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.InputStats | None) -> None:
     """Prune each module of one layer in place; modules that read the same input share one HessianFactors."""
     factors: dict[int, HessianFactors] = {}
     for name, module in mods.items():
@@ -128,7 +133,6 @@ def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.Input
         s.masks[name] = keep.cpu()
         s.matrices[name] = {"shape": list(s.shapes[name]), "target": s.targets[name],
                             "achieved": 1.0 - float(s.masks[name].float().mean())}
-    return ""
 
 
 def owl_targets(s: PruneSession, inputs: cal.LayerInputs, progress: Progress) -> None:
