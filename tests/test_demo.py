@@ -9,7 +9,7 @@ import pytest
 
 from prunetune.cli import main as cli_main
 from prunetune.pipeline.demo import demo_config
-from prunetune.pipeline.steps import choose_data
+from prunetune.pipeline.stages import choose_data
 
 
 def test_data_choice_prefers_local_wikitext_and_says_why_it_falls_back(shared_data, tmp_path, monkeypatch):

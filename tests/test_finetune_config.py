@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from prunetune.commands.finetune import config_from_args, configure_parser
 from prunetune.errors import UserError
-from prunetune.finetune.command import config_from_args, configure_parser
 from prunetune.finetune.config import FinetuneConfig, config_from_mapping
 from prunetune.finetune.data import BlockDataset, group_blocks
 

@@ -15,9 +15,9 @@ import yaml
 
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.pipeline.command import run_pipeline
 from prunetune.pipeline.config import load_pipeline, parse_pipeline
 from prunetune.pipeline.demo import demo_dict
+from prunetune.pipeline.job import run_pipeline
 from prunetune.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +136,16 @@ def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_mode
     assert story["test"]["pruned"] == eval_json["test"]["pruned"]["perplexity"]
     # The resolved pipeline.yaml is itself a valid pipeline file describing the same run.
     assert load_pipeline(run / "pipeline.yaml").finetune["lora_r"] == 4
+    # The run ends with a deployable sparse model (merge stage), and the eval stage measured that model.
+    from prunetune.pruning.verify import verify_dir
+
+    doc = json.loads((run / "pipeline.json").read_text())
+    assert doc["order"] == ["prune", "finetune", "merge", "eval", "report"] and doc["stages"]["merge"]["status"] == "ran"
+    assert json.loads((run / "merge" / "merge.json").read_text())["keep_sparsity"] is True
+    assert verify_dir(run / "merge").ok
+    assert eval_json["test"]["recovered_model"]["model"] == str(run.resolve() / "merge")
+    assert story["test"]["deployable"] is True and story["test"]["recovered"] == eval_json["test"]["recovered"]["perplexity"]
+    assert abs(eval_json["test"]["recovered"]["sparsity"] - eval_json["test"]["pruned"]["sparsity"]) < 1e-9
 
     run_yaml(cfg_path, run)
     assert statuses(run) == ["skipped"] * 4
@@ -150,6 +160,7 @@ def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_mode
     assert statuses(run) == ["skipped"] * 4  # --plan wrote nothing
     run_yaml(cfg_path, run)
     assert statuses(run) == ["skipped", "ran", "ran", "ran"]
+    assert json.loads((run / "pipeline.json").read_text())["stages"]["merge"]["status"] == "ran"
     second = states(run)
     assert second["prune"]["run_id"] == first["prune"]["run_id"]
     assert all(second[s]["run_id"] != first[s]["run_id"] for s in ("finetune", "eval", "report"))
@@ -210,3 +221,46 @@ def test_stage_option_and_foreign_out_dir(tmp_path, tiny_model_dir, shared_data,
     assert cli_main(["run", str(cfg_path), "--out", str(mine)]) == 2
     assert "not a prunetune run directory" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_eval_stage_measures_the_deployable_model_and_zero_shot_tasks(tmp_path, tiny_model_dir, shared_data):
+    pytest.importorskip("lm_eval")
+    from rich.console import Console
+
+    from prunetune.pipeline.runner import RunLayout, StageContext
+    from prunetune.pipeline.stages import build_stages, choose_data
+    from prunetune.pipeline.summary import perplexity_story, print_story
+    from test_zeroshot import write_task
+
+    task = write_task(tmp_path)
+    doc = tiny_pipeline(tiny_model_dir, shared_data)
+    doc["eval"].update(tasks=[str(task)], limit=4)
+    cfg = parse_pipeline(doc, source="tiny")
+    assert cfg.configs["eval"].tasks and cfg.stages == ("prune", "finetune", "merge", "eval", "report")
+    layout = RunLayout(tmp_path / "run")
+    for stage in ("prune", "merge"):  # stand-ins: the tiny model plays the pruned and the merged model
+        (layout.root / stage).parent.mkdir(parents=True, exist_ok=True)
+        (layout.root / stage).symlink_to(tiny_model_dir)
+    (layout.root / "finetune").mkdir()
+    stages = {s.name: s for s in build_stages(cfg, layout, choose_data("wikitext2", str(shared_data), None))}
+    eval_dir = layout.root / "eval"
+    eval_dir.mkdir()
+    result = stages["eval"].run(StageContext(layout, eval_dir, False, {}, Console(quiet=True)))
+    test = result["test"]
+    assert test["recovered_model"]["model"] == str(layout.root / "merge") and test["recovered_model"]["deployable"]
+    assert stages["eval"].deps == ("prune", "finetune", "merge")
+    for model in ("dense", "pruned", "recovered"):
+        zs = test[model]["zeroshot"]["tasks"][task.stem]
+        assert 0.0 <= zs["acc"] <= 1.0 and zs["samples"] == 4
+        assert test[model]["perplexity"] > 1
+    assert json.loads((eval_dir / "eval.json").read_text())["test"]["recovered"]["zeroshot"]
+    assert "zeroshot" not in result["finetune_eval_set"]["dense"]  # the same-set reference is perplexity only
+    # The summary reads it back from stage.json: write it as the runner would.
+    (eval_dir / "stage.json").write_text(json.dumps({"complete": True, "result": result}))
+    story = perplexity_story(layout.root)
+    assert story["test"]["deployable"] and story["zeroshot"]["recovered"]["tasks"][task.stem]["samples"] == 4
+    console = Console(record=True, width=160)
+    print_story(console, story)
+    text = console.export_text()
+    assert "Zero-shot accuracy" in text and task.stem in text and "deployable sparse model" in text

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from prunetune.errors import UserError
-from prunetune.pipeline.stages import PipelineRun, RunLayout, Stage, StageContext, check_run_dir, fingerprints
+from prunetune.pipeline.runner import PipelineRun, RunLayout, Stage, StageContext, check_run_dir, fingerprints
 
 
 @dataclass

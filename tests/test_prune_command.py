@@ -5,7 +5,7 @@ import json
 import pytest
 
 from prunetune.cli import main
-from prunetune.pruning.command import config_from_args, configure_parser
+from prunetune.commands.prune import config_from_args, configure_parser
 
 
 def _argv(tiny_model_dir, shared_data, out, *extra):

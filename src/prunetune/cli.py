@@ -15,16 +15,18 @@ from prunetune.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "evaluate": ("prunetune.evaluate_command", "perplexity of a model (+ adapter) on a dataset, Wanda/SparseGPT protocol"),
-    "prune": ("prunetune.pruning.command", "prune a model: wanda|magnitude|sparsegpt, unstructured|N:M|blockHxW"),
-    "verify": ("prunetune.pruning.verify_command", "re-check a pruned model directory against its saved masks"),
-    "finetune": ("prunetune.finetune.command", "LoRA recovery fine-tuning with the live training console"),
-    "merge": ("prunetune.finetune.merge_command", "merge a LoRA adapter into its pruned base, keeping the sparsity"),
-    "report": ("prunetune.analysis.report_command", "plots and diagnosis of a training run or any Trainer log"),
-    "monitor": ("prunetune.analysis.monitor_command", "live view of a run directory from another terminal"),
-    "compare": ("prunetune.analysis.compare_command", "overlay the curves of several runs and tabulate them"),
-    "run": ("prunetune.pipeline.command", "run a prune -> finetune -> eval -> report pipeline from YAML"),
-    "demo": ("prunetune.pipeline.demo_command", "the whole pipeline offline on SmolLM2-135M (CPU friendly)"),
+    "evaluate": ("prunetune.commands.evaluate", "perplexity of a model (+ adapter) on a dataset, Wanda/SparseGPT protocol"),
+    "prune": ("prunetune.commands.prune", "prune a model: wanda|magnitude|sparsegpt, unstructured|N:M|blockHxW"),
+    "verify": ("prunetune.commands.verify", "re-check a pruned model directory against its saved masks"),
+    "finetune": ("prunetune.commands.finetune", "LoRA recovery fine-tuning with the live training console"),
+    "merge": ("prunetune.commands.merge", "merge a LoRA adapter into its pruned base, keeping the sparsity"),
+    "report": ("prunetune.commands.report", "plots and diagnosis of a training run or any Trainer log"),
+    "monitor": ("prunetune.commands.monitor", "live view of a run directory from another terminal"),
+    "compare": ("prunetune.commands.compare", "overlay the curves of several runs and tabulate them"),
+    "export": ("prunetune.commands.export", "write a pruned model in the compressed-tensors format (vLLM, llm-compressor)"),
+    "speed": ("prunetune.commands.speed", "tokens/s and weight memory: dense vs pruned, dense vs sparse kernels"),
+    "run": ("prunetune.commands.run", "run a prune -> finetune -> merge -> eval -> report pipeline from YAML"),
+    "demo": ("prunetune.commands.demo", "the whole pipeline offline on SmolLM2-135M (CPU friendly)"),
 }
 
 

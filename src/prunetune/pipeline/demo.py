@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from prunetune.pipeline.command import make_console, run_pipeline
 from prunetune.pipeline.config import PipelineConfig, parse_pipeline
+from prunetune.pipeline.job import make_console, run_pipeline
 
 # Full demo: sized for a 2-core CPU and a 20-minute budget (the README states the measured time). Every number
 # is chosen for that budget; configs/llama2-7b-wanda-block16-lora.yaml shows the research-scale values.
@@ -55,6 +56,7 @@ DEMO: dict[str, Any] = {
         "seqlen": 512,
         "max_windows": 20,  # dense, pruned and recovered on the same 20 x 512 held-out tokens
     },
+    "merge": {"enabled": True},  # the deployable model: the adapter folded in with the 16x16 pattern kept
     "report": {},
 }
 
@@ -90,30 +92,42 @@ def demo_config(quick: bool = False, model: str | None = None, data_dir: str | N
     return parse_pipeline(doc, source="demo")
 
 
-def run_demo(
-    quick: bool = False,
-    out: str | Path | None = None,
-    data_dir: str | None = None,
-    force: bool = False,
-    model: str | None = None,
-    console: Console | None = None,
-) -> dict[str, Any]:
+@dataclass
+class DemoConfig:
+    """One invocation of `prunetune demo`."""
+
+    quick: bool = False
+    """The smoke-test sizes (under 3 minutes) instead of the full demo (under 20 minutes on 2 CPU cores)."""
+    out: str | None = None
+    """Run directory (default runs/demo, or runs/demo-quick)."""
+    data_dir: str | None = None
+    """Local data directory holding WikiText-2 (else $PRUNETUNE_DATA_DIR; without one: wikipedia-vital)."""
+    force: bool = False
+    """Re-run every stage even when it is up to date."""
+    model: str | None = None
+    """Replace SmolLM2-135M (tests run the demo's code path on a tiny model)."""
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the demo pipeline; returns the perplexity story (dense, pruned, recovered, report path)."""
     # The demo is offline by definition: never wait on an unreachable hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     console = console or make_console()
-    cfg = demo_config(quick, model, data_dir)
-    out = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
+    quick = cfg.quick
+    pipeline = demo_config(quick, cfg.model, cfg.data_dir)
+    out = Path(cfg.out) if cfg.out is not None else Path("runs") / ("demo-quick" if quick else "demo")
     budget = "under 3 minutes" if quick else "under 20 minutes on a 2-core CPU"
     console.print(
-        f"[bold]prunetune demo[/]{' --quick' if quick else ''}: prune {cfg.model} to 50% in 16x16 blocks "
-        f"(Wanda{' + reconstruction' if cfg.prune.get('reconstruct') else ''}), recover it with LoRA, evaluate "
-        f"and report — offline, {budget}. Finished stages are skipped when you run it again."
+        f"[bold]prunetune demo[/]{' --quick' if quick else ''}: prune {pipeline.model} to 50% in 16x16 blocks "
+        f"(Wanda{' + reconstruction' if pipeline.prune.get('reconstruct') else ''}), recover it with LoRA, merge "
+        f"it into a deployable sparse model, evaluate and report — offline, {budget}. Finished stages are skipped "
+        "when you run it again."
     )
-    story = run_pipeline(cfg, out, force=force, console=console, source="demo-quick" if quick else "demo")
+    story = run_pipeline(pipeline, out, force=cfg.force, console=console, source="demo-quick" if quick else "demo")
     console.print(
-        "Next: `prunetune monitor " f"{out}/finetune --once` shows the training run; "
-        "`prunetune run configs/demo-cpu.yaml` runs this demo from its YAML, which you can edit."
+        "Next: `prunetune monitor " f"{out}/finetune --once` shows the training run; `prunetune verify {out}/merge` "
+        "checks the deployable model's pattern; `prunetune run configs/demo-cpu.yaml` runs this demo from its YAML, "
+        "which you can edit."
     )
     return story

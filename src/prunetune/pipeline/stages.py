@@ -1,386 +1,342 @@
-"""The stage runner: runs stages in order into one run directory and skips what is already done.
-
-Each stage writes into `RUN/<stage>/` and keeps a `stage.json` there: its config fingerprint, the run ids of
-the upstream results it was made from, and `complete: true` once it has finished. A stage is skipped when its
-`stage.json` says complete with the same fingerprint and the same upstream run ids and its outputs exist; it
-is re-run when its config (or an upstream stage's config) changed or an upstream stage was re-run. A stage
-that was interrupted part-way re-runs from scratch, except a resumable one (fine-tuning) with checkpoints,
-which continues from its latest checkpoint.
-
-The fingerprint of a stage = hash(its own config, with run-directory paths made relative and the fields that
-do not change the result left out, + the fingerprints of the stages it depends on). So changing the LoRA rank
-changes finetune's fingerprint, hence eval's and report's, but not prune's.
-"""
+"""The stages of the pipeline, each a thin adapter around its command's library function: prune (`run_prune`),
+finetune (`run_finetune`), merge (`run_merge`: the deployable sparse model), eval (`run_evaluate` on dense,
+pruned and the recovered deployable model), report (`run_report`) and export (`run_export`, off by default).
+This module only joins them: who reads whose output directory, and which fields the pipeline sets (the
+configs themselves were built once from the YAML, in `pipeline.config`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import shutil
-import time
-import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from prunetune.analysis import fixes
+from prunetune.data import data_dirs, load_text
 from prunetune.errors import UserError
-from prunetune.runinfo import provenance, write_json
+from prunetune.fmt import json_safe
+from prunetune.pipeline.config import DATA_DEFAULTS, PipelineConfig, joined_fields
+from prunetune.pipeline.runner import RunLayout, Stage, StageContext, StageInterrupted
+from prunetune.runinfo import write_json
 
-STAGE_FILE = "stage.json"
-PIPELINE_FILE = "pipeline.json"
-
-
-class StageInterrupted(KeyboardInterrupt):
-    """A stage stopped early but cleanly (fine-tuning saved a checkpoint on SIGINT): not complete. A
-    KeyboardInterrupt, so the pipeline stops and the CLI exits 130 as for Ctrl-C."""
+EVAL_MODELS = ("dense", "pruned", "recovered")
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """Where everything of one pipeline run lives."""
+class DataChoice:
+    """The corpus the stages read, and why (the console states it)."""
 
-    root: Path
-
-    def stage_dir(self, name: str) -> Path:
-        return self.root / name
-
-    @property
-    def pipeline_json(self) -> Path:
-        return self.root / PIPELINE_FILE
-
-    @property
-    def pipeline_yaml(self) -> Path:
-        return self.root / "pipeline.yaml"
-
-
-@dataclass
-class StageContext:
-    """What a stage's `run` gets: where to write, whether to resume, and the upstream stages' results."""
-
-    layout: RunLayout
-    dir: Path
-    resume: bool
-    upstream: dict[str, dict[str, Any]]
-    """stage name -> the `result` its stage.json recorded."""
-    console: Console
-
-
-@dataclass
-class Stage:
-    """One step of the pipeline: its built config and how to run and check it."""
-
-    name: str
-    deps: tuple[str, ...]
-    title: str
-    """What the stage does, one line, for the console."""
-    config: Any
-    """The stage's own config dataclass, fully built (paths absolute)."""
-    run: Callable[[StageContext], dict[str, Any]]
-    """Does the work; returns a JSON-able result recorded in stage.json (raise StageInterrupted if not done)."""
-    outputs: tuple[str, ...] = ()
-    """Files (relative to the stage dir) that must exist for a complete stage to count as done."""
-    volatile: frozenset[str] = frozenset()
-    """Config fields that do not change the result (where to write, resume switches, console verbosity)."""
-    resumable: bool = False
-    """Whether an interrupted run continues from its checkpoints (`checkpoint-*` in the stage dir)."""
-
-    def identity(self, layout: RunLayout) -> dict[str, Any]:
-        """The config as fingerprinted: run-directory paths relative, volatile fields dropped."""
-        raw = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config)
-        return {k: _relative(v, layout.root) for k, v in raw.items() if k not in self.volatile}
-
-
-def _relative(value: Any, root: Path) -> Any:
-    """Paths inside the run directory written as `$RUN/...`, so moving the run directory changes nothing."""
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        base = str(root.resolve())
-        if value == base or value.startswith(base + "/"):
-            return "$RUN" + value[len(base):]
-        return value
-    if isinstance(value, Mapping):
-        return {k: _relative(v, root) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_relative(v, root) for v in value]
-    return value
-
-
-def fingerprints(stages: list[Stage], layout: RunLayout) -> dict[str, str]:
-    """Stage name -> fingerprint (own config + fingerprints of its dependencies)."""
-    out: dict[str, str] = {}
-    for stage in stages:
-        blob = json.dumps(
-            {"stage": stage.name, "config": stage.identity(layout), "deps": {d: out[d] for d in stage.deps}},
-            sort_keys=True, default=str,
-        )
-        out[stage.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return out
-
-
-def read_stage(stage_dir: Path) -> dict[str, Any] | None:
-    """The stage.json of a stage directory; None when absent or unreadable (a crash mid-write)."""
-    path = stage_dir / STAGE_FILE
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def checkpoints(stage_dir: Path) -> list[Path]:
-    """`checkpoint-N` directories, oldest first."""
-    found = [p for p in stage_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-Kind = Literal["skip", "run", "resume"]
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: Kind
+    dataset: str
+    data_dir: str | None
+    origin: str
     reason: str
+    fallback_used: bool = False
+    note: str | None = None
 
 
-def _config_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any], limit: int = 3) -> str:
-    if not old:
-        return ""
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if not changed:
-        return ""
-    parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:limit]]
-    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
-    return ": " + ", ".join(parts) + more
+def _data_dir_text(data_dir: str | None) -> str:
+    if data_dir:
+        return f"--data-dir {data_dir}"
+    env = os.environ.get("PRUNETUNE_DATA_DIR")
+    return f"PRUNETUNE_DATA_DIR={env}" if env else "no local data directory configured"
 
 
-def decide(
-    stage: Stage, layout: RunLayout, fingerprint: str, upstream_ids: dict[str, str | None], force: bool
-) -> Action:
-    """Skip, run or resume, and why (the reason is shown in the plan)."""
-    stage_dir = layout.stage_dir(stage.name)
-    state = read_stage(stage_dir)
-    if state is None:
-        return Action("run", "forced" if force else "not run yet")
-    same_config = state.get("fingerprint") == fingerprint
-    same_inputs = state.get("inputs", {}) == upstream_ids
-    if force:
-        return Action("run", "forced (--force)")
-    if not same_config:
-        own = _config_diff(state.get("config"), stage.identity(layout))
-        return Action("run", f"config changed{own}" if own else "an upstream stage's config changed")
-    if not same_inputs:
-        return Action("run", "an upstream stage was re-run")
-    if state.get("complete"):
-        missing = [name for name in stage.outputs if not (stage_dir / name).exists()]
-        if missing:
-            return Action("run", f"outputs missing: {', '.join(missing)}")
-        return Action("skip", f"up to date (finished {state.get('finished', '?')})")
-    if stage.resumable and checkpoints(stage_dir):
-        return Action("resume", f"interrupted; resuming from {checkpoints(stage_dir)[-1].name}")
-    return Action("run", "interrupted before it finished; starting it again")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass
-class PipelineRun:
-    """Runs a list of stages into a run directory; records everything in pipeline.json."""
-
-    stages: list[Stage]
-    layout: RunLayout
-    console: Console
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Extra keys for pipeline.json (name, config file, data choice)."""
-
-    def __post_init__(self) -> None:
-        self.fps = fingerprints(self.stages, self.layout)
-        self.by_name = {s.name: s for s in self.stages}
-
-    def upstream_ids(self, stage: Stage) -> dict[str, str | None]:
-        return {d: (read_stage(self.layout.stage_dir(d)) or {}).get("run_id") for d in stage.deps}
-
-    def plan(self, only: str | None = None, force: bool = False) -> dict[str, Action]:
-        """What a run would do now, stage by stage; downstream of a (re)run stage is run too."""
-        actions: dict[str, Action] = {}
-        for stage in self.stages:
-            if only is not None and stage.name != only:
-                continue
-            action = decide(stage, self.layout, self.fps[stage.name], self.upstream_ids(stage), force)
-            rerun_dep = next((d for d in stage.deps if d in actions and actions[d].kind != "skip"), None)
-            if action.kind == "skip" and rerun_dep is not None:
-                action = Action("run", f"{rerun_dep} runs first")
-            actions[stage.name] = action
-        return actions
-
-    def check_dependencies(self, only: str) -> None:
-        """`--stage NAME` runs one stage: its inputs must be complete and current."""
-        stage = self.by_name[only]
-        for dep in stage.deps:
-            state = read_stage(self.layout.stage_dir(dep))
-            action = decide(self.by_name[dep], self.layout, self.fps[dep], self.upstream_ids(self.by_name[dep]), False)
-            if state is None or action.kind != "skip":
-                raise UserError(
-                    f"stage {only!r} needs {dep!r}, which is not up to date ({action.reason}); "
-                    f"run `--stage {dep}` first, or run the whole pipeline without --stage"
-                )
-
-    def _previous(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.layout.pipeline_json.read_text())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    def _previous_status(self) -> dict[str, Any]:
-        stages = self._previous().get("stages")
-        return stages if isinstance(stages, dict) else {}
-
-    def _record(self, status: dict[str, dict[str, Any]], results: dict[str, Any] | None = None) -> None:
-        previous = self._previous()
-        stages = {**previous.get("stages", {}), **status}
-        doc = {
-            **self.meta,
-            "run_dir": str(self.layout.root),
-            "updated": _now(),
-            "order": [s.name for s in self.stages],
-            "stages": {name: stages[name] for name in [s.name for s in self.stages] if name in stages},
-            "results": results if results is not None else previous.get("results", {}),
-            "provenance": self._provenance,
-        }
-        write_json(self.layout.pipeline_json, doc)
-
-    def start(self) -> None:
-        """Mark the directory as a pipeline run (pipeline.json) before anything else is written into it."""
-        self._provenance = provenance()
-        self._record({})
-
-    def execute(self, only: str | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
-        """Run (or skip) each stage in order. Returns stage name -> its stage.json state."""
-        if only is not None:
-            if only not in self.by_name:
-                raise UserError(f"unknown stage {only!r}; choose one of: {', '.join(self.by_name)}")
-            self.check_dependencies(only)
-        if not hasattr(self, "_provenance"):
-            self.start()
-        actions = self.plan(only, force)
-        self.print_plan(actions)
-        status: dict[str, dict[str, Any]] = {}
-        states: dict[str, dict[str, Any]] = {}
-        total = len(actions)
-        for index, stage in enumerate(s for s in self.stages if s.name in actions):
-            # Decide again right before running: an upstream stage that just ran has a new run id.
-            action = decide(stage, self.layout, self.fps[stage.name], self.upstream_ids(stage), force)
-            if action.kind == "skip" and actions[stage.name].kind != "skip":
-                action = actions[stage.name]
-                action = Action("run", action.reason)
-            stage_dir = self.layout.stage_dir(stage.name)
-            if action.kind == "skip":
-                state = read_stage(stage_dir) or {}
-                hint = "; --force re-runs it" if only is not None else ""
-                self.console.print(f"[dim]━━ [{index + 1}/{total}] {stage.name}: skipped, {action.reason}{hint}[/]")
-                status[stage.name] = {
-                    "status": "skipped", "reason": action.reason, "fingerprint": self.fps[stage.name],
-                    "seconds": state.get("seconds"), "finished": state.get("finished"),
-                }
-                states[stage.name] = state
-                self._record(status)
-                continue
-            self.console.rule(f"[bold][{index + 1}/{total}] {stage.name}[/] — {stage.title}")
-            self.console.print(f"[dim]{'resuming' if action.kind == 'resume' else 'running'}: {action.reason}[/]")
-            states[stage.name] = self._run_stage(stage, action, status)
-        return states
-
-    def _run_stage(self, stage: Stage, action: Action, status: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        stage_dir = self.layout.stage_dir(stage.name)
-        if action.kind == "run" and stage_dir.exists():
-            self._clear(stage_dir)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        previous = read_stage(stage_dir) or {}
-        started = _now()
-        state: dict[str, Any] = {
-            "stage": stage.name,
-            "fingerprint": self.fps[stage.name],
-            "inputs": self.upstream_ids(stage),
-            "config": stage.identity(self.layout),
-            "complete": False,
-            "started": previous.get("started", started) if action.kind == "resume" else started,
-            "attempts": previous.get("attempts", 0) + 1,
-        }
-        write_json(stage_dir / STAGE_FILE, state)
-        status[stage.name] = {"status": "running", "reason": action.reason, "fingerprint": self.fps[stage.name],
-                              "started": started}
-        self._record(status)
-        upstream = {d: (read_stage(self.layout.stage_dir(d)) or {}).get("result", {}) for d in stage.deps}
-        ctx = StageContext(self.layout, stage_dir, action.kind == "resume", upstream, self.console)
-        t0 = time.perf_counter()
-        try:
-            result = stage.run(ctx)
-        except (KeyboardInterrupt, StageInterrupted):
-            status[stage.name].update(status="interrupted", seconds=round(time.perf_counter() - t0, 1))
-            self._record(status)
-            how = "resumes from its last checkpoint" if stage.resumable else "starts it again"
-            self.console.print(f"[yellow]Stage {stage.name} interrupted; running the same command again {how}.[/]")
+def choose_data(dataset: str, data_dir: str | None, fallback: str | None,
+                splits: Sequence[str] = ("train", "validation", "test")) -> DataChoice:
+    """`dataset` when every split the stages need loads (locally, or from the hub when online), else `fallback`."""
+    try:
+        loaded = [load_text(dataset, split, data_dir) for split in splits]
+        note = next((t.note for t in loaded if t.note), None)
+        origin = loaded[-1].origin
+        where = f"local copy in {Path(origin).parent} ({_data_dir_text(data_dir)})" if Path(origin).exists() \
+            else f"from {origin}"
+        return DataChoice(dataset, data_dir, origin, f"{dataset}, {where}", note=note)
+    except UserError as err:
+        if fallback is None or fallback == dataset:
             raise
-        except BaseException:
-            status[stage.name].update(status="failed", seconds=round(time.perf_counter() - t0, 1))
-            self._record(status)
-            raise
-        seconds = round(time.perf_counter() - t0, 1)  # this attempt; a resumed stage's earlier ones are not counted
-        missing = [name for name in stage.outputs if not (stage_dir / name).exists()]
-        if missing:
-            raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")
-        state.update(complete=True, finished=_now(), seconds=seconds, run_id=uuid.uuid4().hex[:12], result=result)
-        write_json(stage_dir / STAGE_FILE, state)
-        status[stage.name].update(status="resumed" if action.kind == "resume" else "ran", seconds=seconds,
-                                  finished=state["finished"])
-        self._record(status)
-        self.console.print(f"[green]✅ {stage.name} done in {_hms(seconds)}[/] → {stage_dir}")
-        return state
-
-    def _clear(self, stage_dir: Path) -> None:
-        """Remove a stage's old outputs before re-running it; only ever a directory the pipeline made."""
-        # An engine may have replaced the directory (and our stage.json) before being interrupted; pipeline.json
-        # still says the pipeline started this stage.
-        started_here = self._previous_status().get(stage_dir.name) is not None
-        if read_stage(stage_dir) is None and not started_here and any(stage_dir.iterdir()):
-            raise UserError(
-                f"{stage_dir} holds files the pipeline did not make (no {STAGE_FILE}); move them away or "
-                "choose another --out"
-            )
-        shutil.rmtree(stage_dir)
-
-    def print_plan(self, actions: dict[str, Action]) -> None:
-        marks = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold yellow]resume[/]"}
-        table = Table(title="Plan", title_justify="left", show_edge=False, box=None, padding=(0, 2))
-        for column in ("stage", "action", "why", "fingerprint"):
-            table.add_column(column, style="dim" if column == "fingerprint" else None)
-        for name, action in actions.items():
-            table.add_row(name, marks[action.kind], action.reason, self.fps[name])
-        self.console.print(table)
-
-    def record_results(self, results: dict[str, Any]) -> None:
-        self._record({}, results)
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def check_run_dir(root: Path) -> None:
-    """A run directory is empty, new, or one the pipeline made (has pipeline.json); never someone else's."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {str(root)!r} is a file; give a directory for the run")
-    if root.is_dir() and any(root.iterdir()) and not (root / PIPELINE_FILE).is_file():
-        raise UserError(
-            f"{str(root)!r} exists and is not a prunetune run directory (no {PIPELINE_FILE}); choose another --out"
+        dirs = data_dirs(data_dir)
+        why = (
+            f"no local {dataset} copy is configured (set PRUNETUNE_DATA_DIR or pass --data-dir)"
+            if not dirs else f"{dataset} is not in {', '.join(map(str, dirs))}: {str(err).split(': ', 1)[-1]}"
         )
+    loaded = [load_text(fallback, split, data_dir) for split in splits]
+    return DataChoice(fallback, data_dir, loaded[-1].origin, f"{fallback} instead of {dataset}: {why}",
+                      fallback_used=True)
+
+
+def stage_config(cfg: PipelineConfig, stage: str, layout: RunLayout, data: DataChoice) -> Any:
+    """The stage's config (built once from the YAML) with this run's directories and data choice set."""
+    config = cfg.configs[stage]
+    names = {f.name for f in dataclasses.fields(config)}
+    joined = joined_fields(stage, layout.root, cfg.model, data.dataset, data.data_dir)
+    section = getattr(cfg, stage)
+    changes = {k: v for k, v in joined.items() if k in names and not (k in DATA_DEFAULTS and k in section)}
+    return dataclasses.replace(config, **changes)
+
+
+# ---- prune ---------------------------------------------------------------------------------------------
+
+
+def _prune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
+    config = stage_config(cfg, "prune", layout, data)
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from prunetune.pruning.engine import run_prune
+
+        run_prune(config, console=ctx.console)
+        info = json.loads((ctx.dir / "prune.json").read_text())
+        return {
+            "sparsity": (info.get("overall") or {}).get("achieved"),
+            "pattern_ok": (info.get("pattern_check") or {}).get("ok"),
+            "dense_perplexity": info.get("dense_perplexity"),
+            "pruned_perplexity": info.get("pruned_perplexity"),
+            "timings": info.get("timings"),
+        }
+
+    reconstruct = " + reconstruction" if config.reconstruct else ""
+    title = f"{config.method} {config.pattern} at {config.sparsity:.0%}{reconstruct}, calibrated on {config.calib_dataset}"
+    return Stage(
+        name="prune", deps=(), title=title, config=config, run=run,
+        outputs=("prune.json", "masks.safetensors", "config.json"),
+        volatile=frozenset(set(config.to_dict()) - set(config.identity())),
+    )
+
+
+# ---- finetune ------------------------------------------------------------------------------------------
+
+
+def adapter_dir(finetune_dir: Path) -> Path:
+    """Where the finetune stage's final adapter is (the run directory itself, or its `adapter/`)."""
+    for candidate in (finetune_dir / "adapter", finetune_dir):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return finetune_dir / "adapter"
+
+
+def trained_model_dir(finetune_dir: Path) -> Path | None:
+    """A full sparse model the finetune stage wrote itself (`method: sparse-ft` trains the kept weights, no
+    adapter): the directory holding its config.json and masks; None when the run left an adapter instead."""
+    for candidate in (finetune_dir / "model", finetune_dir):
+        if (candidate / "config.json").is_file() and (candidate / "masks.safetensors").is_file():
+            return candidate
+    return None
+
+
+def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
+    config = stage_config(cfg, "finetune", layout, data)
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from prunetune.finetune.engine import run_finetune
+
+        # The pipeline owns this directory: it was cleared before a fresh run, so the engine may write into it.
+        this = dataclasses.replace(config, resume_from_checkpoint="auto", overwrite=False) if ctx.resume \
+            else dataclasses.replace(config, overwrite=True)
+        result = run_finetune(this) or {}
+        status = result.get("status", "completed")
+        if status == "interrupted":
+            raise StageInterrupted("fine-tuning stopped before the end; its checkpoint is kept")
+        if status == "diverged":
+            raise UserError(
+                f"fine-tuning diverged (NaN/Inf loss; last good checkpoint: {result.get('last_good_checkpoint')}); "
+                f"set {fixes.lower_lr_after_nan(config.lr, flavour='pipeline')} in the YAML and run again"
+            )
+        return json_safe({k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, dict, list, Path))
+                          or v is None})
+
+    method = getattr(config, "method", "lora")
+    what = (f"{method} r={config.lora_r} on {','.join(config.lora_targets)}" if method != "sparse-ft"
+            else "sparse fine-tuning of the kept weights")
+    steps = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.epochs:g} epoch(s)"
+    title = f"{what}, lr {config.lr:g}, block {config.block_size}, {steps}, on {config.dataset}"
+    return Stage(
+        name="finetune", deps=("prune",), title=title, config=config, run=run,
+        outputs=("metrics.jsonl",),
+        volatile=frozenset({"out", "pruned", "data_dir", "resume_from_checkpoint", "overwrite", "report_to",
+                            "probe_steps"}),
+        resumable=True,
+    )
+
+
+# ---- merge: the deployable sparse model ---------------------------------------------------------------
+
+
+def deployable_model(layout: RunLayout, merge_enabled: bool) -> dict[str, Any]:
+    """The recovered model a user deploys, and what it is: the merge stage's output; a sparse model the
+    finetune stage wrote itself; or (merge turned off) the pruned model plus its adapter, whose dense update
+    puts weight back into pruned positions, so its perplexity is not a sparse model's."""
+    finetune_dir = layout.stage_dir("finetune")
+    trained = trained_model_dir(finetune_dir)
+    if merge_enabled:
+        merged = layout.stage_dir("merge")
+        if trained is not None and not (merged / "merge.json").is_file():
+            return {"model": str(trained), "adapter": None, "deployable": True,
+                    "describes": "deployable sparse model (trained directly, no adapter)"}
+        return {"model": str(merged), "adapter": None, "deployable": True,
+                "describes": "deployable sparse model (adapter merged with the pruned pattern kept)"}
+    if trained is not None:
+        return {"model": str(trained), "adapter": None, "deployable": True,
+                "describes": "deployable sparse model (trained directly, no adapter)"}
+    return {"model": str(layout.stage_dir("prune")), "adapter": str(adapter_dir(finetune_dir)), "deployable": False,
+            "describes": "pruned model + unmerged adapter (dense update: not the sparse model; enable merge)"}
+
+
+def _merge_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
+    config = stage_config(cfg, "merge", layout, data)
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        finetune_dir = layout.stage_dir("finetune")
+        trained = trained_model_dir(finetune_dir)
+        if trained is not None and not (adapter_dir(finetune_dir) / "adapter_config.json").is_file():
+            ctx.console.print(f"Nothing to merge: fine-tuning trained the sparse model itself ({trained}).")
+            return {"deployable": str(trained), "merged": False}
+        from prunetune.finetune.merge import run_merge
+
+        this = dataclasses.replace(config, adapter=str(adapter_dir(finetune_dir)))
+        record = run_merge(this, console=ctx.console)
+        after = record.get("sparsity_after") or {}
+        return json_safe({"deployable": str(ctx.dir), "merged": True, "keep_sparsity": record.get("keep_sparsity"),
+                          "sparsity": after.get("overall"), "perplexity": record.get("perplexity")})
+
+    how = "pattern kept (LoRA delta masked by the keep-mask)" if config.keep_sparsity else "plain merge (dense)"
+    return Stage(
+        name="merge", deps=("prune", "finetune"), title=f"merge the adapter into the pruned model, {how}",
+        config=config, run=run, outputs=(),
+        volatile=frozenset({"out", "adapter", "model", "data_dir", "overwrite", "device"}),
+    )
+
+
+# ---- eval ----------------------------------------------------------------------------------------------
+
+
+def _eval_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice, finetune: Any) -> Stage:
+    # One template config; the evaluations differ only in model/adapter (fixed by the run directory) and, for
+    # the dense model on the fine-tuning eval set, in split/seqlen/windows (fixed by the finetune config).
+    config = stage_config(cfg, "eval", layout, data)
+    merge_enabled = "merge" in cfg.stages
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from prunetune.evaluate import run_evaluate
+
+        recovered = deployable_model(layout, merge_enabled)
+        variants = {
+            "dense": dict(model=cfg.model, adapter=None),
+            "pruned": dict(model=str(layout.stage_dir("prune")), adapter=None),
+            "recovered": dict(model=recovered["model"], adapter=recovered["adapter"]),
+        }
+        test: dict[str, Any] = {"dataset": config.dataset, "split": config.split, "seqlen": config.seqlen,
+                                "max_windows": config.max_windows, "recovered_model": recovered}
+        for name, which in variants.items():
+            label = f"recovered ({recovered['describes']})" if name == "recovered" else name
+            ctx.console.print(f"[bold]{label}[/] on {config.dataset}/{config.split}")
+            r = run_evaluate(dataclasses.replace(config, out=str(ctx.dir / f"{name}.json"), **which),
+                             console=ctx.console)
+            test[name] = _eval_numbers(r)
+        # The fine-tuning console measured pruned and recovered perplexity on its own eval set (the validation
+        # split cut into block_size sequences: the same windows as this protocol). The dense model on that set
+        # completes the comparison, so the report rates the recovery against the right reference.
+        same_set = dataclasses.replace(
+            config, model=cfg.model, adapter=None, dataset=finetune.dataset, split="validation",
+            seqlen=finetune.block_size, max_windows=finetune.max_eval_samples, tasks=(),
+            out=str(ctx.dir / "dense-finetune-eval-set.json"),
+        )
+        ctx.console.print(f"[bold]dense model[/] on the fine-tuning eval set ({finetune.dataset}/validation)")
+        r = run_evaluate(same_set, console=ctx.console)
+        summary = {
+            "test": test,
+            "finetune_eval_set": {"dataset": finetune.dataset, "split": "validation", "seqlen": finetune.block_size,
+                                  "max_windows": finetune.max_eval_samples, "dense": _eval_numbers(r)},
+        }
+        write_json(ctx.dir / "eval.json", summary)
+        return summary
+
+    windows = f", first {config.max_windows} windows" if config.max_windows else ""
+    recovered = "the deployable recovered model" if merge_enabled else "recovered (adapter)"
+    measured = [] if config.dataset == "none" else [f"perplexity on {config.dataset}/{config.split}, seqlen {config.seqlen}{windows}"]
+    if config.tasks:
+        measured.append(f"zero-shot accuracy on {','.join(config.tasks)}" + (f" (first {config.limit})" if config.limit else ""))
+    title = f"dense, pruned and {recovered}: {'; '.join(measured)}"
+    deps = ("prune", "finetune", "merge") if merge_enabled else ("prune", "finetune")
+    return Stage(
+        name="eval", deps=deps, title=title, config=config, run=run,
+        outputs=("eval.json", *(f"{m}.json" for m in EVAL_MODELS)),
+        volatile=frozenset({"out", "model", "adapter", "data_dir", "quiet"}),
+    )
+
+
+def _eval_numbers(r: dict[str, Any]) -> dict[str, Any]:
+    """What the story needs of one evaluation: perplexity (absent with `dataset: none`), sparsity, and the
+    zero-shot accuracies when `tasks:` were given."""
+    numbers = {key: r.get(key) for key in ("perplexity", "nll", "tokens", "windows")}
+    numbers["sparsity"] = (r.get("sparsity") or {}).get("overall")
+    if r.get("zeroshot"):
+        zs = r["zeroshot"]
+        numbers["zeroshot"] = {"tasks": {name: {m: t.get(m) for m in ("acc", "acc_norm", "samples")}
+                                         for name, t in (zs.get("tasks") or {}).items()},
+                               "mean_acc": zs.get("mean_acc"), "limit": zs.get("limit")}
+    return numbers
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+
+def _report_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
+    config = stage_config(cfg, "report", layout, data)
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from prunetune.analysis.report import render_console, run_report
+
+        same_set = ctx.upstream.get("eval", {}).get("finetune_eval_set") or {}
+        dense = (same_set.get("dense") or {}).get("perplexity")
+        data = run_report(dataclasses.replace(config, dense_ppl=dense))
+        ctx.console.print(render_console(data), markup=False, highlight=False)
+        files = data.get("files") or {}
+        ctx.console.print(f"Report: {files.get('report.html')} | {files.get('report.md')} | {files.get('report.json')}")
+        rating = data.get("perplexity_rating") or {}
+        return {"summary": data.get("summary"), "rating": rating.get("band"), "ratio": rating.get("ratio"),
+                "anomalies": [a.get("kind") for a in data.get("anomalies") or []], "files": files}
+
+    return Stage(
+        name="report", deps=("finetune", "eval"), title="plots and diagnosis of the fine-tuning run",
+        config=config, run=run, outputs=("report.md", "report.html", "report.json"),
+        volatile=frozenset({"out", "source", "dense_ppl", "pruned_ppl"}),
+    )
+
+
+# ---- export ------------------------------------------------------------------------------------------
+
+
+def _export_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
+    config = stage_config(cfg, "export", layout, data)
+    merge_enabled = "merge" in cfg.stages
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        from prunetune.export import export_compressed
+
+        source = deployable_model(layout, merge_enabled)
+        if not source["deployable"]:
+            raise UserError("export needs the deployable sparse model: turn the merge stage on (merge: {enabled: true})")
+        result = export_compressed(dataclasses.replace(config, model_dir=source["model"]), log=ctx.console.print)
+        return json_safe({k: v for k, v in dataclasses.asdict(result).items() if k != "record"})
+
+    return Stage(
+        name="export", deps=("merge",) if merge_enabled else ("finetune",),
+        title=f"export the deployable sparse model as {config.format} ({config.compressor} compressor)",
+        config=config, run=run, outputs=("config.json",), volatile=frozenset({"out", "model_dir", "overwrite"}),
+    )
+
+
+def build_stages(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> list[Stage]:
+    """The job's stages in order, each config set to this run's directories."""
+    finetune = _finetune_stage(cfg, layout, data)
+    build = {
+        "prune": lambda: _prune_stage(cfg, layout, data),
+        "finetune": lambda: finetune,
+        "merge": lambda: _merge_stage(cfg, layout, data),
+        "eval": lambda: _eval_stage(cfg, layout, data, finetune.config),
+        "report": lambda: _report_stage(cfg, layout, data),
+        "export": lambda: _export_stage(cfg, layout, data),
+    }
+    return [build[name]() for name in cfg.stages]

@@ -10,7 +10,7 @@ from prunetune.pruning.verify import verify_dir
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="pruned model directory written by `prunetune prune`")
+    parser.add_argument("dir", help="pruned model directory written by `prunetune prune` (or `merge`, a pipeline's merge/)")
 
 
 def main(args: argparse.Namespace) -> int:
