@@ -244,8 +244,10 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     # standard error of the difference of two window medians (a median's SE is 1.25 sigma / sqrt(w))
     band = th.flat_noise_multiple * math.sqrt(2) * 1.2533 * sigma / math.sqrt(tr.window)
     evidence["noise_band"] = round(band, 5)
+    # the end within `band` of the start, and no window on the way further than 1.5 `band` (many windows are
+    # compared: the widest of them strays further by chance alone)
     within = abs(tr.first_median - tr.last_median) < band and all(
-        abs(m - tr.first_median) < band for m in running_medians(values, tr.window))
+        abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
     if abs(tr.rel_change) < th.flat_max_rel_change or within:
         msg = (
             f"train loss is flat: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "

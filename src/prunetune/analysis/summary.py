@@ -67,16 +67,28 @@ def _finite(value: Any) -> float | None:
     return f if f is not None and math.isfinite(f) else None
 
 
-_NOT_LM = re.compile(r"(?:^|[_/])(?:accuracy|acc|f1|exact_match|rouge\w*|bleu|sacrebleu|reward\w*|logps|"
-                     r"chosen|rejected|margins)(?:$|[_/])", re.IGNORECASE)
+# keys a Trainer log carries only when its loss is not a language-model cross-entropy: preference training
+# (TRL DPO/ORPO/KTO: rewards/*, logps/*), generation metrics (ROUGE, BLEU), classification scores
+_NOT_LM = re.compile(r"(?:^|[_/])(?:rewards?|logps|chosen|rejected|margins|rouge\w*|bleu|sacrebleu|f1|precision|"
+                     r"recall|matthews_correlation|exact_match|mse|mae|r2)(?:$|[_/])", re.IGNORECASE)
 
 
 def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """(`lm` | `other`, evidence): the loss is a token-level LM cross-entropy unless the log reports
-    classification, preference (DPO/RLHF) or generation metrics beside it."""
-    keys = sorted({k for r in records if r.get("event") in ("log", "eval", "final_eval") for k in r
-                   if _NOT_LM.search(k)})
-    return ("other", ", ".join(keys[:4])) if keys else ("lm", None)
+    preference, generation or classification metrics beside it. A logged `perplexity` settles it as `lm`;
+    `accuracy` alone does not decide (run_clm logs token accuracy) unless it is high at a loss below 1 nat, as
+    a classifier's is."""
+    scored = [r for r in records if r.get("event") in ("log", "eval", "final_eval")]
+    if any("perplexity" in r and not r.get("perplexity_derived") for r in scored if r.get("event") == "final_eval"):
+        return "lm", None
+    keys = sorted({k for r in scored for k in r if _NOT_LM.search(k)})
+    if keys:
+        return "other", ", ".join(keys[:4])
+    for r in scored:
+        acc, loss = _finite(r.get("eval_accuracy")), _finite(r.get("eval_loss"))
+        if acc is not None and loss is not None and acc > 0.7 and loss < 1.0:
+            return "other", f"eval_accuracy {acc:.3g} at eval_loss {loss:.3g} (a classifier)"
+    return "lm", None
 
 
 def run_status(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:

@@ -53,3 +53,22 @@ def seconds(clock: str | None) -> float | None:
 def split_lines(text: str) -> list[str]:
     """Lines of a console capture: ANSI colours removed, tqdm's `\\r` redraws split like newlines."""
     return re.split(r"\r\n|\r|\n", ANSI.sub("", text))
+
+
+def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason: str | None = None) -> str | None:
+    """Append one `stopped` record at the last step when the run did not finish: the log says why (`reason`:
+    a traceback, KeyboardInterrupt) or it has no end-of-run record and ends before `max_steps`. A run that
+    stopped early is reported as interrupted at its last step, never as finished. Returns the reason."""
+    steps = [r["step"] for r in records if r.get("event") in ("log", "eval") and isinstance(r.get("step"), int)]
+    events = {r.get("event") for r in records}
+    if not steps or events & {"error", "stopped"}:
+        return None
+    if reason is None:
+        if events & {"train_end", "final_eval", "summary"} or not max_steps or max(steps) >= max_steps:
+            return None
+        reason = "log ends"
+    last = max(steps)
+    why = " without its end-of-run lines" if reason == "log ends" else f" after a {reason}"
+    records.append({"event": "stopped", "step": last, "reason": reason,
+                    "message": f"the log ends at step {last}" + (f" of {max_steps}" if max_steps else "") + why})
+    return reason

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prunetune.analysis.sources.base import num
+from prunetune.analysis.sources.base import mark_unfinished, num
 from prunetune.fmt import perplexity_from_loss
 
 _DURATION = re.compile(r"^(?:(\d+) days?, )?(\d+):(\d{2}):(\d{2})(?:\.\d+)?$")
@@ -71,4 +71,8 @@ def records_from_trainer_log(entries: Sequence[Mapping[str, Any]]) -> tuple[list
             records.append(rec)
         elif num(e.get("predict_loss")) is not None:
             records.append({"event": "final_eval", **common, "eval_loss": num(e["predict_loss"])})
+        elif num(e.get("loss")) is None and max_steps and step >= max_steps:
+            # the line of the Trainer's last log (train_runtime, no loss): training ran to its end
+            records.append({"event": "train_end", "step": int(step), "train_runtime": duration(e.get("elapsed_time"))})
+    mark_unfinished(records, max_steps)
     return records, {"max_steps": max_steps, "step_source": "trainer_log"}

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunetune.analysis.sources import wanda_console
+from prunetune.analysis.sources.base import mark_unfinished, split_lines
 from prunetune.analysis.sources.base import num as _num
 from prunetune.analysis.sources.base import seconds as _seconds
-from prunetune.analysis.sources.base import split_lines
 from prunetune.analysis.sources.trainer_state import record_from_trainer_dict, records_from_trainer_dict
 from prunetune.records import to_float
 
@@ -287,7 +287,7 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 records.append(rec)
                 pending.append(rec)
         elif ev.kind == "interrupt":
-            meta.setdefault("interrupted", ev.data)
+            meta["interrupted"], meta["_interrupted_at"] = ev.data, len(records)
         elif ev.kind == "row":
             for rec in _records_from_row(ev.data):
                 records.append(rec)
@@ -376,28 +376,17 @@ def _wanda_event(ev: wanda_console.Event, records: list[dict[str, Any]], pending
 
 
 def _mark_unfinished(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """A console without its end-of-run lines, or with a traceback / KeyboardInterrupt, is a run that stopped
-    early: one `stopped` record at its last step says so (never reported as finished)."""
     for rec in records:
         rec.pop("_block", None)
         rec.pop("_dict", None)
-    steps = [r["step"] for r in records if r["event"] in ("log", "eval") and isinstance(r.get("step"), int)]
-    if not steps or any(r["event"] == "error" for r in records):
-        return
-    finished = any(r["event"] in ("train_end", "final_eval") for r in records)
-    reason = meta.get("interrupted")
-    if reason is None and finished:
-        return
-    if reason is None:
-        max_steps = meta.get("max_steps")
-        if not max_steps or max(steps) >= max_steps:
-            return
-        reason = "log ends"
-    meta["interrupted"] = reason
-    records.append({"event": "stopped", "step": max(steps), "reason": reason,
-                    "message": f"the log ends at step {max(steps)}"
-                               + (f" of {meta['max_steps']}" if meta.get("max_steps") else "")
-                               + (f" after a {reason}" if reason != "log ends" else " without its end-of-run lines")})
+    at = meta.pop("_interrupted_at", None)
+    if at is not None and any(r["event"] in ("log", "train_end", "final_eval") for r in records[at:]):
+        meta.pop("interrupted")  # resumed after the interrupt: the later lines tell how it ended
+    reason = mark_unfinished(records, meta.get("max_steps"), meta.get("interrupted"))
+    if reason is not None:
+        meta["interrupted"] = reason
+    else:
+        meta.pop("interrupted", None)
 
 
 def _records_from_row(row: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from prunetune.analysis.sources.base import mark_unfinished
 from prunetune.analysis.sources.base import num as _num
 from prunetune.errors import UserError
 from prunetune.records import to_float
@@ -33,7 +34,9 @@ def _eval_record(d: Mapping[str, Any], step: int | None, name: str | None) -> di
         return None
     loss = to_float(rec["eval_loss"])
     if "perplexity" not in rec and loss is not None:
+        # exp(loss), on the assumption of a language-model loss that the report checks (summary.loss_kind)
         rec["perplexity"] = _num(math.exp(loss) if loss < 700 else math.inf)
+        rec["perplexity_derived"] = True
     return rec
 
 
@@ -81,4 +84,5 @@ def records_from_trainer_state(state: Mapping[str, Any]) -> list[dict[str, Any]]
             if rec["event"] == "log" and max_steps:
                 rec["max_steps"] = max_steps
             records.append(rec)
+    mark_unfinished(records, int(max_steps) if isinstance(max_steps, (int, float)) and max_steps > 0 else None)
     return records
