@@ -143,6 +143,7 @@ def test_export_command_writes_exactly_these_files(tmp_path, pruned_24):
         "tokenizer.json", "tokenizer_config.json"]
     record = json.loads((out / "export.json").read_text())
     assert record["compressor"] == "sparse-24-bitmask" and record["verified_bit_exact"] == 14
+    assert record["prune"]["pruning"].startswith("magnitude 2:4")
     # A second export into the same directory needs --overwrite, then replaces only its own files.
     with pytest.raises(UserError, match="--overwrite"):
         command.main(parser.parse_args([str(pruned_24), "--out", str(out)]))

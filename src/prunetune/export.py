@@ -96,8 +96,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _pattern_of(model_dir: Path) -> tuple[str, list[str]]:
-    """(pattern name from prune.json, modules prune.json lists as skipped); unstructured without a record."""
+def _pattern_of(model_dir: Path) -> tuple[str, list[str], dict[str, Any]]:
+    """(pattern name from prune.json, modules it lists as skipped, what export.json repeats of it); unstructured
+    without a record."""
     info = read_pruned(model_dir)
     record = info.prune_json
     cfg = record.get("config", record) if isinstance(record.get("config", record), dict) else {}
@@ -107,7 +108,9 @@ def _pattern_of(model_dir: Path) -> tuple[str, list[str]]:
     except ValueError:
         raise UserError(f"{model_dir}/prune.json names an unknown pattern {pattern!r}; re-run `prunetune prune`") from None
     skipped = [str(s) for s in record.get("skipped", []) if isinstance(s, str)]
-    return pattern, skipped
+    summary = {"base_model": info.base_model, "pruning": info.pruning, "overall": record.get("overall"),
+               "pruned_perplexity": info.pruned_perplexity}
+    return pattern, skipped, summary
 
 
 def _check_24(name: str, weight: torch.Tensor) -> str | None:
@@ -167,7 +170,7 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
         raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
     if is_sparse_export(model_dir):
         raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
-    pattern, skipped = _pattern_of(model_dir)
+    pattern, skipped, prune_summary = _pattern_of(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -216,6 +219,7 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
             "source": str(model_dir),
             "pattern": pattern,
             "sparsity": sparsity,
+            "prune": prune_summary,
             "matrices": len(linears),
             "ignored": ignore,
             "dtype": str(dtype).removeprefix("torch."),
