@@ -145,7 +145,8 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
     ending = next((r.get("event") for r in reversed(records) if r.get("event") in FINISH_EVENTS), None)
     origin_path = Path(origin)
     age = time.time() - origin_path.stat().st_mtime if origin_path.is_file() else None
-    for a in diagnose(records, final=finished):
+    flavour = "prunetune" if origin_path.name == "metrics.jsonl" else "trainer"  # fixes in the reader's flags
+    for a in diagnose(records, final=finished, context={"flavour": flavour}):
         alerts.setdefault(a.kind, a.to_record())
     errors = [r for r in records if r.get("event") == "error"]
     return {

@@ -70,7 +70,7 @@ def _finite(value: Any) -> float | None:
 # keys a Trainer log carries only when its loss is not a language-model cross-entropy: preference training
 # (TRL DPO/ORPO/KTO: rewards/*, logps/*), generation metrics (ROUGE, BLEU), classification scores
 _NOT_LM = re.compile(r"(?:^|[_/])(?:rewards?|logps|chosen|rejected|margins|rouge\w*|bleu|sacrebleu|f1|precision|"
-                     r"recall|matthews_correlation|exact_match|mse|mae|r2)(?:$|[_/])", re.IGNORECASE)
+                     r"recall|matthews_correlation|exact_match|gen_len|mse|mae|r2)(?:$|[_/])", re.IGNORECASE)
 
 
 def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:

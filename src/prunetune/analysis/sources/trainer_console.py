@@ -255,6 +255,8 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         for rec in pending:
             rec["step"] = step
             _bar_extras(rec, bar)
+            if rec["event"] == "log" and isinstance(bar.get("loss"), str):
+                rec["loss"] = bar["loss"]  # the Step line says nan/inf: that is the evidence to keep
             stepped = stepped or rec["event"] == "log"
         pending = []
         if "loss" in bar and not stepped and bar["loss"] is not None:
