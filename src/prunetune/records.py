@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from prunetune.errors import UserError
 from prunetune.fmt import json_safe, to_float
+from prunetune.rundir import reading
 
 __all__ = ["JsonlWriter", "iter_jsonl", "make_record", "read_jsonl", "to_float"]
 
@@ -57,30 +58,23 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     A file that cannot be read as text (missing, a directory, permission denied, binary) is a UserError
     naming it."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            offset = 0
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # the writer is mid-line; the record appears on the next read
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise UserError(f"{str(path)!r} is not a text JSONL file (byte 0x{raw[err.start]:02x} at byte "
-                                    f"offset {offset + err.start} is not UTF-8); give a run's metrics.jsonl") from None
-                offset += len(raw)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
-    except FileNotFoundError:
-        raise UserError(f"{str(path)!r} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{str(path)!r} is a directory, expected a file") from None
-    except PermissionError:
-        raise UserError(f"{str(path)!r}: permission denied; make it readable (chmod) or copy it") from None
+    with reading(path, "metrics file"), path.open("rb") as f:
+        offset = 0
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the writer is mid-line; the record appears on the next read
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{str(path)!r} is not a text JSONL file (byte 0x{raw[err.start]:02x} at byte "
+                                f"offset {offset + err.start} is not UTF-8); give a run's metrics.jsonl") from None
+            offset += len(raw)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -65,17 +65,24 @@ def _stderr(message: str) -> None:
 
 
 # ---- reading files: one place that turns OS errors into user errors --------------------------------------
-def read_bytes(path: str | Path, what: str = "file") -> bytes:
-    """The bytes of `path`, or a UserError that says which of missing / a directory / permission denied."""
-    path = Path(path)
+@contextlib.contextmanager
+def reading(path: str | Path, what: str = "file") -> Iterator[None]:
+    """Within the block, a failure to open `path` is a UserError that says which: missing, a directory, or
+    permission denied (never "may be corrupt" for a file that could not even be opened)."""
     try:
-        return path.read_bytes()
+        yield
     except FileNotFoundError:
         raise UserError(f"{what} {str(path)!r} does not exist; check the path") from None
     except IsADirectoryError:
         raise UserError(f"{what} {str(path)!r} is a directory, expected a file") from None
     except PermissionError:
         raise UserError(f"{what} {str(path)!r}: permission denied; make it readable (chmod) or copy it") from None
+
+
+def read_bytes(path: str | Path, what: str = "file") -> bytes:
+    """The bytes of `path`, or a UserError that says which of missing / a directory / permission denied."""
+    with reading(path, what):
+        return Path(path).read_bytes()
 
 
 def read_json(path: str | Path, what: str = "file", fix: str = "") -> Any:
@@ -103,7 +110,7 @@ def check_safetensors(path: str | Path, what: str = "weights file") -> None:
     """Refuse a truncated or garbled safetensors file before a loader crashes on it (header + data length)."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        with reading(path, what), path.open("rb") as f:
             head = f.read(8)
             size = path.stat().st_size
             if len(head) < 8:
@@ -112,10 +119,6 @@ def check_safetensors(path: str | Path, what: str = "weights file") -> None:
             if header_len > size - 8:
                 raise ValueError(f"header of {header_len} bytes but the file has {size} bytes")
             header = json.loads(f.read(header_len))
-    except PermissionError:
-        raise UserError(f"{what} {str(path)!r}: permission denied; make it readable (chmod)") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {str(path)!r} is a directory, expected a file") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{what} {str(path)!r} is truncated or corrupt ({err}); write it again") from None
     end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
