@@ -31,15 +31,18 @@ CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
 """A checkpoint holds one of these: the adapter (LoRA methods) or the model itself (sparse-ft)."""
 
 
+_PROCESS = psutil.Process()
+
+
 def memory_mb() -> tuple[float, str]:
     """Peak GPU memory allocated on a GPU, the process RSS on CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20, "gpu"
-    return psutil.Process().memory_info().rss / 2**20, "rss"
+    return _PROCESS.memory_info().rss / 2**20, "rss"
 
 
 @torch.no_grad()
-def trainable_finite(model: torch.nn.Module) -> bool:
+def trainable_finite(model: torch.nn.Module, params: list[torch.Tensor] | None = None) -> bool:
     """Whether every trainable weight is finite, checked after every optimizer step.
 
     One fused norm per device and one host sync, not one per tensor: bench/RESULTS.md measured 136 ms per
@@ -48,9 +51,8 @@ def trainable_finite(model: torch.nn.Module) -> bool:
     element-wise, so only a truly non-finite weight stops training.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            by_device.setdefault(p.device, []).append(p.detach())
+    for p in params if params is not None else [p for p in model.parameters() if p.requires_grad]:
+        by_device.setdefault(p.device, []).append(p.detach())
     for tensors in by_device.values():
         total = torch.stack(torch._foreach_norm(tensors)).float().sum()
         if not bool(torch.isfinite(total)) and not all(bool(torch.isfinite(t).all()) for t in tensors):
@@ -109,6 +111,9 @@ class RunState:
     last_train_loss: float | None = None
     phase_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """Metrics of the evaluations outside training (`baseline`, `final`), by phase."""
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Metrics of every evaluation during training (this session and the resumed ones), by step: the final
+    evaluation of a model already evaluated at that step reuses them instead of running again."""
 
 
 class MonitorCallback(TrainerCallback):
@@ -125,6 +130,7 @@ class MonitorCallback(TrainerCallback):
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
         resume_lr: float | None = None,
+        evals: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.runlog = runlog
         self.tokens_per_step = tokens_per_step
@@ -135,7 +141,7 @@ class MonitorCallback(TrainerCallback):
         self.guard = guard
         self.resume_lr = resume_lr
         """The LR this session asks for when resuming: applied to the restored optimizer and schedule."""
-        self.state = RunState()
+        self.state = RunState(evals=dict(evals or {}))
         self._all_finite = True
         if best is not None:
             self.state.best_loss, self.state.best_step, self.state.best_checkpoint = best
@@ -148,12 +154,18 @@ class MonitorCallback(TrainerCallback):
         self._first_step = self._last_step = 0
         self._eval_time_total = self._eval_time_since_log = 0.0
         self._last_eval_s: float | None = None
+        self._trainable: list[torch.Tensor] | None = None
+        self._diagnose_cost = 0.0
+        self._diagnosed_at = -math.inf
 
     # -- training lifecycle -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self.phase = "train"
         self._t0 = self._last_time = time.perf_counter()
         self._first_step = self._last_step = state.global_step
+        model = kwargs.get("model")
+        if model is not None:  # the same tensors all run long: list them once, not at every check
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
         self.runlog.emit("train_start", state.global_step, max_steps=state.max_steps, **self.header)
         if self.resume_lr is not None:
             self._apply_resume_lr(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
@@ -181,7 +193,7 @@ class MonitorCallback(TrainerCallback):
         # Checked only where the weights are about to be used (logged, evaluated or saved): a non-finite
         # weight is never evaluated or checkpointed, and the other steps pay nothing for the check.
         due = control.should_log or control.should_evaluate or control.should_save or self._signalled_locally()
-        if model is not None and due and not trainable_finite(model):
+        if model is not None and due and not trainable_finite(model, self._trainable):
             # The weights are already ruined: never evaluate or checkpoint them, and log the loss that shows it.
             bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
             self._nan_alert(state.global_step, f"the LoRA weights became non-finite in the update of step "
@@ -289,6 +301,7 @@ class MonitorCallback(TrainerCallback):
                 if not control.should_save:
                     self._save_reason = "best"
                 control.should_save = True
+        self.state.evals[step] = metrics
         self.runlog.emit(
             "eval", step,
             epoch=state.epoch, eval_loss=loss, perplexity=metrics["perplexity"], eval_runtime=runtime,
@@ -301,7 +314,7 @@ class MonitorCallback(TrainerCallback):
             self._nan_alert(step, f"non-finite eval loss ({loss})", {"step": step, "eval_loss": loss})
             self._stop("nan", step, control)
             return control
-        self._alerts(step, state)
+        self._alerts(step, state, force=True)
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -321,13 +334,21 @@ class MonitorCallback(TrainerCallback):
             self.state.best_checkpoint = str(path)
         return control
 
-    def _alerts(self, step: int, state) -> None:
+    def _alerts(self, step: int, state, force: bool = False) -> None:
+        """The shared rules over the records so far. Their cost grows with the run, so between evaluations they
+        run at most once per 50x their own last duration (<= 2% of the wall time), and always at an eval."""
         if self.diagnose is None or not state.is_world_process_zero:
             return
+        now = time.perf_counter()
+        if not force and now - self._diagnosed_at < 50 * self._diagnose_cost:
+            return
+        self._diagnosed_at = now
         kwargs: dict[str, Any] = {"final": False, "context": self.context}
         if self.thresholds is not None:
             kwargs["thresholds"] = self.thresholds
-        for anomaly in self.diagnose(self.runlog.records, **kwargs):
+        anomalies = self.diagnose(self.runlog.records, **kwargs)
+        self._diagnose_cost = time.perf_counter() - now
+        for anomaly in anomalies:
             if anomaly.kind in self.alerted:
                 continue
             self.alerted.add(anomaly.kind)

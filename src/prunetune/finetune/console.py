@@ -243,6 +243,8 @@ def _final_eval(r: Mapping[str, Any]) -> list[str]:
             if (to_float(r.get("reduction_pct")) or 0) > 0
             else f"  Not improved: {fmt_ppl(before)} → {fmt_ppl(r.get('perplexity'))}"
         )
+    if r.get("reused_eval_of_step") is not None:
+        lines.append(f"  (the evaluation of step {r['reused_eval_of_step']}: the same weights, not evaluated again)")
     if r.get("describes"):
         lines.append(f"  This is the perplexity of the {r['describes']}.")
     if r.get("adapter_perplexity") is not None:

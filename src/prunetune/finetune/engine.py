@@ -250,6 +250,7 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
                  "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
                  "lora_dropout": cfg.lora_dropout, "epochs": cfg.epochs, "resume_command": run.resume_command()},
         guard=guard, best=run.prior.best(run.out), resume_lr=cfg.lr if run.resume else None,
+        evals=run.prior.evals(),
     )
     trainer = PrunetuneTrainer(
         model=prepared.model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,

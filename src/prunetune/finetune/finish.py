@@ -57,8 +57,9 @@ def oom_error(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, err
 
 def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
            train_metrics: dict[str, Any]) -> dict[str, Any]:
-    best_ckpt = load_best(run, trainer, monitor)
-    final = final_eval(run, trainer, monitor, baseline)
+    best_ckpt, loaded_step = load_best(run, trainer, monitor)
+    model_step = trainer.state.global_step if loaded_step is None else loaded_step
+    final = final_eval(run, trainer, monitor, baseline, model_step)
     whole = whole_run(trainer, train_metrics)
     train_metrics = train_metrics | {"train_loss": whole["mean_train_loss"],
                                      "train_loss_this_session": train_metrics.get("train_loss"),
@@ -81,12 +82,13 @@ def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseli
     }
 
 
-def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> str | None:
-    """Load the best checkpoint's weights (load_best_model_at_end); returns that checkpoint."""
+def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> tuple[str | None, int | None]:
+    """Load the best checkpoint's weights (load_best_model_at_end); returns (that checkpoint, the step whose
+    weights the model now holds, None when it still holds the last step's)."""
     state = monitor.state
     best_ckpt = state.best_checkpoint or trainer.state.best_model_checkpoint
     if not run.cfg.load_best_model_at_end:
-        return best_ckpt
+        return best_ckpt, None
     adapter = Path(best_ckpt) / rundir.ADAPTER_WEIGHTS if best_ckpt else None
     if best_ckpt and run.cfg.method == "sparse-ft" and Path(best_ckpt).is_dir():
         methods.load_sparse_checkpoint(trainer.model, best_ckpt)
@@ -96,22 +98,27 @@ def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> 
         set_peft_model_state_dict(trainer.model, load_file(str(adapter)))
     else:
         run.runlog.emit("best_loaded", None, checkpoint=None)
-        return best_ckpt
+        return best_ckpt, None
     run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
                     best_step=state.best_step)
-    return best_ckpt
+    return best_ckpt, state.best_step
 
 
-def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback,
-               baseline: dict[str, Any]) -> dict[str, Any]:
+def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
+               model_step: int | None = None) -> dict[str, Any]:
     """The fine-tuned model on the same tokenised eval set as the baseline. Its `perplexity` is always the
     deployable sparse model's: for plain LoRA (dense update) a second pass with the update masked by the
-    keep-mask, and the adapter's own number beside it as `adapter_perplexity`."""
+    keep-mask, and the adapter's own number beside it as `adapter_perplexity`. `model_step`: the step whose
+    weights the model holds; when it was evaluated during training, those metrics are reused (never the same
+    model twice)."""
     cfg = run.cfg
     if cfg.eval_strategy == "no" and not cfg.load_best_model_at_end:
         return {}
+    evaluated = monitor.state.evals.get(model_step) if model_step is not None else None
+    if evaluated is not None:
+        evaluated = {k: v for k, v in evaluated.items() if k.startswith("eval_") or k == "perplexity"}
     try:
-        final = evaluate_phase(trainer, monitor, "final")
+        final = evaluated if evaluated is not None else evaluate_phase(trainer, monitor, "final")
         adapter = None
         if cfg.method == "lora":
             adapter = final
@@ -129,7 +136,8 @@ def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback,
                     describes=methods.describes(cfg.method),
                     adapter_perplexity=adapter.get("perplexity") if adapter else None,
                     adapter_eval_loss=adapter.get("eval_loss") if adapter else None,
-                    adapter_describes=methods.describes(cfg.method, deployable=False) if adapter else None)
+                    adapter_describes=methods.describes(cfg.method, deployable=False) if adapter else None,
+                    reused_eval_of_step=model_step if evaluated is not None else None)
     if run.is_main:
         trainer.save_metrics("eval", {k: v for k, v in final.items() if k != "perplexity"} |
                              {"eval_perplexity": after})

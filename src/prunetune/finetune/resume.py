@@ -160,6 +160,10 @@ class PriorRun:
         ckpt = out / f"checkpoint-{top['step']}"
         return to_float(top["eval_loss"]), int(top["step"]), str(ckpt) if ckpt.is_dir() else None
 
+    def evals(self) -> dict[int, dict[str, Any]]:
+        """The earlier sessions' evaluations during training, by step (records up to the resumed checkpoint)."""
+        return {int(r["step"]): r for r in self.records if r.get("event") == "eval" and r.get("step") is not None}
+
     def baseline(self) -> dict[str, Any] | None:
         return next((r for r in self.records if r.get("event") == "baseline_eval"), None)
 
