@@ -344,3 +344,14 @@ def test_rules_documentation_is_the_code():
 
     for f in fields(Thresholds):
         assert f"| `{f.name}` |" in doc
+
+
+def test_live_diagnosis_matches_diagnose_record_by_record():
+    from prunetune.analysis.rules import LiveDiagnosis
+
+    records = logs(healthy_curve(30)) + evals([(100, 4.0), (200, 3.0)])
+    records.append({"event": "log", "step": 999, "loss": "nan", "lr": 1e-4})
+    live = LiveDiagnosis(context={"lr": 1e-4})
+    for n, rec in enumerate(records, 1):
+        assert live([rec]) == diagnose(records[:n], context={"lr": 1e-4})
+    assert [a.kind for a in live([], final=True)] == ["nan_inf"]

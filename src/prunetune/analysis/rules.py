@@ -35,6 +35,7 @@ from prunetune.analysis import fixes
 from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly, anomalies_from_alerts
 from prunetune.analysis.series import (
     Series,
+    SeriesBuilder,
     extract_series,
     noise_sigma,
     oscillation_stats,
@@ -389,6 +390,42 @@ def _for_eval_set(anomaly: Anomaly, name: str) -> Anomaly:
 FINAL_RULES = (rule_no_eval,)
 
 
+def judge(
+    series: Series,
+    thresholds: Thresholds = DEFAULTS,
+    final: bool = False,
+    context: Mapping[str, Any] | None = None,
+    recorded: Sequence[Anomaly] = (),
+) -> list[Anomaly]:
+    """Every anomaly `series` shows, with the `recorded` ones (alerts the run raised itself) of kinds no rule
+    found, most severe first; the stories that explain others are kept, the weaker echoes dropped."""
+    found: list[Anomaly] = []
+    rules = LIVE_RULES + (FINAL_RULES if final else ())
+    named_sets = [name for name in series.eval_sets if name] if len(series.eval_sets) > 1 else []
+    for rule in rules:
+        if rule in EVAL_RULES and named_sets:
+            found += [_for_eval_set(a, name) for name in series.eval_sets
+                      if (a := rule(series.for_eval_set(name), thresholds, context)) is not None]
+            continue
+        anomaly = rule(series, thresholds, context)
+        if anomaly is not None:
+            found.append(anomaly)
+    seen = {a.kind for a in found}
+    found += [a for a in recorded if a.kind not in seen]
+    kinds = {a.kind for a in found}
+    if "nan_inf" in kinds:
+        # After a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them
+        # would only repeat the NaN story with a weaker word.
+        found = [a for a in found if a.kind not in ("loss_flat", "loss_slow")]
+    if kinds & {"nan_inf", "out_of_memory"}:
+        found = [a for a in found if a.kind != "no_eval"]  # the run died; the missing eval is not the story
+    if kinds & {"loss_diverging", "loss_oscillating"}:
+        # A window median of a jumping series says nothing about progress; the LR story is the one to tell.
+        found = [a for a in found if a.kind not in ("loss_slow", "loss_flat")]
+    found.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
+    return found
+
+
 def diagnose(
     records: Sequence[Mapping[str, Any]],
     thresholds: Thresholds = DEFAULTS,
@@ -404,29 +441,19 @@ def diagnose(
     per_device_train_batch_size, gradient_accumulation_steps, lora_dropout, epochs, resume_command, and
     `flavour` (whose flags the fixes name, see `prunetune.analysis.fixes`).
     """
-    series = extract_series(records)
-    found: list[Anomaly] = []
-    rules = LIVE_RULES + (FINAL_RULES if final else ())
-    named_sets = [name for name in series.eval_sets if name] if len(series.eval_sets) > 1 else []
-    for rule in rules:
-        if rule in EVAL_RULES and named_sets:
-            found += [_for_eval_set(a, name) for name in series.eval_sets
-                      if (a := rule(series.for_eval_set(name), thresholds, context)) is not None]
-            continue
-        anomaly = rule(series, thresholds, context)
-        if anomaly is not None:
-            found.append(anomaly)
-    if recorded:
-        found += anomalies_from_alerts(records, found)
-    kinds = {a.kind for a in found}
-    if "nan_inf" in kinds:
-        # After a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them
-        # would only repeat the NaN story with a weaker word.
-        found = [a for a in found if a.kind not in ("loss_flat", "loss_slow")]
-    if kinds & {"nan_inf", "out_of_memory"}:
-        found = [a for a in found if a.kind != "no_eval"]  # the run died; the missing eval is not the story
-    if kinds & {"loss_diverging", "loss_oscillating"}:
-        # A window median of a jumping series says nothing about progress; the LR story is the one to tell.
-        found = [a for a in found if a.kind not in ("loss_slow", "loss_flat")]
-    found.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
-    return found
+    alerts = anomalies_from_alerts(records) if recorded else []
+    return judge(extract_series(records), thresholds, final, context, alerts)
+
+
+class LiveDiagnosis:
+    """The same rules over a run in progress: call it with each new batch of records (`live(new)`); every
+    record is scanned once, so judging after every log line stays cheap on a long run."""
+
+    def __init__(self, thresholds: Thresholds = DEFAULTS, context: Mapping[str, Any] | None = None) -> None:
+        self.thresholds = thresholds
+        self.context = context
+        self._builder = SeriesBuilder()
+
+    def __call__(self, new_records: Sequence[Mapping[str, Any]], final: bool = False) -> list[Anomaly]:
+        self._builder.add(new_records)
+        return judge(self._builder.series(), self.thresholds, final, self.context)

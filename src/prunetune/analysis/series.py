@@ -83,34 +83,36 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
                 series.eval_sets.setdefault(str(rec.get("eval_set") or ""), []).append((step, value))
 
 
-# The trainer calls `diagnose` after every log line with the same growing list: scanning only the new records
-# keeps a long run's alerts O(new records). Keyed by the list's id and checked by the identity of its first
-# and last scanned records, so another list (or a rewritten one) is scanned from scratch.
-_SCAN_CACHE: dict[int, tuple[int, Any, Any, Series]] = {}
+class SeriesBuilder:
+    """The series of a growing list of records, scanning each record once: `add(new_records)`, then
+    `series()`. A live run feeds it one record at a time (see `rules.LiveDiagnosis`)."""
+
+    def __init__(self) -> None:
+        self._raw = Series([], [], [], [], [], [])
+
+    def add(self, records: Sequence[Mapping[str, Any]]) -> None:
+        _scan(records, self._raw)
+
+    def series(self) -> Series:
+        """Sorted copies: the scanned lists stay in record order and are never handed out."""
+        raw = self._raw
+        sets = {name: sorted(points, key=lambda p: p[0]) for name, points in raw.eval_sets.items()}
+        return Series(
+            sorted(raw.train, key=lambda p: p[0]),
+            next(iter(sets.values()), []),
+            sorted(raw.lr, key=lambda p: p[0]),
+            sorted(raw.grad_norm, key=lambda p: p[0]),
+            list(raw.nonfinite),
+            list(raw.errors),
+            sets,
+        )
 
 
 def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
-    n = len(records)
-    cached = _SCAN_CACHE.get(id(records)) if isinstance(records, list) else None
-    if cached is not None and 0 < cached[0] <= n and records[0] is cached[1] and records[cached[0] - 1] is cached[2]:
-        done, raw = cached[0], cached[3]
-    else:
-        done, raw = 0, Series([], [], [], [], [], [])
-    _scan(records[done:], raw)
-    if isinstance(records, list) and n:
-        _SCAN_CACHE.clear()  # one live run at a time; never grows
-        _SCAN_CACHE[id(records)] = (n, records[0], records[n - 1], raw)
-    # sorted copies: the cached lists stay in record order and are never handed out
-    sets = {name: sorted(points, key=lambda p: p[0]) for name, points in raw.eval_sets.items()}
-    return Series(
-        sorted(raw.train, key=lambda p: p[0]),
-        next(iter(sets.values()), []),
-        sorted(raw.lr, key=lambda p: p[0]),
-        sorted(raw.grad_norm, key=lambda p: p[0]),
-        list(raw.nonfinite),
-        list(raw.errors),
-        sets,
-    )
+    """The series of `records` (pure: scans them all)."""
+    builder = SeriesBuilder()
+    builder.add(records)
+    return builder.series()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def _latest_checkpoint_state(run_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def _dir_meta(run_dir: Path) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
+def _dir_meta(run_dir: Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """run_config.json / all_results.json beside the log, and the reader's notes so far."""
+    meta: dict[str, Any] = {"notes": list(notes or [])}
     for name in ("run_config.json", "all_results.json"):
         path = run_dir / name
         if path.is_file():
@@ -150,7 +151,7 @@ def load_source(source: str | Path, prefer: str | None = None) -> Source:
                 f"{path}: no training records found (no Trainer log dicts like {{'loss': ...}}, no log_history, no "
                 "metrics records); pass the console log, trainer_state.json or metrics.jsonl of a training run"
             )
-        src.meta.update(_dir_meta(path.parent))
+        src.meta.update(_dir_meta(path.parent, src.meta.get("notes")))
         return src
     candidates = candidate_files(path)
     if prefer is not None:
@@ -158,8 +159,8 @@ def load_source(source: str | Path, prefer: str | None = None) -> Source:
     tried = []
     for kind, file in candidates:
         src = load_file(file, kind)
-        if _usable(src.records) and (prefer is None or src.kind == kind or kind == "console_log"):
-            src.meta.update(_dir_meta(path))
+        if _usable(src.records):
+            src.meta.update(_dir_meta(path, src.meta.get("notes")))
             if kind == "metrics_jsonl":
                 _merge_console_oom(src, path)
             return src
