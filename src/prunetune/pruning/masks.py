@@ -77,14 +77,3 @@ def decode_mask(packed: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
         return expand_tiles(_unpack(packed, r * c).view(r, c), shape, h, w)
     return _unpack(packed, shape[0] * shape[1]).view(shape)
 
-
-_MOVED = ("MASKS_FILE", "PRUNE_JSON", "save_masks", "load_masks", "read_mask_meta")
-
-
-def __getattr__(name: str):
-    # The file I/O moved to prunetune.rundir (issue 9); this forwards old imports until every caller has switched.
-    if name in _MOVED:
-        import prunetune.rundir
-
-        return getattr(prunetune.rundir, name)
-    raise AttributeError(name)
