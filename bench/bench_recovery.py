@@ -77,7 +77,8 @@ def test_tokens(tokenizer, data_dir: str):
     return tokenize(load_text("wikitext2", "test", data_dir), tokenizer).input_ids
 
 
-def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows: int, data_dir: str) -> dict:
+def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows: int, data_dir: str,
+            adapter_ppl: bool) -> dict:
     """Train one arm through the engine, build its deployable model, measure it. Runs in a child process."""
     import torch
 
@@ -110,9 +111,14 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
     row: dict[str, Any] = {}
     if arm.method != "sparse-ft":
         peft_model = apply_adapter(model, out / ADAPTER_DIR)
-        if arm.method == "lora":
+        if arm.method == "lora" and adapter_ppl:
             row["adapter_ppl"] = perplexity(peft_model, ids, block, max_windows=windows).perplexity
         model = merge_deployable(peft_model, masks)
+    from prunetune.records import read_jsonl
+
+    end = next((r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "train_end"), {})
+    row["train_runtime_s"] = end.get("runtime_s")
+    row["train_loss"] = end.get("last_loss")
     violations = pattern_violations(model, masks)
     res = perplexity(model, ids, block, max_windows=windows)
     return row | {"ppl": res.perplexity, "violations": len(violations), "train_s": train_s,
@@ -122,12 +128,12 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
 def child(args: argparse.Namespace) -> None:
     arm = ARMS[args.one_arm]
     row = run_arm(arm, Path(args.pruned), Path(args.work), args.tokens, args.block_size, args.eval_windows,
-                  args.data_dir)
+                  args.data_dir, arm.name in args.adapter_ppl.split(","))
     row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(row))
 
 
-def baseline(pruned: Path, block: int, windows: int, data_dir: str) -> dict:
+def baseline(pruned: Path, block: int, windows: int, data_dir: str, dense_ppl: float | None) -> dict:
     import torch
 
     from prunetune.evaluate import perplexity
@@ -137,6 +143,8 @@ def baseline(pruned: Path, block: int, windows: int, data_dir: str) -> dict:
     model, tokenizer = load_model(str(pruned), dtype=torch.float32, device=torch.device("cpu"))
     ids = test_tokens(tokenizer, data_dir)
     pruned_ppl = perplexity(model, ids, block, max_windows=windows).perplexity
+    if dense_ppl is not None:
+        return {"pruned": pruned_ppl, "dense": dense_ppl, "dense_from": "--dense-ppl"}
     base = read_pruned(pruned).base_model or "smollm2-135m"
     dense, _ = load_model(base, dtype=torch.float32, device=torch.device("cpu"))
     return {"pruned": pruned_ppl, "dense": perplexity(dense, ids, block, max_windows=windows).perplexity}
@@ -144,7 +152,7 @@ def baseline(pruned: Path, block: int, windows: int, data_dir: str) -> dict:
 
 def table(rows: list[dict], base: dict | None) -> str:
     lines = ["| arm | method | distill | LoRA | lr | tokens | deployable test ppl | x dense | adapter ppl (dense update) "
-             "| pattern ok | wall | peak RSS |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| pattern ok | train tok/s | wall | peak RSS |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     dense = base.get("dense") if base else None
     for r in rows:
         arm = r["arm"]
@@ -155,6 +163,7 @@ def table(rows: list[dict], base: dict | None) -> str:
             + (f"{ppl:,.1f} | {ppl / dense:.1f}x" if ppl and dense else f"{r.get('error', '?')} | ") + " | "
             + (f"{r['adapter_ppl']:,.1f}" if r.get("adapter_ppl") else "-") + " | "
             + ("yes" if r.get("violations") == 0 else "NO" if "violations" in r else "?") + " | "
+            + (f"{r['tokens'] / r['train_runtime_s']:.0f}" if r.get("train_runtime_s") else "-") + " | "
             + (f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "-") + " | "
             + (f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") else "-") + " |"
         )
@@ -172,6 +181,10 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("PRUNETUNE_DATA_DIR", str(REPO.parent / "shared" / "data")))
     p.add_argument("--work", default=None, help="where arm runs go (default: PRUNED/../recovery-runs)")
     p.add_argument("--results", default=None, help="JSONL of results (default: WORK/results.jsonl)")
+    p.add_argument("--adapter-ppl", default="demo",
+                   help="plain-LoRA arms that also get the unmasked adapter's perplexity (one more eval each)")
+    p.add_argument("--dense-ppl", type=float, default=None,
+                   help="the dense model's perplexity under the same protocol, when already measured (skips its eval)")
     p.add_argument("--one-arm", help=argparse.SUPPRESS)
     args = p.parse_args()
     pruned = Path(args.pruned)
@@ -189,7 +202,7 @@ def main() -> None:
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     base = next((r["baseline"] for r in done if "baseline" in r), None)
     if base is None:
-        base = baseline(pruned, args.block_size, args.eval_windows, args.data_dir)
+        base = baseline(pruned, args.block_size, args.eval_windows, args.data_dir, args.dense_ppl)
         with results.open("a") as f:
             f.write(json.dumps({"baseline": base}) + "\n")
     print(f"dense {base['dense']:.2f}, pruned {base['pruned']:.1f} (WikiText-2 test, {args.eval_windows} x "
@@ -202,7 +215,7 @@ def main() -> None:
 
         cmd = [sys.executable, __file__, "--one-arm", name, "--pruned", str(pruned), "--tokens", str(args.tokens),
                "--block-size", str(args.block_size), "--eval-windows", str(args.eval_windows),
-               "--data-dir", args.data_dir, "--work", str(work)]
+               "--data-dir", args.data_dir, "--work", str(work), "--adapter-ppl", args.adapter_ppl]
         load_before = os.getloadavg()[0]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
