@@ -88,8 +88,10 @@ def test_unknown_dataset_and_split():
         data.load_text("wikitext2", "dev-clean")
 
 
-def test_token_cache_is_keyed_and_reused(shared_data, tokenizer_dir):
+def test_token_cache_is_keyed_and_reused(shared_data, tokenizer_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
+
+    monkeypatch.setenv("PRUNETUNE_HOME", str(tmp_path))  # an empty cache: other tests tokenise this split too
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     split = data.load_text("wikitext2", "validation", WIKITEXT_DIR)
