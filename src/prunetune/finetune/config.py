@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prunetune.errors import UserError
@@ -112,7 +111,7 @@ class FinetuneConfig:
     """`auto` (the latest checkpoint in `out`) or a checkpoint directory."""
     overwrite: bool = False
     """Replace an existing run in `out` (otherwise it is refused, never silently overwritten)."""
-    distill: str = "none"
+    distill: str | bool = "none"
     """Teacher signal from the dense model: `none`, `logits` (CE + alpha * T^2 * KL(teacher || student)),
     `layerwise` (CE + weight * SquareHead over decoder hidden states) or `both`. true/false = logits/none."""
     distill_alpha: float = 0.5
@@ -134,31 +133,25 @@ class FinetuneConfig:
     (the choice and its reason go to the banner and run_config.json); `--bf16`/`--fp16` override it."""
 
     def __post_init__(self) -> None:
-        self._coerce_strings()
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        else:
-            self.lora_targets = tuple(self.lora_targets)
+        self.lora_targets = _names(self.lora_targets)
         self.sparse_ft_targets = _names(self.sparse_ft_targets)
+        self.report_to = _names(self.report_to)
         self.distill = _distill_mode(self.distill)
-        if isinstance(self.report_to, str):
-            self.report_to = tuple(t.strip() for t in self.report_to.split(",") if t.strip())
-        else:
-            self.report_to = tuple(self.report_to)
         if self.metric_for_best_model == "loss":
             self.metric_for_best_model = "eval_loss"
-        positive_ints = {
-            "block_size": self.block_size, "lora_r": self.lora_r, "per_device_train_batch_size":
-            self.per_device_train_batch_size, "per_device_eval_batch_size": self.per_device_eval_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps, "logging_steps": self.logging_steps,
-            "eval_steps": self.eval_steps, "save_steps": self.save_steps,
-        }
-        for name, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("max_train_samples", "max_eval_samples", "save_total_limit"):
+        self._check_numbers()
+        self._check_choices()
+        self._check_combinations()
+
+    def _check_numbers(self) -> None:
+        positive_ints = ("block_size", "lora_r", "per_device_train_batch_size", "per_device_eval_batch_size",
+                         "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps")
+        optional_ints = ("max_train_samples", "max_eval_samples", "save_total_limit")
+        for name in positive_ints + optional_ints:
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is None and name in optional_ints:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a positive number, got {self.lr!r}; the recipe uses 1e-4")
@@ -168,63 +161,38 @@ class FinetuneConfig:
             raise UserError(f"--max_steps must be a positive integer or -1 (use --epochs), got {self.max_steps}")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.distilling and not (self.distill_alpha >= 0 and self.distill_temperature > 0
+                                    and self.distill_layerwise_weight >= 0):
+            raise UserError("--distill-alpha and --distill-layerwise-weight must be >= 0 and --distill-temperature > 0")
+        if self.probe_steps < 0:
+            raise UserError(f"probe_steps must be >= 0, got {self.probe_steps}")
+
+    def _check_choices(self) -> None:
         if not self.lora_targets:
             raise UserError("--lora-targets is empty; give module types such as q_proj,v_proj or all-linear")
-        if self.eval_strategy not in EVAL_STRATEGIES:
-            raise UserError(f"unknown --eval_strategy {self.eval_strategy!r}; choose one of: {', '.join(EVAL_STRATEGIES)}")
-        if self.save_strategy not in SAVE_STRATEGIES:
-            raise UserError(f"unknown --save_strategy {self.save_strategy!r}; choose one of: {', '.join(SAVE_STRATEGIES)}")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise UserError(
-                f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of: {', '.join(SCHEDULERS)}"
-            )
+        choices = {"eval_strategy": EVAL_STRATEGIES, "save_strategy": SAVE_STRATEGIES,
+                   "lr_scheduler_type": SCHEDULERS, "method": METHODS, "dtype": DTYPES}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise UserError(f"unknown --{name} {getattr(self, name)!r}; choose one of: {', '.join(valid)}")
         if self.metric_for_best_model not in BEST_METRICS:
-            raise UserError(
-                f"--metric_for_best_model {self.metric_for_best_model!r} is not supported; use eval_loss"
-            )
+            raise UserError(f"--metric_for_best_model {self.metric_for_best_model!r} is not supported; use eval_loss")
+        if self.device not in (None, "cpu", "cuda"):
+            raise UserError(f"unknown --device {self.device!r}; choose cpu or cuda")
+
+    def _check_combinations(self) -> None:
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise UserError("--load_best_model_at_end needs evaluations; set --eval_strategy steps or drop it")
         if self.bf16 and self.fp16:
             raise UserError("--bf16 and --fp16 are exclusive; choose one")
-        if self.warmup_steps < 0:
-            raise UserError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.distill != "none" and not (self.distill_alpha >= 0 and self.distill_temperature > 0
-                                           and self.distill_layerwise_weight >= 0):
-            raise UserError("--distill-alpha and --distill-layerwise-weight must be >= 0 and --distill-temperature > 0")
-        if self.method not in METHODS:
-            raise UserError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         if self.resume_from_checkpoint is not None and self.overwrite:
             raise UserError("--overwrite and --resume_from_checkpoint contradict each other; choose one")
-        if self.probe_steps < 0:
-            raise UserError(f"probe_steps must be >= 0, got {self.probe_steps}")
-        if self.device not in (None, "cpu", "cuda"):
-            raise UserError(f"unknown --device {self.device!r}; choose cpu or cuda")
 
     @property
     def distilling(self) -> bool:
         return self.distill != "none"
-
-    def _coerce_strings(self) -> None:
-        """YAML reads `5e-4` as a string (YAML 1.1 wants `5.0e-4`); numbers and booleans given as text are
-        converted by the field's type, with the bad value named when that fails."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, str):
-                continue
-            kind = str(f.type).split(" |")[0]
-            try:
-                if kind == "float":
-                    setattr(self, f.name, float(value))
-                elif kind == "int":
-                    setattr(self, f.name, int(float(value)))
-                elif kind == "bool":
-                    if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(value)
-                    setattr(self, f.name, value.strip().lower() in ("true", "1", "yes"))
-            except ValueError:
-                raise UserError(f"setting {f.name}={value!r} is not a valid {kind}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,64 +223,13 @@ def _distill_mode(value: str | bool | None) -> str:
     return mode
 
 
-# Names users bring from Transformers' TrainingArguments / run_clm, mapped to ours.
-KEY_ALIASES = {
-    "evaluation_strategy": "eval_strategy",
-    "learning_rate": "lr",
-    "num_train_epochs": "epochs",
-    "model": "pruned",
-    "pruned_model": "pruned",
-    "output_dir": "out",
-    "dataset_name": "dataset",
-    "overwrite_output_dir": "overwrite",
-    "lora_target_modules": "lora_targets",
-    "target_modules": "lora_targets",
-}
-
-
-def normalize_key(key: str) -> str:
-    key = key.strip().lstrip("-").replace("-", "_")
-    return KEY_ALIASES.get(key, key)
-
-
-def normalize_mapping(mapping: dict[str, Any], source: str) -> dict[str, Any]:
-    """Keys spelled either way (`block-size`, `block_size`, aliases) -> FinetuneConfig field names."""
-    names = set(FinetuneConfig.field_names())
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = normalize_key(str(key))
-        if name not in names:
-            raise UserError(
-                f"{source}: unknown setting {key!r}; valid settings: {', '.join(sorted(names))}"
-            )
-        out[name] = value
-    return out
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Settings from a YAML (or JSON) file: a flat mapping, or a prunetune `run_config.json` (its `config`)."""
-    import yaml
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"--config {path!r} does not exist; give a YAML file of finetune settings")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    if isinstance(data.get("config"), dict) and "provenance" in data:
-        data = data["config"]
-    elif isinstance(data.get("finetune"), dict):
-        data = data["finetune"]
-    return normalize_mapping(data, f"--config {path}")
-
-
 def config_from_mapping(mapping: dict[str, Any], source: str = "config") -> FinetuneConfig:
-    """A FinetuneConfig from a mapping with user spellings (pipeline YAML, --config files)."""
-    values = normalize_mapping(mapping, source)
+    """A FinetuneConfig from a mapping with user spellings (pipeline YAML, --config files): `prunetune.configfile`
+    normalises the keys (aliases such as `learning_rate`) and converts the values."""
+    from prunetune import configfile
+
+    values = configfile.read_layer(FinetuneConfig, mapping, source)
     for key in ("pruned", "out"):
         if not values.get(key):
             raise UserError(f"{source}: `{key}` is required")
-    return FinetuneConfig(**values)
+    return configfile.build_config(FinetuneConfig, values)

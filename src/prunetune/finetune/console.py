@@ -93,11 +93,10 @@ def _model(r: Mapping[str, Any]) -> list[str]:
 
 
 def _lora(r: Mapping[str, Any]) -> list[str]:
-    return [
-        f"LoRA applied to {r.get('modules')} modules ({','.join(r.get('targets', []))}): "
-        f"trainable params: {r.get('trainable'):,} | all params: {r.get('total'):,} | "
-        f"trainable%: {r.get('trainable_pct'):.4f}"
-    ]
+    """What trains and what it costs, per method (prunetune.finetune.methods renders it)."""
+    from prunetune.finetune.methods import banner_lines
+
+    return banner_lines(dict(r))
 
 
 def _dataset(r: Mapping[str, Any]) -> list[str]:

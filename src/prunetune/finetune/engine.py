@@ -209,10 +209,10 @@ def _setup_model(run: Run) -> tuple[nn.Module, Any, Prepared, nn.Module | None]:
     prepared = prepare_model(model, cfg, run.masks)
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     all_params = sum(p.numel() for p in prepared.model.parameters())
-    runlog.emit("lora", None, trainable=trainable, total=all_params, trainable_pct=100 * trainable / all_params,
-                targets=list(cfg.lora_targets),
-                modules=sum(1 for n, _ in prepared.model.named_modules() if n.endswith("lora_A")),
-                **{k: v for k, v in prepared.banner.items() if k not in ("trainable", "targets", "modules")})
+    defaults = {"trainable": trainable, "targets": list(cfg.lora_targets),
+                "modules": sum(1 for n, _ in prepared.model.named_modules() if n.endswith("lora_A"))}
+    runlog.emit("lora", None, total=all_params, trainable_pct=100 * trainable / all_params,
+                **(defaults | prepared.banner))
     teacher = None
     if cfg.distilling:
         teacher, _ = load_model(run.teacher_spec, dtype=run.precision.load_dtype, device=where,

@@ -116,7 +116,7 @@ def preflight_checks(
     data_checks, texts = _check_data(cfg)
     existing = existing_run(out) if is_main else []
     checks += data_checks + [_check_out(cfg, out, resume, existing)]
-    if cfg.distill and not teacher_spec:
+    if cfg.distilling and not teacher_spec:
         checks.append({"name": "teacher", "ok": False, "detail": "--distill needs the dense model",
                        "fix": "give --teacher MODEL (the pruned dir has no prune.json naming it)"})
     return checks, texts, existing if resume is None else []
