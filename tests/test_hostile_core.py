@@ -260,3 +260,11 @@ def test_torch_dtype_in_auto_eval_json_is_recorded(tmp_path, tiny_model_dir, sha
     assert r["dtype"] in ("float32", "bfloat16") and r["dtype_reason"]
     assert r["batch_size"] == 2 and r["batch_reason"].startswith("batch 2")
     assert torch.isfinite(torch.tensor(r["perplexity"]))
+
+
+def test_named_dataset_without_local_copy_fails_fast_offline(monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"hub is unreachable.*--data-dir"):
+        data.load_text("wikitext2", "test")
+    assert time.perf_counter() - start < 5

@@ -149,6 +149,11 @@ def _load_wikitext2(split: str, dirs: list[Path]) -> TextSplit:
 
 
 def _from_hub(dataset: str, split: str, load) -> TextSplit:
+    from prunetune.models import hub_reachable
+
+    if not hub_reachable():  # the hub client would retry for ~50 s before giving up
+        raise _no_data(dataset, split, "the Hugging Face hub is unreachable (offline); give a local copy with "
+                       "--data-dir DIR or PRUNETUNE_DATA_DIR")
     try:
         import datasets
 
