@@ -126,3 +126,20 @@ def test_verify_real_violation_is_exit_1(pruned, tmp_path):
         path.write_text(json.dumps(record))
 
     assert main(["verify", str(_damaged(pruned, tmp_path, "prune.json", break_record))]) == 1
+
+
+def test_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, tiny_model_dir, shared_data):
+    import socket
+
+    from prunetune.rundir import LOCK_FILE
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    lock = {"pid": 1, "host": socket.gethostname(), "command": "prunetune prune", "started": "earlier"}
+    (out / LOCK_FILE).write_text(json.dumps(lock))  # pid 1 is alive: another prune is writing here
+    with pytest.raises(UserError, match="being written by pid 1"):
+        run_prune(_cfg(tiny_model_dir, out, shared_data), console=QUIET)
+    assert not (out / "prune.json").exists()
+    (out / LOCK_FILE).write_text(json.dumps({**lock, "pid": 2**22 + 7}))  # a dead process's lock
+    run_prune(_cfg(tiny_model_dir, out, shared_data), console=QUIET)
+    assert (out / "prune.json").is_file() and not (out / LOCK_FILE).exists()
