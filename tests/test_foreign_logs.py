@@ -155,3 +155,14 @@ def test_whole_report_files_for_a_foreign_dir(tmp_path):
     data = run_report(ReportConfig(source=run))
     assert Path(data["files"]["report.md"]).is_file()
     assert "overfitting" in Path(data["files"]["report.md"]).read_text(encoding="utf-8")
+
+
+def test_a_run_that_crashed_before_its_first_log_is_reported_not_refused(tmp_path):
+    log = tmp_path / "early.log"
+    log.write_text("***** Running training *****\n  Num examples = 1,000\n  Total optimization steps = 300\n"
+                   "  0%|          | 0/300 [00:00<?, ?it/s]\nTraceback (most recent call last):\n"
+                   '  File "train.py", line 9, in <module>\nRuntimeError: Expected all tensors on one device\n')
+    data = _report(log)
+    assert data["summary"]["status"] == "interrupted" and data["anomalies"] == []
+    assert data["summary"]["steps"] == 0 and data["summary"]["max_steps"] == 300
+    assert any("0 train-loss points found in early.log" in n for n in data["notes"])

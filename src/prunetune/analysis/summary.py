@@ -111,7 +111,7 @@ def summarize(
     pruned_ppl: float | None = None,
 ) -> Summary:
     steps = [int(s) for r in records
-             if r.get("event") in ("log", "eval", "train_end") and (s := _finite(r.get("step"))) is not None]
+             if r.get("event") in ("log", "eval", "train_end", "stopped") and (s := _finite(r.get("step"))) is not None]
     logs = [r for r in records if r.get("event") == "log"]
     set_names = list(dict.fromkeys(str(r.get("eval_set") or "") for r in records if r.get("event") == "eval"))
     main_set = set_names[0] if set_names else ""
@@ -121,7 +121,8 @@ def summarize(
             per_set.setdefault(str(r.get("eval_set") or ""), []).append((int(_finite(r.get("step")) or 0), v))
     evals = [(s, v, None) for s, v in per_set.get(main_set, [])]
     train = [v for r in logs if (v := _finite(r.get("loss"))) is not None]
-    max_steps = next((int(m) for r in reversed(logs) if (m := _finite(r.get("max_steps")))), None)
+    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") == "stopped")])
+                      if (m := _finite(r.get("max_steps")))), None)
 
     time_s = None
     # training time proper: the Trainer's train_runtime or finetune's train_end.runtime_s; the summary's

@@ -61,14 +61,18 @@ def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason
     stopped early is reported as interrupted at its last step, never as finished. Returns the reason."""
     steps = [r["step"] for r in records if r.get("event") in ("log", "eval") and isinstance(r.get("step"), int)]
     events = {r.get("event") for r in records}
-    if not steps or events & {"error", "stopped"}:
+    if events & {"error", "stopped"}:
         return None
+    if not steps:
+        if events or not max_steps:
+            return None
+        steps = [0]  # training was announced (its step count printed) but no step was ever logged
     if reason is None:
         if events & {"train_end", "final_eval", "summary"} or not max_steps or max(steps) >= max_steps:
             return None
         reason = "log ends"
     last = max(steps)
     why = " without its end-of-run lines" if reason == "log ends" else f" after a {reason}"
-    records.append({"event": "stopped", "step": last, "reason": reason,
+    records.append({"event": "stopped", "step": last, "reason": reason, "max_steps": max_steps,
                     "message": f"the log ends at step {last}" + (f" of {max_steps}" if max_steps else "") + why})
     return reason

@@ -130,7 +130,7 @@ def load_file(path: Path, kind: str | None = None) -> Source:
 
 
 def _usable(records: Iterable[Mapping[str, Any]]) -> bool:
-    return any(r.get("event") in ("log", "eval", "error", "final_eval", "train_end") for r in records)
+    return any(r.get("event") in ("log", "eval", "error", "final_eval", "train_end", "stopped") for r in records)
 
 
 def load_source(source: str | Path, prefer: str | None = None) -> Source:

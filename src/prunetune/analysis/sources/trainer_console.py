@@ -289,7 +289,8 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 records.append(rec)
                 pending.append(rec)
         elif ev.kind == "interrupt":
-            meta["interrupted"], meta["_interrupted_at"] = ev.data, len(records)
+            meta["interrupted"] = "crash (traceback)" if ev.data == "Traceback" else ev.data
+            meta["_interrupted_at"] = len(records)
         elif ev.kind == "row":
             for rec in _records_from_row(ev.data):
                 records.append(rec)
