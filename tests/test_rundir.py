@@ -210,3 +210,16 @@ def test_read_helpers_say_directory_and_permission(tmp_path, monkeypatch):
     monkeypatch.setattr(type(f), "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "denied")))
     with pytest.raises(UserError, match="permission denied"):
         rundir.read_bytes(f, "dataset")
+
+
+def test_a_marked_dir_without_results_is_written_without_overwrite_and_keeps_its_files(tmp_path):
+    stage = tmp_path / "prune"
+    rundir.mark_ours(stage, "run")
+    (stage / "stage.json").write_text("{}")  # the pipeline's own record, not part of the result
+    check_output(stage)  # no --overwrite needed: nothing of ours would be replaced
+    with staged_output(stage, command="prune") as out:
+        (out / "prune.json").write_text("{}")
+    assert (stage / "stage.json").is_file() and (stage / "prune.json").is_file()
+    assert json.loads((stage / MARKER).read_text())["files"] == ["prune.json"]
+    with pytest.raises(UserError, match="--overwrite"):  # now it holds a result
+        check_output(stage)

@@ -55,6 +55,7 @@ class EvalConfig:
     dataset: str = "wikitext2"
     """Registry name (wikitext2, c4, wikipedia-vital) or a local data file."""
     split: str = "test"
+    """train, validation or test (the published tables use test)."""
     seqlen: int = 2048
     """Window length in tokens; 2048 is the Wanda/SparseGPT tables' setting for Llama models."""
     max_windows: int | None = None
@@ -67,6 +68,7 @@ class EvalConfig:
     device: str | None = None
     """cuda when available, else cpu."""
     data_dir: list[str] | None = None
+    """Directories holding local copies of the named datasets (repeatable; default $PRUNETUNE_DATA_DIR)."""
     out: str | None = None
     """Write the results JSON here."""
     tasks: tuple[str, ...] = ()
@@ -78,6 +80,7 @@ class EvalConfig:
     task_dir: str | None = None
     """With --tasks: a directory of your own lm-eval task YAMLs (e.g. over a local .jsonl, works offline)."""
     quiet: bool = False
+    """No console output (library and pipeline use; not a flag)."""
 
     def __post_init__(self) -> None:
         if self.tasks:

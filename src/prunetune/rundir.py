@@ -46,6 +46,8 @@ MASKS_FILE = "masks.safetensors"
 MERGE_JSON = "merge.json"
 PIPELINE_JSON = "pipeline.json"
 ADAPTER_DIR = "adapter"
+SPARSE_MODEL_DIR = "model"
+"""Where `finetune --method sparse-ft` writes its deployable sparse model (a pruned-model directory)."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "prunetune_adapter.json"
@@ -394,7 +396,10 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrit
     content = _content(out)
     if not content:
         return out
-    ours = (out / MARKER).is_file() or any((out / name).exists() for name in owned)
+    previous = _marker_files(out)
+    if previous is not None and not any((out / name).exists() for name in previous):
+        return out  # ours, holding no result of ours yet (e.g. a pipeline stage dir): nothing would be replaced
+    ours = previous is not None or any((out / name).exists() for name in owned)
     if not ours:
         raise UserError(f"--out {str(out)!r} is not empty and holds no prunetune output; choose an empty or new "
                         "directory (prunetune never deletes files it did not write)")
@@ -484,12 +489,24 @@ def staged_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwri
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_marker(directory: Path, files: list[str], command: str) -> None:
+def mark_ours(directory: str | Path, command: str, files: Iterable[str] = ()) -> Path:
+    """Create `directory` (if needed) and record that prunetune owns it and wrote `files` there (the marker).
+
+    With no files (e.g. a pipeline stage directory made before its stage runs) the directory counts as ours
+    but holding nothing to replace: `check_output` accepts it without --overwrite and keeps its other files.
+    """
     from prunetune import __version__
     from prunetune.runinfo import write_json
 
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / MARKER, {"written_by": f"prunetune {__version__}", "command": command,
-                                    "files": files, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                    "files": sorted(files), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return directory / MARKER
+
+
+def _write_marker(directory: Path, files: list[str], command: str) -> None:
+    mark_ours(directory, command, files)
 
 
 def is_ours(directory: str | Path, owned: Iterable[str] = ()) -> bool:
