@@ -269,3 +269,11 @@ def test_resumed_run_log_keeps_the_later_lines():
     key = [(r["event"], r["step"], r.get("loss"), r.get("eval_loss")) for r in records if r["event"] in ("log", "eval")]
     assert key == [(r["event"], r["step"], r.get("loss"), r.get("eval_loss")) for r in want
                    if r["event"] in ("log", "eval")]
+
+
+def test_metrics_blocks_behind_a_logger_prefix_and_eval_items_without_dashes():
+    text = "INFO:__main__:***** eval metrics *****\nINFO:__main__:  eval_loss = nan\nINFO:__main__:  epoch = 3.0\n"
+    (rec,) = parse_console_log(text)[0]
+    assert rec["event"] == "final_eval" and rec["eval_loss"] == "nan" and rec["perplexity"] == "nan"
+    (ev,) = parse_console_log("Eval at step 100:\n  Eval Loss: 2.5\n  PPL: 12.18\n")[0]
+    assert (ev["step"], ev["eval_loss"], ev["perplexity"]) == (100, 2.5, 12.18)

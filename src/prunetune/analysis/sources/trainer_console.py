@@ -36,7 +36,8 @@ OOM = re.compile(
 )
 # Trainer.log_metrics: "***** train metrics *****"; the Wanda fork: "***** Final eval results *****"
 _METRICS_HEADER = re.compile(r"\*{3,}\s*(?:(\w+) metrics|Final (eval) results)\s*\*{3,}", re.IGNORECASE)
-_METRIC_LINE = re.compile(r"^\s+(\w+)\s*=\s*(\S+)\s*$")
+# "  eval_loss = 2.5733", also behind a logger prefix ("[INFO|trainer.py:123] ... >>", "INFO:__main__:")
+_METRIC_LINE = re.compile(r"^(?:\[[^\]]*\][^>]*>>|[A-Z]+:[\w.]+:)?\s+(\w+)\s*=\s*(\S+)\s*$")
 _TOTAL_STEPS = re.compile(r"Total optimization steps = ([\d,]+)")
 # how a run that did not finish ends its console
 _INTERRUPT = re.compile(r"^\s*(?:\^C\s*)?(KeyboardInterrupt)\b|^(Traceback) \(most recent call last\)|\b(KeyboardInterrupt)\b")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from prunetune.analysis.sources.base import mark_unfinished
 from prunetune.analysis.sources.base import num as _num
 from prunetune.errors import UserError
+from prunetune.fmt import perplexity_from_loss
 from prunetune.records import to_float
 
 LOG_KEYS = {"learning_rate": "lr"}
@@ -35,7 +35,7 @@ def _eval_record(d: Mapping[str, Any], step: int | None, name: str | None) -> di
     loss = to_float(rec["eval_loss"])
     if "perplexity" not in rec and loss is not None:
         # exp(loss), on the assumption of a language-model loss that the report checks (summary.loss_kind)
-        rec["perplexity"] = _num(math.exp(loss) if loss < 700 else math.inf)
+        rec["perplexity"] = _num(perplexity_from_loss(loss))
         rec["perplexity_derived"] = True
     return rec
 

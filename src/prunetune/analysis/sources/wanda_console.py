@@ -34,7 +34,7 @@ STEP_LINE = re.compile(
     r"(?:.*?\|\s*Time:\s*(?P<time>[\d:]+))?"
 )
 EVAL_HEADER = re.compile(r"^\s*Eval(?:uation)? at step (\d+)\s*:?\s*$")
-EVAL_ITEM = re.compile(r"^\s*-\s*(Eval Loss|Perplexity|Best so far)\s*:\s*(.*?)\s*$", re.IGNORECASE)
+EVAL_ITEM = re.compile(r"^\s*-?\s*(Eval Loss|Perplexity|PPL|Best so far)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 IMPROVED_FROM = re.compile(r"improved from\s+([\d.eE+-]+|nan|inf)", re.IGNORECASE)
 COMPLETED = re.compile(r"^\s*Training completed in ([\d:]+)(?:\s*\((\d+) steps)?")
 FINAL_PPL = re.compile(r"Final Perplexity:\s*([^\s(]+)", re.IGNORECASE)
@@ -62,7 +62,7 @@ def _eval_block(lines: list[str], i: int) -> tuple[dict[str, Any], int]:
         key, text = m.group(1).lower(), m.group(2)
         if key == "eval loss":
             values["eval_loss"] = num(text)
-        elif key == "perplexity":
+        elif key in ("perplexity", "ppl"):
             values["perplexity"] = num(text)
         else:
             values["is_best"] = text.lower().startswith("yes")
