@@ -30,7 +30,7 @@ from prunetune.architecture import prunable_linears
 from prunetune.errors import UserError
 from prunetune.models import first_line
 from prunetune.pruning.patterns import parse_pattern
-from prunetune.rundir import MASKS_FILE, check_readable_dir, read_pruned, staged_output
+from prunetune.rundir import MASKS_FILE, check_output, check_readable_dir, read_pruned, staged_output
 from prunetune.runinfo import provenance, write_json
 
 FORMATS = ("compressed-tensors",)
@@ -170,6 +170,7 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
         raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
     if is_sparse_export(model_dir):
         raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
+    check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, owned=(EXPORT_JSON,))  # before any work
     pattern, skipped, prune_summary = _pattern_of(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
