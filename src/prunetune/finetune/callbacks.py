@@ -124,8 +124,7 @@ class MonitorCallback(TrainerCallback):
         runlog: RunLog,
         tokens_per_step: int,
         load_best: bool,
-        diagnose: Callable[..., list] | None = None,
-        thresholds: Any = None,
+        live: Callable[[list[dict[str, Any]]], list] | None = None,
         context: dict[str, Any] | None = None,
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
@@ -135,8 +134,9 @@ class MonitorCallback(TrainerCallback):
         self.runlog = runlog
         self.tokens_per_step = tokens_per_step
         self.load_best = load_best
-        self.diagnose = diagnose
-        self.thresholds = thresholds
+        self.live = live
+        """The shared rules (`analysis.rules.LiveDiagnosis`), fed each new record once."""
+        self._fed = 0
         self.context = context or {}
         self.guard = guard
         self.resume_lr = resume_lr
@@ -337,16 +337,14 @@ class MonitorCallback(TrainerCallback):
     def _alerts(self, step: int, state, force: bool = False) -> None:
         """The shared rules over the records so far. Their cost grows with the run, so between evaluations they
         run at most once per 50x their own last duration (<= 2% of the wall time), and always at an eval."""
-        if self.diagnose is None or not state.is_world_process_zero:
+        if self.live is None or not state.is_world_process_zero:
             return
         now = time.perf_counter()
         if not force and now - self._diagnosed_at < 50 * self._diagnose_cost:
             return
         self._diagnosed_at = now
-        kwargs: dict[str, Any] = {"final": False, "context": self.context}
-        if self.thresholds is not None:
-            kwargs["thresholds"] = self.thresholds
-        anomalies = self.diagnose(self.runlog.records, **kwargs)
+        new, self._fed = self.runlog.records[self._fed:], len(self.runlog.records)
+        anomalies = self.live(new)
         self._diagnose_cost = time.perf_counter() - now
         for anomaly in anomalies:
             if anomaly.kind in self.alerted:

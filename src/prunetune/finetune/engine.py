@@ -32,7 +32,7 @@ from transformers import PrinterCallback, ProgressCallback, set_seed
 
 from prunetune import __version__, rundir
 from prunetune.analysis import fixes
-from prunetune.analysis.rules import diagnose
+from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.thresholds import thresholds_from_mapping
 from prunetune.data import TextSplit
 from prunetune.devices import default_device
@@ -215,7 +215,7 @@ def _setup_model(run: Run) -> tuple[nn.Module, Any, Prepared, nn.Module | None]:
                 **(defaults | prepared.banner))
     teacher = None
     if cfg.distilling:
-        teacher, _ = load_model(run.teacher_spec, dtype=run.precision.load_dtype, device=where,
+        teacher, _ = load_model(run.teacher_spec, dtype=run.precision.teacher_dtype, device=where,
                                 log=runlog.print_text)
         teacher.requires_grad_(False)
     return model, tokenizer, prepared, teacher
@@ -243,15 +243,18 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     args = training_args(cfg, run.out, run.device, run.precision.bf16, run.precision.fp16)
     tokens_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size * cfg.block_size
     guard = SignalGuard()
+    context = {"lr": cfg.lr, "eval_steps": cfg.eval_steps if cfg.eval_strategy == "steps" else None,
+               "logging_steps": cfg.logging_steps, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+               "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
+               "lora_dropout": cfg.lora_dropout, "epochs": cfg.epochs, "resume_command": run.resume_command(),
+               "flavour": "prunetune"}
+    live = LiveDiagnosis(thresholds_from_mapping(cfg.alert_thresholds), context)
+    live(run.prior.records)  # the earlier sessions' history; their alerts were raised then
     monitor = MonitorCallback(
-        run.runlog, tokens_per_step, cfg.load_best_model_at_end, diagnose, thresholds_from_mapping(cfg.alert_thresholds),
-        context={"lr": cfg.lr, "eval_steps": cfg.eval_steps if cfg.eval_strategy == "steps" else None,
-                 "logging_steps": cfg.logging_steps, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                 "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
-                 "lora_dropout": cfg.lora_dropout, "epochs": cfg.epochs, "resume_command": run.resume_command()},
-        guard=guard, best=run.prior.best(run.out), resume_lr=cfg.lr if run.resume else None,
-        evals=run.prior.evals(),
+        run.runlog, tokens_per_step, cfg.load_best_model_at_end, live, context=context, guard=guard,
+        best=run.prior.best(run.out), resume_lr=cfg.lr if run.resume else None, evals=run.prior.evals(),
     )
+    monitor.alerted |= {r["kind"] for r in run.prior.records if r.get("event") == "alert" and r.get("kind")}
     trainer = PrunetuneTrainer(
         model=prepared.model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
         callbacks=[monitor, *prepared.callbacks], loss=build_loss(cfg, teacher), sessions=run.prior.sessions,
