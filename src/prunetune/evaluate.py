@@ -61,10 +61,11 @@ class EvalConfig:
     max_windows: int | None = None
     """Evaluate only the first N windows (quick checks); None = the whole split."""
     batch_size: int | None = None
-    """Windows per forward pass; None = automatic: up to 4 while the logits fit in a quarter of the free memory."""
+    """Windows per forward pass; default: automatic, up to 4 on CPU (16 on a GPU) while the logits fit in a
+    quarter of the free memory. The perplexity does not depend on it."""
     dtype: str = "auto"
-    """auto (bf16 where the device computes it natively, else float32; see devices.resolve_dtype), float32,
-    bfloat16 or float16. The loss is computed in float32 whatever the model runs in."""
+    """auto: bf16 where the device computes it natively (bf16 GPUs, CPUs with avx512_bf16/amx_bf16), fp16 on
+    older GPUs, else float32; or float32, bfloat16, float16. The loss is computed in float32 whatever is chosen."""
     device: str | None = None
     """cuda when available, else cpu."""
     data_dir: list[str] | None = None
@@ -168,7 +169,8 @@ def auto_batch_size(seqlen: int, vocab: int, windows: int, device: str) -> tuple
         free, cap = psutil.virtual_memory().available, MAX_AUTO_BATCH
     fits = int(AUTO_BATCH_MEMORY_SHARE * free // per_window)
     batch = max(1, min(cap, fits, windows))
-    why = (f"~{per_window / 2**30:.2f} GiB of logits per window, {free / 2**30:.1f} GiB free"
+    size = f"{per_window / 2**30:.2f} GiB" if per_window >= 2**30 else f"{per_window / 2**20:.0f} MiB"
+    why = (f"~{size} of logits per window, {free / 2**30:.1f} GiB free"
            + (f"; capped at {cap}" if batch == cap and fits > cap else "")
            + ("; all windows" if batch == windows and windows < min(cap, fits) else ""))
     return batch, f"batch {batch}: {why}"
