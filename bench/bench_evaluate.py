@@ -12,6 +12,7 @@ import os
 import torch
 
 from prunetune.data import data_dirs, load_text, tokenize
+from prunetune.devices import dtype_name, resolve_dtype
 from prunetune.evaluate import perplexity
 from prunetune.models import load_model
 from results import machine_line, write_section
@@ -50,7 +51,9 @@ def main() -> None:
     ]
     lines += [f"| {dt} | {bs} | {tok} | {s:.1f} | {tps:.0f} | {tps / base[bs]:.2f}x | {p:.4f} |" for dt, bs, tok, s, tps, p in rows]
     diff = (ppl["bfloat16"] - ppl["float32"]) / ppl["float32"]
-    lines += ["", f"bfloat16 perplexity differs from float32 by {diff:+.2%}."]
+    auto_dtype, reason = resolve_dtype("auto", args.device, "eval")
+    lines += ["", f"bfloat16 perplexity differs from float32 by {diff:+.2%}.",
+              f"`evaluate --dtype auto` on this machine: {dtype_name(auto_dtype)} ({reason})."]
     write_section(f"evaluate-{args.device.split(':')[0]}", f"evaluate throughput ({args.device})", "\n".join(lines))
 
 
