@@ -268,3 +268,14 @@ def test_named_dataset_without_local_copy_fails_fast_offline(monkeypatch):
     with pytest.raises(UserError, match=r"hub is unreachable.*--data-dir"):
         data.load_text("wikitext2", "test")
     assert time.perf_counter() - start < 5
+
+
+def test_unreadable_weights_inside_a_readable_model_dir(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tiny_model_dir / "model.safetensors"))
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", denied)
+    with pytest.raises(UserError, match="permission denied.*chmod"):
+        load_model(str(tiny_model_dir))
