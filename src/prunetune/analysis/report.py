@@ -195,8 +195,10 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
         [f"Final eval loss ({s.final_eval_set})" if s.final_eval_set else "Final eval loss",
          fmt_sig(s.final_eval_loss)],
         ["Best eval loss", best],
-        ["Final perplexity", fmt_sig(s.final_perplexity)],
-        ["Best perplexity", fmt_sig(s.best_perplexity)],
+        *([["Final perplexity", fmt_sig(s.final_perplexity)], ["Best perplexity", fmt_sig(s.best_perplexity)]]
+          if s.loss_kind == "lm" else
+          [["Perplexity", f"not a perplexity: the loss is not a language-model cross-entropy "
+                          f"({s.loss_kind_evidence})"]]),
         ["Evaluations", str(s.eval_points)],
     ]
     for name, numbers in (s.eval_sets or {}).items():
@@ -306,7 +308,8 @@ def render_console(data: Mapping[str, Any]) -> str:
     lines += [
         f"Steps {s['steps']} | time {hms(s['time_s'], '-')} | final train loss {fmt_sig(s['final_train_loss'])}"
         f" | final eval loss{eval_name} {fmt_sig(s['final_eval_loss'])} | best {fmt_sig(s['best_eval_loss'])}"
-        f" at step {s['best_step']} | perplexity {fmt_ppl(s['final_perplexity'], '-')}",
+        f" at step {s['best_step']} | perplexity "
+        + (fmt_ppl(s["final_perplexity"], "-") if s.get("loss_kind", "lm") == "lm" else "n/a (not an LM loss)"),
     ]
     if data["source"].get("best_checkpoint"):
         lines.append(f"Best checkpoint: {data['source']['best_checkpoint']}")
