@@ -78,6 +78,17 @@ def test_export_round_trip_is_bit_exact(request, tmp_path, fixture, compressor, 
     assert (out / "export.json").is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_export_in_bfloat16_is_the_cast_source_bit_for_bit(tmp_path, pruned_24):
+    result = export_compressed(ExportConfig(model_dir=str(pruned_24), out=str(tmp_path / "ct"), dtype="bfloat16"),
+                               log=lambda _: None)
+    assert result.record["dtype"] == "bfloat16" and result.verified == 14
+    source = _source_tensors(pruned_24)
+    for name, tensor in decompressed_weights(tmp_path / "ct"):
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor.view(torch.int16), source[name].to(torch.bfloat16).view(torch.int16)), name
+    assert load_exported(tmp_path / "ct").dtype == torch.bfloat16
+
+
 def test_exported_model_has_the_same_perplexity(tmp_path, pruned_block, tokenizer_dir):
     export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
     ids = torch.randint(0, 500, (4 * 64,), generator=torch.Generator().manual_seed(0))

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prunetune.architecture import prunable_linears
+from prunetune.devices import DTYPE_NAMES
 from prunetune.errors import UserError
 from prunetune.models import first_line
 from prunetune.pruning.patterns import parse_pattern
@@ -52,10 +53,16 @@ class ExportConfig:
     """Only compressed-tensors (the sparse format of llm-compressor and vLLM)."""
     compressor: str = "auto"
     """auto (2:4 -> sparse-24-bitmask, every other pattern -> sparse-bitmask) | sparse-bitmask | sparse-24-bitmask."""
+    dtype: str | None = None
+    """Store the weights in this dtype: bfloat16 or float16 (vLLM's 2:4 kernels take only these), float32;
+    default: as stored. The bit-exact check compares with the source cast to it (a cast never turns a zero into
+    a non-zero or back)."""
     overwrite: bool = False
     """Replace an --out that holds an earlier export (only prunetune's own files are replaced)."""
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise UserError(f"--dtype {self.dtype!r}: choose bfloat16, float16 or float32 (or omit it: as stored)")
         if self.format not in FORMATS:
             raise UserError(f"--format {self.format!r} is not supported; use {', '.join(FORMATS)}")
         if self.compressor not in COMPRESSORS:
@@ -173,7 +180,7 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
     check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, owned=(EXPORT_JSON,))  # before any work
     pattern, skipped, prune_summary = _pattern_of(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE_NAMES[cfg.dtype] if cfg.dtype else "auto")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"cannot load {str(model_dir)!r}: {first_line(err)}; give a `prunetune prune` output") from None
