@@ -311,3 +311,14 @@ def test_adapter_records_the_digest_of_its_base(finished, pruned_dir):
     model, _ = load_model(str(pruned_dir))
     assert rundir.read_adapter_meta(finished / "adapter")["base_digest"] == rundir.base_digest(
         model, rundir.load_keep_masks(pruned_dir, model)[0])
+
+
+# -- 9: an --out that cannot be written is a one-line error before any work ---------------------------------
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_unwritable_out_is_refused_before_work(pruned_dir, shared_data, tmp_path, where):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("mine")
+    out = blocker if where == "a_file" else blocker / "run"
+    with pytest.raises(UserError, match="is a file"):
+        run(small_config(pruned_dir, out, shared_data))
+    assert blocker.read_text() == "mine"

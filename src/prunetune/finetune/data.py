@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from prunetune.data import TextSplit, load_text, tokenize, windows_of
+from prunetune.data import TextSplit, tokenize, windows_of
 from prunetune.errors import UserError
 
 TRAIN_SPLIT = "train"
@@ -83,9 +82,3 @@ def load_finetune_data(
     train, train_info = _split(train_text, tokenizer, block_size, max_train_samples)
     evals, eval_info = _split(eval_text, tokenizer, block_size, max_eval_samples)
     return FinetuneData(train, evals, train_info, eval_info)
-
-
-def load_text_splits(dataset: str, data_dir: str | Path | None = None) -> tuple[TextSplit, TextSplit]:
-    """(train, validation) text of a dataset; a missing split raises UserError with the fix."""
-    data_dir = str(data_dir) if data_dir is not None else None
-    return load_text(dataset, TRAIN_SPLIT, data_dir), load_text(dataset, EVAL_SPLIT, data_dir)

@@ -43,7 +43,7 @@ from prunetune.finetune.console import RunLog
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT, FinetuneData, load_finetune_data
 from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_error
 from prunetune.finetune.precision import Precision, resolve_precision
-from prunetune.finetune.preflight import preflight_checks, raise_on_failure, remove_run
+from prunetune.finetune.preflight import check_writable, preflight_checks, raise_on_failure, remove_run
 from prunetune.finetune.prepare import Prepared, prepare_model
 from prunetune.finetune.resume import PriorRun, ResumePoint, load_prior, select_checkpoint
 from prunetune.finetune.trainer import (
@@ -108,6 +108,8 @@ def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str
     out = Path(cfg.out).expanduser()
     is_main = is_main_process()
     runlog = RunLog(out, enabled=is_main, stream=stream)
+    if is_main:
+        check_writable(out)
     created = not out.exists()
     lock = rundir.run_lock(out, "prunetune finetune") if is_main else contextlib.nullcontext()
     try:

@@ -7,6 +7,7 @@ Each check is a dict `{name, ok, detail, fix}`; the `preflight` record carries t
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -29,6 +30,20 @@ RUN_FILES = (METRICS, "train.log", RUN_CONFIG, "trainer_state.json", "all_result
 _TRAINED_EVENTS = ("train_start", "log", "eval", "checkpoint")
 
 Check = dict[str, Any]
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an `--out` that cannot be written (a path under a file, a read-only place) before any work, with
+    a one-line error instead of a traceback from the first write."""
+    anchor = out
+    while not anchor.exists() and anchor.parent != anchor:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        hint = "choose a directory path" if anchor != out else "choose another --out"
+        raise UserError(f"--out {str(out)!r}: {str(anchor)!r} is a file, not a directory; {hint}")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise UserError(f"--out {str(out)!r} is not writable (permission denied in {anchor}); choose a directory "
+                        "you can write")
 
 
 def existing_run(out: Path) -> list[str]:
