@@ -355,3 +355,22 @@ def test_live_diagnosis_matches_diagnose_record_by_record():
     for n, rec in enumerate(records, 1):
         assert live([rec]) == diagnose(records[:n], context={"lr": 1e-4})
     assert [a.kind for a in live([], final=True)] == ["nan_inf"]
+
+
+def test_noisy_evaluations_that_stay_above_their_best_are_overfitting():
+    train = logs([3.0 - 0.04 * i for i in range(40)])
+    noisy = evals([(100, 2.9), (150, 2.7), (200, 2.86), (250, 2.84), (300, 2.95), (350, 2.93), (400, 3.0)])
+    found = diagnose(train + noisy, context={"flavour": "trainer"})
+    over = next(a for a in found if a.kind == "overfitting")
+    assert over.evidence["best_eval_step"] == 150 and "stayed above its best" in over.message
+    assert "--lora_dropout (LoraConfig)" in over.fix
+    recovered = evals([(100, 2.9), (150, 2.7), (200, 2.86), (250, 2.84), (300, 2.69), (400, 2.66)])
+    assert "overfitting" not in kinds(train + recovered)
+
+
+def test_slow_at_a_constant_lr_up_to_16_percent():
+    rng = random.Random(21)
+    values = [2.4 - 0.32 * i / 100 + rng.gauss(0, 0.01) for i in range(100)]  # -13%, still linear
+    assert kinds(logs(values, lr=1e-6)) == ["loss_slow"]
+    decaying = [{**r, "lr": 1e-6 * (1 - i / 100)} for i, r in enumerate(logs(values))]
+    assert kinds(decaying) == []  # a decaying LR gives the 13% run the benefit of the doubt

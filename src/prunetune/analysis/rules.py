@@ -262,11 +262,13 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     evals = series.evals
     eval_drop = (evals[0][1] - evals[-1][1]) / abs(evals[0][1]) if len(evals) >= 2 and evals[0][1] else None
     eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop
-    limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still else 1.0)
+    lrs = [v for _, v in series.lr[warm:]]
+    lr_constant = len(lrs) >= 2 and min(lrs) > 0 and max(lrs) / min(lrs) <= 1.05
+    limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still or lr_constant else 1.0)
     if (
         0 < tr.rel_change < limit
         and significant
-        and tr.second_half_drop > 0
+        and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
         and late_share >= th.slow_min_late_share
     ):
         per100 = tr.rel_change / max(1, tr.last_step - tr.first_step) * 100
@@ -276,7 +278,8 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         msg = (
             f"train loss falls too slowly: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
             f"(-{tr.rel_change * 100:.1f}%, {per100 * 100:.2f}% per 100 steps) and still falling at the same "
-            "pace" + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
+            "pace" + (" at a constant LR" if lr_constant else "")
+            + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
             + ": the LR is too low."
         )
         return Anomaly("loss_slow", "warning", msg, evidence, fixes.raise_lr(lr, _flavour(context)) + ".", tr.last_step)
@@ -303,11 +306,19 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
     k = th.overfit_consecutive_rises
     if len(evals) < max(th.overfit_min_evals, k + 1):
         return None
-    tail = evals[-(k + 1) :]
-    if not all(b[1] > a[1] for a, b in zip(tail, tail[1:], strict=False)):
-        return None
-    best_step, best = min(evals, key=lambda p: p[1])
+    best_i = min(range(len(evals)), key=lambda i: evals[i][1])
+    best_step, best = evals[best_i]
     last_step, last = evals[-1]
+    tail = evals[-(k + 1) :]
+    rising = all(b[1] > a[1] for a, b in zip(tail, tail[1:], strict=False))
+    if not rising:
+        # noisy evaluations: the best lies `k` or more evaluations back, none since came back near it, and the
+        # last is clearly above it (a transient bump recovers to a new best and stays quiet)
+        since = evals[best_i + 1 :]
+        if len(since) < k or last < best * (1 + th.overfit_sustained_rel_rise) or \
+                min(v for _, v in since) < best * (1 + th.overfit_min_rel_rise):
+            return None
+        tail = evals[best_i:]
     if best <= 0 or last < best * (1 + th.overfit_min_rel_rise):
         return None
     train_start = train_loss_near(series.train, tail[0][0])
@@ -328,8 +339,9 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
     fix = fixes.overfitting(to_float(_ctx(context, "lora_dropout")), to_float(_ctx(context, "epochs")), best_step,
                             _flavour(context))
     msg = (
-        f"eval loss rose {k} evaluations in a row to {_fmt(last)} at step {last_step} "
-        f"(best {_fmt(best)} at step {best_step}) while train loss went {_fmt(train_start)} -> {_fmt(train_end)}."
+        (f"eval loss rose {k} evaluations in a row to {_fmt(last)} at step {last_step} " if rising else
+         f"eval loss stayed above its best for {len(tail) - 1} evaluations, up to {_fmt(last)} at step {last_step} ")
+        + f"(best {_fmt(best)} at step {best_step}) while train loss went {_fmt(train_start)} -> {_fmt(train_end)}."
     )
     return Anomaly("overfitting", "warning", msg, evidence, fix, last_step)
 

@@ -42,14 +42,16 @@ class Thresholds:
     """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
     slow_eval_still_factor: float = 1.6
     """... or by less than this many times `slow_max_rel_drop` (16%: a run ending 10-15% below its start)
-    when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
+    at a constant LR or when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
     slow_eval_max_rel_drop: float = 0.05
     """... (first vs last evaluation, at least two) ..."""
     slow_min_late_share: float = 0.5
     """... the second half of the run still fell by at least this share of the first half's drop:
     the curve is still going down at its initial pace (no plateau), so a larger LR would help ..."""
     slow_min_significance: float = 2.0
-    """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window))."""
+    """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window)), its
+    second half this many standard errors of a difference of two window medians (a late fall that is only
+    noise does not count as still falling)."""
     verdict_min_rel_drop: float = 0.1
     """The train verdict says "decreasing steadily (the LR suits the run)" only when the loss fell at least
     this fraction (median of the first vs the last tenth of the points); a smaller drop with no anomaly
@@ -90,6 +92,10 @@ class Thresholds:
     """`overfitting` when the eval loss rose at this many consecutive evaluations ..."""
     overfit_min_rel_rise: float = 0.01
     """... ends at least this fraction above its best value ..."""
+    overfit_sustained_rel_rise: float = 0.03
+    """... or, with noisy evaluations, when every evaluation since the best (at least
+    `overfit_consecutive_rises` of them) stayed above it by `overfit_min_rel_rise` and the last ends this
+    fraction above it ..."""
     overfit_train_max_rel_change: float = 0.0
     """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
     far_min_gap: float = 0.7
