@@ -279,3 +279,13 @@ def test_unreadable_weights_inside_a_readable_model_dir(tiny_model_dir, monkeypa
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", denied)
     with pytest.raises(UserError, match="permission denied.*chmod"):
         load_model(str(tiny_model_dir))
+
+
+def test_evaluate_out_that_cannot_be_written_is_refused_before_work(tmp_path, tiny_model_dir):
+    from prunetune.evaluate import EvalConfig, run_evaluate
+
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file" / "eval.json", "lies under the file"),
+                         (tmp_path, "is a directory, expected a file path")):
+        with pytest.raises(UserError, match=message):
+            run_evaluate(EvalConfig(model=str(tiny_model_dir), out=str(out), quiet=True))
