@@ -47,11 +47,8 @@ from prunetune.analysis.series import (
     windows,
 )
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
+from prunetune.fmt import fmt_sig
 from prunetune.records import to_float
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
 
 
 def _ctx(context: Mapping[str, Any] | None, key: str) -> Any:
@@ -138,7 +135,7 @@ def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | 
     lr = _current_lr(series, context)
     fix = fixes.diverging(lr, to_float(_ctx(context, "gradient_accumulation_steps")), _flavour(context))
     msg = (
-        f"train loss is rising: median {_fmt(tr.last_median)} over the last logs vs {_fmt(best)} "
+        f"train loss is rising: median {fmt_sig(tr.last_median)} over the last logs vs {fmt_sig(best)} "
         f"around step {best_step} (+{(tr.last_median / best - 1) * 100:.0f}%): the LR is too high."
     )
     return Anomaly("loss_diverging", "error", msg, evidence, fix, tr.last_step)
@@ -207,7 +204,7 @@ def rule_frozen(series: Series, th: Thresholds, context: Mapping[str, Any] | Non
     if n_same >= th.flat_identical_points:
         step, value = series.train[end]
         evidence = {"identical_losses": n_same, "value": value, "until_step": step}
-        what = f"the train loss is exactly {_fmt(value)} at {n_same} log lines in a row (until step {step})"
+        what = f"the train loss is exactly {fmt_sig(value)} at {n_same} log lines in a row (until step {step})"
     elif zero and n_zero >= max(2, th.flat_identical_points // 2):
         step = zero[zend][0]
         evidence = {"zero_grad_norms": n_zero, "until_step": step}
@@ -251,7 +248,7 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
     if abs(tr.rel_change) < th.flat_max_rel_change or within:
         msg = (
-            f"train loss is flat: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
+            f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over {span} "
             f"({tr.rel_change * 100:+.2f}%, within the noise of its first value all run): the model is not "
             "learning."
         )
@@ -276,7 +273,7 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         if eval_drop is not None:
             evidence["eval_rel_drop"] = round(eval_drop, 4)
         msg = (
-            f"train loss falls too slowly: {_fmt(tr.first_median)} -> {_fmt(tr.last_median)} over {span} "
+            f"train loss falls too slowly: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over {span} "
             f"(-{tr.rel_change * 100:.1f}%, {per100 * 100:.2f}% per 100 steps) and still falling at the same "
             "pace" + (" at a constant LR" if lr_constant else "")
             + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
@@ -294,7 +291,7 @@ def rule_memorised(series: Series, th: Thresholds, context: Mapping[str, Any] | 
     step, end = series.train[-1]
     evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "last_step": step,
                 "points": len(series.train)}
-    msg = (f"train loss fell from {_fmt(start)} to {_fmt(end)} by step {step}: near zero, the model has memorised "
+    msg = (f"train loss fell from {fmt_sig(start)} to {fmt_sig(end)} by step {step}: near zero, the model has memorised "
            "its training text (overfitting), whatever the eval loss says.")
     fix = fixes.overfitting(to_float(_ctx(context, "lora_dropout")), to_float(_ctx(context, "epochs")), None,
                             _flavour(context))
@@ -339,9 +336,9 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
     fix = fixes.overfitting(to_float(_ctx(context, "lora_dropout")), to_float(_ctx(context, "epochs")), best_step,
                             _flavour(context))
     msg = (
-        (f"eval loss rose {k} evaluations in a row to {_fmt(last)} at step {last_step} " if rising else
-         f"eval loss stayed above its best for {len(tail) - 1} evaluations, up to {_fmt(last)} at step {last_step} ")
-        + f"(best {_fmt(best)} at step {best_step}) while train loss went {_fmt(train_start)} -> {_fmt(train_end)}."
+        (f"eval loss rose {k} evaluations in a row to {fmt_sig(last)} at step {last_step} " if rising else
+         f"eval loss stayed above its best for {len(tail) - 1} evaluations, up to {fmt_sig(last)} at step {last_step} ")
+        + f"(best {fmt_sig(best)} at step {best_step}) while train loss went {fmt_sig(train_start)} -> {fmt_sig(train_end)}."
     )
     return Anomaly("overfitting", "warning", msg, evidence, fix, last_step)
 
@@ -364,7 +361,7 @@ def rule_far_above(series: Series, th: Thresholds, context: Mapping[str, Any] | 
         "perplexity_ratio": round(math.exp(min(ev - tr, 50.0)), 3),
     }
     msg = (
-        f"eval loss {_fmt(ev)} is far above train loss {_fmt(tr)} at step {step} "
+        f"eval loss {fmt_sig(ev)} is far above train loss {fmt_sig(tr)} at step {step} "
         f"(gap {ev - tr:.2f} nats, perplexity x{math.exp(min(ev - tr, 50.0)):.2f})."
     )
     fix = fixes.eval_far_above_train(to_float(_ctx(context, "lora_dropout")), _flavour(context))
