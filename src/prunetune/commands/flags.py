@@ -115,7 +115,7 @@ def _default_text(f: dataclasses.Field) -> str:
     if value is None or value == () or value == {} or value == []:
         return ""
     if isinstance(value, bool):
-        return " (default: on)" if value else ""
+        return f" (default: on; --no-{f.name.replace('_', '-')} turns it off)" if value else ""
     if isinstance(value, tuple):
         value = ",".join(map(str, value))
     return f" (default: {value})"
@@ -268,7 +268,8 @@ def config_from_args(
     values: dict[str, Any] = {}
     config_file = getattr(args, "config", None)
     if config_file:
-        data = configfile.settings_of(configfile.read_mapping(config_file), command)
+        section = {"evaluate": "eval"}.get(command, command)  # a pipeline file's section for this command
+        data = configfile.settings_of(configfile.read_mapping(config_file), section)
         values.update(configfile.read_layer(cls, data, f"--config {config_file}"))
     values.update(configfile.convert_values(cls, given(args, cls), "command line"))
     values.update(extra or {})
