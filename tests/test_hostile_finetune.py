@@ -322,3 +322,14 @@ def test_unwritable_out_is_refused_before_work(pruned_dir, shared_data, tmp_path
     with pytest.raises(UserError, match="is a file"):
         run(small_config(pruned_dir, out, shared_data))
     assert blocker.read_text() == "mine"
+
+
+def test_a_finished_sparse_ft_run_is_not_restarted(pruned_dir, shared_data, tmp_path):
+    out = tmp_path / "sparse"
+    cfg = dict(method="sparse-ft", max_steps=4, eval_steps=2, save_steps=2, lr=1e-4)
+    result, _ = run(small_config(pruned_dir, out, shared_data, **cfg))
+    assert result["status"] == "completed" and (out / "model/model.safetensors").is_file()
+    with pytest.raises(UserError, match="finished run"):
+        run(small_config(pruned_dir, out, shared_data, resume_from_checkpoint="auto", **cfg))
+    result, _ = run(small_config(pruned_dir, out, shared_data, overwrite=True, **cfg))
+    assert result["status"] == "completed"

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
+from prunetune.finetune.methods import SPARSE_MODEL_DIR
 from prunetune.finetune.trainer import CHECKPOINT_STAGING, SESSIONS
 from prunetune.records import read_jsonl, to_float
 from prunetune.rundir import ADAPTER_DIR, METRICS
@@ -33,6 +34,8 @@ SUPERSEDED_EVENTS = ("log", "eval", "checkpoint", "alert", "message")
 # How the interrupted session ended: a resumed run is not finished, so readers (monitor) must not see these.
 ENDING_EVENTS = ("train_end", "stopped", "error", "best_loaded", "final_eval", "sparsity_check", "adapter_saved",
                  "summary")
+RESULT_DIRS = (ADAPTER_DIR, SPARSE_MODEL_DIR)
+"""Where a finished run's result is: LoRA methods' adapter, sparse-ft's model."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -118,9 +121,10 @@ def select_checkpoint(cfg: FinetuneConfig, out: Path) -> ResumePoint | None:
 
 
 def finished_step(out: Path) -> int | None:
-    """The last step of a finished run: its adapter is saved and its last session ended with a `summary`."""
+    """The last step of a finished run: its result is saved (the adapter, or sparse-ft's model) and its last
+    session ended with a `summary`."""
     path = out / METRICS
-    if not (path.is_file() and (out / ADAPTER_DIR).is_dir()):
+    if not (path.is_file() and any((out / name).is_dir() for name in RESULT_DIRS)):
         return None
     endings = [r for r in read_jsonl(path) if r.get("event") in ENDING_EVENTS or r.get("event") == "resume"]
     if endings and endings[-1].get("event") == "summary":
