@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from prunetune.analysis import fixes
 from prunetune.analysis.series import record_step
 
 ANOMALY_KINDS: tuple[str, ...] = (
@@ -22,23 +23,24 @@ ANOMALY_KINDS: tuple[str, ...] = (
 
 SEVERITIES: tuple[str, ...] = ("warning", "error")
 
-KIND_DOCS: dict[str, str] = {
+KIND_DOCS: dict[str, str] = {  # what each kind means; the fix is `prunetune.analysis.fixes`' one text of it
     "loss_flat": "error: train loss does not move (or repeats exactly / zero gradients): data or configuration "
-                 "broken. Fix: check labels, trainable parameters, LR.",
-    "loss_slow": "warning: train loss falls, too little and still at its initial pace: LR too low. Fix: raise --lr.",
-    "loss_oscillating": "warning: train loss jumps by a large fraction of its level without progress: LR too high "
-                        "or batch too small. Fix: lower --lr or raise --gradient_accumulation_steps.",
-    "loss_diverging": "error: train loss ends clearly above its start or its best: LR too high. Fix: lower --lr, "
-                      "clip gradients, warm up.",
-    "overfitting": "warning: eval loss rises at consecutive evaluations while train loss falls. Fix: more "
-                   "--lora_dropout, fewer epochs, stop early at the best checkpoint, more data.",
-    "eval_far_above_train": "warning: eval loss far above the train loss at the same step. Fix: check the eval "
-                            "data matches, then as for overfitting.",
+                 f"broken. Fix: {fixes.flat(None)}",
+    "loss_slow": f"warning: train loss falls, too little and still at its initial pace: LR too low. Fix: "
+                 f"{fixes.raise_lr(None)}.",
+    "loss_oscillating": "warning: train loss jumps by a large fraction of its level: LR too high or batch too "
+                        f"small. Fix: {fixes.lower_lr(None)}.",
+    "loss_diverging": "error: train loss ends clearly above its start or its best: LR too high. Fix: "
+                      f"{fixes.diverging(None)}",
+    "overfitting": "warning: eval loss rises at consecutive evaluations while train loss falls, or the train loss "
+                   f"converged near zero (memorised). Fix: {fixes.overfitting(None, None, None)}",
+    "eval_far_above_train": f"warning: eval loss far above the train loss at the same step. Fix: "
+                            f"{fixes.eval_far_above_train(None)}",
     "nan_inf": "error: a NaN/Inf loss, grad norm or eval loss (or non-finite weights, alerted by finetune). "
-               "Fix: stop, keep the last good checkpoint, lower --lr; --logging_nan_inf_filter false.",
-    "out_of_memory": "error: the run died of an out-of-memory error. Fix: shorter --block-size, "
-                     "--gradient_checkpointing, smaller per-device batch; resume.",
-    "no_eval": "warning (end of run only): no evaluation at all. Fix: --eval_strategy steps --eval_steps N.",
+               f"Fix: {fixes.nan_inf(None, None)}",
+    "out_of_memory": f"error: the run died of an out-of-memory error. Fix: {fixes.out_of_memory()}",
+    "no_eval": "warning (end of run only): no evaluation at all. Fix: "
+               + fixes.no_eval(100).replace("--eval_steps 10 ", "--eval_steps N "),
 }
 
 
