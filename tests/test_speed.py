@@ -82,7 +82,7 @@ def test_sparsified_model_gives_the_same_logits(pruned_block):
 
 
 def test_breakeven_sweep_reports_every_sparsity():
-    sweep = breakeven_sweep((32, 32), 4, (0.5, 0.75), (16, 16), "cpu", torch.float32, repeats=1)
+    sweep = breakeven_sweep((32, 32), 4, (0.5, 0.75), (16, 16), "cpu", torch.float32, rounds=2)
     assert [r["sparsity"] for r in sweep["rows"]] == [0.5, 0.75]
     assert all(r["dense_ms"] > 0 and r["bsr_ms"] > 0 for r in sweep["rows"])
     assert sweep["breakeven_sparsity"] in (None, 0.5, 0.75)

@@ -33,6 +33,7 @@ _Log = Callable[[str], None]
 SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/up_proj": (1536, 576),
                   "down_proj": (576, 1536)}
 """(out, in) of SmolLM2-135M's decoder linears: the shapes of the break-even sweep."""
+SWEEP_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def int_tuple(value: str | int | tuple[int | str, ...] | list[int | str]) -> tuple[int, ...]:
@@ -69,7 +70,8 @@ class SpeedConfig:
     repeats: int = 3
     """Timed repetitions per measurement (after one warm-up); the median is reported."""
     breakeven: bool = True
-    """Also sweep the sparsity of one 16x16-BSR matmul per SmolLM2 shape to find where it beats dense."""
+    """Also sweep the sparsity of one 16x16-BSR matmul per SmolLM2 shape, on seqlen tokens and on 1 (decoding), to
+    find where it beats dense."""
     out: str | None = None
     """Write the results JSON here."""
 
@@ -220,11 +222,28 @@ def block_sparse_weight(out_f: int, in_f: int, sparsity: float, block: tuple[int
     return (torch.randn(out_f, in_f, generator=gen) * mask).to(dtype)
 
 
+def _best_interleaved(fns: list[Callable[[], Any]], rounds: int, device: str) -> list[float]:
+    """Fastest of `rounds` runs of each fn, the fns taking turns: on a shared machine the minimum is the run least
+    disturbed by other processes, and taking turns exposes every fn to the same background load."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
 @torch.inference_mode()
 def breakeven_sweep(shape: tuple[int, int], tokens: int, sparsities: tuple[float, ...], block: tuple[int, int],
-                    device: str, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
-    """Dense vs BSR matmul time of one (out, in) weight on `tokens` inputs across sparsities, and the break-even:
-    the lowest measured sparsity from which BSR stays at least as fast (None: never within the sweep)."""
+                    device: str, dtype: torch.dtype, rounds: int = 10) -> dict[str, Any]:
+    """Dense vs BSR matmul time of one (out, in) weight on `tokens` inputs across sparsities (best of `rounds`,
+    interleaved), and the break-even: the lowest swept sparsity from which BSR stays at least as fast (None: not
+    within the sweep)."""
     out_f, in_f = shape
     x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     rows = []
@@ -233,8 +252,8 @@ def breakeven_sweep(shape: tuple[int, int], tokens: int, sparsities: tuple[float
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             bsr = w.to_sparse_bsr(block)
-        dense_s = _median_seconds(lambda w=w: nn.functional.linear(x, w), repeats, device)
-        bsr_s = _median_seconds(lambda bsr=bsr: (bsr @ x.T).T, repeats, device)
+        dense_s, bsr_s = _best_interleaved(
+            [lambda w=w: nn.functional.linear(x, w), lambda bsr=bsr: (bsr @ x.T).T], rounds, device)
         rows.append({"sparsity": s, "dense_ms": dense_s * 1e3, "bsr_ms": bsr_s * 1e3, "speedup": dense_s / bsr_s})
     even = None
     for i, row in enumerate(rows):
@@ -327,9 +346,10 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     sweeps = []
     if cfg.breakeven:
         log("Break-even sweep: 16x16 BSR vs dense matmul at SmolLM2 shapes")
-        sparsities = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-        for shape in SMOLLM2_SHAPES.values():
-            sweeps.append(breakeven_sweep(shape, cfg.seqlen, sparsities, (16, 16), device, dtype, cfg.repeats))
+        for tokens in dict.fromkeys((cfg.seqlen, 1)):  # a prompt's worth (prefill) and one token (decoding)
+            for shape in SMOLLM2_SHAPES.values():
+                sweeps.append(breakeven_sweep(shape, tokens, SWEEP_SPARSITIES, (16, 16), device, dtype,
+                                              rounds=max(10, 3 * cfg.repeats)))
     result = SpeedResult(rows, pattern.name, kernel, device, dtype_name(dtype), sweeps, machine())
     if cfg.out:
         write_json(cfg.out, {**result.to_json(), "config": asdict(cfg)})
