@@ -130,3 +130,19 @@ def test_speed_command_parses_batches_and_prints(tmp_path, pruned_block, tiny_mo
                                            "--new-tokens", "2", "--repeats", "1", "--no-breakeven"])) == 0
     printed = capsys.readouterr().out
     assert "pruned (sparse kernels)" in printed
+
+
+@pytest.mark.gpu
+def test_semi_structured_2_4_linear_matches_dense_on_cuda():
+    from prunetune.pruning.patterns import nm_mask
+
+    weight = torch.randn(128, 128)
+    keep = nm_mask(weight.abs(), 2, 4)
+    linear = nn.Linear(128, 128, bias=False).to("cuda", torch.float16)
+    with torch.no_grad():
+        linear.weight.copy_((weight * keep).to("cuda", torch.float16))
+    assert layout_for(parse_pattern("2:4"), "cuda", torch.float16)[0] == "semi"
+    sparse = SparseLinear(linear, "semi")
+    x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(sparse(x), linear(x), rtol=1e-2, atol=1e-2)
+    assert tensor_bytes(sparse.weight.data) < tensor_bytes(linear.weight.data)
