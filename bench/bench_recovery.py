@@ -185,6 +185,8 @@ def main() -> None:
                    help="plain-LoRA arms that also get the unmasked adapter's perplexity (one more eval each)")
     p.add_argument("--dense-ppl", type=float, default=None,
                    help="the dense model's perplexity under the same protocol, when already measured (skips its eval)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the pruned model's own evaluation (another invocation measures it)")
     p.add_argument("--one-arm", help=argparse.SUPPRESS)
     args = p.parse_args()
     pruned = Path(args.pruned)
@@ -201,11 +203,13 @@ def main() -> None:
     results = Path(args.results or work / "results.jsonl")
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     base = next((r["baseline"] for r in done if "baseline" in r), None)
-    if base is None:
+    if base is None and args.no_baseline:
+        base = {"dense": args.dense_ppl, "pruned": None}
+    elif base is None:
         base = baseline(pruned, args.block_size, args.eval_windows, args.data_dir, args.dense_ppl)
         with results.open("a") as f:
             f.write(json.dumps({"baseline": base}) + "\n")
-    print(f"dense {base['dense']:.2f}, pruned {base['pruned']:.1f} (WikiText-2 test, {args.eval_windows} x "
+    print(f"dense {base['dense']}, pruned {base['pruned']} (WikiText-2 test, {args.eval_windows} x "
           f"{args.block_size} tokens)", flush=True)
     for name in args.arms.split(","):
         arm = ARMS[name]
