@@ -31,7 +31,7 @@ from rich.table import Table
 
 from prunetune.errors import UserError
 from prunetune.fmt import hms
-from prunetune.rundir import LOCK_FILE, MARKER, PIPELINE_JSON
+from prunetune.rundir import LOCK_FILE, MARKER, PIPELINE_JSON, mark_ours
 from prunetune.runinfo import provenance, write_json
 
 STAGE_FILE = "stage.json"
@@ -306,7 +306,9 @@ class PipelineRun:
         if action.kind == "run" and stage_dir.exists():
             self._clear(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        mark_stage_dir(stage_dir)
+        # Ours: the stage's engine writes its result here through `rundir.staged_output`, keeping stage.json.
+        if not (stage_dir / MARKER).is_file():  # a resumed stage keeps its engine's marker
+            mark_ours(stage_dir, "run")
         previous = read_stage(stage_dir) or {}
         started = _now()
         state: dict[str, Any] = {
@@ -372,13 +374,6 @@ class PipelineRun:
 
     def record_results(self, results: dict[str, Any]) -> None:
         self._record({}, results)
-
-
-def mark_stage_dir(stage_dir: Path) -> None:
-    """Mark a stage directory as prunetune's (rundir's marker, listing no files yet): the stage's engine writes
-    its result there through `rundir.staged_output`, which then keeps stage.json as a file it did not write."""
-    if not (stage_dir / MARKER).is_file():
-        write_json(stage_dir / MARKER, {"written_by": "prunetune run", "command": "run", "files": []})
 
 
 def check_run_dir(root: Path) -> None:
