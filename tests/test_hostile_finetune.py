@@ -333,3 +333,12 @@ def test_a_finished_sparse_ft_run_is_not_restarted(pruned_dir, shared_data, tmp_
         run(small_config(pruned_dir, out, shared_data, resume_from_checkpoint="auto", **cfg))
     result, _ = run(small_config(pruned_dir, out, shared_data, overwrite=True, **cfg))
     assert result["status"] == "completed"
+
+
+def test_resume_with_settings_that_change_the_run_is_refused(finished, pruned_dir, shared_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"--block-size is 64 but the run .* trains with 32.*--config .*run_config"):
+        run(_resume_cfg(pruned_dir, out, shared_data, block_size=64))
+    assert (out / "metrics.jsonl").read_text() == before

@@ -17,7 +17,7 @@ from prunetune.data import TextSplit, load_text
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT
-from prunetune.finetune.resume import METRICS, RESULT_DIRS, ResumePoint, checkpoints
+from prunetune.finetune.resume import METRICS, RESULT_DIRS, ResumePoint, changed_settings, checkpoints
 from prunetune.models import context_length, load_config
 from prunetune.records import read_jsonl
 from prunetune.rundir import RUN_CONFIG, TRAIN_LOG
@@ -122,6 +122,22 @@ def _check_out(cfg: FinetuneConfig, out: Path, resume: ResumePoint | None, exist
     return {"name": name, "ok": True, "detail": f"{out} is free"}
 
 
+def _check_same_run(cfg: FinetuneConfig, out: Path) -> list[Check]:
+    """A resume continues the run it finds: settings that decide the model or the data order may not change."""
+    changed = changed_settings(cfg, out)
+    if not changed:
+        return []
+    key, old, new = changed[0]
+    flag = f"--{key.replace('_', '-')}"
+    rest = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    command = (f"prunetune finetune --config {shlex.quote(str(out / RUN_CONFIG))} --resume_from_checkpoint auto")
+    return [{"name": "resume", "ok": False,
+             "detail": f"{flag} is {new!r} but the run in {out} trains with {old!r}{rest}; a resume continues "
+                       "the same run",
+             "fix": f"resume with the run's own settings: {command} (--lr may change), or start a new run with "
+                    "another --out"}]
+
+
 def preflight_checks(
     cfg: FinetuneConfig, out: Path, resume: ResumePoint | None, teacher_spec: str | None, is_main: bool
 ) -> tuple[list[Check], dict[str, TextSplit], list[str]]:
@@ -130,6 +146,8 @@ def preflight_checks(
     data_checks, texts = _check_data(cfg)
     existing = existing_run(out) if is_main else []
     checks += data_checks + [_check_out(cfg, out, resume, existing)]
+    if resume is not None:
+        checks += _check_same_run(cfg, out)
     if cfg.distilling and not teacher_spec:
         checks.append({"name": "teacher", "ok": False, "detail": "--distill needs the dense model",
                        "fix": "give --teacher MODEL (the pruned dir has no prune.json naming it)"})

@@ -24,7 +24,7 @@ from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.methods import SPARSE_MODEL_DIR
 from prunetune.finetune.trainer import CHECKPOINT_STAGING, SESSIONS
 from prunetune.records import read_jsonl, to_float
-from prunetune.rundir import ADAPTER_DIR, METRICS
+from prunetune.rundir import ADAPTER_DIR, METRICS, RUN_CONFIG
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -37,6 +37,33 @@ ENDING_EVENTS = ("train_end", "stopped", "error", "best_loaded", "final_eval", "
 RESULT_DIRS = (ADAPTER_DIR, SPARSE_MODEL_DIR)
 """Where a finished run's result is: LoRA methods' adapter, sparse-ft's model."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# What a resumed session must share with the run it continues: the model, what trains, the data and its order.
+# (The LR may change: the restored schedule is rescaled; evaluation and logging settings may change freely.)
+FIXED_ON_RESUME = ("pruned", "dataset", "block_size", "max_train_samples", "per_device_train_batch_size",
+                   "gradient_accumulation_steps", "seed", "method", "lora_r", "lora_alpha", "lora_targets",
+                   "sparse_ft_targets")
+
+
+def changed_settings(cfg: FinetuneConfig, out: Path) -> list[tuple[str, Any, Any]]:
+    """(setting, the run's value, this session's value) for every FIXED_ON_RESUME setting that differs from the
+    run's own `run_config.json`; empty when it has none (an older run)."""
+    path = out / RUN_CONFIG
+    try:
+        saved = json.loads(path.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    return [(key, saved[key], now[key]) for key in FIXED_ON_RESUME
+            if key in saved and _same_form(saved[key]) != _same_form(now.get(key))]
+
+
+def _same_form(value: Any) -> Any:
+    """A path given relative in one session and absolute in the other is the same setting."""
+    if isinstance(value, str) and ("/" in value or value.startswith(".")) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 @dataclass(frozen=True)
