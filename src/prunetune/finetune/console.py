@@ -127,7 +127,8 @@ def _estimate(r: Mapping[str, Any]) -> list[str]:
         "",
         f"Expected training time: {hms(r.get('expected_s'))} "
         f"({r.get('max_steps')} steps x {fmt_num(r.get('s_per_step'), '.3f')} s/step measured on "
-        f"{r.get('probe_steps')} probe steps, + {r.get('evals')} evaluations x {fmt_num(r.get('eval_s'), '.1f')}s)",
+        f"{r.get('probe_steps')} probe steps, + {r.get('evals')} evaluations x {fmt_num(r.get('eval_s'), '.1f')}s)"
+        + (f"; the probe took {fmt_num(r['probe_total_s'], '.1f')}s" if r.get("probe_total_s") else ""),
     ]
 
 

@@ -292,15 +292,19 @@ def _baseline(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
             # evaluate() before train() marks the model as prepared, and Accelerate then skips the DDP wrapper
             # in train(): every rank would train on its own gradients. Clear the mark so train() wraps it.
             del trainer.model._is_accelerate_prepared
+        t0 = time.perf_counter()
         probe = probe_seconds(trainer, trainer.model, data, cfg)
+        probe_total = time.perf_counter() - t0
     except OOM_ERRORS as err:
         raise oom_error(run, trainer, monitor, err, "the baseline evaluation") from None
-    _estimate(run, trainer, monitor, data, probe, to_float(baseline.get("eval_runtime")) or 0.0)
+    _estimate(run, trainer, monitor, data, probe, to_float(baseline.get("eval_runtime")) or 0.0, probe_total)
     return baseline
 
 
 def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, data: FinetuneData,
-              probe: float | None, eval_s: float) -> None:
+              probe: float | None, eval_s: float, probe_total_s: float) -> None:
+    """The expected time, and what the probe itself cost (`probe_total_s`: what it adds to the run's wall time,
+    beside the baseline evaluation's `eval_s`)."""
     cfg = run.cfg
     if cfg.max_steps > 0:
         max_steps = cfg.max_steps
@@ -311,7 +315,7 @@ def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
     s_per_step = probe * cfg.gradient_accumulation_steps if probe is not None else None
     remaining = max_steps - run.resume_step
     run.runlog.emit("estimate", None, s_per_step=s_per_step, max_steps=max_steps, remaining_steps=remaining,
-                    probe_steps=cfg.probe_steps, evals=evals, eval_s=eval_s,
+                    probe_steps=cfg.probe_steps, probe_total_s=probe_total_s, evals=evals, eval_s=eval_s,
                     expected_s=(s_per_step * remaining + evals * eval_s) if s_per_step else None)
     args = trainer.args
     monitor.header = {
