@@ -172,11 +172,11 @@ def floor_main(args: argparse.Namespace) -> int:
             cfg = PruneConfig(model=args.model, out=f"{tmp}/{len(os.listdir(tmp))}", pattern=pattern, sparsity=0.5,
                               calib_dataset="wikitext2", data_dir=args.data_dir, nsamples=args.nsamples,
                               seqlen=args.seqlen, reconstruct=rec, device="cpu", dtype=args.dtype,
-                              compare="band" if name.endswith(" band") else None)
+                              compare="band" if name.endswith(" band") else None, sequential=not args.one_shot)
             run_prune(cfg, console=Console(file=sys.stderr, width=120))
             t = json.loads((Path(cfg.out) / "prune.json").read_text())["timings"]
             prune_s = t["prune_s"] + t.get("capture_s", 0.0)
-            print(json.dumps({"name": name, "reconstruct": rec, "prune_s": round(prune_s, 2),
+            print(json.dumps({"name": name, "reconstruct": rec, "one_shot": args.one_shot, "prune_s": round(prune_s, 2),
                               "x_floor": round(prune_s / floor["forward_s"], 2), "timings": t}), flush=True)
     return 0
 
@@ -219,6 +219,7 @@ def main() -> int:
     parser.add_argument("--jsonl", default="/tmp/bench_prune.jsonl", help="results as they come")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl, run only the others")
     parser.add_argument("--floor", action="store_true", help="time each prune against one forward pass (issue 13)")
+    parser.add_argument("--one-shot", action="store_true", help="--floor: prune with --one-shot")
     parser.add_argument("--dtype", default=None, help="--floor: auto (default) | float32 | bfloat16")
     parser.add_argument("--breakdown", type=int, default=0, help="seconds per phase on the first N layers")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
