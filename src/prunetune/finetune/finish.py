@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from prunetune.errors import UserError
 from prunetune.finetune import methods
 from prunetune.finetune.callbacks import MonitorCallback
 from prunetune.finetune.prepare import sparsity_violations
-from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
+from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer, swap_in
 from prunetune.records import to_float
 
 if TYPE_CHECKING:
@@ -198,9 +197,7 @@ def save_result(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, base
                                       digest=run.base_digest, **record)
     files = []
     if run.is_main:
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(staging, final_dir)
+        swap_in(staging, final_dir)
         files = sorted(str(p) for p in final_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
     run.runlog.emit("adapter_saved", None, dir=str(final_dir), files=files, method=cfg.method)
     return final_dir

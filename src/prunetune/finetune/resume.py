@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
+from prunetune import rundir
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.methods import SPARSE_MODEL_DIR
@@ -87,11 +86,9 @@ def checkpoint_problem(path: Path) -> str | None:
     if weights is None:
         return f"no {' or '.join(WEIGHTS)}"
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        return f"{weights.name} is unreadable ({type(err).__name__})"
+        rundir.check_safetensors(weights, weights.name)  # header and length: a truncated file fails here
+    except UserError:
+        return f"{weights.name} is unreadable (truncated or corrupt)"
     if not (path / OPTIMIZER).is_file():
         return f"no {OPTIMIZER}"
     try:

@@ -114,7 +114,7 @@ class PrunetuneTrainer(Trainer):
         self._barrier()
         if self.args.should_save:
             write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
-            _swap_in(staging_root / name, run_dir / name)
+            swap_in(staging_root / name, run_dir / name)
             shutil.rmtree(staging_root, ignore_errors=True)
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}").is_dir():
@@ -128,8 +128,9 @@ class PrunetuneTrainer(Trainer):
             torch.distributed.barrier()
 
 
-def _swap_in(staged: Path, final: Path) -> None:
-    """`staged` becomes `final`; an existing `final` (the same step saved twice) is replaced, never merged."""
+def swap_in(staged: Path, final: Path) -> None:
+    """`staged` becomes `final` by renames on one filesystem; an existing `final` (a checkpoint of the same
+    step saved again, the adapter of an explicitly resumed finished run) is replaced whole, never merged."""
     if final.exists():
         old = final.with_name(f".{final.name}.replaced")
         shutil.rmtree(old, ignore_errors=True)
