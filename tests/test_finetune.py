@@ -307,7 +307,8 @@ def test_sigint_saves_a_resumable_checkpoint(pruned_dir, shared_data, tmp_path):
 def test_cuda_training_in_each_precision(pruned_dir, shared_data, tmp_path, precision):
     out = tmp_path / precision
     cfg = small_config(pruned_dir, out, shared_data, device="cuda", bf16=precision == "bf16",
-                       fp16=precision == "fp16", max_steps=8, eval_steps=4, save_steps=4, block_size=64)
+                       fp16=precision == "fp16", dtype="float32" if precision == "fp32" else "auto",
+                       max_steps=8, eval_steps=4, save_steps=4, block_size=64)
     result, _ = run(cfg)
     assert result["status"] == "completed"
     records = read_jsonl(out / "metrics.jsonl")
