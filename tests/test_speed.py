@@ -94,12 +94,13 @@ def test_run_speed_end_to_end(tmp_path, pruned_block, tiny_model_dir):
                       new_tokens=3, repeats=1, breakeven=False, device="cpu", out=str(out))
     result = run_speed(cfg, log=lambda _: None)
     assert [(r.variant, r.batch) for r in result.rows] == [
-        ("dense", 1), ("dense", 2), ("pruned (dense kernels)", 1), ("pruned (dense kernels)", 2),
-        ("pruned (sparse kernels)", 1), ("pruned (sparse kernels)", 2)]
+        ("dense", 1), ("pruned (dense kernels)", 1), ("pruned (sparse kernels)", 1),
+        ("dense", 2), ("pruned (dense kernels)", 2), ("pruned (sparse kernels)", 2)]
     assert all(r.forward_tokens_per_s > 0 and r.generate_tokens_per_s > 0 for r in result.rows)
     assert result.pattern == "block16x16" and "BSR" in result.kernel
     table = speedup_table(result)
-    assert table[0]["forward_x"] == 1.0
+    assert table[0]["forward_x"] == table[3]["forward_x"] == 1.0  # each batch relative to its dense row
+    assert table[2]["weight_mib"] < table[1]["weight_mib"]  # BSR at 50% holds fewer bytes
     saved = json.loads(out.read_text())
     assert saved["machine"]["cpu_count"] and len(saved["rows"]) == 6
 

@@ -13,7 +13,6 @@ Variants (rows of the table):
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -68,7 +67,8 @@ class SpeedConfig:
     dtype: str | None = None
     """float32 | bfloat16 | float16; default float32 on CPU, bfloat16 on CUDA (2:4 kernels need fp16/bf16)."""
     repeats: int = 3
-    """Timed repetitions per measurement (after one warm-up); the median is reported."""
+    """Timed rounds per measurement after one warm-up; the variants take turns in each round and the fastest
+    round of each is reported (on a shared machine the least disturbed one)."""
     breakeven: bool = True
     """Also sweep the sparsity of one 16x16-BSR matmul per SmolLM2 shape, on seqlen tokens and on 1 (decoding), to
     find where it beats dense."""
@@ -179,35 +179,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, device: str) -> float:
-    fn()  # warm-up: allocations, kernel selection
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _forward(model: nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
+    @torch.inference_mode()
+    def run() -> None:
+        model(input_ids=ids, use_cache=False)
+
+    return run
 
 
-@torch.inference_mode()
-def forward_tokens_per_s(model: nn.Module, vocab: int, batch: int, seqlen: int, repeats: int, device: str) -> float:
-    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
-    seconds = _median_seconds(lambda: model(input_ids=ids, use_cache=False), repeats, device)
-    return batch * seqlen / seconds
-
-
-@torch.inference_mode()
-def generate_tokens_per_s(model: nn.Module, vocab: int, batch: int, prompt: int, new_tokens: int, repeats: int,
-                          device: str) -> float:
-    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-
+def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
+    @torch.inference_mode()
     def run() -> None:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    return batch * new_tokens / _median_seconds(run, repeats, device)
+    return run
 
 
 # ---- break-even sweep ----------------------------------------------------------------------------------------
@@ -319,29 +305,17 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
     pattern = _pruned_pattern(model_dir)
     dense_spec = cfg.dense or read_pruned(model_dir).base_model
-    rows: list[SpeedRow] = []
-
-    def measure(variant: str, model: nn.Module, note: str = "") -> None:
-        vocab = model.config.vocab_size
-        mib = weight_bytes(model) / 2**20
-        for b in cfg.batch:
-            log(f"  {variant}, batch {b} ...")
-            try:
-                fwd = forward_tokens_per_s(model, vocab, b, cfg.seqlen, cfg.repeats, device)
-                gen = generate_tokens_per_s(model, vocab, b, cfg.prompt, cfg.new_tokens, cfg.repeats, device)
-                rows.append(SpeedRow(variant, b, fwd, gen, mib, note))
-            except (RuntimeError, NotImplementedError) as err:  # a sparse layout without a kernel for this op
-                rows.append(SpeedRow(variant, b, None, None, mib, f"no kernel: {str(err).splitlines()[0][:120]}"))
-
+    variants: list[tuple[str, nn.Module, str]] = []
     if dense_spec:
         log(f"Dense model {dense_spec}")
-        measure("dense", _load(dense_spec, dtype, device, log))
+        variants.append(("dense", _load(dense_spec, dtype, device, log), ""))
     else:
         log("No dense model (give --dense; prune.json names none): the dense row is left out")
-    pruned = _load(str(model_dir), dtype, device, log)
-    measure("pruned (dense kernels)", pruned)
-    kernel, replaced = sparsify(pruned, pattern, device, dtype)
-    measure("pruned (sparse kernels)", pruned, f"{replaced} linears: {kernel}")
+    variants.append(("pruned (dense kernels)", _load(str(model_dir), dtype, device, log), ""))
+    sparse = _load(str(model_dir), dtype, device, log)
+    kernel, replaced = sparsify(sparse, pattern, device, dtype)
+    variants.append(("pruned (sparse kernels)", sparse, f"{replaced} linears: {kernel}"))
+    rows = [row for b in cfg.batch for row in _measure_batch(variants, b, cfg, device, log)]
 
     sweeps = []
     if cfg.breakeven:
@@ -354,6 +328,34 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     if cfg.out:
         write_json(cfg.out, {**result.to_json(), "config": asdict(cfg)})
     return result
+
+
+def _measure_batch(variants: list[tuple[str, nn.Module, str]], batch: int, cfg: SpeedConfig, device: str,
+                   log: _Log) -> list[SpeedRow]:
+    """Forward and generation tokens/s of every variant on the same inputs, the variants taking turns."""
+    vocab = variants[0][1].config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, cfg.seqlen), generator=gen).to(device)  # (B, T)
+    prompt = torch.randint(0, vocab, (batch, cfg.prompt), generator=gen).to(device)  # (B, P)
+    notes = {name: note for name, _, note in variants}
+    working = []
+    for name, model, _ in variants:
+        try:
+            _forward(model, ids[:, :8])()
+            working.append((name, model))
+        except (RuntimeError, NotImplementedError) as err:  # a sparse layout without a kernel for this op
+            notes[name] = f"no kernel: {str(err).splitlines()[0][:120]}"
+    log(f"  batch {batch}: forward passes ...")
+    fwd = _best_interleaved([_forward(m, ids) for _, m in working], cfg.repeats, device)
+    log(f"  batch {batch}: generation ...")
+    gen_s = _best_interleaved([_generate(m, prompt, cfg.new_tokens) for _, m in working], cfg.repeats, device)
+    measured = {name: (f, g) for (name, _), f, g in zip(working, fwd, gen_s, strict=True)}
+    rows = []
+    for name, model, _ in variants:
+        f, g = measured.get(name, (None, None))
+        rows.append(SpeedRow(name, batch, batch * cfg.seqlen / f if f else None,
+                             batch * cfg.new_tokens / g if g else None, weight_bytes(model) / 2**20, notes[name]))
+    return rows
 
 
 def speedup_table(result: SpeedResult) -> list[dict[str, Any]]:
