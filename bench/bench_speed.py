@@ -6,7 +6,11 @@ Pruning uses magnitude scores (no calibration: seconds, not minutes); speed and 
 and the sparsity, not on which weights were chosen. Writes a Markdown section (between `<!-- bench:speed -->`
 markers) into `--out` (default bench/RESULTS.md) and the raw results next to it as JSON.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_speed.py --out /work/notes/ship.md
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_speed.py --out /work/notes/ship.md
+
+One torch thread: on a 2-core machine shared with other jobs, two OpenMP threads spin against each other and a
+single forward pass took minutes. The speed rows take turns (`prunetune speed` measures the variants in rounds and
+keeps each one's fastest round), the sweep likewise, so background load hits every variant alike.
 """
 
 from __future__ import annotations
@@ -63,12 +67,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20, help="break-even sweep: best of N interleaved runs")
-    parser.add_argument("--sweep-only", action="store_true", help="refresh only the break-even section")
+    parser.add_argument("--sweep-tokens", type=int, default=512, help="break-even sweep: tokens of the prefill case")
+    parser.add_argument("--part", choices=("all", "models", "sweep"), default="all")
     args = parser.parse_args()
     out = Path(args.out)
-    if not args.sweep_only:
+    if args.part in ("all", "models"):
         models(args, out)
-    sweep(args, out)
+    if args.part in ("all", "sweep"):
+        sweep(args, out)
 
 
 def sweep(args: argparse.Namespace, out: Path) -> None:
@@ -79,7 +85,7 @@ def sweep(args: argparse.Namespace, out: Path) -> None:
     load_start = os.getloadavg()
     header = machine_line()
     results = [breakeven_sweep(shape, tokens, SWEEP_SPARSITIES, (16, 16), "cpu", torch.float32, rounds=args.rounds)
-               for tokens in (args.seqlen, 1) for shape in SMOLLM2_SHAPES.values()]
+               for tokens in (args.sweep_tokens, 1) for shape in SMOLLM2_SHAPES.values()]
     load_end = os.getloadavg()
     lines = [header, "",
              f"Load average (1/5/15 min) at start {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f}, at end "
