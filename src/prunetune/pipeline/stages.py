@@ -175,7 +175,7 @@ def deployable_model(layout: RunLayout, merge_enabled: bool) -> dict[str, Any]:
             return {"model": str(trained), "adapter": None, "deployable": True,
                     "describes": "deployable sparse model (trained directly, no adapter)"}
         return {"model": str(merged), "adapter": None, "deployable": True,
-                "describes": "deployable sparse model (adapter merged with the pruned pattern kept)"}
+                "describes": "deployable sparse model (adapter merged, pattern kept)"}
     if trained is not None:
         return {"model": str(trained), "adapter": None, "deployable": True,
                 "describes": "deployable sparse model (trained directly, no adapter)"}
