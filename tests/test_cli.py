@@ -222,3 +222,16 @@ def test_two_runs_on_one_directory_cannot_both_write(tmp_path, tiny_model_dir, s
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_finetune_distill_bare_flag_and_choices():
+    from prunetune.commands.finetune import FLAGS
+
+    parser = argparse.ArgumentParser()
+    flags.add_config_flags(parser, FinetuneConfig, flags=FLAGS)
+    build_ft = lambda argv: flags.config_from_args(FinetuneConfig, parser.parse_args(argv), command="finetune")  # noqa: E731
+    assert build_ft(["--pruned", "p", "--out", "o", "--distill"]).distill == "logits"
+    assert build_ft(["--pruned", "p", "--out", "o", "--distill", "layerwise"]).distill == "layerwise"
+    assert build_ft(["--pruned", "p", "--out", "o"]).distill == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pruned", "p", "--out", "o", "--method", "qlora"])

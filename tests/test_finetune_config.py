@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from prunetune.commands.finetune import config_from_args, configure_parser
+from prunetune.data import windows_of
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig, config_from_mapping
-from prunetune.finetune.data import BlockDataset, group_blocks
+from prunetune.finetune.data import BlockDataset
 
 
 def parse(argv: list[str]) -> FinetuneConfig:
@@ -90,8 +91,8 @@ def test_unknown_yaml_key_names_the_valid_ones(tmp_path):
 
 def test_group_blocks_like_run_clm():
     ids = torch.arange(10)
-    blocks = group_blocks(ids, 4)
+    blocks = windows_of(ids, 4)
     assert blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # remainder dropped
-    assert group_blocks(ids, 4, max_blocks=1).tolist() == [[0, 1, 2, 3]]
+    assert windows_of(ids, 4, 1).tolist() == [[0, 1, 2, 3]]
     item = BlockDataset(blocks)[1]
     assert torch.equal(item["input_ids"], item["labels"]) and item["attention_mask"].sum() == 4

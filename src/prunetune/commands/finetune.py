@@ -14,7 +14,14 @@ from prunetune import configfile
 from prunetune.analysis.thresholds import parse_threshold_flags
 from prunetune.commands import flags
 from prunetune.commands.flags import Flag
-from prunetune.finetune.config import EVAL_STRATEGIES, SAVE_STRATEGIES, FinetuneConfig
+from prunetune.finetune.config import (
+    DISTILL_MODES,
+    DTYPES,
+    EVAL_STRATEGIES,
+    METHODS,
+    SAVE_STRATEGIES,
+    FinetuneConfig,
+)
 
 EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 1
@@ -30,6 +37,9 @@ FLAGS = {
     "report_to": Flag(metavar="TRACKER"),
     "teacher": Flag(metavar="MODEL"),
     "resume_from_checkpoint": Flag(nargs="?", const="auto", metavar="auto|DIR"),
+    "distill": Flag(nargs="?", const="logits", choices=DISTILL_MODES),  # a bare --distill: logits, as before
+    "method": Flag(choices=METHODS),
+    "dtype": Flag(choices=DTYPES),
 }
 # Help sections, in the order a user reads them; fields not listed land under "run".
 GROUPS = {
