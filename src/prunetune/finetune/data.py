@@ -15,11 +15,6 @@ TRAIN_SPLIT = "train"
 EVAL_SPLIT = "validation"
 
 
-def group_blocks(input_ids: torch.Tensor, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Old name of `prunetune.data.windows_of` (run_clm's `group_texts`); kept until its last caller moves."""
-    return windows_of(input_ids, block_size, max_blocks)
-
-
 class BlockDataset(Dataset):
     """Causal-LM examples: labels are the inputs (the model shifts them), as in run_clm."""
 
