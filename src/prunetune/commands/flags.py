@@ -171,9 +171,8 @@ def _value_kwargs(hint: Any, spec: Flag, greedy: bool) -> dict[str, Any]:
     origin = typing.get_origin(hint)
     kwargs: dict[str, Any] = {}
     if hint is bool:
-        kwargs = {"type": parse_bool, "nargs": "?" if greedy else 0, "const": True, "metavar": "BOOL"}
-        if not greedy:
-            kwargs = {"action": "store_const", "const": True}
+        kwargs = ({"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"} if greedy
+                  else {"action": "store_const", "const": True})
     elif hint is int:
         kwargs = {"type": parse_int}
     elif hint is float:
