@@ -94,7 +94,7 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
     cfg = FinetuneConfig(
         pruned=str(pruned), out=str(out), dataset="wikitext2", data_dir=data_dir, block_size=block,
         max_steps=steps, lr=arm.lr, lora_r=arm.r, lora_alpha=arm.alpha, lora_targets=arm.targets,
-        warmup_steps=0.1, logging_steps=max(1, steps // 4), eval_strategy="no", save_strategy="no",
+        warmup_steps=0, logging_steps=max(1, steps // 4), eval_strategy="no", save_strategy="no",
         load_best_model_at_end=False, probe_steps=0, max_eval_samples=4, overwrite=True,
         method=arm.method, distill=arm.distill,
     )
