@@ -126,7 +126,7 @@ def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str
 
 def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[str, Any]:
     run = _setup(cfg, out, runlog, is_main)
-    model, tokenizer, prepared, teacher = _setup_model(run)
+    tokenizer, prepared, teacher = _setup_model(run)
     data = _setup_data(run, tokenizer)
     trainer, monitor, guard = _setup_trainer(run, prepared, teacher, data, tokenizer)
     baseline = _baseline(run, trainer, monitor, data)
@@ -193,7 +193,8 @@ def _banner(run: Run) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Model, training method, teacher; data
 # ---------------------------------------------------------------------------------------------------
-def _setup_model(run: Run) -> tuple[nn.Module, Any, Prepared, nn.Module | None]:
+def _setup_model(run: Run) -> tuple[Any, Prepared, nn.Module | None]:
+    """The pruned model and its keep-masks, made trainable by the method; the teacher when distilling."""
     cfg, runlog = run.cfg, run.runlog
     t0 = time.perf_counter()
     where = load_device(run.device)
@@ -220,7 +221,7 @@ def _setup_model(run: Run) -> tuple[nn.Module, Any, Prepared, nn.Module | None]:
         teacher, _ = load_model(run.teacher_spec, dtype=run.precision.teacher_dtype, device=where,
                                 log=runlog.print_text)
         teacher.requires_grad_(False)
-    return model, tokenizer, prepared, teacher
+    return tokenizer, prepared, teacher
 
 
 def _setup_data(run: Run, tokenizer: Any) -> FinetuneData:
