@@ -92,6 +92,9 @@ def test_hub_task_offline_is_one_line_error(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="hub") as err:
         run_zeroshot(model, tokenizer, ZeroShotConfig(tasks=("boolq",), limit=2), log=lambda _: None)
     assert "\n" not in str(err.value) and "local task YAML" in str(err.value)
+    # A misspelt name is named before any data is fetched.
+    with pytest.raises(UserError, match="unknown task 'boolqq'"):
+        run_zeroshot(model, tokenizer, ZeroShotConfig(tasks=("boolq", "boolqq"), limit=2), log=lambda _: None)
 
 
 def test_unknown_task_and_bad_values(tmp_path):

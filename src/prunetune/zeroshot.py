@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,20 @@ def _lm_eval() -> Any:
     return lm_eval
 
 
-def _task_manager(cfg: ZeroShotConfig) -> Any:
+@cache
+def _manager(include: str | None, defaults: bool) -> Any:
+    """lm-eval's task index (kept: indexing its ~15k built-in task files takes tens of seconds)."""
     from lm_eval.tasks import TaskManager
 
-    include = [str(Path(cfg.task_dir).expanduser())] if cfg.task_dir else None
-    local = TaskManager(include_path=include, include_defaults=False)
-    # Indexing lm-eval's ~15k built-in task files takes tens of seconds: only when a task needs them.
+    return TaskManager(include_path=[include] if include else None, include_defaults=defaults)
+
+
+def _task_manager(cfg: ZeroShotConfig) -> Any:
+    include = str(Path(cfg.task_dir).expanduser().resolve()) if cfg.task_dir else None
+    local = _manager(include, False)
     if all(_is_file(t) or t in local.all_tasks for t in cfg.tasks):
-        return local
-    return TaskManager(include_path=include)
+        return local  # the built-in index only when a task needs it
+    return _manager(include, True)
 
 
 def _task_error(err: BaseException, tasks: tuple[str, ...]) -> UserError:
@@ -99,8 +105,8 @@ def _task_error(err: BaseException, tasks: tuple[str, ...]) -> UserError:
                          "--task-dir with your YAMLs")
     return UserError(
         f"cannot load the data of --tasks {','.join(tasks)} ({text[:160]}): hub tasks need the Hugging Face hub "
-        "(offline here); run once with network access to cache them, or use a local task YAML over a .jsonl "
-        "(dataset_path: json)"
+        "(unreachable or offline here); run once with network access to cache them, or use a local task YAML over "
+        "a .jsonl (dataset_path: json)"
     )
 
 
@@ -113,17 +119,22 @@ def run_zeroshot(model: nn.Module, tokenizer: Any, cfg: ZeroShotConfig, log: _Lo
 
     start = time.perf_counter()
     manager = _task_manager(cfg)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    unknown = [t for t in cfg.tasks if not _is_file(t) and t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task {', '.join(map(repr, unknown))}: not an lm-eval task, group or tag; give a name "
+                        "from `lm_eval ls tasks`, a task YAML file, or --task-dir with your YAMLs")
     log(f"Zero-shot: {', '.join(cfg.tasks)}" + (f" (first {cfg.limit} examples each)" if cfg.limit else ""))
-    previous = logging.getLogger("lm_eval").level
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task INFO lines would drown the console
+    lm_logger = logging.getLogger("lm_eval")
+    previous = lm_logger.level
+    lm_logger.setLevel(logging.ERROR)  # its INFO/WARNING lines (one per task and setting) would drown the console
     try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         out = simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager, limit=cfg.limit,
                               num_fewshot=0, log_samples=False, bootstrap_iters=1000)
     except (KeyError, ConnectionError, FileNotFoundError, ValueError) as err:
         raise _task_error(err, cfg.tasks) from None
     finally:
-        logging.getLogger("lm_eval").setLevel(previous)
+        lm_logger.setLevel(previous)
     samples = out.get("n-samples", {})
     tasks: dict[str, dict[str, Any]] = {}
     for name, metrics in out["results"].items():
