@@ -147,3 +147,15 @@ def test_semi_structured_2_4_linear_matches_dense_on_cuda():
     x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
     torch.testing.assert_close(sparse(x), linear(x), rtol=1e-2, atol=1e-2)
     assert tensor_bytes(sparse.weight.data) < tensor_bytes(linear.weight.data)
+
+
+def test_speed_of_an_export_without_a_dense_model(tmp_path, pruned_block):
+    from prunetune.export import ExportConfig, export_compressed
+
+    export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
+    messages: list[str] = []
+    result = run_speed(SpeedConfig(model_dir=str(tmp_path / "ct"), batch="1", seqlen=8, prompt=2, new_tokens=2,
+                                   repeats=1, breakeven=False, device="cpu"), log=messages.append)
+    assert [r.variant for r in result.rows] == ["pruned (dense kernels)", "pruned (sparse kernels)"]
+    assert result.pattern == "block16x16"  # from export.json
+    assert any("No dense model" in m for m in messages)
