@@ -159,3 +159,13 @@ def test_speed_of_an_export_without_a_dense_model(tmp_path, pruned_block):
     assert [r.variant for r in result.rows] == ["pruned (dense kernels)", "pruned (sparse kernels)"]
     assert result.pattern == "block16x16"  # from export.json
     assert any("No dense model" in m for m in messages)
+
+
+def test_2_4_check_of_the_semi_structured_path():
+    from prunetune.speed import _is_2_4
+
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    assert _is_2_4(w)
+    w[0, 1] = 5.0  # three non-zeros in the first group of 4
+    assert not _is_2_4(w)
+    assert not _is_2_4(torch.zeros(2, 6))  # 6 columns do not form groups of 4

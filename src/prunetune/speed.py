@@ -156,6 +156,11 @@ def layout_for(pattern: Pattern, device: str, dtype: torch.dtype) -> tuple[str, 
     return "csr", "CSR (torch.sparse)"
 
 
+def _is_2_4(weight: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every 4 consecutive input weights (what the semi-structured kernels hold)."""
+    return weight.shape[-1] % 4 == 0 and bool(((weight != 0).view(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
 def sparsify(model: nn.Module, pattern: Pattern, device: str, dtype: torch.dtype) -> tuple[str, int]:
     """Replace each pruned decoder linear of `model` (in place) by a SparseLinear; (description, count)."""
     layout, why = layout_for(pattern, device, dtype)
@@ -167,6 +172,8 @@ def sparsify(model: nn.Module, pattern: Pattern, device: str, dtype: torch.dtype
         use = layout
         if use == "bsr" and (linear.out_features % block[0] or linear.in_features % block[1]):
             use = "csr"  # BSR needs whole blocks
+        if use == "semi" and not _is_2_4(linear.weight):
+            use = "csr"  # e.g. an OWL layer given 1:4 or 3:4 inside a 2:4 run
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, SparseLinear(linear, use, block))
         replaced += 1
