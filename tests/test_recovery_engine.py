@@ -13,6 +13,7 @@ import torch
 from prunetune.evaluate import perplexity
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.engine import run_finetune
+from prunetune.finetune.merge import MergeConfig, run_merge
 from prunetune.finetune.methods import SPARSE_MODEL_DIR, merge_deployable, pattern_violations
 from prunetune.models import apply_adapter, load_model
 from prunetune.pruning.verify import verify_dir
@@ -78,6 +79,14 @@ def test_masked_lora_run_merges_exactly_and_verifies(pruned, shared_data, tmp_pa
     assert verify_dir(merged_dir).ok
     on_disk, _ = load_model(str(merged_dir), dtype=torch.float32, device=CPU)
     assert perplexity(on_disk, ids, 32, max_windows=8).perplexity == pytest.approx(masked_ppl, rel=1e-3)
+
+    # merge --eval: the unmerged number of a masked-LoRA adapter is its masked forward, so merged == unmerged.
+    record = run_merge(MergeConfig(adapter=str(out / ADAPTER_DIR), out=str(tmp_path / "merged-eval"), eval=True,
+                                   dataset="wikitext2", split="validation", data_dir=[str(shared_data)],
+                                   seqlen=32, max_windows=8))
+    assert record["exact"] is True
+    assert record["perplexity"]["unmerged"]["perplexity"] == pytest.approx(masked_ppl, rel=1e-6)
+    assert abs(record["perplexity"]["merged_vs_unmerged"]) < 1e-3
 
 
 @pytest.mark.slow

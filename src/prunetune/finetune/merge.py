@@ -10,6 +10,7 @@ directory appears whole; `--overwrite` replaces only what prunetune wrote there)
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from prunetune.data import TextSplit, load_text, tokenize
 from prunetune.devices import default_device
 from prunetune.errors import UserError
 from prunetune.evaluate import perplexity
+from prunetune.finetune import methods
 from prunetune.finetune.merge_math import MergeStats, lora_delta, masked_merge, masked_nonzeros
 from prunetune.models import DTYPES, apply_adapter, context_length, load_model, parse_dtype
 from prunetune.runinfo import provenance, write_json
@@ -329,7 +331,11 @@ def _run(cfg: MergeConfig, run: _Loaded, console: Console, start: float) -> dict
     perplexities: dict[str, Any] = {}
     ids, seqlen = _eval_ids(cfg, run) if run.text is not None else (None, None)
     if ids is not None:
-        with console.status("Perplexity of the unmerged model (base + adapter) ..."):
+        # A masked-LoRA adapter was trained with its delta masked: its unmerged model is that one, not PEFT's
+        # plain (dense-update) forward, so merged == unmerged is the check that the merge is exact.
+        masked = rundir.read_adapter_meta(run.adapter).get("method") == "masked-lora"
+        with console.status("Perplexity of the unmerged model (base + adapter) ..."), \
+                (methods.masked_forward(run.peft_model, run.masks) if masked else contextlib.nullcontext()):
             perplexities["unmerged"] = _perplexity(run.peft_model, ids, cfg, seqlen)
         console.print(f"  perplexity unmerged (base + adapter): {perplexities['unmerged']['perplexity']:.4f}")
     merged, sparsity = _merge(cfg, run, console)

@@ -173,6 +173,19 @@ def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor], masked: bool)
     return count
 
 
+@contextlib.contextmanager
+def masked_forward(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[int]:
+    """Within the block, the PEFT `model` computes the masked delta (what a masked-LoRA adapter was trained
+    as); afterwards its LoRA layers are plain PEFT layers again, so PEFT's own merge/unload apply."""
+    count = attach_masks(model, masks, masked=True)
+    try:
+        yield count
+    finally:
+        for layer in _lora_layers(model).values():
+            for adapter in [a for a, v in layer.lora_variant.items() if isinstance(v, MaskedLoraVariant)]:
+                del layer.lora_variant[adapter]
+
+
 def _variants(model: nn.Module) -> list[MaskedLoraVariant]:
     return [v for layer in _lora_layers(model).values() for v in layer.lora_variant.values()
             if isinstance(v, MaskedLoraVariant)]
