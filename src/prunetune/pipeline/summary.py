@@ -86,7 +86,7 @@ def print_story(console: Console, story: dict[str, Any]) -> None:
             table.add_column(column, justify="right" if column in ("dense", "pruned", "recovered") else "left")
         for label, r in rows:
             windows = f"{r['max_windows']} x {r['seqlen']} tokens" if r.get("max_windows") else f"seqlen {r.get('seqlen')}"
-            what = r.get("describes") or "as trained (adapter applied)"
+            what = r.get("describes") or "finetune's final evaluation (deployable sparse model)"
             table.add_row(label, f"{r.get('dataset')}/{r.get('split')}, {windows}", fmt_ppl(r.get("dense"), grouped=True),
                           f"[red]{fmt_ppl(r.get('pruned'), grouped=True)}[/]",
                           f"[bold green]{fmt_ppl(r.get('recovered'), grouped=True)}[/]", what)
