@@ -169,43 +169,16 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
     """Compress `cfg.model_dir` into `cfg.out`, decompress it again with compressed-tensors and require every
     weight bit-identical before the result is published."""
     ModelCompressor = _model_compressor()
-    from compressed_tensors.config import SparsityCompressionConfig
-
     start = time.perf_counter()
-    model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
-    if is_sparse_export(model_dir):
-        raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
-    check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, owned=(EXPORT_JSON,))  # before any work
+    model_dir = _check_source(cfg)
     pattern, skipped, prune_summary = _pattern_of(model_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE_NAMES[cfg.dtype] if cfg.dtype else "auto")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise UserError(f"cannot load {str(model_dir)!r}: {first_line(err)}; give a `prunetune prune` output") from None
+    model, tokenizer = _load_source(model_dir, cfg.dtype)
     linears = {n: m for n, m in prunable_linears(model).items() if n not in skipped}
     weights = {n: m.weight.data for n, m in linears.items()}
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
-    sparsity = zeros / total
-    dtype = next(iter(weights.values())).dtype
-    if sparsity < _min_sparsity(dtype):
-        raise UserError(
-            f"{str(model_dir)!r} is not sparse ({sparsity:.2%} zeros in its decoder linears; the bitmask pays off "
-            f"above {_min_sparsity(dtype):.1%} for {str(dtype).removeprefix('torch.')}); prune it first "
-            "(`prunetune prune`), or ship the dense safetensors as they are"
-        )
+    sparsity, dtype = _sparsity_of(model_dir, weights)
     compressor_name = choose_compressor(cfg.compressor, pattern, weights)
     ignore = sorted(set(_all_linear_names(model)) - set(linears))
-    sparsity_config = SparsityCompressionConfig.load_from_registry(
-        compressor_name,
-        targets=sorted(linears),
-        ignore=ignore,
-        global_sparsity=round(sparsity, 6),
-        sparsity_structure="2:4" if compressor_name == "sparse-24-bitmask" else "unstructured",
-    )
-    compressor = ModelCompressor(sparsity_config=sparsity_config)
+    compressor = ModelCompressor(sparsity_config=_sparsity_config(compressor_name, sorted(linears), ignore, sparsity))
     log(f"Compressing {len(linears)} matrices ({pattern}, {sparsity:.2%} zeros) with {compressor_name}")
     state = compressor.compress(model)
     linear_compressed = sum(
@@ -241,6 +214,55 @@ def export_compressed(cfg: ExportConfig, log: _Log = print) -> ExportResult:
     out = Path(cfg.out).expanduser().resolve()
     return ExportResult(out, compressor_name, pattern, sparsity, len(linears), dense_bytes, compressed_bytes,
                         linear_dense, linear_compressed, verified, time.perf_counter() - start, record)
+
+
+def _check_source(cfg: ExportConfig) -> Path:
+    """MODEL_DIR, refused unless it is a pruned model (not already an export) and --out can take the export."""
+    model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
+    if is_sparse_export(model_dir):
+        raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
+    check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, owned=(EXPORT_JSON,))  # before any work
+    return model_dir
+
+
+def _load_source(model_dir: Path, dtype: str | None) -> tuple[PreTrainedModel, Any]:
+    """The pruned model (in `dtype`, else as stored) and its tokenizer; a load failure is the user's to fix."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE_NAMES[dtype] if dtype else "auto")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"cannot load {str(model_dir)!r}: {first_line(err)}; give a `prunetune prune` output") from None
+    return model, tokenizer
+
+
+def _sparsity_of(model_dir: Path, weights: dict[str, torch.Tensor]) -> tuple[float, torch.dtype]:
+    """(zero fraction, dtype) of the matrices to compress, refused where the bitmask would not pay off."""
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    sparsity = zeros / total
+    dtype = next(iter(weights.values())).dtype
+    if sparsity < _min_sparsity(dtype):
+        raise UserError(
+            f"{str(model_dir)!r} is not sparse ({sparsity:.2%} zeros in its decoder linears; the bitmask pays off "
+            f"above {_min_sparsity(dtype):.1%} for {str(dtype).removeprefix('torch.')}); prune it first "
+            "(`prunetune prune`), or ship the dense safetensors as they are"
+        )
+    return sparsity, dtype
+
+
+def _sparsity_config(compressor_name: str, targets: list[str], ignore: list[str], sparsity: float) -> Any:
+    """compressed-tensors' `sparsity_config` for the matrices `targets`."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    return SparsityCompressionConfig.load_from_registry(
+        compressor_name,
+        targets=targets,
+        ignore=ignore,
+        global_sparsity=round(sparsity, 6),
+        sparsity_structure="2:4" if compressor_name == "sparse-24-bitmask" else "unstructured",
+    )
 
 
 def _all_linear_names(model: nn.Module) -> list[str]:

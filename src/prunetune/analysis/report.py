@@ -176,15 +176,27 @@ Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", headers, rows) | ("list"
 
 
 def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Block]:
+    """The report in reading order: source, summary, verdicts, anomalies and alerts, plots."""
     s = Summary(**data["summary"])
+    return [
+        ("h1", "Training report"),
+        *_source_blocks(data),
+        ("h2", "Summary"), ("table", ["", ""], _summary_rows(s, data["source"])),
+        ("h2", "Verdicts"), ("table", ["Metric", "Verdict"], _verdict_rows(s, data)),
+        *_anomaly_blocks(s, data),
+        *_plot_blocks(images),
+    ]
+
+
+def _source_blocks(data: Mapping[str, Any]) -> list[Block]:
     src = data["source"]
-    blocks: list[Block] = [("h1", "Training report")]
     how = f"{src['kind']} `{src['path']}`, {src['records']} records"
     if src.get("step_source") and src["step_source"] != "bar":
         how += f" (steps estimated from {src['step_source']}s: the log has no usable progress bar)"
-    blocks.append(("p", f"Source: {how}."))
-    blocks += [("p", f"⚠ {note}.") for note in data.get("notes", [])]
+    return [("p", f"Source: {how}."), *(("p", f"⚠ {note}.") for note in data.get("notes", []))]
 
+
+def _summary_rows(s: Summary, src: Mapping[str, Any]) -> list[list[str]]:
     steps = f"{s.steps}" + (f" / {s.max_steps}" if s.max_steps else "") if s.steps is not None else "-"
     best = f"{fmt_sig(s.best_eval_loss)} at step {s.best_step}" if s.best_eval_loss is not None else "-"
     rows = [
@@ -208,8 +220,10 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
         rows.append(["Best checkpoint", str(src["best_checkpoint"])])
     if s.tokens_per_s is not None:
         rows.append(["Throughput", f"{s.tokens_per_s:,.0f} tokens/s"])
-    blocks += [("h2", "Summary"), ("table", ["", ""], rows)]
+    return rows
 
+
+def _verdict_rows(s: Summary, data: Mapping[str, Any]) -> list[list[str]]:
     v = data["verdicts"]
     rating = data["perplexity_rating"]
     vrows = [[_metric_title(key), f"{x['symbol']} {x['label']} ({x['reason']})"] for key, x in v.items()]
@@ -217,9 +231,11 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
     if s.pruned_perplexity is not None and s.final_perplexity is not None:
         vrows.append(["Improvement", f"pruned {fmt_sig(s.pruned_perplexity)} → {fmt_sig(s.final_perplexity)}"
                       + (f", reduction {s.improvement_pct:.2f}%" if s.improvement_pct is not None else "")])
-    blocks += [("h2", "Verdicts"), ("table", ["Metric", "Verdict"], vrows)]
+    return vrows
 
-    blocks.append(("h2", "Anomalies"))
+
+def _anomaly_blocks(s: Summary, data: Mapping[str, Any]) -> list[Block]:
+    blocks: list[Block] = [("h2", "Anomalies")]
     if not data["anomalies"]:
         judged = s.log_points > 0 or s.eval_points > 0
         blocks.append(("p", "None: no rule fired; the run looks healthy." if judged else
@@ -234,13 +250,15 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
         blocks.append(("h2", "Alerts raised during training"))
         blocks.append(("table", ["Step", "Kind", "Message"],
                        [[str(a["step"]), str(a["kind"]), str(a["message"])] for a in data["live_alerts"]]))
+    return blocks
 
+
+def _plot_blocks(images: Mapping[str, Path]) -> list[Block]:
     titles = {"train_loss": "Training loss", "eval": "Eval loss and perplexity", "lr": "Learning rate",
               "grad_norm": "Gradient norm", "throughput": "Throughput"}
-    if images:
-        blocks.append(("h2", "Plots"))
-        blocks += [("img", titles.get(name, name), path) for name, path in images.items()]
-    return blocks
+    if not images:
+        return []
+    return [("h2", "Plots"), *(("img", titles.get(name, name), path) for name, path in images.items())]
 
 
 def _metric_title(key: str) -> str:

@@ -36,6 +36,7 @@ from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly, anomalies_from_al
 from prunetune.analysis.series import (
     Series,
     SeriesBuilder,
+    TrendStats,
     extract_series,
     noise_sigma,
     oscillation_stats,
@@ -216,6 +217,8 @@ def rule_frozen(series: Series, th: Thresholds, context: Mapping[str, Any] | Non
 
 
 def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+    """The train loss does not move beyond its noise (`loss_flat`), or falls too little and still at the same
+    pace at the end (`loss_slow`)."""
     frozen = rule_frozen(series, th, context)
     if frozen is not None:
         return frozen
@@ -232,8 +235,6 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         "steps": [tr.first_step, tr.last_step],
         "points": tr.n,
     }
-    lr = _current_lr(series, context)
-    span = f"steps {tr.first_step}-{tr.last_step}"
     evidence["noise"] = round(tr.noise, 5)
     if _converged(series, th):
         return None
@@ -248,11 +249,18 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
     if abs(tr.rel_change) < th.flat_max_rel_change or within:
         msg = (
-            f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over {span} "
-            f"({tr.rel_change * 100:+.2f}%, within the noise of its first value all run): the model is not "
-            "learning."
+            f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over "
+            f"steps {tr.first_step}-{tr.last_step} ({tr.rel_change * 100:+.2f}%, within the noise of its first "
+            "value all run): the model is not learning."
         )
-        return Anomaly("loss_flat", "error", msg, evidence, fixes.flat(lr, _flavour(context)), tr.last_step)
+        fix = fixes.flat(_current_lr(series, context), _flavour(context))
+        return Anomaly("loss_flat", "error", msg, evidence, fix, tr.last_step)
+    return _slow(series, th, context, tr, warm, band, evidence)
+
+
+def _slow(series: Series, th: Thresholds, context: Mapping[str, Any] | None, tr: TrendStats, warm: int,
+          band: float, evidence: dict[str, Any]) -> Anomaly | None:
+    """`loss_slow` of a train loss that moves beyond its noise `band` (`rule_flat_or_slow`)."""
     late_share = tr.second_half_drop / tr.first_half_drop if tr.first_half_drop > 0 else math.inf
     evidence["late_share"] = round(late_share, 3) if math.isfinite(late_share) else None
     significant = tr.first_median - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
@@ -262,25 +270,26 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     lrs = [v for _, v in series.lr[warm:]]
     lr_constant = len(lrs) >= 2 and min(lrs) > 0 and max(lrs) / min(lrs) <= 1.05
     limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still or lr_constant else 1.0)
-    if (
+    if not (
         0 < tr.rel_change < limit
         and significant
         and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
         and late_share >= th.slow_min_late_share
     ):
-        per100 = tr.rel_change / max(1, tr.last_step - tr.first_step) * 100
-        evidence["rel_drop_per_100_steps"] = round(per100, 5)
-        if eval_drop is not None:
-            evidence["eval_rel_drop"] = round(eval_drop, 4)
-        msg = (
-            f"train loss falls too slowly: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over {span} "
-            f"(-{tr.rel_change * 100:.1f}%, {per100 * 100:.2f}% per 100 steps) and still falling at the same "
-            "pace" + (" at a constant LR" if lr_constant else "")
-            + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
-            + ": the LR is too low."
-        )
-        return Anomaly("loss_slow", "warning", msg, evidence, fixes.raise_lr(lr, _flavour(context)) + ".", tr.last_step)
-    return None
+        return None
+    per100 = tr.rel_change / max(1, tr.last_step - tr.first_step) * 100
+    evidence["rel_drop_per_100_steps"] = round(per100, 5)
+    if eval_drop is not None:
+        evidence["eval_rel_drop"] = round(eval_drop, 4)
+    msg = (
+        f"train loss falls too slowly: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over steps "
+        f"{tr.first_step}-{tr.last_step} (-{tr.rel_change * 100:.1f}%, {per100 * 100:.2f}% per 100 steps) and "
+        "still falling at the same pace" + (" at a constant LR" if lr_constant else "")
+        + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
+        + ": the LR is too low."
+    )
+    fix = fixes.raise_lr(_current_lr(series, context), _flavour(context)) + "."
+    return Anomaly("loss_slow", "warning", msg, evidence, fix, tr.last_step)
 
 
 def rule_memorised(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:

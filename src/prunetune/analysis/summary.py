@@ -110,20 +110,80 @@ def summarize(
     dense_ppl: float | None = None,
     pruned_ppl: float | None = None,
 ) -> Summary:
+    """The summary of a run from its records; `dense_ppl` / `pruned_ppl` override what the records state."""
+    logs = [r for r in records if r.get("event") == "log"]
+    steps, max_steps = _step_counts(records, logs)
+    main_set, per_set = _eval_losses(records)
+    evals = [(s, v, None) for s, v in per_set.get(main_set, [])]
+    train = [v for r in logs if (v := _finite(r.get("loss"))) is not None]
+    time_s = _training_time(records, logs)
+
+    final_eval, best_eval, best_step = None, None, None
+    if evals:
+        final_eval = evals[-1][1]
+        best_step, best_eval, _ = min(evals, key=lambda e: e[1])
+    final_rec = next((r for r in reversed(records) if r.get("event") == "final_eval"
+                      and str(r.get("eval_set") or "") == main_set), None)
+    final_eval, final_ppl = _final_result(final_rec, final_eval)
+    dense_ppl, pruned_ppl = _reference_perplexities(records, final_rec, dense_ppl, pruned_ppl)
+
+    throughput = [v for r in logs if (v := _finite(r.get("tokens_per_s"))) is not None]
+    improvement = None
+    if pruned_ppl and final_ppl is not None and math.isfinite(final_ppl):
+        improvement = (1 - final_ppl / pruned_ppl) * 100
+
+    kind, kind_evidence = loss_kind(records)
+    if kind != "lm":
+        final_ppl = pruned_ppl = dense_ppl = improvement = None
+    status, reason = run_status(records)
+    return Summary(
+        steps=steps,
+        max_steps=max_steps,
+        time_s=time_s,
+        log_points=len(logs),
+        eval_points=len(evals),
+        final_train_loss=train[-1] if train else None,
+        final_eval_loss=final_eval,
+        best_eval_loss=best_eval,
+        best_step=best_step,
+        final_perplexity=final_ppl,
+        best_perplexity=perplexity_from_loss(best_eval) if kind == "lm" else None,
+        tokens_per_s=statistics.median(throughput) if throughput else None,
+        pruned_perplexity=pruned_ppl,
+        dense_perplexity=dense_ppl,
+        improvement_pct=improvement,
+        status=status,
+        stopped_reason=reason,
+        final_eval_set=main_set or None,
+        eval_sets=_eval_sets(records, per_set) if len(per_set) > 1 else None,
+        loss_kind=kind,
+        loss_kind_evidence=kind_evidence,
+    )
+
+
+def _step_counts(
+    records: Sequence[Mapping[str, Any]], logs: Sequence[Mapping[str, Any]]
+) -> tuple[int | None, int | None]:
+    """(the last step a log, eval, train_end or stopped record names; the planned steps, if a record says)."""
     steps = [int(s) for r in records
              if r.get("event") in ("log", "eval", "train_end", "stopped") and (s := _finite(r.get("step"))) is not None]
-    logs = [r for r in records if r.get("event") == "log"]
+    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") == "stopped")])
+                      if (m := _finite(r.get("max_steps")))), None)
+    return (max(steps) if steps else None), max_steps
+
+
+def _eval_losses(records: Sequence[Mapping[str, Any]]) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """(the first eval set named, every eval set's finite (step, eval loss) points)."""
     set_names = list(dict.fromkeys(str(r.get("eval_set") or "") for r in records if r.get("event") == "eval"))
     main_set = set_names[0] if set_names else ""
     per_set: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         if r.get("event") == "eval" and (v := _finite(r.get("eval_loss"))) is not None:
             per_set.setdefault(str(r.get("eval_set") or ""), []).append((int(_finite(r.get("step")) or 0), v))
-    evals = [(s, v, None) for s, v in per_set.get(main_set, [])]
-    train = [v for r in logs if (v := _finite(r.get("loss"))) is not None]
-    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") == "stopped")])
-                      if (m := _finite(r.get("max_steps")))), None)
+    return main_set, per_set
 
+
+def _training_time(records: Sequence[Mapping[str, Any]], logs: Sequence[Mapping[str, Any]]) -> float | None:
     time_s = None
     # training time proper: the Trainer's train_runtime or finetune's train_end.runtime_s; the summary's
     # total_time_s (loading and final evaluation included) only when no train_end says it
@@ -144,14 +204,11 @@ def summarize(
         times = [v for r in records if r.get("event") in ("log", "eval") and (v := _finite(r.get("time"))) is not None]
         if len(times) >= 2:
             time_s = max(times) - min(times)
+    return time_s
 
-    final_eval, best_eval, best_step = None, None, None
-    if evals:
-        final_eval = evals[-1][1]
-        best_step, best_eval, _ = min(evals, key=lambda e: e[1])
 
-    final_rec = next((r for r in reversed(records) if r.get("event") == "final_eval"
-                      and str(r.get("eval_set") or "") == main_set), None)
+def _final_result(final_rec: Mapping[str, Any] | None, final_eval: float | None) -> tuple[float | None, float | None]:
+    """(final eval loss, final perplexity): the `final_eval` record's where it has them, else the last eval's."""
     final_ppl = None
     if final_rec is not None:
         final_ppl = _finite(final_rec.get("perplexity"))
@@ -161,6 +218,16 @@ def summarize(
         final_eval = fl  # the evaluation after training (best checkpoint loaded) is the run's result
     if final_ppl is None:
         final_ppl = perplexity_from_loss(final_eval)
+    return final_eval, final_ppl
+
+
+def _reference_perplexities(
+    records: Sequence[Mapping[str, Any]],
+    final_rec: Mapping[str, Any] | None,
+    dense_ppl: float | None,
+    pruned_ppl: float | None,
+) -> tuple[float | None, float | None]:
+    """(dense, pruned) perplexity: the ones given, else the latest the records state."""
     # the pruned model's perplexity measured on the same eval set before training beats the one from prune
     if pruned_ppl is None and final_rec is not None:
         pruned_ppl = _finite(final_rec.get("pruned_perplexity")) or _finite(final_rec.get("baseline_perplexity"))
@@ -178,46 +245,19 @@ def summarize(
             if (p := _finite(r.get("pruned_perplexity"))) is not None:
                 pruned_ppl = p
                 break
+    return dense_ppl, pruned_ppl
 
-    throughput = [v for r in logs if (v := _finite(r.get("tokens_per_s"))) is not None]
-    improvement = None
-    if pruned_ppl and final_ppl is not None and math.isfinite(final_ppl):
-        improvement = (1 - final_ppl / pruned_ppl) * 100
 
-    kind, kind_evidence = loss_kind(records)
-    if kind != "lm":
-        final_ppl = pruned_ppl = dense_ppl = improvement = None
-    status, reason = run_status(records)
-    sets = None
-    if len(per_set) > 1:
-        sets = {}
-        for name, points in per_set.items():
-            final = next((f for r in reversed(records) if r.get("event") == "final_eval"
-                          and str(r.get("eval_set") or "") == name and (f := _finite(r.get("eval_loss"))) is not None),
-                         points[-1][1])
-            best_s, best_v = min(points, key=lambda p: p[1])
-            sets[name or "eval"] = {"final_eval_loss": final, "best_eval_loss": best_v, "best_step": best_s,
-                                    "evaluations": len(points)}
-    return Summary(
-        steps=max(steps) if steps else None,
-        max_steps=max_steps,
-        time_s=time_s,
-        log_points=len(logs),
-        eval_points=len(evals),
-        final_train_loss=train[-1] if train else None,
-        final_eval_loss=final_eval,
-        best_eval_loss=best_eval,
-        best_step=best_step,
-        final_perplexity=final_ppl,
-        best_perplexity=perplexity_from_loss(best_eval) if kind == "lm" else None,
-        tokens_per_s=statistics.median(throughput) if throughput else None,
-        pruned_perplexity=pruned_ppl,
-        dense_perplexity=dense_ppl,
-        improvement_pct=improvement,
-        status=status,
-        stopped_reason=reason,
-        final_eval_set=main_set or None,
-        eval_sets=sets,
-        loss_kind=kind,
-        loss_kind_evidence=kind_evidence,
-    )
+def _eval_sets(
+    records: Sequence[Mapping[str, Any]], per_set: Mapping[str, list[tuple[int, float]]]
+) -> dict[str, dict[str, Any]]:
+    """`Summary.eval_sets`: per set, its `final_eval` loss (else its last eval) and its best eval."""
+    sets: dict[str, dict[str, Any]] = {}
+    for name, points in per_set.items():
+        final = next((f for r in reversed(records) if r.get("event") == "final_eval"
+                      and str(r.get("eval_set") or "") == name and (f := _finite(r.get("eval_loss"))) is not None),
+                     points[-1][1])
+        best_s, best_v = min(points, key=lambda p: p[1])
+        sets[name or "eval"] = {"final_eval_loss": final, "best_eval_loss": best_v, "best_step": best_s,
+                                "evaluations": len(points)}
+    return sets

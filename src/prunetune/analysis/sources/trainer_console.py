@@ -235,98 +235,116 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         meta["max_steps"] = int(total)
     if own_bars:
         meta["format"] = "wanda_console"
-    fixed: set[int] = set()  # ids of records whose step the log states (table rows, Wanda lines)
 
-    records: list[dict[str, Any]] = []
-    pending: list[dict[str, Any]] = []  # records waiting for the next bar redraw to learn their step
-    last_bar: dict[str, Any] | None = None
-
-    def final_eval() -> dict[str, Any]:
-        rec = next((r for r in reversed(records) if r["event"] == "final_eval"), None)
-        if rec is None:
-            rec = {"event": "final_eval", "step": None}
-            records.append(rec)
-            pending.append(rec)
-        return rec
-
-    def on_bar(bar: dict[str, Any]) -> None:
-        nonlocal pending
-        step = int(bar["n"])
-        stepped = False
-        for rec in pending:
-            rec["step"] = step
-            _bar_extras(rec, bar)
-            if rec["event"] == "log" and isinstance(bar.get("loss"), str):
-                rec["loss"] = bar["loss"]  # the Step line says nan/inf: that is the evidence to keep
-            stepped = stepped or rec["event"] == "log"
-        pending = []
-        if "loss" in bar and not stepped and bar["loss"] is not None:
-            # a Wanda `Step` line with no Trainer dict before it is a train-loss point of its own
-            rec = {"event": "log", "step": step, "loss": bar["loss"]}
-            _bar_extras(rec, bar)
-            records.append(rec)
-            fixed.add(id(rec))
-
+    fold = _Fold(meta)
     # a dict on the same line as a bar redraw is printed before it (tqdm.write): it takes that bar's step
     rank = {"dict": 0, "bar": 1}
     stream = sorted([*(e for e in events if e.kind != "bar"), *(e for e in wanda if e.kind != "step"), *train_bars],
                     key=lambda e: (e.pos, rank.get(e.kind, 2)))
     for ev in stream:
+        fold.add(ev)
+    fold.close()
+    records = _settle_steps(fold.records, meta, fold.fixed, bar_steps=bool(train_bars), own_bars=bool(own_bars))
+    return records, meta
+
+
+class _Fold:
+    """Console events folded into records in print order: a record takes its step from the next bar redraw."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+        self.records: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []  # records waiting for the next bar redraw to learn their step
+        self.fixed: set[int] = set()  # ids of records whose step the log states (table rows, Wanda lines)
+        self.last_bar: dict[str, Any] | None = None
+
+    def add(self, ev: _Event | wanda_console.Event) -> None:
         if isinstance(ev, wanda_console.Event):
-            _wanda_event(ev, records, pending, fixed, meta, final_eval, last_bar)
-            continue
-        if ev.kind == "bar":
-            last_bar = ev.data
-            on_bar(ev.data)
+            _wanda_event(ev, self.records, self.pending, self.fixed, self.meta, self.final_eval, self.last_bar)
+        elif ev.kind == "bar":
+            self.last_bar = ev.data
+            self.on_bar(ev.data)
         elif ev.kind == "dict":
             for rec in records_from_trainer_dict(ev.data, None):
-                if rec["event"] == "eval" and _merge_into_block_eval(rec, records):
+                if rec["event"] == "eval" and _merge_into_block_eval(rec, self.records):
                     continue
-                records.append(rec)
-                pending.append(rec)
+                self.append(rec)
         elif ev.kind == "oom":
-            if not any(r["event"] == "error" for r in records):
-                rec = {"event": "error", "step": None, "kind": "out_of_memory", "message": ev.data}
-                records.append(rec)
-                pending.append(rec)
+            if not any(r["event"] == "error" for r in self.records):
+                self.append({"event": "error", "step": None, "kind": "out_of_memory", "message": ev.data})
         elif ev.kind == "interrupt":
-            meta["interrupted"] = "crash (traceback)" if ev.data == "Traceback" else ev.data
-            meta["_interrupted_at"] = len(records)
+            self.meta["interrupted"] = "crash (traceback)" if ev.data == "Traceback" else ev.data
+            self.meta["_interrupted_at"] = len(self.records)
         elif ev.kind == "row":
             for rec in _records_from_row(ev.data):
-                records.append(rec)
+                self.records.append(rec)
                 if rec["step"] is not None:
-                    fixed.add(id(rec))
+                    self.fixed.add(id(rec))
         elif ev.kind == "block":
-            name, values = ev.data
-            block_records = _block_records(name, values)
-            for rec in block_records:
-                if rec["event"] == "final_eval":
-                    current = next((r for r in reversed(records) if r["event"] == "final_eval"), None)
-                    if current is not None and current.get("eval_set") == rec.get("eval_set"):
-                        current.update({k: v for k, v in rec.items() if k != "step"})
-                        continue
-                records.append(rec)
-                pending.append(rec)
-    for rec in pending:  # nothing redrawn after them: the last bar is the best estimate
-        rec["step"] = int(last_bar["n"]) if last_bar else None
-        if last_bar:
-            _bar_extras(rec, last_bar)
+            self.on_block(*ev.data)
 
-    if train_bars and not own_bars:
+    def append(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        self.pending.append(rec)
+
+    def final_eval(self) -> dict[str, Any]:
+        rec = next((r for r in reversed(self.records) if r["event"] == "final_eval"), None)
+        if rec is None:
+            rec = {"event": "final_eval", "step": None}
+            self.append(rec)
+        return rec
+
+    def on_bar(self, bar: dict[str, Any]) -> None:
+        step = int(bar["n"])
+        stepped = False
+        for rec in self.pending:
+            rec["step"] = step
+            _bar_extras(rec, bar)
+            if rec["event"] == "log" and isinstance(bar.get("loss"), str):
+                rec["loss"] = bar["loss"]  # the Step line says nan/inf: that is the evidence to keep
+            stepped = stepped or rec["event"] == "log"
+        self.pending = []
+        if "loss" in bar and not stepped and bar["loss"] is not None:
+            # a Wanda `Step` line with no Trainer dict before it is a train-loss point of its own
+            rec = {"event": "log", "step": step, "loss": bar["loss"]}
+            _bar_extras(rec, bar)
+            self.records.append(rec)
+            self.fixed.add(id(rec))
+
+    def on_block(self, name: str, values: Mapping[str, str]) -> None:
+        for rec in _block_records(name, values):
+            if rec["event"] == "final_eval":
+                current = next((r for r in reversed(self.records) if r["event"] == "final_eval"), None)
+                if current is not None and current.get("eval_set") == rec.get("eval_set"):
+                    current.update({k: v for k, v in rec.items() if k != "step"})
+                    continue
+            self.append(rec)
+
+    def close(self) -> None:
+        for rec in self.pending:  # nothing redrawn after them: the last bar is the best estimate
+            rec["step"] = int(self.last_bar["n"]) if self.last_bar else None
+            if self.last_bar:
+                _bar_extras(rec, self.last_bar)
+
+
+def _settle_steps(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int], bar_steps: bool,
+                  own_bars: bool) -> list[dict[str, Any]]:
+    """The records with resumed stretches dropped, steps re-estimated where the bar cannot be trusted, the run's
+    end marked and max_steps on every log; meta says how."""
+    if bar_steps and not own_bars:
         kept = _drop_superseded(records)
         if len(kept) < len(records):
             meta["superseded"] = len(records) - len(kept)
             records = kept
-    meta["step_source"] = "bar" if train_bars else "table"
-    if not _steps_monotonic(records) or (not train_bars and len(fixed) < len(records)):
+    meta["step_source"] = "bar" if bar_steps else "table"
+    if not _steps_monotonic(records) or (not bar_steps and len(fixed) < len(records)):
         meta["step_source"] = _steps_from_epochs(records, meta, fixed)
     _mark_unfinished(records, meta)
     if meta.get("max_steps"):
         for rec in records:
             if rec["event"] == "log":
                 rec.setdefault("max_steps", meta["max_steps"])
-    return records, meta
+    return records
 
 
 def _merge_into_block_eval(rec: dict[str, Any], records: list[dict[str, Any]]) -> bool:
