@@ -136,7 +136,7 @@ class FinetuneConfig:
         self.lora_targets = _names(self.lora_targets)
         self.sparse_ft_targets = _names(self.sparse_ft_targets)
         self.report_to = _names(self.report_to)
-        self.distill = _distill_mode(self.distill)
+        self.distill = distill_mode(self.distill)
         if self.metric_for_best_model == "loss":
             self.metric_for_best_model = "eval_loss"
         self._check_numbers()
@@ -209,7 +209,7 @@ def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _distill_mode(value: str | bool | None) -> str:
+def distill_mode(value: str | bool | None) -> str:
     """`--distill` value -> one of DISTILL_MODES; booleans of older configs: true = logits, false = none."""
     if value is None or value is False:
         return "none"

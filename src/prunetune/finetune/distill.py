@@ -22,26 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prunetune.finetune.config import DISTILL_MODES, distill_mode  # noqa: F401  (DISTILL_MODES re-exported)
+
 IGNORE_INDEX = -100
-DISTILL_MODES = ("none", "logits", "layerwise", "both")
-
-
-def parse_mode(value: str | bool | None) -> str:
-    """`--distill` value -> one of DISTILL_MODES; booleans of older configs: True = logits, False = none."""
-    if value is None or value is False:
-        return "none"
-    if value is True:
-        return "logits"
-    mode = str(value).strip().lower()
-    if mode in ("true", "yes", "1"):
-        return "logits"
-    if mode in ("false", "no", "0", ""):
-        return "none"
-    if mode not in DISTILL_MODES:
-        from prunetune.errors import UserError
-
-        raise UserError(f"unknown --distill {value!r}; choose one of: {', '.join(DISTILL_MODES)}")
-    return mode
+# One definition of the modes and of reading them (also YAML booleans of older configs): the config owns it.
+parse_mode = distill_mode
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ from typing import Any
 
 from prunetune.errors import UserError
 
+PASS_A_LOG = "pass the run's metrics.jsonl, trainer_log.jsonl, trainer_state.json or console log"
 
-def read_jsonl(path: Path, what: str = "JSONL log") -> tuple[list[dict[str, Any]], int]:
-    """(object lines, number of lines skipped). A partial last line (the writer is mid-line) and corrupt lines
-    are skipped; a binary or unreadable file is a one-line UserError naming it."""
+
+def read_log_bytes(path: Path, what: str = "log", binary_note: str = "") -> bytes:
+    """A log file's bytes; unreadable or binary files are a one-line UserError naming the file and the fix."""
     try:
         raw = path.read_bytes()
     except PermissionError:
@@ -20,13 +21,18 @@ def read_jsonl(path: Path, what: str = "JSONL log") -> tuple[list[dict[str, Any]
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     if b"\x00" in raw[:65536]:
-        raise UserError(f"{path} is a binary file, not a {what} (one JSON object per line): no training records found in it; pass the run's "
-                        "metrics.jsonl, trainer_log.jsonl, trainer_state.json or console log")
+        raise UserError(f"{path} is a binary file{binary_note}: no training records found in it; {PASS_A_LOG}")
+    return raw
+
+
+def read_jsonl(path: Path, what: str = "JSONL log") -> tuple[list[dict[str, Any]], int]:
+    """(object lines, number of lines skipped). A partial last line (the writer is mid-line) and corrupt lines
+    are skipped; a binary or unreadable file is a one-line UserError naming it."""
+    raw = read_log_bytes(path, what, f", not a {what} (one JSON object per line)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); it is not a {what}: pass the run's "
-                        "metrics.jsonl, trainer_log.jsonl, trainer_state.json or console log") from None
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); it is not a {what}: {PASS_A_LOG}") from None
     records: list[dict[str, Any]] = []
     skipped = 0
     lines = text.split("\n")

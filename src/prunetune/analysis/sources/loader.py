@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.analysis.sources.base import SOURCE_KINDS, Source
-from prunetune.analysis.sources.jsonl import read_jsonl
+from prunetune.analysis.sources.jsonl import read_jsonl, read_log_bytes
 from prunetune.analysis.sources.llamafactory import is_trainer_log, records_from_trainer_log
 from prunetune.analysis.sources.trainer_console import OOM, parse_console_log
 from prunetune.analysis.sources.trainer_state import records_from_trainer_state
@@ -115,15 +115,7 @@ def load_file(path: Path, kind: str | None = None) -> Source:
         src = _jsonl_source(metrics, "metrics_jsonl")
         src.meta["notes"].append(f"read {metrics.name}, the record {path.name} is rendered from")
         return src
-    try:
-        raw = path.read_bytes()
-    except PermissionError:
-        raise UserError(f"{path}: permission denied; make the log readable (chmod +r) or copy it") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"{path} is a binary file: no training records found in it; pass the run's console log, "
-                        "trainer_state.json or metrics.jsonl")
+    raw = read_log_bytes(path)
     records, meta = parse_console_log(raw.decode("utf-8", errors="replace"))
     meta["flavour"] = "trainer"
     return Source("console_log", path, records, meta)
