@@ -60,7 +60,45 @@ ARMS = {a.name: a for a in (
     Arm("sparse-ft+kd", "sparse-ft", lr=3e-4, distill="logits"),
     Arm("sparse-ft+lw", "sparse-ft", lr=3e-4, distill="layerwise"),
     Arm("sparse-ft+both", "sparse-ft", lr=3e-4, distill="both"),
+    Arm("sparse-ft-1e-3", "sparse-ft", lr=1e-3),
+    Arm("sparse-ft-1e-3+kd", "sparse-ft", lr=1e-3, distill="logits"),
+    Arm("masked-lora-1e-3", "masked-lora", lr=1e-3),
 )}
+
+WIKITEXT_HEAD_NOTE = "WikiText-2 train (local head)"
+
+
+def train_data(data_dir: str, tokens: int, work: Path, tokenizer) -> tuple[str, str]:
+    """(dataset for FinetuneConfig, words for the table). WikiText-2's local train head holds ~70k tokens; a
+    larger budget trains on that head plus the offline Wikipedia summaries (`wikipedia-vital`) in one file,
+    instead of repeating the head for many epochs."""
+    from prunetune.data import load_text, tokenize
+
+    head = load_text("wikitext2", "train", data_dir)
+    head_tokens = tokenize(head, tokenizer).input_ids.numel()
+    if tokens <= head_tokens:
+        return "wikitext2", f"{WIKITEXT_HEAD_NOTE}, {head_tokens:,} tokens"
+    mixed = work / "train-wikitext2-head+wikipedia-vital.jsonl"
+    if not mixed.is_file():
+        vital = load_text("wikipedia-vital", "train", data_dir)
+        with mixed.open("w") as f:
+            for row in [*head.rows, *vital.rows]:
+                f.write(json.dumps({"text": row}) + "\n")
+    return str(mixed), f"{WIKITEXT_HEAD_NOTE} ({head_tokens:,} tokens) + wikipedia-vital summaries"
+
+
+def prune_variant(pruned: Path) -> str:
+    """How the arm's starting point was pruned, from its prune.json: OWL and the block-wise stage."""
+    try:
+        cfg = json.loads((pruned / "prune.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        return "?"
+    parts = ["recon" if cfg.get("reconstruct") else "no recon"]
+    if cfg.get("owl"):
+        parts.append("OWL")
+    if cfg.get("block_reconstruct_epochs"):
+        parts.append(f"block-wise x{cfg['block_reconstruct_epochs']}")
+    return " + ".join(parts)
 
 
 def prune(out: Path, data_dir: str) -> None:
@@ -90,9 +128,11 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
     from prunetune.rundir import ADAPTER_DIR, load_keep_masks
 
     steps = max(1, tokens // block)
-    out = work / f"{arm.name}-{tokens}"
+    out = work / f"{arm.name}-{tokens}-{pruned.name}"
+    _, tokenizer = load_model(str(pruned), device=torch.device("cpu"), log=lambda m: None)
+    dataset, data_words = train_data(data_dir, tokens, work, tokenizer)
     cfg = FinetuneConfig(
-        pruned=str(pruned), out=str(out), dataset="wikitext2", data_dir=data_dir, block_size=block,
+        pruned=str(pruned), out=str(out), dataset=dataset, data_dir=data_dir, block_size=block,
         max_steps=steps, lr=arm.lr, lora_r=arm.r, lora_alpha=arm.alpha, lora_targets=arm.targets,
         warmup_steps=0, logging_steps=max(1, steps // 4), eval_strategy="no", save_strategy="no",
         load_best_model_at_end=False, probe_steps=0, max_eval_samples=4, overwrite=True,
@@ -108,7 +148,7 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
                                   dtype=torch.float32, device=torch.device("cpu"))
     masks, _ = load_keep_masks(pruned, model)
     ids = test_tokens(tokenizer, data_dir)
-    row: dict[str, Any] = {}
+    row: dict[str, Any] = {"train_data": data_words, "prune": prune_variant(pruned), "pruned_dir": str(pruned)}
     if arm.method != "sparse-ft":
         peft_model = apply_adapter(model, out / ADAPTER_DIR)
         if arm.method == "lora" and adapter_ppl:
@@ -151,21 +191,23 @@ def baseline(pruned: Path, block: int, windows: int, data_dir: str, dense_ppl: f
 
 
 def table(rows: list[dict], base: dict | None) -> str:
-    lines = ["| arm | method | distill | LoRA | lr | tokens | deployable test ppl | x dense | adapter ppl (dense update) "
-             "| pattern ok | train tok/s | wall | peak RSS |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| arm | pruned with | method | distill | LoRA | lr | tokens | deployable test ppl | x dense | adapter ppl (dense update) "
+             "| pattern ok | train tok/s | wall | peak RSS | train data |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     dense = base.get("dense") if base else None
     for r in rows:
         arm = r["arm"]
         lora = f"r={arm['r']} {','.join(arm['targets'])}" if arm["method"] != "sparse-ft" else "-"
         ppl = r.get("ppl")
         lines.append(
-            f"| {arm['name']} | {arm['method']} | {arm['distill']} | {lora} | {arm['lr']:g} | {r['tokens']:,} | "
+            f"| {arm['name']} | {r.get('prune', 'recon')} | {arm['method']} | {arm['distill']} | {lora} | {arm['lr']:g} | {r['tokens']:,} | "
             + (f"{ppl:,.1f} | {ppl / dense:.1f}x" if ppl and dense else f"{r.get('error', '?')} | ") + " | "
             + (f"{r['adapter_ppl']:,.1f}" if r.get("adapter_ppl") else "-") + " | "
             + ("yes" if r.get("violations") == 0 else "NO" if "violations" in r else "?") + " | "
             + (f"{r['tokens'] / r['train_runtime_s']:.0f}" if r.get("train_runtime_s") else "-") + " | "
             + (f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "-") + " | "
-            + (f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") else "-") + " |"
+            + (f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") else "-") + " | "
+            + r.get("train_data", WIKITEXT_HEAD_NOTE) + " |"
         )
     return "\n".join(lines)
 
@@ -213,7 +255,8 @@ def main() -> None:
           f"{args.block_size} tokens)", flush=True)
     for name in args.arms.split(","):
         arm = ARMS[name]
-        if any(r.get("arm", {}).get("name") == name and r.get("tokens") == args.tokens and "ppl" in r for r in done):
+        if any(r.get("arm", {}).get("name") == name and r.get("tokens") == args.tokens and "ppl" in r
+               and r.get("pruned_dir", str(pruned)) == str(pruned) for r in done):
             continue
         from prunetune.runinfo import machine
 

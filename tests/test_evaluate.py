@@ -116,8 +116,9 @@ def test_adapter_on_a_pruned_model_is_evaluated_as_the_deployable_model(tmp_path
     from prunetune.models import apply_adapter, load_model
 
     pruned, adapter, masks = _pruned_with_adapter(tmp_path, tiny_model_dir, method)
+    # float32 as the reference below: on a native-bf16 CPU `auto` would evaluate in bf16 (another 1e-4).
     r = run_evaluate(EvalConfig(adapter=str(adapter), seqlen=64, max_windows=3, data_dir=[str(shared_data)],
-                                quiet=True))
+                                dtype="float32", quiet=True))
     assert "deployable" in r["describes"]
     assert ("adapter_perplexity" in r) == (method == "lora")
     base, tokenizer = load_model(str(pruned))
@@ -144,3 +145,45 @@ def test_zero_shot_tasks_through_evaluate(tmp_path, tiny_model_dir):
     assert json.loads(out.read_text())["zeroshot"]["tasks"]["prunetune_mc"]["samples"]
     with pytest.raises(UserError, match="nothing to evaluate"):
         EvalConfig(model=str(tiny_model_dir), dataset="none")
+
+
+def test_tuned_batch_times_each_candidate_once_and_keeps_the_fastest():
+    from prunetune.evaluate import BatchTuner
+
+    tuner = BatchTuner(4)
+    seen = []
+    remaining = 20
+    seconds_per_window = {1: 1.0, 2: 0.4, 4: 0.7}  # batch 2 is the fastest on this imaginary machine
+    while remaining:
+        size = min(tuner.next_size(remaining), remaining)
+        seen.append(size)
+        tuner.record(size, size * 100, size * seconds_per_window[size])
+        remaining -= size
+    assert seen[:4] == [1, 1, 2, 4]  # warm-up, then each candidate timed once
+    assert tuner.best == 2 and set(seen[4:]) == {2}
+    assert [b for b, _ in tuner.rates] == [1, 2, 4]
+    assert dict(tuner.rates)[2] == pytest.approx(250)
+
+
+def test_tuned_batch_never_tries_a_batch_the_remaining_windows_cannot_repay():
+    from prunetune.evaluate import BatchTuner
+
+    tuner = BatchTuner(16)
+    tuner.record(tuner.next_size(5), 100, 1.0)  # warm-up
+    assert tuner.next_size(4) == 1
+    tuner.record(1, 100, 1.0)
+    assert tuner.next_size(3) == 1  # 2 x 2 > 3: no time left to use what a batch-2 trial would teach
+
+
+def test_tuned_perplexity_equals_fixed_batch_and_reports_what_it_measured():
+    torch.manual_seed(0)
+    model = Bigram(11)
+    ids = torch.randint(0, 11, (2000,))
+    fixed = perplexity(model, ids, seqlen=50, batch_size=1)
+    tuned = perplexity(model, ids, seqlen=50, batch_size=4, tune=True)
+    assert tuned.perplexity == pytest.approx(fixed.perplexity, rel=1e-6)
+    assert tuned.windows == fixed.windows == 40
+    assert [b for b, _ in tuned.batch_rates] == [1, 2, 4]
+    assert tuned.batch_size in (1, 2, 4)
+    few = perplexity(model, ids, seqlen=50, batch_size=4, max_windows=3, tune=True)  # too few to time
+    assert few.batch_rates == () and few.batch_size == 4

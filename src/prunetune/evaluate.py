@@ -40,8 +40,11 @@ from prunetune.sparsity import sparsity_report
 
 __all__ = ["EvalConfig", "PerplexityResult", "perplexity", "run_evaluate", "windows_of"]
 
-# Largest automatic batch: beyond 4 windows CPU throughput stops growing (measured: batch 4 = 1.5x batch 1).
+# Largest automatic batch on CPU; BatchTuner times 1, 2 and 4 and keeps the fastest (beyond 4, CPU throughput
+# stopped growing on every machine measured).
 MAX_AUTO_BATCH = 4
+# Below this many windows the automatic batch is not timed (BatchTuner): the largest that fits is used.
+TUNE_MIN_WINDOWS = 8
 # Share of the free memory the automatic batch may spend on logits and their float32 log-softmax.
 AUTO_BATCH_MEMORY_SHARE = 0.25
 
@@ -112,6 +115,10 @@ class PerplexityResult:
     """Tokens in the evaluated windows (windows x seqlen)."""
     windows: int
     seconds: float
+    batch_size: int = 1
+    """The batch most windows ran at (with `tune`: the fastest one measured)."""
+    batch_rates: tuple[tuple[int, float], ...] = ()
+    """With `tune`: (batch, tokens/s) measured for each batch tried, in the order tried."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,6 +133,41 @@ def _token_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(pred, dim=-1) - pred.gather(-1, batch[:, 1:, None]).squeeze(-1)
 
 
+class BatchTuner:
+    """Picks the fastest batch by timing the evaluation's own windows: one warm-up window, then batches of
+    1, 2, 4, ... up to `limit`, each timed once, then the fastest for the rest. No window is evaluated twice,
+    and the perplexity does not depend on the batch.
+
+    Why measure instead of a fixed rule: the best batch is a property of the machine. On one 2-core CPU batch 4
+    ran 1.5x batch 1; on another (AMD EPYC with avx512_bf16) batch 4 ran 0.88x batch 1 in float32 and batch 2
+    was best in bf16 (bench/RESULTS.md), because the (B, T, V) logits stop fitting in cache.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.candidates = [1] + [b for b in (2, 4, 8, 16, 32) if b <= limit]
+        self.rates: list[tuple[int, float]] = []
+        self.warmed = False
+
+    def next_size(self, remaining: int) -> int:
+        if not self.warmed:
+            return 1
+        tried = len(self.rates)
+        # Only try a larger batch while enough windows remain to profit from the answer.
+        if tried < len(self.candidates) and self.candidates[tried] * 2 <= remaining:
+            return self.candidates[tried]
+        return self.best
+
+    @property
+    def best(self) -> int:
+        return max(self.rates, key=lambda r: r[1])[0] if self.rates else 1
+
+    def record(self, size: int, tokens: int, seconds: float) -> None:
+        if not self.warmed:
+            self.warmed = True  # the first forward pays for kernel selection, allocation and thread start-up
+        elif len(self.rates) < len(self.candidates) and size == self.candidates[len(self.rates)]:
+            self.rates.append((size, tokens / max(seconds, 1e-9)))
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -134,10 +176,12 @@ def perplexity(
     batch_size: int = 1,
     max_windows: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    tune: bool = False,
 ) -> PerplexityResult:
     """Perplexity of `model` on a (N,) token stream. `on_batch(done_windows, total_windows)` drives a progress bar.
 
-    Each window's loss counts as `seqlen` tokens, exactly as Wanda's `eval_ppl` weighs it.
+    Each window's loss counts as `seqlen` tokens, exactly as Wanda's `eval_ppl` weighs it. With `tune`,
+    `batch_size` is the largest batch allowed and `BatchTuner` picks the fastest up to it.
     """
     windows = windows_of(input_ids, seqlen, max_windows)
     if windows.shape[0] == 0:
@@ -145,19 +189,29 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # Tuning pays from a handful of windows on; fewer simply run at the largest batch allowed.
+    tuner = BatchTuner(batch_size) if tune and batch_size > 1 and windows.shape[0] >= TUNE_MIN_WINDOWS else None
     start = time.perf_counter()
     nll_sum = 0.0
-    for first in range(0, windows.shape[0], batch_size):
-        batch = windows[first : first + batch_size].to(device)  # (B, T)
+    first, total = 0, windows.shape[0]
+    while first < total:
+        size = tuner.next_size(total - first) if tuner else batch_size
+        began = time.perf_counter()
+        batch = windows[first : first + size].to(device)  # (B, T)
         logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-        nll_sum += float(_token_nll(logits, batch).mean(dim=1).sum()) * seqlen
+        nll_sum += float(_token_nll(logits, batch).mean(dim=1).sum()) * seqlen  # float(): waits for the device
+        del logits
+        if tuner:
+            tuner.record(size, batch.numel(), time.perf_counter() - began)
+        first += batch.shape[0]
         if on_batch is not None:
-            on_batch(min(first + batch_size, windows.shape[0]), windows.shape[0])
+            on_batch(first, total)
     model.train(was_training)
     seconds = time.perf_counter() - start
     tokens = windows.numel()
     mean_nll = nll_sum / tokens
-    return PerplexityResult(math.exp(mean_nll), mean_nll, tokens, windows.shape[0], seconds)
+    return PerplexityResult(math.exp(mean_nll), mean_nll, tokens, total, seconds,
+                            tuner.best if tuner else batch_size, tuple(tuner.rates) if tuner else ())
 
 
 def auto_batch_size(seqlen: int, vocab: int, windows: int, device: str) -> tuple[int, str]:
@@ -305,8 +359,11 @@ def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Co
     if total < cfg.seqlen:
         raise UserError(f"{text.dataset}/{text.split} has {total} tokens, fewer than --seqlen {cfg.seqlen}; lower --seqlen")
     windows = windows_of(tokens.input_ids, cfg.seqlen, cfg.max_windows).shape[0]
-    if cfg.batch_size is None:
+    tune = cfg.batch_size is None
+    if tune:
         batch_size, batch_reason = auto_batch_size(cfg.seqlen, loaded.vocab, windows, loaded.device)
+        if batch_size > 1 and windows >= TUNE_MIN_WINDOWS:
+            batch_reason = f"batch up to {batch_reason.removeprefix('batch ')}; the fastest is measured on the first windows"
     else:
         batch_size, batch_reason = cfg.batch_size, f"batch {cfg.batch_size}: requested"
     console.print(f"  data: {text.dataset}/{text.split} from {text.origin}: {total:,} tokens "
@@ -317,7 +374,7 @@ def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Co
                       TimeRemainingColumn(), console=console, transient=True) as progress:
             task = progress.add_task("eval", total=None)
             return perplexity(loaded.model, tokens.input_ids, cfg.seqlen, batch_size, cfg.max_windows,
-                              on_batch=lambda done, n: progress.update(task, completed=done, total=n))
+                              on_batch=lambda done, n: progress.update(task, completed=done, total=n), tune=tune)
 
     extra: dict[str, Any] = {}
     if loaded.adapter_method is not None:
@@ -331,10 +388,15 @@ def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Co
         extra["describes"] = describes(loaded.adapter_method, True)
     else:
         result = measure("perplexity")
+    if result.batch_rates:
+        rates = ", ".join(f"batch {b}: {r:.0f} tok/s" for b, r in result.batch_rates)
+        batch_reason += f"; measured {rates} -> batch {result.batch_size}"
+        console.print(f"  {batch_reason}")
     return {
         "perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
         "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
-        "batch_size": batch_size, "batch_reason": batch_reason, "total_tokens": total, **extra,
+        "batch_size": result.batch_size, "batch_reason": batch_reason,
+        "batch_rates": {str(b): round(r, 1) for b, r in result.batch_rates}, "total_tokens": total, **extra,
     }
 
 

@@ -3,8 +3,9 @@ the device computes bf16 natively, float32 elsewhere; `prunetune.devices.resolve
 
 What stays float32 and why: the trainable parameters and the optimizer state (AdamW moments in bf16 lose the
 small updates a recovery run is made of), and the loss (the Trainer's causal-LM loss upcasts the logits before
-the log-softmax). bf16 is autocast on the forward pass; on CUDA the frozen base is also loaded in half
-precision (it never receives updates), on CPU it stays float32 and autocast casts per matrix product.
+the log-softmax). bf16 is autocast on the forward pass; the frozen base of a LoRA method is also loaded in
+half precision (it never receives updates), on CUDA and CPU alike; sparse-ft keeps float32 weights (they are
+what trains) and autocast casts them per matrix product.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Precision:
     """The dtype the base model is loaded in."""
     teacher_dtype: torch.dtype = torch.float32
     """The dense teacher's dtype: frozen and forward-only, so half precision on CUDA (a 7B teacher: 13.5 GB
-    instead of 27), float32 on CPU."""
+    instead of 27) and bf16 on a CPU training in bf16; float32 otherwise."""
 
     @property
     def bf16(self) -> bool:
@@ -61,9 +62,13 @@ def resolve_precision(cfg: FinetuneConfig, device: str) -> Precision:
         if name == "fp16" and device == "cpu":
             raise UserError("--dtype float16 needs a CUDA GPU (loss scaling); on CPU use --dtype bfloat16")
     load_dtype = torch.float32
-    if device == "cuda" and name != "fp32" and cfg.method != "sparse-ft":  # sparse-ft trains the base: fp32
-        load_dtype = torch.bfloat16 if name == "bf16" else torch.float16  # frozen base in half; adapters stay fp32
+    if name != "fp32" and cfg.method != "sparse-ft":  # sparse-ft trains the base: fp32 master weights
+        # The frozen base in half precision, adapters stay float32: on CUDA and on a bf16 CPU alike, autocast
+        # then has no float32 base matrix to cast at every forward and backward.
+        load_dtype = torch.bfloat16 if name == "bf16" else torch.float16
     teacher = torch.float32
     if device == "cuda":
         teacher = torch.float16 if name == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    elif name == "bf16":
+        teacher = torch.bfloat16  # forward-only: bf16 weights save autocast's cast of every matrix at every step
     return Precision(name, reason, load_dtype, teacher)
