@@ -21,7 +21,8 @@ def machine_line() -> str:
     v = versions()
     load = os.getloadavg()[0]
     return (
-        f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB"
+        f"Machine: {m['processor']} (family {m.get('cpu_family')}, native bf16: {m.get('cpu_bf16')}, torch "
+        f"{m.get('torch_cpu_capability')} kernels), {m['cpu_count']} CPUs, {m['memory_gib']} GiB"
         + (f", GPUs: {', '.join(m['gpus'])}" if m.get("gpus") else ", no GPU")
         + f"; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
         f"load average at start {load:.2f}; commit {git_commit() or 'unknown'}; "

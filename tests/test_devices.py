@@ -64,3 +64,17 @@ def test_this_machine_reads_its_flags():
     flags = devices.cpu_flags()
     native = devices.cpu_bf16_support()
     assert native is None or native in flags or not flags
+
+
+@pytest.mark.parametrize("method, base", [("lora", torch.bfloat16), ("masked-lora", torch.bfloat16),
+                                          ("sparse-ft", torch.float32)])
+def test_bf16_training_on_cpu_loads_frozen_weights_in_bf16_and_trained_ones_in_float32(method, base):
+    from prunetune.finetune.config import FinetuneConfig
+    from prunetune.finetune.precision import resolve_precision
+
+    cfg = FinetuneConfig(pruned="unused", out="unused", dtype="bfloat16", method=method)
+    p = resolve_precision(cfg, "cpu")
+    assert p.bf16 and p.load_dtype == base  # sparse-ft trains the base: float32 master weights
+    assert p.teacher_dtype == torch.bfloat16  # forward-only
+    fp32 = resolve_precision(FinetuneConfig(pruned="unused", out="unused", dtype="float32", method=method), "cpu")
+    assert fp32.load_dtype == fp32.teacher_dtype == torch.float32

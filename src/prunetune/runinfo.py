@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 
 from prunetune import __version__
+from prunetune.devices import cpu_bf16_support
 
 
 def versions() -> dict[str, str]:
@@ -53,20 +54,28 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_family": _cpuinfo_field("cpu family"),
+        "cpu_bf16": cpu_bf16_support() or "none",
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
 
 
-def _cpu_model() -> str:
+def _cpuinfo_field(field: str) -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    # The CPU changes between machines of the same name (AMD EPYC family 23 without bf16, 26 with it).
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def provenance() -> dict[str, Any]:

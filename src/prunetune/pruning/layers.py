@@ -110,7 +110,7 @@ def _calibrated_layer(s: PruneSession, i: int, layer: nn.Module, mods: dict[str,
                                    s.cfg.block_reconstruct_lr, seed=s.cfg.seed + i, autocast=autocast)
         s.record.setdefault("block_reconstruct", {})[str(i)] = result.record()
         note = f", block-wise mse {result.mse_before:.3g} -> {result.mse_after:.3g}"
-    if s.cfg.sequential:
+    if s.cfg.sequential and i < len(s.layers) - 1:  # the last layer's pruned outputs feed nothing
         with autocast():
             cal.run_layer(layer, walk.inputs, walk.outs)  # the next layer sees this layer's pruned outputs
     walk.advance()
