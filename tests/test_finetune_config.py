@@ -96,3 +96,19 @@ def test_group_blocks_like_run_clm():
     assert windows_of(ids, 4, 1).tolist() == [[0, 1, 2, 3]]
     item = BlockDataset(blocks)[1]
     assert torch.equal(item["input_ids"], item["labels"]) and item["attention_mask"].sum() == 4
+
+
+@pytest.mark.parametrize("prune_json, method", [
+    ({"config": {"pattern": "block16x16"}}, "sparse-ft"),
+    ({"pattern": "block8x8"}, "sparse-ft"),
+    ({"config": {"pattern": "2:4"}}, "lora"),
+    ({"config": {"pattern": "unstructured"}}, "lora"),
+    ({}, "lora"),
+])
+def test_auto_method_is_sparse_ft_for_block_patterns_and_says_why(prune_json, method):
+    from prunetune.finetune.config import FinetuneConfig, resolve_method
+
+    cfg, why = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json)
+    assert cfg.method == method and why.startswith(f"{method}: auto")
+    explicit, why = resolve_method(FinetuneConfig(pruned="p", out="o", method="masked-lora"), prune_json)
+    assert explicit.method == "masked-lora" and "requested" in why

@@ -94,7 +94,8 @@ def tiny_pipeline(model: Path, data: Path, **finetune) -> dict:
         "data": {"dataset": "wikitext2", "data_dir": str(data)},
         "prune": {"method": "wanda", "pattern": "block16x16", "sparsity": 0.5, "reconstruct": True,
                   "nsamples": 2, "seqlen": 64},
-        "finetune": {"lora_r": 4, "block_size": 64, "max_steps": 4, "logging_steps": 2, "eval_steps": 2,
+        # lora explicitly: these tests follow the adapter through the merge stage (auto would pick sparse-ft for blocks)
+        "finetune": {"method": "lora", "lora_r": 4, "block_size": 64, "max_steps": 4, "logging_steps": 2, "eval_steps": 2,
                      "save_steps": 2, "max_train_samples": 64, "max_eval_samples": 2, "probe_steps": 0,
                      **finetune},
         "eval": {"seqlen": 64, "max_windows": 2},

@@ -47,7 +47,8 @@ def _config(r: Mapping[str, Any]) -> list[str]:
     lora = r.get("lora", {})
     lines = [
         RULE,
-        f"prunetune finetune {r.get('version', '')}: recovery of a pruned model ({r.get('method', 'lora')})",
+        f"prunetune finetune {r.get('version', '')}: recovery of a pruned model "
+        f"({r.get('method_reason') or r.get('method', 'lora')})",
         RULE,
         f"Pruned model:      {r.get('pruned')}",
         f"Base model:        {r.get('base_model') or 'unknown (no prune.json)'}",

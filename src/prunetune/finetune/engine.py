@@ -38,7 +38,7 @@ from prunetune.data import TextSplit
 from prunetune.devices import default_device
 from prunetune.errors import UserError
 from prunetune.finetune.callbacks import MonitorCallback, SignalGuard
-from prunetune.finetune.config import FinetuneConfig
+from prunetune.finetune.config import FinetuneConfig, resolve_method
 from prunetune.finetune.console import RunLog
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT, FinetuneData, load_finetune_data
 from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_error
@@ -87,6 +87,8 @@ class Run:
     prior: PriorRun = field(default_factory=PriorRun)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     mask_source: str = ""
+    method_reason: str = ""
+    """Why this training method (`--method auto` resolves by the pruned pattern)."""
     base_digest: str = ""
     """Fingerprint of the pruned base (rundir.base_digest), recorded with the adapter for `merge` to check."""
 
@@ -144,11 +146,12 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     device = default_device(cfg.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; drop --device or use --device cpu")
-    precision = resolve_precision(cfg, device)
     pruned = rundir.read_pruned(cfg.pruned)
+    cfg, method_reason = resolve_method(cfg, pruned.prune_json)  # before anything reads cfg.method
+    precision = resolve_precision(cfg, device)
     resume = select_checkpoint(cfg, out)
     run = Run(cfg, out, runlog, is_main, time.perf_counter(), device, precision, pruned, resume,
-              cfg.teacher or pruned.base_model)
+              cfg.teacher or pruned.base_model, method_reason=method_reason)
     _banner(run)
     checks, run.texts, existing = preflight_checks(cfg, out, resume, run.teacher_spec, is_main)
     runlog.emit("preflight", None, persist=False, checks=checks)
@@ -165,7 +168,8 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if is_main:
         saved = cfg.to_dict() | {"overwrite": False, "resume_from_checkpoint": None}
         write_json(out / rundir.RUN_CONFIG, {
-            "config": saved, "precision": precision.to_record(), "pruned": pruned.prune_json,
+            "config": saved, "method_reason": method_reason, "precision": precision.to_record(),
+            "pruned": pruned.prune_json,
             "base_model": pruned.base_model, "teacher": run.teacher_spec if cfg.distilling else None,
             "provenance": provenance(),
         })
@@ -181,6 +185,7 @@ def _banner(run: Run) -> None:
         dataset_config=DATASET_CONFIGS.get(cfg.dataset, "local file"),
         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, lr=cfg.lr,
         block_size=cfg.block_size, epochs=cfg.epochs, max_steps=cfg.max_steps, method=cfg.method,
+        method_reason=run.method_reason,
         lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)},
         precision=run.precision.name, precision_reason=run.precision.reason, device=run.device,
         world_size=world_size(),

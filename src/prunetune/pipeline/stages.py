@@ -147,8 +147,9 @@ def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) ->
                           or v is None})
 
     method = getattr(config, "method", "lora")
-    what = (f"{method} r={config.lora_r} on {','.join(config.lora_targets)}" if method != "sparse-ft"
-            else "sparse fine-tuning of the kept weights")
+    lora = f"r={config.lora_r} on {','.join(config.lora_targets)}"
+    what = {"sparse-ft": "sparse fine-tuning of the kept weights",
+            "auto": f"auto method (sparse-ft for block patterns, else lora {lora})"}.get(method, f"{method} {lora}")
     steps = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.epochs:g} epoch(s)"
     title = f"{what}, lr {config.lr:g}, block {config.block_size}, {steps}, on {config.dataset}"
     return Stage(
