@@ -69,22 +69,30 @@ WIKITEXT_HEAD_NOTE = "WikiText-2 train (local head)"
 
 
 def train_data(data_dir: str, tokens: int, work: Path, tokenizer) -> tuple[str, str]:
-    """(dataset for FinetuneConfig, words for the table). WikiText-2's local train head holds ~70k tokens; a
-    larger budget trains on that head plus the offline Wikipedia summaries (`wikipedia-vital`) in one file,
-    instead of repeating the head for many epochs."""
+    """(dataset for FinetuneConfig, words for the table). WikiText-2's local train head holds ~68k tokens; a
+    larger budget trains on all of that head topped up with just enough of the offline Wikipedia summaries
+    (`wikipedia-vital`) to fill the budget, in one file: one epoch, WikiText-2 as large a share as it can be."""
     from prunetune.data import load_text, tokenize
 
     head = load_text("wikitext2", "train", data_dir)
     head_tokens = tokenize(head, tokenizer).input_ids.numel()
     if tokens <= head_tokens:
         return "wikitext2", f"{WIKITEXT_HEAD_NOTE}, {head_tokens:,} tokens"
-    mixed = work / "train-wikitext2-head+wikipedia-vital.jsonl"
+    mixed = work / f"train-wikitext2-head+wikipedia-vital-{tokens}.jsonl"
+    # The file is split 90/5/5 by row hash (prunetune.data), so fill ~1/0.9 of the budget and a margin.
+    needed = int(tokens / 0.88) - head_tokens
     if not mixed.is_file():
-        vital = load_text("wikipedia-vital", "train", data_dir)
+        rows, have = list(head.rows), 0
+        for row in load_text("wikipedia-vital", "train", data_dir).rows:
+            if have >= needed:
+                break
+            rows.append(row)
+            have += len(tokenizer(row).input_ids)
         with mixed.open("w") as f:
-            for row in [*head.rows, *vital.rows]:
+            for row in rows:
                 f.write(json.dumps({"text": row}) + "\n")
-    return str(mixed), f"{WIKITEXT_HEAD_NOTE} ({head_tokens:,} tokens) + wikipedia-vital summaries"
+    return str(mixed), (f"{WIKITEXT_HEAD_NOTE} ({head_tokens:,} tokens) topped up with ~{max(needed, 0):,} tokens "
+                        "of wikipedia-vital summaries")
 
 
 def prune_variant(pruned: Path) -> str:
