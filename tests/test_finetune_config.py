@@ -112,3 +112,18 @@ def test_auto_method_is_sparse_ft_for_block_patterns_and_says_why(prune_json, me
     assert cfg.method == method and why.startswith(f"{method}: auto")
     explicit, why = resolve_method(FinetuneConfig(pruned="p", out="o", method="masked-lora"), prune_json)
     assert explicit.method == "masked-lora" and "requested" in why
+
+
+def test_auto_method_falls_back_to_masked_lora_when_sparse_ft_state_would_not_fit():
+    from prunetune.finetune.config import FinetuneConfig, resolve_method
+
+    # Llama-2-7B-sized: 32 layers of 4096x4096 (x4) and 4096x11008 (x3) matrices, ~6.5e9 trained weights.
+    matrices = {f"l{i}.{m}": {"shape": [4096, 4096]} for i in range(32) for m in "qkvo"}
+    matrices |= {f"l{i}.{m}": {"shape": [11008, 4096]} for i in range(32) for m in ("gate", "up", "down")}
+    prune_json = {"config": {"pattern": "block16x16"}, "matrices": matrices}
+    cfg, why = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json, free_bytes=80 * 2**30)
+    assert cfg.method == "masked-lora" and "GiB free" in why and "--method sparse-ft" in why
+    cfg, _ = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json, free_bytes=640 * 2**30)
+    assert cfg.method == "sparse-ft"
+    small = {"config": {"pattern": "block16x16"}, "matrices": {"a": {"shape": [576, 576]}}}
+    assert resolve_method(FinetuneConfig(pruned="p", out="o"), small, free_bytes=2**30)[0].method == "sparse-ft"

@@ -5,6 +5,7 @@ sparse-ft keeps exact zeros with gradient accumulation, plain LoRA reports both 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,15 @@ def test_layerwise_distillation_runs(pruned, shared_data, tmp_path, mode):  # no
              for name in (mode, "plain")}
     # The pruned student differs from the dense teacher: the SquareHead term is positive at step 1.
     assert first[mode] > first["plain"]
+
+
+def test_default_method_on_a_block_pruned_model_is_sparse_ft_and_says_why(pruned, shared_data, tmp_path):  # noqa: F811
+    out = tmp_path / "auto"
+    result = run_finetune(config(pruned, out, shared_data, max_steps=2, eval_steps=2, save_steps=2),
+                          stream=io.StringIO())
+    assert result["status"] == "completed"
+    assert verify_dir(out / SPARSE_MODEL_DIR).ok  # trained directly: the deployable sparse model, no adapter
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["config"]["method"] == "sparse-ft"  # resolved, so a resume compares like with like
+    assert saved["method_reason"].startswith("sparse-ft: auto for a block16x16 model")
+    assert "sparse-ft: auto" in (out / "train.log").read_text()  # the banner says it

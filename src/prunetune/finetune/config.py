@@ -51,7 +51,8 @@ class FinetuneConfig:
     method: str = "auto"
     """What trains: `lora` (adapter, dense update), `masked-lora` (adapter whose update keeps the pruned
     pattern: merging is exact) or `sparse-ft` (the kept weights themselves; no adapter). `auto`: sparse-ft for
-    a model pruned in blocks (it recovered most per token in bench/bench_recovery.py), lora otherwise."""
+    a model pruned in blocks (it recovered most per token in bench/bench_recovery.py; masked-lora when its
+    optimizer state would not fit the free memory), lora otherwise."""
     sparse_ft_targets: tuple[str, ...] = ("all-linear",)
     """Module types whose kept weights `sparse-ft` trains (`all-linear` for every pruned linear)."""
     lora_r: int = 8
@@ -236,16 +237,33 @@ def config_from_mapping(mapping: dict[str, Any], source: str = "config") -> Fine
     return configfile.build_config(FinetuneConfig, values)
 
 
-def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any]) -> tuple[FinetuneConfig, str]:
+# sparse-ft's cost beyond inference, per trained weight: AdamW's two float32 moments and a float32 gradient.
+SPARSE_FT_BYTES_PER_WEIGHT = 12
+# Share of the free memory that auto lets sparse-ft's optimizer state and gradients take (activations need the rest).
+SPARSE_FT_MEMORY_SHARE = 0.6
+
+
+def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any],
+                   free_bytes: int | None = None) -> tuple[FinetuneConfig, str]:
     """(cfg with a concrete method, why). `auto` picks sparse-ft for block patterns: on SmolLM2-135M at 50%
     16x16 blocks it beat masked LoRA 410 -> 285 and the Wanda recipe 3,261 -> 285 (deployable test perplexity,
-    32k tokens, bench/RESULTS.md). Other patterns keep LoRA, the recipe of the Wanda code base, until measured."""
+    32k tokens, bench/RESULTS.md) -- unless its optimizer state and gradients would not fit `free_bytes` (a 7B
+    model needs ~75 GiB for them), where masked LoRA keeps the pattern at adapter cost. Other patterns keep
+    LoRA, the recipe of the Wanda code base, until measured."""
     if cfg.method != "auto":
         return cfg, f"{cfg.method}: requested (--method {cfg.method})"
     pruning = prune_json.get("config", prune_json) if isinstance(prune_json, dict) else {}
     pattern = str(pruning.get("pattern") or "") if isinstance(pruning, dict) else ""
-    if pattern.startswith("block"):
-        return (dataclasses.replace(cfg, method="sparse-ft"),
-                f"sparse-ft: auto for a {pattern} model (recovers most per token at block sparsity)")
-    why = f"a {pattern} model" if pattern else "a model without a prune record"
-    return dataclasses.replace(cfg, method="lora"), f"lora: auto for {why} (--method sparse-ft / masked-lora keep it sparse)"
+    if not pattern.startswith("block"):
+        why = f"a {pattern} model" if pattern else "a model without a prune record"
+        return (dataclasses.replace(cfg, method="lora"),
+                f"lora: auto for {why} (--method sparse-ft / masked-lora keep it sparse)")
+    matrices = prune_json.get("matrices", {}) if isinstance(prune_json, dict) else {}
+    weights = sum(math.prod(m.get("shape", (0,))) for m in matrices.values() if isinstance(m, dict))
+    need = SPARSE_FT_BYTES_PER_WEIGHT * weights
+    if free_bytes is not None and need > SPARSE_FT_MEMORY_SHARE * free_bytes:
+        return (dataclasses.replace(cfg, method="masked-lora"),
+                f"masked-lora: auto for a {pattern} model; sparse-ft would need ~{need / 2**30:.1f} GiB of optimizer "
+                f"state and gradients, {free_bytes / 2**30:.1f} GiB free (--method sparse-ft to insist)")
+    return (dataclasses.replace(cfg, method="sparse-ft"),
+            f"sparse-ft: auto for a {pattern} model (recovers most per token at block sparsity)")

@@ -147,7 +147,7 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; drop --device or use --device cpu")
     pruned = rundir.read_pruned(cfg.pruned)
-    cfg, method_reason = resolve_method(cfg, pruned.prune_json)  # before anything reads cfg.method
+    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device))  # before cfg.method is read
     precision = resolve_precision(cfg, device)
     resume = select_checkpoint(cfg, out)
     run = Run(cfg, out, runlog, is_main, time.perf_counter(), device, precision, pruned, resume,
@@ -174,6 +174,18 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
             "provenance": provenance(),
         })
     return run
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free where training runs (one GPU's when on CUDA; None when it cannot be read)."""
+    try:
+        if torch.device(device).type == "cuda":
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (RuntimeError, AssertionError, OSError):
+        return None
 
 
 def _banner(run: Run) -> None:
