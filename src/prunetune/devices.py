@@ -38,15 +38,32 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
+def cpuinfo_field(*names: str) -> str | None:
+    """The first value of a /proc/cpuinfo field (`model name`, `cpu family`, `flags`, ...); None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(names):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    return frozenset((cpuinfo_field("flags", "Features") or "").split())
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free where `device` computes: one GPU's free memory on CUDA, available RAM on CPU; None if unreadable."""
+    try:
+        if torch.device(device).type == "cuda":
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (RuntimeError, AssertionError, OSError):
+        return None
 
 
 def cpu_bf16_support() -> str | None:

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -31,7 +30,7 @@ from rich.table import Table
 from torch import nn
 
 from prunetune.data import load_text, tokenize, windows_of
-from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, resolve_dtype
+from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, free_memory, resolve_dtype
 from prunetune.errors import UserError
 from prunetune.models import ModelRef, apply_adapter, context_length, load_config, load_model, resolve_model
 from prunetune.rundir import MASKS_FILE, adapter_base, check_writable_file, load_keep_masks, read_adapter_meta
@@ -143,6 +142,11 @@ class BatchTuner:
     was best in bf16 (bench/RESULTS.md), because the (B, T, V) logits stop fitting in cache.
     """
 
+    @staticmethod
+    def applies(limit: int, windows: int) -> bool:
+        """Tuning pays from a handful of windows on; fewer simply run at the largest batch allowed."""
+        return limit > 1 and windows >= TUNE_MIN_WINDOWS
+
     def __init__(self, limit: int) -> None:
         self.candidates = [1] + [b for b in (2, 4, 8, 16, 32) if b <= limit]
         self.rates: list[tuple[int, float]] = []
@@ -189,8 +193,7 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    # Tuning pays from a handful of windows on; fewer simply run at the largest batch allowed.
-    tuner = BatchTuner(batch_size) if tune and batch_size > 1 and windows.shape[0] >= TUNE_MIN_WINDOWS else None
+    tuner = BatchTuner(batch_size) if tune and BatchTuner.applies(batch_size, windows.shape[0]) else None
     start = time.perf_counter()
     nll_sum = 0.0
     first, total = 0, windows.shape[0]
@@ -221,10 +224,8 @@ def auto_batch_size(seqlen: int, vocab: int, windows: int, device: str) -> tuple
     log-softmax of the loss, ~12 bytes per logit; they may take `AUTO_BATCH_MEMORY_SHARE` of the free memory.
     """
     per_window = 12 * seqlen * vocab
-    if torch.device(device).type == "cuda":
-        free, cap = torch.cuda.mem_get_info(torch.device(device))[0], 16
-    else:
-        free, cap = psutil.virtual_memory().available, MAX_AUTO_BATCH
+    cap = 16 if torch.device(device).type == "cuda" else MAX_AUTO_BATCH
+    free = free_memory(device) or 0
     fits = int(AUTO_BATCH_MEMORY_SHARE * free // per_window)
     batch = max(1, min(cap, fits, windows))
     size = f"{per_window / 2**30:.2f} GiB" if per_window >= 2**30 else f"{per_window / 2**20:.0f} MiB"
@@ -362,7 +363,7 @@ def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Co
     tune = cfg.batch_size is None
     if tune:
         batch_size, batch_reason = auto_batch_size(cfg.seqlen, loaded.vocab, windows, loaded.device)
-        if batch_size > 1 and windows >= TUNE_MIN_WINDOWS:
+        if BatchTuner.applies(batch_size, windows):
             batch_reason = f"batch up to {batch_reason.removeprefix('batch ')}; the fastest is measured on the first windows"
     else:
         batch_size, batch_reason = cfg.batch_size, f"batch {cfg.batch_size}: requested"

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 
 from prunetune import __version__
-from prunetune.devices import cpu_bf16_support
+from prunetune.devices import cpu_bf16_support, cpuinfo_field
 
 
 def versions() -> dict[str, str]:
@@ -54,7 +54,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "cpu_family": _cpuinfo_field("cpu family"),
+        "cpu_family": cpuinfo_field("cpu family"),
         "cpu_bf16": cpu_bf16_support() or "none",
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -63,19 +63,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def _cpuinfo_field(field: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def _cpu_model() -> str:
     # The CPU changes between machines of the same name (AMD EPYC family 23 without bf16, 26 with it).
-    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+    return cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def provenance() -> dict[str, Any]:

@@ -237,8 +237,6 @@ def config_from_mapping(mapping: dict[str, Any], source: str = "config") -> Fine
     return configfile.build_config(FinetuneConfig, values)
 
 
-# sparse-ft's cost beyond inference, per trained weight: AdamW's two float32 moments and a float32 gradient.
-SPARSE_FT_BYTES_PER_WEIGHT = 12
 # Share of the free memory that auto lets sparse-ft's optimizer state and gradients take (activations need the rest).
 SPARSE_FT_MEMORY_SHARE = 0.6
 
@@ -260,7 +258,9 @@ def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any],
                 f"lora: auto for {why} (--method sparse-ft / masked-lora keep it sparse)")
     matrices = prune_json.get("matrices", {}) if isinstance(prune_json, dict) else {}
     weights = sum(math.prod(m.get("shape", (0,))) for m in matrices.values() if isinstance(m, dict))
-    need = SPARSE_FT_BYTES_PER_WEIGHT * weights
+    from prunetune.finetune.methods import ADAMW_STATE_BYTES  # torch-heavy: only when auto needs it
+
+    need = (ADAMW_STATE_BYTES + 4) * weights  # AdamW's two float32 moments and a float32 gradient per weight
     if free_bytes is not None and need > SPARSE_FT_MEMORY_SHARE * free_bytes:
         return (dataclasses.replace(cfg, method="masked-lora"),
                 f"masked-lora: auto for a {pattern} model; sparse-ft would need ~{need / 2**30:.1f} GiB of optimizer "

@@ -35,7 +35,7 @@ from prunetune.analysis import fixes
 from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.thresholds import thresholds_from_mapping
 from prunetune.data import TextSplit
-from prunetune.devices import default_device
+from prunetune.devices import default_device, free_memory
 from prunetune.errors import UserError
 from prunetune.finetune.callbacks import MonitorCallback, SignalGuard
 from prunetune.finetune.config import FinetuneConfig, resolve_method
@@ -174,18 +174,6 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
             "provenance": provenance(),
         })
     return run
-
-
-def free_memory(device: str) -> int | None:
-    """Bytes free where training runs (one GPU's when on CUDA; None when it cannot be read)."""
-    try:
-        if torch.device(device).type == "cuda":
-            return int(torch.cuda.mem_get_info(torch.device(device))[0])
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except (RuntimeError, AssertionError, OSError):
-        return None
 
 
 def _banner(run: Run) -> None:
