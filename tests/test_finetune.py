@@ -3,6 +3,7 @@ agreement of metrics.jsonl with the Trainer's state, best checkpoint, exact resu
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -364,3 +365,51 @@ def test_live_alert_from_the_shared_rules_is_printed_once(pruned_dir, shared_dat
     assert alerts[0]["step"] >= 6  # not before the evidence (6 points) existed ...
     assert ("log", 14) in events[position:]  # ... and raised live, while training went on
     assert console.count("ALERT [loss_flat]") == 1
+
+
+@pytest.mark.slow
+def test_time_budget_cuts_the_steps_before_training_and_a_resume_keeps_them(pruned_dir, shared_data, tmp_path,
+                                                                              monkeypatch):
+    """--max-train-minutes: the steps that fit the measured step time run, with the schedule sized to them
+    (the run ends normally: best checkpoint, final evaluation); a resumed session keeps that number even when
+    its own probe is faster, so its learning-rate schedule is the first session's."""
+    import prunetune.finetune.engine as engine
+
+    monkeypatch.setattr(engine, "probe_seconds", lambda *a, **k: 0.5)  # a slow machine, deterministically
+    out = tmp_path / "budget"
+    cfg = small_config(pruned_dir, out, shared_data, max_steps=12, logging_steps=1, eval_steps=4, save_steps=2,
+                       max_train_minutes=0.05)  # 3 s at 0.5 s/step and one ~0.0x s evaluation: 5 steps
+    result, console = run(cfg)
+    records = read_jsonl(out / "metrics.jsonl")
+    estimate = next(r for r in records if r["event"] == "estimate")
+    assert (estimate["planned_steps"], estimate["budget_steps"], estimate["budget_cut"]) == (12, 5, True)
+    assert estimate["max_steps"] == 5 and estimate["budget_s"] == 3.0
+    assert "12 planned steps do not fit; training runs 5" in console
+    assert result["status"] == "completed"
+    assert next(r for r in records if r["event"] == "train_start")["max_steps"] == 5
+    assert max(r["step"] for r in records if r["event"] == "log") == 5
+    lrs = [r["lr"] for r in records if r["event"] == "log"]
+    assert lrs[-1] < lrs[0] / 4  # linear decay to ~0 over 5 steps, not over 12
+    assert {"final_eval", "summary"} <= {r["event"] for r in records}
+
+    # Resumed from the step-4 checkpoint on a machine whose probe would fit all 12 steps: still 5.
+    monkeypatch.setattr(engine, "probe_seconds", lambda *a, **k: 0.01)
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed, ignore=shutil.ignore_patterns("checkpoint-5", "adapter"))
+    result, console = run(dataclasses.replace(cfg, out=str(killed), resume_from_checkpoint="auto"))
+    assert result["status"] == "completed"
+    records = read_jsonl(killed / "metrics.jsonl")
+    resumed = [r for r in records if r["event"] == "estimate"][-1]
+    assert resumed["reused"] and resumed["budget_steps"] == 5 and resumed["max_steps"] == 5
+    assert "5 steps, as fitted by the first session" in console
+    want = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "log"}
+    got = {r["step"]: r["loss"] for r in records if r["event"] == "log"}
+    assert got == want  # the same schedule: the same losses, exactly
+
+
+def test_time_budget_needs_the_probe_and_a_positive_number(pruned_dir, shared_data, tmp_path):
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(UserError, match="max-train-minutes must be a positive number"):
+            small_config(pruned_dir, tmp_path / "x", shared_data, max_train_minutes=bad)
+    with pytest.raises(UserError, match="needs probe_steps >= 1"):
+        small_config(pruned_dir, tmp_path / "x", shared_data, max_train_minutes=5, probe_steps=0)

@@ -248,6 +248,42 @@ def test_input_stats_match_direct_sums_and_share_inputs(tiny_model_dir, shared_d
                 torch.testing.assert_close(stats.col_sq_norms(n), (x**2).sum(0), rtol=1e-4, atol=1e-4)
 
 
+def test_gather_stats_equals_a_full_forward_and_skips_what_follows_the_last_input(tiny_model_dir, shared_data):
+    """The sequential walk's statistics pass stops each window at the last hooked input: the same sums as the
+    full forward, and the module after it (down_proj) never runs."""
+    from prunetune.architecture import linear_modules
+    from prunetune.data import load_text, tokenize
+
+    model, tok = load_model(str(tiny_model_dir))
+    windows = cal.calibration_windows(tokenize(load_text("wikitext2", "train", str(shared_data)), tok).input_ids, 3, 32, 1)
+    _, layers = find_decoder_layers(model)
+    inputs = cal.capture_first_layer_inputs(model, layers[0], windows, "cpu")
+    mods = linear_modules(layers[0])
+    calls: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: calls.append(n)) for n, m in mods.items()]
+    try:
+        for hessian in (True, False):
+            with cal.collecting(mods, hessian) as full:
+                cal.run_layer(layers[0], inputs, torch.empty_like(inputs.hidden))
+            calls.clear()
+            with cal.collecting(mods, hessian) as cut:
+                cal.gather_stats(layers[0], inputs, cut)
+            assert "mlp.down_proj" not in calls and calls.count("mlp.gate_proj") == 3
+            assert cut.counts == full.counts and cut.shared_with == full.shared_with
+            for n in mods:
+                assert torch.equal(cut.col_sq_norms(n), full.col_sq_norms(n))
+            # a subset of the modules stops after its own last input
+            calls.clear()
+            attention = {n: m for n, m in mods.items() if n.startswith("self_attn.")}
+            with cal.collecting(attention, hessian) as part:
+                cal.gather_stats(layers[0], inputs, part)
+            assert "self_attn.o_proj" not in calls and "mlp.gate_proj" not in calls
+            assert part.counts["self_attn.o_proj"] == 3 * 32
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_dtype_auto_is_recorded_with_its_reason(tmp_path, tiny_model_dir, shared_data):
     out = run_prune(_cfg(tiny_model_dir, tmp_path / "auto", shared_data), console=QUIET)
     info = json.loads((out / "prune.json").read_text())

@@ -66,6 +66,36 @@ def test_nm_exactly_n_zeros_per_group(n, m):
     assert pattern_violations(keep, parse_pattern(f"{n}:{m}")) == []
 
 
+def _stable_sort_reference(scores, k):
+    """The mask a stable sort gives: the k lowest of each row, ties pruned in position order."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :k], False)
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["ties", "continuous", "zeros", "inf", "nan"])
+def test_masks_prune_ties_by_position_like_a_stable_sort(kind):
+    """Quantised weights (GGUF) and magnitude scores tie a lot: the selection must prune exactly what a stable
+    sort prunes, for every k, per row, per N:M group and per matrix."""
+    g = torch.Generator().manual_seed(3)
+    scores = {"ties": torch.randint(0, 3, (9, 16), generator=g).float(),
+              "continuous": torch.rand(9, 16, generator=g),
+              "zeros": torch.rand(9, 16, generator=g) * torch.randint(0, 2, (9, 16), generator=g)}.get(kind)
+    if scores is None:
+        scores = torch.randint(0, 3, (9, 16), generator=g).float()
+        scores[::2, 3] = float("inf") if kind == "inf" else float("nan")
+    for sparsity in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9):
+        k = n_pruned(16, sparsity)
+        assert torch.equal(unstructured_mask(scores, sparsity, "row"), _stable_sort_reference(scores, k))
+        assert torch.equal(unstructured_mask(scores, sparsity, "matrix"),
+                           _stable_sort_reference(scores.reshape(1, -1), n_pruned(scores.numel(), sparsity))
+                           .view(scores.shape))
+    for n, m in ((1, 4), (2, 4), (3, 4), (4, 8)):
+        assert torch.equal(nm_mask(scores, n, m),
+                           _stable_sort_reference(scores.reshape(9, 16 // m, m), n).view(9, 16))
+
+
 def test_parse_pattern_conventions():
     p = parse_pattern("2:4")
     assert (p.kind, p.n, p.m, p.fixed_sparsity) == ("nm", 2, 4, 0.5)

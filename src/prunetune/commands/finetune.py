@@ -46,7 +46,7 @@ GROUPS = {
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "Trainer (TrainingArguments spellings accepted)": (
         "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
-        "logging_steps", "logging_first_step", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
+        "max_train_minutes", "logging_steps", "logging_first_step", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
         "save_total_limit", "load_best_model_at_end", "metric_for_best_model", "gradient_checkpointing", "bf16",
         "fp16", "warmup_steps", "lr_scheduler_type", "weight_decay", "max_grad_norm", "seed",
         "dataloader_num_workers", "report_to", "resume_from_checkpoint",

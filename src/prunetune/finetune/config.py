@@ -71,6 +71,9 @@ class FinetuneConfig:
     """Micro-batches per optimizer step."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run `epochs`)."""
+    max_train_minutes: float | None = None
+    """Time budget for training: after the probe step, the steps (max_steps or epochs) are cut to what fits,
+    evaluations included, and the learning-rate schedule is sized to them. None: no budget."""
     logging_steps: int = 10
     """A step line and a `log` record every N optimizer steps."""
     logging_first_step: bool = True
@@ -170,6 +173,14 @@ class FinetuneConfig:
             raise UserError("--distill-alpha and --distill-layerwise-weight must be >= 0 and --distill-temperature > 0")
         if self.probe_steps < 0:
             raise UserError(f"probe_steps must be >= 0, got {self.probe_steps}")
+        if self.max_train_minutes is not None:
+            if isinstance(self.max_train_minutes, bool) or not (
+                    isinstance(self.max_train_minutes, (int, float)) and math.isfinite(self.max_train_minutes)
+                    and self.max_train_minutes > 0):
+                raise UserError(f"--max-train-minutes must be a positive number of minutes, got {self.max_train_minutes!r}")
+            if self.probe_steps < 1:
+                raise UserError("--max-train-minutes needs probe_steps >= 1: the steps that fit come from the "
+                                "measured step time")
 
     def _check_choices(self) -> None:
         if not self.lora_targets:

@@ -126,11 +126,24 @@ def _baseline(r: Mapping[str, Any]) -> list[str]:
 def _estimate(r: Mapping[str, Any]) -> list[str]:
     return [
         "",
+        *_budget(r),
         f"Expected training time: {hms(r.get('expected_s'))} "
         f"({r.get('max_steps')} steps x {fmt_num(r.get('s_per_step'), '.3f')} s/step measured on "
         f"{r.get('probe_steps')} probe steps, + {r.get('evals')} evaluations x {fmt_num(r.get('eval_s'), '.1f')}s)"
         + (f"; the probe took {fmt_num(r['probe_total_s'], '.1f')}s" if r.get("probe_total_s") else ""),
     ]
+
+
+def _budget(r: Mapping[str, Any]) -> list[str]:
+    if not r.get("budget_s"):
+        return []
+    budget = f"Time budget {fmt_num(r['budget_s'] / 60, 'g')} min (--max-train-minutes)"
+    if r.get("reused"):
+        return [f"{budget}: {r.get('budget_steps')} steps, as fitted by the first session (the schedule is kept)"]
+    if r.get("budget_cut"):
+        return [f"{budget}: {r.get('planned_steps')} planned steps do not fit; training runs "
+                f"{r.get('budget_steps')} (the learning-rate schedule is sized to them)"]
+    return [f"{budget}: all {r.get('planned_steps')} planned steps fit"]
 
 
 def _train_start(r: Mapping[str, Any]) -> list[str]:

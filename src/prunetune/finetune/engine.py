@@ -34,6 +34,7 @@ from prunetune import __version__, rundir
 from prunetune.analysis import fixes
 from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.thresholds import thresholds_from_mapping
+from prunetune.budget import fit_steps
 from prunetune.data import TextSplit
 from prunetune.devices import default_device, free_memory
 from prunetune.errors import UserError
@@ -317,12 +318,16 @@ def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
     else:
         batches = math.ceil(len(data.train) / (cfg.per_device_train_batch_size * world_size()))
         max_steps = max(1, math.ceil(cfg.epochs * math.ceil(batches / cfg.gradient_accumulation_steps)))
-    evals = max_steps // cfg.eval_steps if cfg.eval_strategy == "steps" else 0
+    eval_steps = cfg.eval_steps if cfg.eval_strategy == "steps" else None
     s_per_step = probe * cfg.gradient_accumulation_steps if probe is not None else None
+    budget = _time_budget(run, max_steps, s_per_step, eval_s, eval_steps)
+    if budget.get("budget_steps"):
+        max_steps = trainer.args.max_steps = budget["budget_steps"]  # the schedule is built for these steps
+    evals = max_steps // eval_steps if eval_steps else 0
     remaining = max_steps - run.resume_step
     run.runlog.emit("estimate", None, s_per_step=s_per_step, max_steps=max_steps, remaining_steps=remaining,
                     probe_steps=cfg.probe_steps, probe_total_s=probe_total_s, evals=evals, eval_s=eval_s,
-                    expected_s=(s_per_step * remaining + evals * eval_s) if s_per_step else None)
+                    expected_s=(s_per_step * remaining + evals * eval_s) if s_per_step else None, **budget)
     args = trainer.args
     monitor.header = {
         "examples": len(data.train), "epochs": cfg.epochs, "per_device_batch": cfg.per_device_train_batch_size,
@@ -331,6 +336,27 @@ def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
         "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "resume_from": str(run.resume.path) if run.resume else None, "resume_step": run.resume_step,
     }
+
+
+def _time_budget(run: Run, planned: int, s_per_step: float | None, eval_s: float,
+                 eval_steps: int | None) -> dict[str, Any]:
+    """`max_train_minutes` as steps (the `estimate` record's budget fields; {} without a budget). A resumed run
+    keeps the first session's steps, and every rank takes rank 0's, so no process trains a different schedule."""
+    cfg = run.cfg
+    if cfg.max_train_minutes is None:
+        return {}
+    first = next((r for r in run.prior.records if r.get("event") == "estimate" and r.get("budget_steps")), None)
+    if first is not None:
+        fields = {k: first[k] for k in ("budget_s", "planned_steps", "budget_steps", "budget_cut")} | {"reused": True}
+    elif s_per_step is None:  # cannot happen through the config (probe_steps >= 1), but never guess
+        raise UserError("--max-train-minutes needs the probe step's time; set probe_steps >= 1")
+    else:
+        fields = fit_steps(cfg.max_train_minutes * 60, planned, s_per_step, eval_s, eval_steps).record()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [fields]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        fields = shared[0]
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ DEMO: dict[str, Any] = {
         # Block-wise stage (EBFT-style): each pruned layer trained to reproduce the dense layer on the calibration
         # windows. bench/bench_recovery.py: pruned 2,091 -> 489 and recovered 356 -> 224 at 32k tokens.
         "block_reconstruct_epochs": 3,
+        # Time budgets keep the demo under 15 minutes on a slower CPU (no native bf16): the steps that fit are
+        # fitted from a timed step before the stage trains. On a CPU with native bf16 neither binds.
+        "block_reconstruct_minutes": 3,
         "nsamples": 32,        # Wanda uses 128 x 2048 tokens; 32 x 512 is plenty for a 135M model
         "seqlen": 512,
         "seed": 0,
@@ -49,6 +52,7 @@ DEMO: dict[str, Any] = {
         "lr": 3e-4,                      # 1e-4: 249, 3e-4: 224, 1e-3: 2,238 (undoes the block-wise stage)
         "block_size": 512,
         "max_steps": 120,                # 61k tokens, ~0.9 epoch of the local WikiText-2 train head
+        "max_train_minutes": 4,          # fewer steps where 120 would not fit (the schedule is sized to them)
         "warmup_steps": 10,
         "logging_steps": 10,
         "eval_steps": 40,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +42,53 @@ def layer_mse(layer: nn.Module, inputs: LayerInputs, targets: torch.Tensor,
     return total / inputs.hidden.shape[0]
 
 
+@contextlib.contextmanager
+def _trainable(layer: nn.Module, keeps: dict[nn.Linear, torch.Tensor]) -> Iterator[dict[nn.Linear, torch.Tensor]]:
+    """The layer in float32 with only the weights of `keeps` trainable; yields module -> float keep-mask. On
+    exit: the stored dtype and requires_grad flags restored, pruned weights exactly zero."""
+    stored = next(layer.parameters()).dtype
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    layer.float()
+    masks = {m: k.to(m.weight.device, torch.float32) for m, k in keeps.items()}
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for m in masks:
+        m.weight.requires_grad_(True)
+    try:
+        yield masks
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        layer.to(stored)
+        with torch.no_grad():
+            for module, keep in masks.items():
+                module.weight.mul_(keep.to(module.weight.dtype))
+                module.weight.grad = None
+
+
+def _window_loss(layer: nn.Module, inputs: LayerInputs, targets: torch.Tensor, j: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    with autocast():
+        out = layer_output(layer, inputs, j)
+    return (out.float() - targets[j : j + 1].float()).pow(2).mean()
+
+
+def probe_step_seconds(layer: nn.Module, keeps: dict[nn.Linear, torch.Tensor], inputs: LayerInputs,
+                       targets: torch.Tensor,
+                       autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Seconds of one block-wise step (forward + backward on one window; the Adam update is negligible beside
+    it), the second of two: the first pays one-off costs. The layer is left as it was."""
+    seconds = 0.0
+    with _trainable(layer, keeps):
+        for _ in range(2):
+            start = time.perf_counter()
+            _window_loss(layer, inputs, targets, 0, autocast).backward()
+            if inputs.hidden.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+    return seconds
+
+
 def reconstruct_block(
     layer: nn.Module,
     keeps: dict[nn.Linear, torch.Tensor],
@@ -50,42 +98,25 @@ def reconstruct_block(
     lr: float,
     seed: int = 0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_steps: int | None = None,
 ) -> BlockResult:
     """Adam on the kept weights of `keeps` (module -> bool keep-mask), one calibration window per step, `epochs`
-    passes in a seeded random order. Everything else in the layer is frozen."""
-    stored = next(layer.parameters()).dtype
-    flags = {p: p.requires_grad for p in layer.parameters()}
-    layer.float()
-    masks = {m: k.to(m.weight.device, torch.float32) for m, k in keeps.items()}
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    weights = [m.weight for m in masks]
-    for w in weights:
-        w.requires_grad_(True)
-    before = layer_mse(layer, inputs, targets, autocast)
-    opt = torch.optim.Adam(weights, lr=lr)
+    passes in a seeded random order, or the first `max_steps` of those steps (a time budget, see
+    `prunetune.budget`). Everything else in the layer is frozen."""
     gen = torch.Generator().manual_seed(seed)
-    steps = 0
-    try:
-        for _ in range(epochs):
-            for j in torch.randperm(inputs.hidden.shape[0], generator=gen).tolist():
-                with autocast():
-                    out = layer_output(layer, inputs, j)
-                loss = (out.float() - targets[j : j + 1].float()).pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for module, keep in masks.items():
-                    module.weight.grad.mul_(keep)  # pruned weights get no update ...
-                opt.step()
-                with torch.no_grad():
-                    for module, keep in masks.items():
-                        module.weight.mul_(keep)  # ... and stay exactly zero whatever Adam's arithmetic does
-                steps += 1
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        layer.to(stored)
-        with torch.no_grad():
+    order = [j for _ in range(epochs) for j in torch.randperm(inputs.hidden.shape[0], generator=gen).tolist()]
+    total = len(order) if max_steps is None else min(max_steps, len(order))
+    with _trainable(layer, keeps) as masks:
+        before = layer_mse(layer, inputs, targets, autocast)
+        opt = torch.optim.Adam([m.weight for m in masks], lr=lr)
+        for j in order[:total]:
+            loss = _window_loss(layer, inputs, targets, j, autocast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             for module, keep in masks.items():
-                module.weight.mul_(keep.to(module.weight.dtype))
-    return BlockResult(before, layer_mse(layer, inputs, targets, autocast), steps)
+                module.weight.grad.mul_(keep)  # pruned weights get no update ...
+            opt.step()
+            with torch.no_grad():
+                for module, keep in masks.items():
+                    module.weight.mul_(keep)  # ... and stay exactly zero whatever Adam's arithmetic does
+    return BlockResult(before, layer_mse(layer, inputs, targets, autocast), total)

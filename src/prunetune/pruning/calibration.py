@@ -130,10 +130,15 @@ class InputStats:
     Without, only sum over tokens of x_j^2 (in,), which is all Wanda needs.
     Modules fed the very same tensor (q/k/v, gate/up) share one accumulator: found on the first call by object
     identity, never by name, so any family's fused or split projections work.
+    The hooks run before each module (forward pre-hooks): with `stop_when_complete` (see `gather_stats`), the
+    forward is cut off once every module has seen the current window, so the modules after the last hooked
+    input never run.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], hessian: bool):
         self.hessian = hessian
+        self.stop_when_complete = False
+        self._seen: set[str] = set()  # modules that have had the current window's input
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -147,13 +152,18 @@ class InputStats:
                 self.hessians[name] = torch.zeros(module.in_features, module.in_features, device=dev)
             else:
                 self.sq_norms[name] = torch.zeros(module.in_features, device=dev)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str):
-        def hook(module, args, output):
+        def hook(module, args):
             # Statistics are float32 sums over up to millions of tokens: never under the forward's autocast.
             with torch.autocast(args[0].device.type, enabled=False):
                 accumulate(args)
+            self._seen.add(name)
+            if len(self._seen) == len(self.counts):
+                self._seen.clear()
+                if self.stop_when_complete:
+                    raise _StatsComplete
 
         def accumulate(args):
             x = args[0]
@@ -193,3 +203,21 @@ def collecting(modules: dict[str, nn.Linear], hessian: bool) -> Iterator[InputSt
         yield stats
     finally:
         stats.remove()
+
+
+class _StatsComplete(Exception):
+    """Raised by `InputStats` once every hooked module has seen the current window's input."""
+
+
+@torch.no_grad()
+def gather_stats(layer: nn.Module, inputs: LayerInputs, stats: InputStats) -> None:
+    """Feed every calibration window to `stats` without computing the layer's outputs: each window's forward
+    stops as soon as the last hooked module has its input (in a Llama layer, before down_proj and the MLP
+    residual). For the sequential walk, whose next-layer inputs come from the pruned layer anyway."""
+    stats.stop_when_complete = True
+    try:
+        for j in range(inputs.hidden.shape[0]):
+            with suppress(_StatsComplete):
+                layer_output(layer, inputs, j)
+    finally:
+        stats.stop_when_complete = False

@@ -121,6 +121,9 @@ class PruneConfig:
     gradients; the pattern stays exact). 0 = off; 2-5 is typical. One layer resident at a time."""
     block_reconstruct_lr: float = 2e-4
     """Adam learning rate of the block-wise reconstruction (EBFT's 2e-4; measured on SmolLM2, see the notes)."""
+    block_reconstruct_minutes: float | None = None
+    """Time budget for the block-wise stage's training over all layers: one step is timed on the first layer,
+    and every layer then trains the steps that fit (at most epochs x nsamples). None: no budget."""
     percdamp: float = 0.01
     """Hessian dampening as a fraction of its mean diagonal (SparseGPT: 1%)."""
     blocksize: int = 128
@@ -175,6 +178,12 @@ class PruneConfig:
         if self.block_reconstruct_epochs < 0 or self.block_reconstruct_lr <= 0:
             raise UserError(f"--block-reconstruct-epochs {self.block_reconstruct_epochs} / --block-reconstruct-lr "
                             f"{self.block_reconstruct_lr}: epochs must be >= 0 and the rate positive (e.g. 2 and 2e-4)")
+        if self.block_reconstruct_minutes is not None and (
+                isinstance(self.block_reconstruct_minutes, bool)
+                or not isinstance(self.block_reconstruct_minutes, (int, float))
+                or not math.isfinite(self.block_reconstruct_minutes) or self.block_reconstruct_minutes <= 0):
+            raise UserError(f"--block-reconstruct-minutes must be a positive number of minutes, got "
+                            f"{self.block_reconstruct_minutes!r}")
         if self.nsamples < 1:
             raise UserError(f"--nsamples {self.nsamples} must be at least 1 (Wanda uses 128)")
         if self.seqlen < 2:

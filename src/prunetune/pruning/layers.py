@@ -14,8 +14,9 @@ from rich.progress import Progress
 from torch import nn
 
 from prunetune.architecture import linear_modules
+from prunetune.budget import fit_steps
 from prunetune.pruning import calibration as cal
-from prunetune.pruning.blockwise import reconstruct_block
+from prunetune.pruning.blockwise import probe_step_seconds, reconstruct_block
 from prunetune.pruning.matrix import prune_matrix
 from prunetune.pruning.owl import clamp_target, layer_offsets, outlier_ratio, step_of
 from prunetune.pruning.scores import wanda_scores
@@ -99,22 +100,51 @@ def _calibrated_layer(s: PruneSession, i: int, layer: nn.Module, mods: dict[str,
         with autocast():
             cal.run_layer(layer, walk.dense, walk.dense_outs)  # the dense model's output: the block-wise target
     with cal.collecting(mods, hessian=s.cfg.needs_hessian) as stats, autocast():
-        cal.run_layer(layer, walk.inputs, walk.outs)  # dense outputs: the next layer's inputs when one-shot
+        if s.cfg.sequential:  # the next layer's inputs come from the pruned layer below: statistics only
+            cal.gather_stats(layer, walk.inputs, stats)
+        else:  # one-shot: the dense outputs are the next layer's inputs (and the block-wise target)
+            cal.run_layer(layer, walk.inputs, walk.outs)
     _prune_modules(s, mods, stats)
     del stats
     note = ""
     if s.cfg.block_reconstruct_epochs and mods:
         target = walk.dense_outs if walk.dense is not None else walk.outs
         keeps = {m: s.masks[n] for n, m in mods.items()}
+        fitted_now = "block_reconstruct_budget" not in s.record
+        steps = _block_steps(s, layer, keeps, walk.inputs, target)
         result = reconstruct_block(layer, keeps, walk.inputs, target, s.cfg.block_reconstruct_epochs,
-                                   s.cfg.block_reconstruct_lr, seed=s.cfg.seed + i, autocast=autocast)
+                                   s.cfg.block_reconstruct_lr, seed=s.cfg.seed + i, autocast=autocast,
+                                   max_steps=steps)
         s.record.setdefault("block_reconstruct", {})[str(i)] = result.record()
         note = f", block-wise mse {result.mse_before:.3g} -> {result.mse_after:.3g}"
+        if steps is not None and fitted_now:
+            b = s.record["block_reconstruct_budget"]
+            note += (f"\nBlock-wise budget {b['minutes']:g} min over {b['layers']} layers, {b['s_per_step']:.3f} s/step "
+                     f"measured: {b['steps_per_layer']} of {b['planned_steps_per_layer']} steps per layer"
+                     + (" fit" if b["cut"] else " (all fit)"))
     if s.cfg.sequential and i < len(s.layers) - 1:  # the last layer's pruned outputs feed nothing
         with autocast():
             cal.run_layer(layer, walk.inputs, walk.outs)  # the next layer sees this layer's pruned outputs
     walk.advance()
     return note
+
+
+def _block_steps(s: PruneSession, layer: nn.Module, keeps: dict[nn.Linear, torch.Tensor], inputs: cal.LayerInputs,
+                 target: torch.Tensor) -> int | None:
+    """--block-reconstruct-minutes as Adam steps per layer (None: no budget, every epoch runs): fitted once, from
+    one step timed on the first layer trained, so every layer trains the same number of steps."""
+    minutes = s.cfg.block_reconstruct_minutes
+    if minutes is None:
+        return None
+    if "block_reconstruct_budget" not in s.record:
+        per_step = probe_step_seconds(layer, keeps, inputs, target, s.precision.autocast)
+        layers = len({n.removeprefix(f"{s.prefix}.").split(".")[0] for n in s.targets})
+        planned = s.cfg.block_reconstruct_epochs * s.cfg.nsamples
+        fit = fit_steps(minutes * 60 / layers, planned, per_step)
+        s.record["block_reconstruct_budget"] = {
+            "minutes": minutes, "layers": layers, "s_per_step": per_step, "planned_steps_per_layer": planned,
+            "steps_per_layer": fit.steps, "cut": fit.cut}
+    return s.record["block_reconstruct_budget"]["steps_per_layer"]
 
 
 def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.InputStats | None) -> None:
@@ -129,7 +159,7 @@ def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.Input
                                  factors=factors.get(id(hessian)) if hessian is not None else None)
         with torch.no_grad():
             module.weight.copy_(new.to(module.weight.dtype))
-            module.weight[~keep.to(module.weight.device)] = 0
+            module.weight.masked_fill_(~keep.to(module.weight.device), 0)  # exact zeros (boolean indexing: 6x slower)
         s.masks[name] = keep.cpu()
         s.matrices[name] = {"shape": list(s.shapes[name]), "target": s.targets[name],
                             "achieved": 1.0 - float(s.masks[name].float().mean())}

@@ -90,12 +90,27 @@ def n_pruned(count: int, sparsity: float) -> int:
 
 
 def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask over the last dim pruning exactly the k lowest scores of each row (stable ties)."""
+    """Keep-mask over the last dim pruning exactly the k lowest scores of each row; among scores equal to the
+    k-th lowest, the first ones by position go (what a stable sort would prune).
+
+    A selection, not a sort: the k-th value per row, everything below it, and the ties at it by position. The
+    same mask as `torch.sort(stable=True)[:k]` at ~0.4x its time on CPU for rows of hundreds of weights (a
+    layer's masks were ~15% of a sequential Wanda prune in bf16). Short groups (N:M) are sorted, which is faster
+    there; so are rows holding NaN, which has no order to select by.
+    """
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
+    if k <= 0:
+        return keep
+    if k >= scores.shape[-1]:
+        return ~keep
+    if scores.shape[-1] <= 16 or bool(scores.isnan().any()):  # N:M groups: sorting a few values is faster
         order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-        keep.scatter_(-1, order, False)
-    return keep
+        return keep.scatter_(-1, order, False)
+    kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < kth
+    at = scores == kth
+    room = k - below.sum(-1, keepdim=True)  # how many of the tied scores still go, per row
+    return ~(below | (at & (at.cumsum(-1) <= room)))
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, compare: str = "row") -> torch.Tensor:
