@@ -12,7 +12,7 @@ from prunetune.data import load_text, tokenize
 from prunetune.errors import UserError
 from prunetune.models import load_model
 from prunetune.pruning import calibration as cal
-from prunetune.pruning.blockwise import layer_mse, reconstruct_block
+from prunetune.pruning.blockwise import layer_mse, outputs_mse, reconstruct_block
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 from prunetune.pruning.patterns import block_mask, parse_pattern, pattern_violations
@@ -40,6 +40,9 @@ def test_reconstruct_block_lowers_error_and_keeps_zeros(tiny_model_dir, shared_d
     result = reconstruct_block(layer, keeps, inputs, dense, epochs=4, lr=1e-3)
     assert result.mse_before == pytest.approx(before) and result.steps == 16
     assert result.mse_after < 0.8 * result.mse_before
+    # the sequential walk takes mse_after from the outputs it computes for the next layer: the same number
+    outs = cal.run_layer(layer, inputs, torch.empty_like(inputs.hidden))
+    assert outputs_mse(outs, dense) == pytest.approx(result.mse_after, rel=1e-12)
     for module, keep in keeps.items():
         assert (module.weight[~keep] == 0).all() and module.weight.requires_grad
         assert pattern_violations(keep, parse_pattern("block16x16")) == []

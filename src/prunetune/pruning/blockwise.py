@@ -23,7 +23,8 @@ from prunetune.pruning.calibration import LayerInputs, layer_output
 @dataclasses.dataclass(frozen=True)
 class BlockResult:
     mse_before: float
-    mse_after: float
+    mse_after: float | None
+    """None when the caller measures it from outputs it computes anyway (`outputs_mse`)."""
     steps: int
 
     def record(self) -> dict[str, float | int]:
@@ -38,8 +39,17 @@ def layer_mse(layer: nn.Module, inputs: LayerInputs, targets: torch.Tensor,
     for j in range(inputs.hidden.shape[0]):
         with autocast():
             out = layer_output(layer, inputs, j)
-        total += float((out.float() - targets[j : j + 1].float()).pow(2).mean())
+        total += _window_mse(out, targets[j : j + 1])
     return total / inputs.hidden.shape[0]
+
+
+def outputs_mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """`layer_mse` of outputs already computed (nsamples, seqlen, hidden): the same number, window by window."""
+    return sum(_window_mse(outputs[j : j + 1], targets[j : j + 1]) for j in range(outputs.shape[0])) / outputs.shape[0]
+
+
+def _window_mse(out: torch.Tensor, target: torch.Tensor) -> float:
+    return float((out.float() - target.float()).pow(2).mean())
 
 
 @contextlib.contextmanager
@@ -99,10 +109,12 @@ def reconstruct_block(
     seed: int = 0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     max_steps: int | None = None,
+    measure_after: bool = True,
 ) -> BlockResult:
     """Adam on the kept weights of `keeps` (module -> bool keep-mask), one calibration window per step, `epochs`
     passes in a seeded random order, or the first `max_steps` of those steps (a time budget, see
-    `prunetune.budget`). Everything else in the layer is frozen."""
+    `prunetune.budget`). Everything else in the layer is frozen. `measure_after=False` skips the closing pass
+    over the windows (mse_after None) for a caller that runs the trained layer over them anyway."""
     gen = torch.Generator().manual_seed(seed)
     order = [j for _ in range(epochs) for j in torch.randperm(inputs.hidden.shape[0], generator=gen).tolist()]
     total = len(order) if max_steps is None else min(max_steps, len(order))
@@ -119,4 +131,4 @@ def reconstruct_block(
             with torch.no_grad():
                 for module, keep in masks.items():
                     module.weight.mul_(keep)  # ... and stay exactly zero whatever Adam's arithmetic does
-    return BlockResult(before, layer_mse(layer, inputs, targets, autocast), total)
+    return BlockResult(before, layer_mse(layer, inputs, targets, autocast) if measure_after else None, total)

@@ -16,7 +16,7 @@ from torch import nn
 from prunetune.architecture import linear_modules
 from prunetune.budget import fit_steps
 from prunetune.pruning import calibration as cal
-from prunetune.pruning.blockwise import probe_step_seconds, reconstruct_block
+from prunetune.pruning.blockwise import outputs_mse, probe_step_seconds, reconstruct_block
 from prunetune.pruning.matrix import prune_matrix
 from prunetune.pruning.owl import clamp_target, layer_offsets, outlier_ratio, step_of
 from prunetune.pruning.scores import wanda_scores
@@ -75,6 +75,7 @@ def prune_layers(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
             walk.dense_outs = torch.empty_like(inputs.hidden)
     task = progress.add_task("layers", total=len(s.layers))
     t = time.perf_counter()
+    budget_shown = False
     for i, layer in enumerate(s.layers):
         t_layer = time.perf_counter()
         progress.update(task, description=f"layer {i + 1}/{len(s.layers)}")
@@ -89,6 +90,12 @@ def prune_layers(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
         mean = sum(s.matrices[n]["achieved"] for n in mods) / max(len(mods), 1)
         progress.console.print(f"layer {i + 1}/{len(s.layers)}: {len(mods)} matrices pruned, mean sparsity "
                                f"{mean:.2%}{note} ({time.perf_counter() - t_layer:.1f}s)")
+        if (budget := s.record.get("block_reconstruct_budget")) and not budget_shown:
+            budget_shown = True
+            progress.console.print(
+                f"Block-wise budget {budget['minutes']:g} min over {budget['layers']} layers, "
+                f"{budget['s_per_step']:.3f} s/step measured on layer {i + 1}: {budget['steps_per_layer']} of "
+                f"{budget['planned_steps_per_layer']} steps per layer {'fit' if budget['cut'] else '(all fit)'}")
         progress.advance(task)
     s.timings["prune_s"] = time.perf_counter() - t
 
@@ -106,25 +113,23 @@ def _calibrated_layer(s: PruneSession, i: int, layer: nn.Module, mods: dict[str,
             cal.run_layer(layer, walk.inputs, walk.outs)
     _prune_modules(s, mods, stats)
     del stats
-    note = ""
+    result, last = None, i == len(s.layers) - 1
     if s.cfg.block_reconstruct_epochs and mods:
         target = walk.dense_outs if walk.dense is not None else walk.outs
         keeps = {m: s.masks[n] for n, m in mods.items()}
-        fitted_now = "block_reconstruct_budget" not in s.record
-        steps = _block_steps(s, layer, keeps, walk.inputs, target)
         result = reconstruct_block(layer, keeps, walk.inputs, target, s.cfg.block_reconstruct_epochs,
                                    s.cfg.block_reconstruct_lr, seed=s.cfg.seed + i, autocast=autocast,
-                                   max_steps=steps)
-        s.record.setdefault("block_reconstruct", {})[str(i)] = result.record()
-        note = f", block-wise mse {result.mse_before:.3g} -> {result.mse_after:.3g}"
-        if steps is not None and fitted_now:
-            b = s.record["block_reconstruct_budget"]
-            note += (f"\nBlock-wise budget {b['minutes']:g} min over {b['layers']} layers, {b['s_per_step']:.3f} s/step "
-                     f"measured: {b['steps_per_layer']} of {b['planned_steps_per_layer']} steps per layer"
-                     + (" fit" if b["cut"] else " (all fit)"))
-    if s.cfg.sequential and i < len(s.layers) - 1:  # the last layer's pruned outputs feed nothing
+                                   max_steps=_block_steps(s, layer, keeps, walk.inputs, target),
+                                   measure_after=not (s.cfg.sequential and not last))
+    if s.cfg.sequential and not last:  # the last layer's pruned outputs feed nothing
         with autocast():
             cal.run_layer(layer, walk.inputs, walk.outs)  # the next layer sees this layer's pruned outputs
+        if result is not None:  # the block-wise error, from these very outputs (no extra pass)
+            result = dataclasses.replace(result, mse_after=outputs_mse(walk.outs, target))
+    note = ""
+    if result is not None:
+        s.record.setdefault("block_reconstruct", {})[str(i)] = result.record()
+        note = f", block-wise mse {result.mse_before:.3g} -> {result.mse_after:.3g}"
     walk.advance()
     return note
 
