@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from prunetune.pipeline.config import PipelineConfig, parse_pipeline
+from prunetune.pipeline.demo_fit import DemoFit, apply_fit, fit_sizes, recorded_fit, time_window
 from prunetune.pipeline.job import make_console, run_pipeline
 from prunetune.pipeline.runner import RunLayout
 from prunetune.pipeline.stages import deployable_model
@@ -93,13 +94,29 @@ def demo_dict(quick: bool = False) -> dict[str, Any]:
     return doc
 
 
-def demo_config(quick: bool = False, model: str | None = None, data_dir: str | None = None) -> PipelineConfig:
+def demo_config(quick: bool = False, model: str | None = None, data_dir: str | None = None,
+                fit: DemoFit | None = None) -> PipelineConfig:
     doc = demo_dict(quick)
     if model is not None:
         doc["model"] = model
     if data_dir is not None:
         doc["data"]["data_dir"] = data_dir
+    if fit is not None:
+        doc = apply_fit(doc, fit)
     return parse_pipeline(doc, source="demo")
+
+
+def fit_demo(cfg: DemoConfig, out: Path, console: Console) -> DemoFit | None:
+    """The full demo's sizes for this machine (see `demo_fit`); None for the quick demo or `--full-size`."""
+    if cfg.quick or not cfg.fit:
+        return None
+    fit = None if cfg.force else recorded_fit(out)
+    if fit is None:
+        doc = demo_dict()
+        window_s, precision = time_window(cfg.model or doc["model"], doc["prune"]["seqlen"], log=console.print)
+        fit = fit_sizes(doc, window_s, precision)
+    console.print(fit.describe())
+    return fit
 
 
 @dataclass
@@ -108,7 +125,7 @@ class DemoConfig:
 
     quick: bool = False
     """The smoke-test sizes (under 3 minutes) instead of the full demo (7 minutes on a 2-core CPU with native
-    bf16; an estimated 25-30 without, where it trains in float32)."""
+    bf16; where it trains in float32 its time budgets and `fit` keep it to about 15)."""
     out: str | None = None
     """Run directory (default runs/demo, or runs/demo-quick)."""
     data_dir: str | None = None
@@ -117,6 +134,9 @@ class DemoConfig:
     """Re-run every stage even when it is up to date."""
     model: str | None = None
     """Replace SmolLM2-135M (tests run the demo's code path on a tiny model)."""
+    fit: bool = True
+    """Fit the full demo's calibration and evaluation sizes to this machine's measured speed so it finishes in
+    about 15 minutes (a no-op where it does anyway); `--full-size` runs the sizes of configs/demo-cpu.yaml."""
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
@@ -126,9 +146,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     console = console or make_console()
     quick = cfg.quick
-    pipeline = demo_config(quick, cfg.model, cfg.data_dir)
     out = Path(cfg.out) if cfg.out is not None else Path("runs") / ("demo-quick" if quick else "demo")
-    budget = "under 3 minutes" if quick else "under 15 minutes on a 2-core CPU with native bf16"
+    fit = fit_demo(cfg, out, console)
+    pipeline = demo_config(quick, cfg.model, cfg.data_dir, fit)
+    budget = "under 3 minutes" if quick else "in about 15 minutes on a 2-core CPU"
     console.print(
         f"[bold]prunetune demo[/]{' --quick' if quick else ''}: prune {pipeline.model} to 50% in 16x16 blocks "
         f"(Wanda{' + reconstruction' if pipeline.prune.get('reconstruct') else ''}"
@@ -136,7 +157,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         f"({_recovery(pipeline.finetune)}) into a deployable sparse model, evaluate and report — offline, {budget}. "
         "Finished stages are skipped when you run it again."
     )
-    story = run_pipeline(pipeline, out, force=cfg.force, console=console, source="demo-quick" if quick else "demo")
+    story = run_pipeline(pipeline, out, force=cfg.force, console=console, source="demo-quick" if quick else "demo",
+                         notes={"demo_fit": fit.record()} if fit is not None else None)
     console.print(
         "Next: `prunetune monitor " f"{out}/finetune --once` shows the training run; `prunetune verify "
         f"{deployable_model(RunLayout(out), 'merge' in pipeline.stages)['model']}` "

@@ -105,9 +105,10 @@ def run_pipeline(
     console: Console | None = None,
     source: str | None = None,
     plan_only: bool = False,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the pipeline into `out`. Returns the perplexity story (dense/pruned/recovered, report).
-    `plan_only`: print what would run and why, write nothing."""
+    `plan_only`: print what would run and why, write nothing. `notes`: more to record in pipeline.json."""
     console = console or make_console()
     root = Path(out).expanduser().resolve()
     check_run_dir(root)
@@ -128,7 +129,7 @@ def run_pipeline(
     console.print(f"  run dir {root}")
     meta = {
         "name": cfg.name, "config_file": str(Path(source).resolve()) if source else None, "model": cfg.model,
-        "data": dataclasses.asdict(data),
+        "data": dataclasses.asdict(data), **(notes or {}),
     }
     runner = PipelineRun(stages, layout, console, meta)
     if plan_only:
