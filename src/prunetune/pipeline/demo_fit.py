@@ -61,9 +61,12 @@ class DemoFit:
         changes = ", ".join(f"{stage} {key} {self.full[stage][key]} -> {value}"
                             for stage, values in self.sizes.items() for key, value in values.items())
         source = "as fitted by this run directory's first run; " if self.reused else ""
+        smaller = [what for stage, what in (("prune", "the pruning calibrates on fewer windows"),
+                                            ("eval", "perplexities are measured on fewer held-out windows (noisier)"))
+                   if stage in self.sizes]
         return (f"Demo sizes fitted to this machine ({source}{speed}, so the full sizes would take the demo past "
-                f"{TARGET_S // 60} minutes): {changes}. Perplexities are measured on the smaller sets and are "
-                "noisier; `prunetune run configs/demo-cpu.yaml` runs the full sizes.")
+                f"{TARGET_S // 60} minutes): {changes}; {'; '.join(smaller) or 'smaller evaluation sets'}. "
+                "`prunetune run configs/demo-cpu.yaml` or `prunetune demo --full-size` runs the full sizes.")
 
 
 def budgets_s(doc: dict[str, Any]) -> float:
