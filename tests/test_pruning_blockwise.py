@@ -116,3 +116,5 @@ def test_prune_block_reconstruct_minutes_fits_steps_per_layer(tmp_path, tiny_mod
     assert [r["steps"] for r in info["block_reconstruct"].values()] == [12, 12]
     with pytest.raises(UserError, match="block-reconstruct-minutes must be a positive number"):
         PruneConfig(out=str(tmp_path / "bad"), block_reconstruct_minutes=0, **base)
+    with pytest.raises(UserError, match="block-wise stage, which is off"):
+        PruneConfig(out=str(tmp_path / "bad"), block_reconstruct_minutes=3, **(base | {"block_reconstruct_epochs": 0}))

@@ -14,7 +14,7 @@ FLAGS = {
     "data_dir": Flag(metavar="DIR"),
     "model": Flag(hidden=True),
     "fit": Flag(names=("--full-size",), invert=True,
-                help="run the full demo sizes even where they take longer than ~15 minutes (a slow CPU)"),
+                help="run the full demo sizes even where they take longer than ~15 minutes (a slow CPU)."),
 }
 
 

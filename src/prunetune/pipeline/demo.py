@@ -75,7 +75,8 @@ DEMO: dict[str, Any] = {
 # its least-squares solves are the slowest part of pruning, and the smoke test proves the path, not the quality.
 QUICK_OVERRIDES: dict[str, Any] = {
     "name": "demo-quick",
-    "prune": {"reconstruct": False, "block_reconstruct_epochs": 0, "nsamples": 8, "seqlen": 128},
+    "prune": {"reconstruct": False, "block_reconstruct_epochs": 0, "block_reconstruct_minutes": None, "nsamples": 8,
+              "seqlen": 128},
     "finetune": {"block_size": 128, "max_steps": 8, "warmup_steps": 0, "logging_steps": 2, "eval_steps": 4,
                  "save_steps": 4, "max_eval_samples": 4},
     "eval": {"seqlen": 128, "max_windows": 4},
@@ -87,8 +88,8 @@ def demo_dict(quick: bool = False) -> dict[str, Any]:
     doc = copy.deepcopy(DEMO)
     if quick:
         for key, value in QUICK_OVERRIDES.items():
-            if isinstance(value, dict):
-                doc[key].update(value)
+            if isinstance(value, dict):  # an option overridden with None is removed (its default applies)
+                doc[key] = {k: v for k, v in (doc[key] | value).items() if v is not None}
             else:
                 doc[key] = value
     return doc

@@ -184,6 +184,9 @@ class PruneConfig:
                 or not math.isfinite(self.block_reconstruct_minutes) or self.block_reconstruct_minutes <= 0):
             raise UserError(f"--block-reconstruct-minutes must be a positive number of minutes, got "
                             f"{self.block_reconstruct_minutes!r}")
+        if self.block_reconstruct_minutes is not None and not self.block_reconstruct_epochs:
+            raise UserError("--block-reconstruct-minutes is the time budget of the block-wise stage, which is off; "
+                            "add --block-reconstruct-epochs N (e.g. 3) or drop the budget")
         if self.nsamples < 1:
             raise UserError(f"--nsamples {self.nsamples} must be at least 1 (Wanda uses 128)")
         if self.seqlen < 2:
