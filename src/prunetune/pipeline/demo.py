@@ -148,8 +148,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or make_console()
     quick = cfg.quick
     out = Path(cfg.out) if cfg.out is not None else Path("runs") / ("demo-quick" if quick else "demo")
-    fit = fit_demo(cfg, out, console)
-    pipeline = demo_config(quick, cfg.model, cfg.data_dir, fit)
+    pipeline = demo_config(quick, cfg.model, cfg.data_dir)
     budget = "under 3 minutes" if quick else "in about 15 minutes on a 2-core CPU"
     console.print(
         f"[bold]prunetune demo[/]{' --quick' if quick else ''}: prune {pipeline.model} to 50% in 16x16 blocks "
@@ -158,6 +157,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         f"({_recovery(pipeline.finetune)}) into a deployable sparse model, evaluate and report — offline, {budget}. "
         "Finished stages are skipped when you run it again."
     )
+    fit = fit_demo(cfg, out, console)  # after the banner: it loads the model (converting it on a first run)
+    if fit is not None:
+        pipeline = demo_config(quick, cfg.model, cfg.data_dir, fit)
     story = run_pipeline(pipeline, out, force=cfg.force, console=console, source="demo-quick" if quick else "demo",
                          notes={"demo_fit": fit.record()} if fit is not None else None)
     console.print(
