@@ -268,7 +268,8 @@ def test_gather_stats_equals_a_full_forward_and_skips_what_follows_the_last_inpu
             calls.clear()
             with cal.collecting(mods, hessian) as cut:
                 cal.gather_stats(layers[0], inputs, cut)
-            assert "mlp.down_proj" not in calls and calls.count("mlp.gate_proj") == 3
+            # the first window runs whole (it checks every module is called once); the other two stop early
+            assert calls.count("mlp.down_proj") == 1 and calls.count("mlp.gate_proj") == 3
             assert cut.counts == full.counts and cut.shared_with == full.shared_with
             for n in mods:
                 assert torch.equal(cut.col_sq_norms(n), full.col_sq_norms(n))
@@ -277,11 +278,46 @@ def test_gather_stats_equals_a_full_forward_and_skips_what_follows_the_last_inpu
             attention = {n: m for n, m in mods.items() if n.startswith("self_attn.")}
             with cal.collecting(attention, hessian) as part:
                 cal.gather_stats(layers[0], inputs, part)
-            assert "self_attn.o_proj" not in calls and "mlp.gate_proj" not in calls
+            assert calls.count("self_attn.o_proj") == 1 and calls.count("mlp.gate_proj") == 1
             assert part.counts["self_attn.o_proj"] == 3 * 32
     finally:
         for h in handles:
             h.remove()
+
+
+def test_gather_stats_never_cuts_a_layer_that_calls_a_module_twice_or_skips_one():
+    """A module reused within the layer (or an expert a mixture-of-experts layer does not route to) would lose
+    inputs if the forward stopped at the first sight of every module: such layers always run whole."""
+    from torch import nn
+
+    class Reuse(nn.Module):
+        def __init__(self, skip: bool):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.skip = skip
+
+        def forward(self, x):
+            x = self.b(self.a(x)) if self.skip else self.b(self.a(self.a(x)))
+            return self.c(x) if not self.skip else x
+
+    torch.manual_seed(0)
+    inputs = cal.LayerInputs(torch.randn(3, 5, 4))
+    for skip in (False, True):
+        layer = Reuse(skip)
+        mods = {"a": layer.a, "b": layer.b, "c": layer.c}
+        ran: list[str] = []
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n: ran.append(n)) for n, m in mods.items()]
+        with cal.collecting(mods, hessian=False) as full:
+            cal.run_layer(layer, inputs, torch.empty_like(inputs.hidden))
+        ran.clear()
+        with cal.collecting(mods, hessian=False) as cut:
+            cal.gather_stats(layer, inputs, cut)
+        for h in handles:
+            h.remove()
+        assert cut.counts == full.counts and ran.count("b") == 3  # every window whole
+        assert full.counts["a"] == (15 if skip else 30) and full.counts["c"] == (0 if skip else 15)
+        for n in mods:
+            assert torch.equal(cut.col_sq_norms(n), full.col_sq_norms(n))
 
 
 def test_dtype_auto_is_recorded_with_its_reason(tmp_path, tiny_model_dir, shared_data):

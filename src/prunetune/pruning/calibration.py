@@ -138,7 +138,7 @@ class InputStats:
     def __init__(self, modules: dict[str, nn.Linear], hessian: bool):
         self.hessian = hessian
         self.stop_when_complete = False
-        self._seen: set[str] = set()  # modules that have had the current window's input
+        self.window_calls: list[str] = []  # the hooked modules called so far in the current window, in order
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -159,11 +159,9 @@ class InputStats:
             # Statistics are float32 sums over up to millions of tokens: never under the forward's autocast.
             with torch.autocast(args[0].device.type, enabled=False):
                 accumulate(args)
-            self._seen.add(name)
-            if len(self._seen) == len(self.counts):
-                self._seen.clear()
-                if self.stop_when_complete:
-                    raise _StatsComplete
+            self.window_calls.append(name)
+            if self.stop_when_complete and len(set(self.window_calls)) == len(self.counts):
+                raise _StatsComplete
 
         def accumulate(args):
             x = args[0]
@@ -211,13 +209,18 @@ class _StatsComplete(Exception):
 
 @torch.no_grad()
 def gather_stats(layer: nn.Module, inputs: LayerInputs, stats: InputStats) -> None:
-    """Feed every calibration window to `stats` without computing the layer's outputs: each window's forward
-    stops as soon as the last hooked module has its input (in a Llama layer, before down_proj and the MLP
-    residual). For the sequential walk, whose next-layer inputs come from the pruned layer anyway."""
-    stats.stop_when_complete = True
+    """Feed every calibration window to `stats` without computing more of the layer than the statistics need:
+    each window's forward stops as soon as the last hooked module has its input (in a Llama layer, before
+    down_proj and the MLP residual). For the sequential walk, whose next-layer inputs come from the pruned layer
+    anyway. The first window runs whole; only if it called every hooked module exactly once are later windows cut
+    (a module called twice, or a mixture-of-experts layer that skips some, always runs whole)."""
     try:
         for j in range(inputs.hidden.shape[0]):
+            stats.window_calls = []
             with suppress(_StatsComplete):
                 layer_output(layer, inputs, j)
+            if j == 0:
+                calls = stats.window_calls
+                stats.stop_when_complete = len(calls) == len(set(calls)) == len(stats.counts)
     finally:
         stats.stop_when_complete = False
