@@ -306,7 +306,7 @@ def test_gather_stats_never_cuts_a_layer_that_calls_a_module_twice_or_skips_one(
         layer = Reuse(skip)
         mods = {"a": layer.a, "b": layer.b, "c": layer.c}
         ran: list[str] = []
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: ran.append(n)) for n, m in mods.items()]
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n, ran=ran: ran.append(n)) for n, m in mods.items()]
         with cal.collecting(mods, hessian=False) as full:
             cal.run_layer(layer, inputs, torch.empty_like(inputs.hidden))
         ran.clear()
