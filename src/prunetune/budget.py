@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from prunetune.errors import UserError
+
 
 @dataclass(frozen=True)
 class StepBudget:
@@ -55,3 +57,11 @@ def fit_steps(budget_s: float, planned: int, s_per_step: float, eval_s: float = 
 
 def _cost(steps: int, s_per_step: float, eval_s: float, eval_steps: int | None) -> float:
     return steps * s_per_step + (steps // eval_steps if eval_steps else 0) * eval_s
+
+
+def check_minutes(value: Any, flag: str) -> None:
+    """A time budget option is None (no budget) or a positive, finite number of minutes; else a UserError."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{flag} must be a positive number of minutes, got {value!r}")

@@ -143,6 +143,15 @@ class PrunedInfo:
     prune_json: dict[str, Any]
 
 
+def prune_config(prune_json: Any) -> dict[str, Any]:
+    """The prune settings inside a `prune.json` record (its `config`; records of old versions were the settings
+    themselves); {} for anything else."""
+    if not isinstance(prune_json, dict):
+        return {}
+    cfg = prune_json.get("config", prune_json)
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def read_pruned(path: str | Path) -> PrunedInfo:
     """What `prune.json` says about a pruned model directory (all None for a plain model dir)."""
     path = Path(path).expanduser()
@@ -151,8 +160,7 @@ def read_pruned(path: str | Path) -> PrunedInfo:
         meta = read_json(path / PRUNE_JSON, PRUNE_JSON, "re-run `prunetune prune`")
         if not isinstance(meta, dict):
             raise UserError(f"{path / PRUNE_JSON} is not a prune record (a JSON object); re-run `prunetune prune`")
-    cfg = meta.get("config", meta)
-    cfg = cfg if isinstance(cfg, dict) else {}
+    cfg = prune_config(meta)
     parts = [str(cfg[k]) for k in ("method", "pattern", "sparsity") if cfg.get(k) is not None]
     base = meta.get("model") or cfg.get("model")
     return PrunedInfo(path, str(base) if base else None, to_float(meta.get("pruned_perplexity")),

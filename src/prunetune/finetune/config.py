@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from prunetune.budget import check_minutes
 from prunetune.errors import UserError
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -173,14 +174,10 @@ class FinetuneConfig:
             raise UserError("--distill-alpha and --distill-layerwise-weight must be >= 0 and --distill-temperature > 0")
         if self.probe_steps < 0:
             raise UserError(f"probe_steps must be >= 0, got {self.probe_steps}")
-        if self.max_train_minutes is not None:
-            if isinstance(self.max_train_minutes, bool) or not (
-                    isinstance(self.max_train_minutes, (int, float)) and math.isfinite(self.max_train_minutes)
-                    and self.max_train_minutes > 0):
-                raise UserError(f"--max-train-minutes must be a positive number of minutes, got {self.max_train_minutes!r}")
-            if self.probe_steps < 1:
-                raise UserError("--max-train-minutes needs probe_steps >= 1: the steps that fit come from the "
-                                "measured step time")
+        check_minutes(self.max_train_minutes, "--max-train-minutes")
+        if self.max_train_minutes is not None and self.probe_steps < 1:
+            raise UserError("--max-train-minutes needs probe_steps >= 1: the steps that fit come from the "
+                            "measured step time")
 
     def _check_choices(self) -> None:
         if not self.lora_targets:
@@ -261,8 +258,9 @@ def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any],
     LoRA, the recipe of the Wanda code base, until measured."""
     if cfg.method != "auto":
         return cfg, f"{cfg.method}: requested (--method {cfg.method})"
-    pruning = prune_json.get("config", prune_json) if isinstance(prune_json, dict) else {}
-    pattern = str(pruning.get("pattern") or "") if isinstance(pruning, dict) else ""
+    from prunetune.rundir import prune_config  # torch-heavy: only when auto needs it
+
+    pattern = str(prune_config(prune_json).get("pattern") or "")
     if not pattern.startswith("block"):
         why = f"a {pattern} model" if pattern else "a model without a prune record"
         return (dataclasses.replace(cfg, method="lora"),

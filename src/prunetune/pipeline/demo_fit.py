@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunetune.pipeline.runner import RunLayout
+
 TARGET_S = 14 * 60
 """The whole demo, in seconds: under the 15 minutes it promises, with a minute of margin."""
 
@@ -29,6 +31,10 @@ below), by the precision the probe ran in. Measured on a 2-core Zen 5 from an em
 section demo): in float32 234 s of a 654 s demo at 0.85 s per probe forward; in bf16 165 s of 440 s at 0.34 s.
 bf16 makes the forward 2.5x faster but not the float32 Hessian sums, least squares and loss, hence more units.
 Any other precision (float16 on a GPU) counts as bf16, the larger."""
+
+def fixed_window_forwards(precision: str) -> int:
+    return FIXED_WINDOW_FORWARDS.get(precision, FIXED_WINDOW_FORWARDS["bfloat16"])
+
 
 SCALED: tuple[tuple[str, str, int], ...] = (
     ("prune", "nsamples", 8),            # calibration windows: the prune's passes and Hessian sums
@@ -52,7 +58,7 @@ class DemoFit:
     def record(self) -> dict[str, Any]:
         return {"window_s": self.window_s, "precision": self.precision, "scale": self.scale, "sizes": self.sizes,
                 "full": self.full, "target_s": TARGET_S,
-                "fixed_window_forwards": FIXED_WINDOW_FORWARDS.get(self.precision, FIXED_WINDOW_FORWARDS["bfloat16"])}
+                "fixed_window_forwards": fixed_window_forwards(self.precision)}
 
     def describe(self) -> str:
         speed = f"a 512-token forward takes {self.window_s:.2f} s here ({self.precision})"
@@ -79,7 +85,7 @@ def budgets_s(doc: dict[str, Any]) -> float:
 def fit_sizes(doc: dict[str, Any], window_s: float, precision: str) -> DemoFit:
     """The sizes that keep the demo `doc` within TARGET_S at `window_s` seconds per probe forward (pure)."""
     available = TARGET_S - budgets_s(doc)
-    need = FIXED_WINDOW_FORWARDS.get(precision, FIXED_WINDOW_FORWARDS["bfloat16"]) * window_s
+    need = fixed_window_forwards(precision) * window_s
     scale = 1.0 if need <= available else max(available, 0.0) / need
     full = {stage: {key: doc[stage][key]} for stage, key, _ in SCALED if key in doc.get(stage, {})}
     sizes: dict[str, dict[str, int]] = {}
@@ -103,7 +109,7 @@ def apply_fit(doc: dict[str, Any], fit: DemoFit) -> dict[str, Any]:
 def recorded_fit(run_dir: Path) -> DemoFit | None:
     """The fit a previous demo run recorded in `run_dir`'s pipeline.json, if any."""
     try:
-        rec = json.loads((run_dir / "pipeline.json").read_text()).get("demo_fit")
+        rec = json.loads(RunLayout(run_dir).pipeline_json.read_text()).get("demo_fit")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(rec, dict) or not isinstance(rec.get("sizes"), dict):

@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import Any
 
 from prunetune.architecture import module_type
+from prunetune.budget import check_minutes
 from prunetune.errors import UserError
 from prunetune.pruning.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 from prunetune.pruning.precision import check_dtype_name
@@ -178,12 +179,7 @@ class PruneConfig:
         if self.block_reconstruct_epochs < 0 or self.block_reconstruct_lr <= 0:
             raise UserError(f"--block-reconstruct-epochs {self.block_reconstruct_epochs} / --block-reconstruct-lr "
                             f"{self.block_reconstruct_lr}: epochs must be >= 0 and the rate positive (e.g. 2 and 2e-4)")
-        if self.block_reconstruct_minutes is not None and (
-                isinstance(self.block_reconstruct_minutes, bool)
-                or not isinstance(self.block_reconstruct_minutes, (int, float))
-                or not math.isfinite(self.block_reconstruct_minutes) or self.block_reconstruct_minutes <= 0):
-            raise UserError(f"--block-reconstruct-minutes must be a positive number of minutes, got "
-                            f"{self.block_reconstruct_minutes!r}")
+        check_minutes(self.block_reconstruct_minutes, "--block-reconstruct-minutes")
         if self.block_reconstruct_minutes is not None and not self.block_reconstruct_epochs:
             raise UserError("--block-reconstruct-minutes is the time budget of the block-wise stage, which is off; "
                             "add --block-reconstruct-epochs N (e.g. 3) or drop the budget")
