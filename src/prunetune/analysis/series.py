@@ -18,7 +18,8 @@ class Series:
     """The numeric series a run's records carry, in step order."""
 
     train: list[tuple[int, float]]
-    """(step, loss) of `log` records with a finite loss."""
+    """(step, loss) of `log` records with a finite loss and a finite (or absent) grad norm: a loss logged beside
+    a NaN gradient is not a measurement of the model (fp16 overflow prints 0.0)."""
     evals: list[tuple[int, float]]
     """(step, eval_loss) of `eval` records with a finite eval loss."""
     lr: list[tuple[int, float]]
@@ -32,6 +33,14 @@ class Series:
     eval_sets: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """(step, eval_loss) per eval set (`eval_set` of the records; "" for the plain `eval_loss`), in the order
     the sets first appear; `evals` is the first of them. Sets are never merged into one series."""
+    zero_loss_bad_grad: list[int] = field(default_factory=list)
+    """Steps whose logged loss is exactly 0.0 beside a NaN/Inf grad norm: the fp16 overflow signature."""
+    estimated: set[int] = field(default_factory=set)
+    """Steps the log does not state (estimated from the epoch or the log ordinal)."""
+    ended: bool = False
+    """The records show the end of training (`train_end`, `final_eval`, `summary`)."""
+    stopped: bool = False
+    """The records show an interruption (`stopped`)."""
 
     def for_eval_set(self, name: str) -> Series:
         """This series with `evals` replaced by eval set `name`'s."""
@@ -43,14 +52,20 @@ def record_step(record: Mapping[str, Any]) -> int | None:
     return int(value) if value is not None and math.isfinite(value) else None
 
 
-def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
-    """Append what `records` carry to the lists of `series` (in record order)."""
+def _scan(records: Sequence[Mapping[str, Any]], series: Series, flags: dict[str, bool]) -> None:
+    """Append what `records` carry to the lists of `series` (in record order); `flags` collects ended/stopped."""
     for rec in records:
         event = rec.get("event")
         if event == "error":
             series.errors.append(rec)
             continue
-        if event in ("final_eval", "train_end"):
+        if event == "stopped":
+            flags["stopped"] = True
+            continue
+        if event in ("final_eval", "train_end", "summary"):
+            flags["ended"] = True
+            if event == "summary":
+                continue
             # end-of-run numbers: a NaN there is as much a divergence as one in a step log
             key = "eval_loss" if event == "final_eval" else "train_loss"
             value = to_float(rec.get(key))
@@ -60,6 +75,8 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
         if event not in ("log", "eval"):
             continue
         step = record_step(rec)
+        if step is not None and rec.get("step_estimated"):
+            series.estimated.add(step)
         keys = ("loss", "grad_norm") if event == "log" else ("eval_loss",)
         for key in keys:
             value = to_float(rec.get(key))
@@ -69,9 +86,12 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series) -> None:
             continue
         if event == "log":
             loss = to_float(rec.get("loss"))
-            if loss is not None and math.isfinite(loss):
-                series.train.append((step, loss))
             gn = to_float(rec.get("grad_norm"))
+            bad_grad = gn is not None and not math.isfinite(gn)
+            if bad_grad and loss == 0.0:
+                series.zero_loss_bad_grad.append(step)
+            if loss is not None and math.isfinite(loss) and not bad_grad:
+                series.train.append((step, loss))
             if gn is not None and math.isfinite(gn):
                 series.grad_norm.append((step, gn))
             rate = to_float(rec.get("lr", rec.get("learning_rate")))
@@ -89,9 +109,10 @@ class SeriesBuilder:
 
     def __init__(self) -> None:
         self._raw = Series([], [], [], [], [], [])
+        self._flags = {"ended": False, "stopped": False}
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> None:
-        _scan(records, self._raw)
+        _scan(records, self._raw, self._flags)
 
     def series(self) -> Series:
         """Sorted copies: the scanned lists stay in record order and are never handed out."""
@@ -105,6 +126,10 @@ class SeriesBuilder:
             list(raw.nonfinite),
             list(raw.errors),
             sets,
+            list(raw.zero_loss_bad_grad),
+            set(raw.estimated),
+            self._flags["ended"],
+            self._flags["stopped"],
         )
 
 
@@ -247,3 +272,98 @@ def train_loss_near(train: Sequence[tuple[int, float]], step: int, k: int = 3) -
     """Median of the last `k` train losses logged at or before `step`: the train loss "at" an eval."""
     before = [v for s, v in train if s <= step][-k:]
     return statistics.median(before) if before else None
+
+
+def warmup_end(train: Sequence[tuple[int, float]], lr: Sequence[tuple[int, float]],
+               configured: int | None = None) -> int | None:
+    """Index in `train` of the first point after the warm-up: where the logged LR stops rising, else the
+    configured warm-up step, else 0. None while the logged LR is still rising."""
+    if lr:
+        i = warmup_end_index(lr)
+        if i is None:
+            return None
+        step = lr[i][0] if i > 0 else None
+    else:
+        step = configured
+    if not step:
+        return 0
+    return next((k for k, (s, _) in enumerate(train) if s >= step), len(train))
+
+
+def lr_exposure(lr: Sequence[tuple[int, float]], start: int, end: int) -> float | None:
+    """The LR summed over the steps [start, end) (each logged value holds until the next log): how far the
+    optimizer could move the weights over that stretch. None without a logged LR."""
+    if not lr or end <= start:
+        return None
+    total = 0.0
+    for (s, v), nxt in zip(lr, [*lr[1:], (max(end, lr[-1][0] + 1), lr[-1][1])], strict=True):
+        lo, hi = max(s, start), min(nxt[0], end)
+        if hi > lo:
+            total += (hi - lo) * v
+    first_step, first_lr = lr[0]
+    if start < first_step:
+        total += (min(first_step, end) - start) * first_lr
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The curves a report draws and report.json carries (one dict, so the plots and the JSON never disagree)
+
+
+def _column(records: Sequence[Mapping[str, Any]], event: str, key: str) -> dict[str, list]:
+    steps, values = [], []
+    for rec in records:
+        if rec.get("event") != event:
+            continue
+        step, value = record_step(rec), to_float(rec.get(key))
+        if step is None or value is None or not math.isfinite(value):
+            continue
+        steps.append(step)
+        values.append(value)
+    return {"step": steps, key: values}
+
+
+def _ppl(loss: float) -> float | None:
+    return math.exp(loss) if loss < 700 else None
+
+
+def curves(records: Sequence[Mapping[str, Any]], final_step: int | None = None,
+           final_of: str | None = None) -> dict[str, Any]:
+    """Every series the report plots: train loss, eval loss and perplexity per eval set (`eval` for the plain
+    eval loss), the final evaluation(s) after training at the step of the model they describe (`final_step`,
+    else the last step), the pruned baseline, LR, grad norm and throughput. Finite values only."""
+    evals: dict[str, dict[str, list]] = {}
+    for rec in records:
+        step, loss = record_step(rec), to_float(rec.get("eval_loss"))
+        if rec.get("event") != "eval" or step is None or loss is None or not math.isfinite(loss):
+            continue
+        col = evals.setdefault(str(rec.get("eval_set") or "") or "eval",
+                               {"step": [], "eval_loss": [], "perplexity": []})
+        col["step"].append(step)
+        col["eval_loss"].append(loss)
+        col["perplexity"].append(_ppl(loss))
+    last = max((s for r in records if (s := record_step(r)) is not None and r.get("event") in ("log", "eval")),
+               default=None)
+    finals = []
+    for rec in records:
+        loss = to_float(rec.get("eval_loss"))
+        if rec.get("event") != "final_eval" or loss is None or not math.isfinite(loss):
+            continue
+        ppl = to_float(rec.get("perplexity"))
+        finals.append({"eval_set": str(rec.get("eval_set") or "") or "eval",
+                       "step": final_step if final_step is not None else record_step(rec) or last,
+                       "eval_loss": loss, "perplexity": ppl if ppl is not None and math.isfinite(ppl) else _ppl(loss),
+                       "of": final_of})
+    baseline = next(({"step": 0, "eval_loss": v, "perplexity": _ppl(v)} for r in records
+                     if r.get("event") == "baseline_eval" and (v := to_float(r.get("eval_loss"))) is not None
+                     and math.isfinite(v)), None)
+    lr = _column(records, "log", "lr")
+    if not lr["step"]:
+        lr = {"step": _column(records, "log", "learning_rate")["step"],
+              "lr": _column(records, "log", "learning_rate")["learning_rate"]}
+    throughput = _column(records, "log", "tokens_per_s")
+    if not throughput["step"]:
+        throughput = _column(records, "log", "steps_per_s")
+    return {"train_loss": _column(records, "log", "loss"), "eval": evals, "final_eval": finals,
+            "baseline": baseline, "lr": lr, "grad_norm": _column(records, "log", "grad_norm"),
+            "throughput": throughput}

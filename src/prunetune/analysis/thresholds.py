@@ -39,23 +39,27 @@ class Thresholds:
     converged near zero and printed with 4 decimals (0.0002, 0.0002, ...) has memorised its data; the
     overfitting rule reports it."""
     slow_max_rel_drop: float = 0.1
-    """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
+    """`loss_slow` when the loss fell by less than this fraction from its first logged value (the median of
+    the first `min_window` points, warm-up included: the drop a warm-up makes is progress) to the median of
+    the last window ..."""
     slow_eval_still_factor: float = 1.6
     """... or by less than this many times `slow_max_rel_drop` (16%: a run ending 10-15% below its start)
     at a constant LR or when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
     slow_eval_max_rel_drop: float = 0.05
     """... (first vs last evaluation, at least two) ..."""
     slow_min_late_share: float = 0.5
-    """... the second half of the run still fell by at least this share of the first half's drop:
-    the curve is still going down at its initial pace (no plateau), so a larger LR would help ..."""
+    """... after its warm-up, the second half of the run still fell by at least this share of the first
+    half's drop per unit of learning rate (a decaying LR slows the fall without the curve levelling off):
+    the curve is still going down at its initial, LR-limited pace (no plateau), so a larger LR would help,
+    unless the eval loss has already bottomed ..."""
     slow_min_significance: float = 2.0
     """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window)), its
     second half this many standard errors of a difference of two window medians (a late fall that is only
     noise does not count as still falling)."""
     verdict_min_rel_drop: float = 0.1
-    """The train verdict says "decreasing steadily (the LR suits the run)" only when the loss fell at least
-    this fraction (median of the first vs the last tenth of the points); a smaller drop with no anomaly
-    reads "decreasing a little"."""
+    """The train verdict says "decreasing" (and states the evidence that no other LR is called for) only when
+    the loss fell at least this fraction from its first points to its last window; a smaller drop beyond the
+    noise with no anomaly reads "decreasing a little"; no drop beyond the noise reads "not decreasing"."""
     osc_min_log_jump: float = 0.55
     """`loss_oscillating` when the 75th percentile of |change of log loss| between consecutive log points
     (the trend, their median change, taken out) reaches this: a quarter of the points jump by x1.73 or more
@@ -81,6 +85,15 @@ class Thresholds:
     diverge_noise_multiple: float = 2.0
     """... and by more than this many times the noise (median |step-to-step change|), so the low points of an
     oscillation are not read as a rise."""
+    blowup_factor: float = 1.5
+    """`loss_diverging` (a blow-up) when, at any point after the first log, the median of `blowup_points`
+    consecutive train losses exceeds the first logged loss (the model before the updates) by this factor,
+    however the curve drifts afterwards: a fine-tuning loss never climbs 50% above where it started ..."""
+    blowup_points: int = 3
+    """... sustained over this many consecutive log points (one bad batch is a spike, not a blow-up) ..."""
+    blowup_noise_multiple: float = 4.0
+    """... and by a factor beyond this many robust standard deviations of the point-to-point noise of the log
+    loss (batch-1 noise of +-20% needs a rise of x2.2)."""
     overfit_memorise_loss: float = 0.05
     """`overfitting` (memorisation) when the train loss ends below this (nats) ...: a language model's
     cross-entropy on new text never gets near zero ..."""
@@ -130,6 +143,8 @@ class Thresholds:
                 raise ValueError(f"Thresholds.{f.name}={value!r} must not be negative")
         if not 0 < self.window_fraction <= 0.5:
             raise ValueError(f"Thresholds.window_fraction={self.window_fraction} must be in (0, 0.5]")
+        if self.blowup_points < 1:
+            raise ValueError("Thresholds.blowup_points must be >= 1")
         if self.min_window < 1 or self.min_train_points < 2 * self.min_window:
             raise ValueError("Thresholds.min_train_points must be at least 2 * min_window and min_window >= 1")
         if self.overfit_consecutive_rises < 1 or self.far_consecutive_evals < 1:
