@@ -84,7 +84,9 @@ def run_context(source: Source) -> FixContext:
     return fix_context(settings, flavour=flavour)
 
 
-STEP_SOURCES = {"epoch": "estimated from the epoch each line reports (the log has no usable progress bar)",
+STEP_SOURCES = {"epoch": "estimated from the epoch each line reports (the log's progress bar does not place them)",
+                "bar": "of some lines estimated between progress-bar redraws (printed together, out of step with the "
+                       "bar)",
                 "ordinal": "estimated from the order of the log lines (the log states no step and no epoch)"}
 """How a source's steps were found, when they are estimates; every other step source states its steps."""
 

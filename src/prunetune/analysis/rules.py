@@ -143,7 +143,7 @@ def rule_out_of_memory(series: Series, th: Thresholds, ctx: FixContext) -> Anoma
         evidence["step_basis"] = rec["step_basis"]
     if during_eval:
         evidence["during"] = "evaluation"
-    max_steps = ctx.value("max_steps")
+    max_steps = series.max_steps or ctx.value("max_steps")
     where = (f"at step {step}" + (f" of {max_steps}" if max_steps else "") if step is not None else
              "at an unknown step (the log shows no progress before the error)")
     what = " during an evaluation" if during_eval else ""

@@ -41,6 +41,8 @@ class Series:
     """The records show the end of training (`train_end`, `final_eval`, `summary`)."""
     stopped: bool = False
     """The records show an interruption (`stopped`)."""
+    max_steps: int | None = None
+    """The planned optimizer steps, as the latest `log` record states them."""
 
     def for_eval_set(self, name: str) -> Series:
         """This series with `evals` replaced by eval set `name`'s."""
@@ -52,7 +54,7 @@ def record_step(record: Mapping[str, Any]) -> int | None:
     return int(value) if value is not None and math.isfinite(value) else None
 
 
-def _scan(records: Sequence[Mapping[str, Any]], series: Series, flags: dict[str, bool]) -> None:
+def _scan(records: Sequence[Mapping[str, Any]], series: Series, flags: dict[str, Any]) -> None:
     """Append what `records` carry to the lists of `series` (in record order); `flags` collects ended/stopped."""
     for rec in records:
         event = rec.get("event")
@@ -85,6 +87,9 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series, flags: dict[str,
         if step is None:
             continue
         if event == "log":
+            planned = to_float(rec.get("max_steps"))
+            if planned is not None and math.isfinite(planned) and planned > 0:
+                flags["max_steps"] = int(planned)
             loss = to_float(rec.get("loss"))
             gn = to_float(rec.get("grad_norm"))
             bad_grad = gn is not None and not math.isfinite(gn)
@@ -109,7 +114,7 @@ class SeriesBuilder:
 
     def __init__(self) -> None:
         self._raw = Series([], [], [], [], [], [])
-        self._flags = {"ended": False, "stopped": False}
+        self._flags: dict[str, Any] = {"ended": False, "stopped": False, "max_steps": None}
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> None:
         _scan(records, self._raw, self._flags)
@@ -130,6 +135,7 @@ class SeriesBuilder:
             set(raw.estimated),
             self._flags["ended"],
             self._flags["stopped"],
+            self._flags["max_steps"],
         )
 
 

@@ -196,16 +196,15 @@ def summarize(
 def _final_of(records: Sequence[Mapping[str, Any]], final_rec: Mapping[str, Any] | None,
               evals: Sequence[tuple[int, float, Any]]) -> tuple[str | None, int | None]:
     """(what the final numbers describe, the step of that model). A `best_loaded` record before the final
-    evaluation (the log printed the reload), or a final loss equal to an earlier evaluation's (the checkpoint
+    evaluation (the log printed the reload or names the checkpoint), or a final loss equal to an earlier evaluation's (the checkpoint
     of that step was reloaded, load_best_model_at_end), makes it the final evaluation of the reloaded best
     checkpoint."""
     if final_rec is None:
         if not evals:
             return None, None
         return f"the last evaluation during training (step {evals[-1][0]})", evals[-1][0]
-    at = next(i for i, r in enumerate(records) if r is final_rec)
-    loaded = next((r for r in reversed(records[:at]) if r.get("event") == "best_loaded" and r.get("checkpoint")),
-                  None)
+    # the reload is printed before the final evaluation (the Trainer, prunetune) or named in a summary after it
+    loaded = next((r for r in reversed(records) if r.get("event") == "best_loaded" and r.get("checkpoint")), None)
     if loaded is not None:
         step = record_step_of(loaded)
         where = str(loaded["checkpoint"]) + (f", step {step}" if step is not None else "")

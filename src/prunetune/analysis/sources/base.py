@@ -90,7 +90,7 @@ def num(value: Any) -> float | str | None:
     try:
         f = to_float(value)
     except OverflowError:
-        f = math.copysign(math.inf, value) if isinstance(value, int) else None
+        f = (math.inf if value > 0 else -math.inf) if isinstance(value, int) else None
     if f is None:
         return None
     return f if math.isfinite(f) else str(f)
@@ -120,14 +120,25 @@ def split_lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", ANSI.sub("", text))
 
 
+def clean_value(value: Any) -> Any:
+    """`value` with every integer too large for a float made infinite (JSON allows 10**400; no float does), in
+    nested mappings and lists too: what the rules and fixes compute with can always be converted."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > 2**62:
+        return math.inf if value > 0 else -math.inf
+    if isinstance(value, Mapping):
+        return {k: clean_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_value(v) for v in value]
+    return value
+
+
 def clean_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """A record every rule can compute with: `step` a sane int or None, numbers that overflow a float infinite."""
-    out = dict(record)
-    if "step" in out:
-        out["step"] = step_value(out["step"])
-    for key, value in out.items():
-        if isinstance(value, int) and not isinstance(value, bool) and key != "step" and abs(value) > 2**62:
-            out[key] = num(value)
+    out = {k: clean_value(v) for k, v in record.items()}
+    if "step" in record:
+        out["step"] = step_value(record["step"])
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.analysis.sources import registry
-from prunetune.analysis.sources.base import LogReader, Peek, Source, clean_record
+from prunetune.analysis.sources.base import LogReader, Peek, Source, clean_record, clean_value
 from prunetune.configfile import read_mapping
 from prunetune.errors import UserError
 
@@ -82,6 +82,7 @@ def _finish(src: Source, run_dir: Path) -> Source:
     src.records = [clean_record(r) for r in src.records]
     src.meta.setdefault("notes", [])
     _dir_meta(run_dir, src.meta)
+    src.meta["settings"] = [(origin, clean_value(dict(fields))) for origin, fields in src.meta["settings"]]
     return src
 
 

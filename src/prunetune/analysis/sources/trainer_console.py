@@ -65,13 +65,13 @@ def parse_python_dict(text: str) -> dict[str, Any] | None:
         return value if isinstance(value, dict) else None
     except json.JSONDecodeError:
         pass
-    cleaned = _TENSOR.sub(r"\1", text)
-    cleaned = _BARE_NONFINITE.sub(r"\1'\2'", cleaned)
-    try:
-        value = ast.literal_eval(cleaned)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+    for candidate in (text, _BARE_NONFINITE.sub(r"\1'\2'", _TENSOR.sub(r"\1", text))):
+        try:
+            value = ast.literal_eval(candidate)  # the text as printed first: a string may hold "nan" or "tensor("
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        return value if isinstance(value, dict) else None
+    return None
 
 
 def _brace_delta(text: str, depth: int, quote: str | None) -> tuple[int, str | None, int]:
@@ -423,6 +423,8 @@ def _settle_steps(records: list[dict[str, Any]], meta: dict[str, Any], fixed: se
             meta["superseded"] = len(records) - len(kept)
             records = kept
     meta["step_source"] = "bar" if bar_steps else "table"
+    if bar_steps and not _steps_monotonic(records):
+        _repair_clusters(records, meta, fixed)
     if not _steps_monotonic(records) or (not bar_steps and len(fixed) < len(records)):
         meta["step_source"] = _steps_from_epochs(records, meta, fixed)
     _mark_unfinished(records, meta)
@@ -555,6 +557,57 @@ def _steps_monotonic(records: list[dict[str, Any]]) -> bool:
         and all(b >= a for a, b in zip(steps, steps[1:], strict=False))
         and len(set(log_steps)) == len(log_steps)
     )
+
+
+def _logging_steps(meta: Mapping[str, Any]) -> int | None:
+    """The logging interval the log's settings state (a TrainingArguments dump, a banner)."""
+    for _, fields in meta.get("settings", []):
+        value = to_float(fields.get("logging_steps"))
+        if value and value >= 1 and value.is_integer():
+            return int(value)
+    return None
+
+
+def _repair_clusters(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int]) -> None:
+    """Train logs that read the same bar step were printed together (stdout flushed in chunks apart from the
+    bars on stderr): the bar step is where the last of them was logged, the others came before it. Each such
+    cluster is spread back from its bar step: by the epoch each line reports where the log states the steps
+    per epoch, else by the stated logging interval, else evenly since the previous cluster. Records re-stepped
+    say `step_estimated`; evaluations take the step of the train log before them."""
+    per_epoch = _steps_per_epoch(records, meta)
+    interval = _logging_steps(meta)
+    logs = [r for r in records if r["event"] == "log" and id(r) not in fixed and r.get("step") is not None]
+    clusters: list[list[dict[str, Any]]] = []
+    for rec in logs:
+        if clusters and clusters[-1][0]["step"] == rec["step"]:
+            clusters[-1].append(rec)
+        else:
+            clusters.append([rec])
+    previous = 0
+    for cluster in clusters:
+        top = cluster[0]["step"]
+        k = len(cluster)
+        if k > 1:
+            epochs = [to_float(r.get("epoch")) for r in cluster]
+            for j, rec in enumerate(cluster):
+                if per_epoch and all(e is not None for e in epochs):
+                    step, how = max(1, round(epochs[j] * per_epoch)), "epoch"
+                elif interval:
+                    step, how = top - (k - 1 - j) * interval, "bar"
+                else:
+                    step, how = round(previous + (top - previous) * (j + 1) / k), "bar"
+                if step != rec["step"] or how == "epoch":
+                    rec["step"], rec["step_estimated"] = max(1, min(step, top)), how
+        previous = top
+    last_log = None
+    for rec in records:
+        if rec["event"] == "log":
+            last_log = rec
+        elif rec["event"] == "eval" and last_log is not None and last_log.get("step_estimated") \
+                and id(rec) not in fixed and rec.get("step") is not None and rec["step"] > last_log["step"]:
+            rec["step"], rec["step_estimated"] = last_log["step"], last_log["step_estimated"]
+    if any(r.get("step_estimated") == "epoch" for r in records):
+        meta["step_source"] = "epoch"
 
 
 def _steps_per_epoch(records: list[dict[str, Any]], meta: dict[str, Any]) -> float | None:
