@@ -173,7 +173,8 @@ def plot_eval(curves: Mapping[str, Any], path: Path, dense_ppl: float | None = N
         ax.set_ylim(lo, hi)
         _perplexity_axis(ax)
         ax.set_ylabel("eval loss (= log perplexity)")
-    ax.legend(loc="best", fontsize=7)
+    fig.set_figheight(3.6 + 0.16 * len(ax.get_legend_handles_labels()[0]))
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=1, fontsize=7, frameon=False)
     return _save(fig, path)
 
 
