@@ -46,6 +46,7 @@ from prunetune.analysis.series import (
     SeriesBuilder,
     TrendStats,
     extract_series,
+    head_level,
     lr_exposure,
     noise_sigma,
     oscillation_stats,
@@ -147,27 +148,56 @@ def rule_out_of_memory(series: Series, th: Thresholds, ctx: FixContext) -> Anoma
     where = (f"at step {step}" + (f" of {max_steps}" if max_steps else "") if step is not None else
              "at an unknown step (the log shows no progress before the error)")
     what = " during an evaluation" if during_eval else ""
-    msg = f"out of memory {where}{what}" + (": the steps before it fit." if ran else ".")
+    if rec.get("after_training"):
+        evidence["after_training"] = True
+        msg = (f"out of memory after training had ended ({where.removeprefix('at ')}): what ran next (an "
+               "evaluation, generation, the next notebook cell) did not fit; the training itself finished.")
+    else:
+        msg = f"out of memory {where}{what}" + (": the steps before it fit." if ran else ".")
     fix = fixes.out_of_memory(ctx, step, ran, during_eval)
     return _anomaly("out_of_memory", "error", msg, evidence, fix, step)
 
 
 def _blowup(series: Series, th: Thresholds) -> tuple[int, float, float] | None:
-    """(step, peak, first) when the loss climbed far above its first logged value after the first updates:
-    the median of `blowup_points` consecutive points above `blowup_factor` x the first loss, beyond the noise."""
+    """(step, peak, level before) when the loss climbed far above where it was: the median of `blowup_points`
+    consecutive points above `blowup_factor` x the level before them (the first log, the model before any
+    update, while the climb starts within the first points; else the median of the points before it, since one
+    low first batch of a noisy run is no level), by a factor beyond the run's relative noise."""
     values = [v for _, v in series.train]
     k = th.blowup_points
     if len(values) < k + 1 or values[0] <= 0:
         return None
-    first = values[0]
-    peaks = [(statistics.median(values[i : i + k]), i) for i in range(1, len(values) - k + 1)]
-    peak, i = max(peaks)
     # the noise on the log scale: a blow-up is a rise by a factor, judged against the run's relative jitter
     sigma = noise_sigma([math.log(max(v, 1e-12)) for v in values])
-    if peak < first * th.blowup_factor or math.log(peak / first) <= th.blowup_noise_multiple * sigma:
+    for i in range(1, len(values) - k + 1):
+        before = values[0] if i < k else max(values[0], statistics.median(values[:i]))
+        climbed = statistics.median(values[i : i + k])
+        if before > 0 and climbed >= before * th.blowup_factor \
+                and math.log(climbed / before) > th.blowup_noise_multiple * sigma:
+            stretch = range(i, min(len(values), i + max(k, len(values) // 4)))
+            top = max(stretch, key=values.__getitem__)
+            return series.train[top][0], values[top], before
+    return None
+
+
+def _steps_known(series: Series) -> bool:
+    """Whether the train steps are the log's own (not the ordinal of a line that states none)."""
+    return not series.train or series.train[-1][0] not in series.estimated
+
+
+def _both_rose(series: Series, th: Thresholds) -> Anomaly | None:
+    """Train and eval loss both ended `blowup_factor` above their first values: a divergence however few the
+    points (per-epoch tables log two or three)."""
+    if len(series.train) < 2 or len(series.evals) < 2 or len(series.train) >= th.min_train_points:
         return None
-    top = max(range(i, i + k), key=values.__getitem__)
-    return series.train[top][0], values[top], first
+    (s0, t0), (s1, t1) = series.train[0], series.train[-1]
+    e0, e1 = series.evals[0][1], series.evals[-1][1]
+    if min(t0, e0) <= 0 or t1 < t0 * th.blowup_factor or e1 < e0 * th.blowup_factor:
+        return None
+    evidence = {"first_train_loss": t0, "last_train_loss": t1, "first_eval_loss": e0, "last_eval_loss": e1}
+    msg = (f"train loss {fmt_sig(t0)} -> {fmt_sig(t1)} and eval loss {fmt_sig(e0)} -> {fmt_sig(e1)} between step {s0} "
+           f"and step {s1}: both rose x{min(t1 / t0, e1 / e0):.1f}, the run diverged: the LR is too high.")
+    return Anomaly("loss_diverging", "error", msg, evidence, fixes.diverging(FixContext()).text, s1)
 
 
 def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
@@ -185,7 +215,10 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
                "blow-up is the optimizer recovering from damage, not a healthy fall: the LR is too high.")
         fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
         return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
-    tr = trend_stats(series.train, th)
+    both = _both_rose(series, th)
+    if both is not None:
+        return both
+    tr = trend_stats(series.train, th, _steps_known(series))
     if tr is None:
         return None
     values = [v for _, v in series.train]
@@ -196,11 +229,15 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
     starts = [*range(0, len(values) - w + 1, stride), len(values) - w]
     best = min(medians)
     best_step = series.train[starts[medians.index(best)] + w // 2][0]
-    if values[0] < best:
-        best, best_step = values[0], series.train[0][0]
+    start = head_level(values, th)  # the untrained model's loss, to the precision the noise allows
+    if start < best:
+        best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
-    if tr.last_median - best <= th.diverge_noise_multiple * tr.noise:
+    # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
+    # oscillation or of batch-1 noise are not read as a rise
+    se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
+    if tr.last_median - best <= th.diverge_noise_multiple * se:
         return None
     evidence = {
         "best_window_median": round(best, 4),
@@ -258,15 +295,43 @@ def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
     return best, best_end
 
 
-def _converged(series: Series, th: Thresholds) -> bool:
-    """The train loss ends near zero after a much higher start: a memorised training set (printed with 4
-    decimals, its last losses repeat exactly), which no flat or oscillation verdict describes."""
-    if len(series.train) < th.min_window * 2:
-        return False
-    head = [v for _, v in series.train[: th.min_window]]
-    tail = [v for _, v in series.train[-th.min_window :]]
-    end = statistics.median(tail)
-    return end <= th.flat_converged_loss and statistics.median(head) >= th.overfit_memorise_drop * max(end, 1e-4)
+def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
+    """(step, loss) where the train loss reached near zero after a much higher start: a memorised training set
+    (printed with 4 decimals, its losses then repeat exactly), which no flat or oscillation verdict describes.
+    Judged on the lowest running median of `min_window` points, so a run that memorised and then crept back up
+    at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
+    values = [v for _, v in series.train]
+    w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
+    if len(values) < w * 2 or min(values) < 0:
+        return None  # a negative loss is no cross-entropy: nothing to memorise
+    head = statistics.median(values[:w])
+    lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1)]
+    low, i = min(lows)
+    if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
+        return series.train[i + w // 2][0], low
+    return None
+
+
+def _repeated_block(train: Sequence[tuple[int, float]], length: int) -> tuple[tuple[int, int], int] | None:
+    """((first index, repeat index), length) of the longest stretch of `length` or more train losses that an
+    earlier stretch repeats exactly, value for value (a later epoch that replays an earlier one: frozen
+    weights on the same batches), or None. Losses printed with fewer than 3 significant digits never count."""
+    values = [v for _, v in train]
+    seen: dict[tuple[float, ...], int] = {}
+    best = None
+    for i in range(len(values) - length + 1):
+        key = tuple(values[i : i + length])
+        if len({round(v, 12) for v in key}) < length // 2 or any(len(f"{v:g}".replace(".", "").lstrip("0-")) < 3
+                                                                  for v in key):
+            continue
+        j = seen.setdefault(key, i)
+        if j + length <= i:
+            n = length
+            while i + n < len(values) and values[j + n] == values[i + n] and j + n < i:
+                n += 1
+            if best is None or n > best[1]:
+                best = ((j, i), n)
+    return best
 
 
 def rule_frozen(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
@@ -274,8 +339,11 @@ def rule_frozen(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | No
     n_same, end = _longest_run([v for _, v in series.train], lambda a, b: a == b)
     zero = list(series.grad_norm)
     n_zero, zend = _longest_run([v for _, v in zero], lambda a, b: a == 0.0 and b == 0.0)
-    if _converged(series, th):
+    if _converged(series, th) is not None:
         return None  # 0.0002 repeated: memorised, not frozen (rule_overfitting says so)
+    evals = [v for _, v in series.evals]
+    n_eval, eend = _longest_run(evals, lambda a, b: a == b)
+    repeat = _repeated_block(series.train, th.flat_identical_points)
     if n_same >= th.flat_identical_points:
         step, value = series.train[end]
         evidence = {"identical_losses": n_same, "value": value, "until_step": step}
@@ -284,6 +352,17 @@ def rule_frozen(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | No
         step = zero[zend][0]
         evidence = {"zero_grad_norms": n_zero, "until_step": step}
         what = f"the gradient norm is exactly 0 at {n_zero} log lines in a row (until step {step})"
+    elif evals and n_eval >= max(3, th.flat_identical_points // 2):
+        step, value = series.evals[eend]
+        evidence = {"identical_eval_losses": n_eval, "value": value, "until_step": step}
+        what = f"the eval loss is exactly {fmt_sig(value)} at {n_eval} evaluations in a row (until step {step})"
+    elif repeat is not None:
+        (a, b), length = repeat
+        step = series.train[b + length - 1][0]
+        evidence = {"repeated_losses": length, "first_from_step": series.train[a][0],
+                    "repeat_from_step": series.train[b][0]}
+        what = (f"the {length} train losses from step {series.train[b][0]} repeat those from step "
+                f"{series.train[a][0]} exactly: the same batches give the same losses, the weights do not change")
     else:
         return None
     fix = fixes.frozen(ctx, _lr(series, ctx))
@@ -300,7 +379,7 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     if warm is None:
         return None  # still warming up: a flat loss is expected while the LR climbs
     tr = trend_stats(series.train, th)
-    if tr is None or len(series.train) - warm < th.min_train_points // 2 or _converged(series, th):
+    if tr is None or len(series.train) - warm < th.min_train_points // 2 or _converged(series, th) is not None:
         return None
     evidence = {
         "first_window_median": round(tr.first_median, 4),
@@ -319,10 +398,14 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     # compared: the widest of them strays further by chance alone)
     within = abs(tr.first_median - tr.last_median) < band and all(
         abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
-    if abs(tr.rel_change) < th.flat_max_rel_change or within:
+    # the first logged losses (the model before the updates) too: a fall at the very start, then a plateau in
+    # wide noise, is learning that levelled off, not a model that never moved
+    head = statistics.median(values[: th.min_window])
+    moved = abs(head - tr.last_median) >= 1.5 * band and abs(head - tr.last_median) >= th.flat_max_rel_change * abs(head)
+    if (abs(tr.rel_change) < th.flat_max_rel_change or within) and not moved:
         msg = (
             f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over "
-            f"steps {tr.first_step}-{tr.last_step} ({tr.rel_change * 100:+.2f}%, within the noise of its first "
+            f"steps {tr.first_step}-{tr.last_step} ({-tr.rel_change * 100:+.2f}%, within the noise of its first "
             "value all run): the model is not learning."
         )
         return _anomaly("loss_flat", "error", msg, evidence, fixes.flat(ctx, _lr(series, ctx)), tr.last_step)
@@ -350,7 +433,7 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     tr = trend_stats(post, th)
     if tr is None:
         return None
-    head = statistics.median(v for _, v in series.train[: th.min_window])
+    head = head_level([v for _, v in series.train], th)
     total = (head - tr.last_median) / abs(head) if head else 0.0
     evidence.update(first_loss=round(head, 4), total_rel_drop=round(total, 4), warmup_points=warm)
     # the fall per unit of LR in the second half vs the first half of the post-warm-up curve
@@ -365,7 +448,11 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     significant = head - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
     evals = series.evals
     eval_drop = (evals[0][1] - evals[-1][1]) / abs(evals[0][1]) if len(evals) >= 2 and evals[0][1] else None
-    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop
+    # an eval that barely moves says the LR is low only when it measures the training distribution: an eval
+    # loss far above the train loss (another corpus) barely moves whatever the LR
+    near = (train := train_loss_near(series.train, evals[-1][0])) is not None and evals[-1][1] - train < th.far_min_gap \
+        if evals else False
+    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop and near
     lrs = [v for step, v in series.lr if step >= post[0][0] and v > 0]
     lr_constant = len(lrs) >= 2 and max(lrs) / min(lrs) <= 1.05
     limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still or lr_constant else 1.0)
@@ -394,15 +481,18 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
 
 
 def rule_memorised(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    """Train loss converged near zero (0.89 -> 0.0002): the model memorised its training text."""
-    if not _converged(series, th):
+    """Train loss converged near zero (0.89 -> 0.0002): the model memorised its training text. Only for a
+    language-model loss: a preference loss (DPO) near zero is a separated pair, not memorised text."""
+    if not series.lm or _converged(series, th) is None:
         return None
+    low_step, low = _converged(series, th)
     start = statistics.median(v for _, v in series.train[: th.min_window])
     step, end = series.train[-1]
-    evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "last_step": step,
-                "points": len(series.train)}
-    msg = (f"train loss fell from {fmt_sig(start)} to {fmt_sig(end)} by step {step}: near zero, the model has memorised "
-           "its training text (overfitting), whatever the eval loss says.")
+    evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "train_loss_low": round(low, 6),
+                "low_step": low_step, "last_step": step, "points": len(series.train)}
+    msg = (f"train loss fell from {fmt_sig(start)} to {fmt_sig(low)} by step {low_step}"
+           + (f" (and ended at {fmt_sig(end)})" if abs(end - low) > 0.5 * th.flat_converged_loss else "")
+           + ": near zero, the model has memorised its training text (overfitting), whatever the eval loss says.")
     return _anomaly("overfitting", "warning", msg, evidence, fixes.overfitting(ctx, None), step)
 
 
@@ -424,7 +514,7 @@ def rule_overfitting(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly
         # last is clearly above it (a transient bump recovers to a new best and stays quiet)
         if len(since) - 1 < k or last < best * (1 + th.overfit_sustained_rel_rise) or \
                 min(v for _, v in since[1:]) < best * (1 + th.overfit_min_rel_rise):
-            return None
+            return None  # every evaluation since the best stayed clearly above it, the last too
         tail = since
     if best <= 0 or last < best * (1 + th.overfit_min_rel_rise):
         return None
@@ -479,8 +569,9 @@ def rule_far_above(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
 
 
 def rule_no_eval(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    """A run that ended without a single evaluation (an interrupted one may simply not have reached its first)."""
-    if series.evals or not series.train or series.stopped or series.errors:
+    """A run that finished without a single evaluation (an interrupted one may simply not have reached its first;
+    an excerpt of a log may have cut its evaluations: only a run whose end the records show is judged)."""
+    if series.evals or not series.train or series.stopped or series.errors or not series.ended:
         return None
     if any(k == "eval_loss" for _, k, _ in series.nonfinite):
         return None

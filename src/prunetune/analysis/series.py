@@ -4,6 +4,7 @@ from records, and the window statistics the trend rules read from them. Pure fun
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -11,6 +12,11 @@ from typing import Any
 
 from prunetune.analysis.thresholds import Thresholds
 from prunetune.records import to_float
+
+# keys a Trainer log carries only when its loss is not a language-model cross-entropy: preference training
+# (TRL DPO/ORPO/KTO: rewards/*, logps/*), generation metrics (ROUGE, BLEU), classification scores
+NOT_LM = re.compile(r"(?:^|[_/])(?:rewards?|logps|chosen|rejected|margins|rouge\w*|bleu|sacrebleu|f1|precision|"
+                    r"recall|matthews_correlation|exact_match|gen_len|mse|mae|r2)(?:$|[_/])", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class Series:
     """The records show an interruption (`stopped`)."""
     max_steps: int | None = None
     """The planned optimizer steps, as the latest `log` record states them."""
+    lm: bool = True
+    """The loss is a language-model cross-entropy as far as the records tell (no rewards, ROUGE, F1 keys)."""
 
     def for_eval_set(self, name: str) -> Series:
         """This series with `evals` replaced by eval set `name`'s."""
@@ -76,6 +84,8 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series, flags: dict[str,
             continue
         if event not in ("log", "eval"):
             continue
+        if flags["lm"] and any(NOT_LM.search(str(k)) for k in rec):
+            flags["lm"] = False
         step = record_step(rec)
         if step is not None and rec.get("step_estimated"):
             series.estimated.add(step)
@@ -114,7 +124,7 @@ class SeriesBuilder:
 
     def __init__(self) -> None:
         self._raw = Series([], [], [], [], [], [])
-        self._flags: dict[str, Any] = {"ended": False, "stopped": False, "max_steps": None}
+        self._flags: dict[str, Any] = {"ended": False, "stopped": False, "max_steps": None, "lm": True}
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> None:
         _scan(records, self._raw, self._flags)
@@ -136,6 +146,7 @@ class SeriesBuilder:
             self._flags["ended"],
             self._flags["stopped"],
             self._flags["max_steps"],
+            self._flags["lm"],
         )
 
 
@@ -177,12 +188,13 @@ class TrendStats:
     """points per comparison window."""
 
 
-def enough_evidence(train: Sequence[tuple[int, float]], th: Thresholds) -> bool:
-    return len(train) >= th.min_train_points and train[-1][0] - train[0][0] >= th.min_train_steps
+def enough_evidence(train: Sequence[tuple[int, float]], th: Thresholds, steps_known: bool = True) -> bool:
+    """`min_train_points` points over `min_train_steps` steps (the span only when the log states its steps)."""
+    return len(train) >= th.min_train_points and (not steps_known or train[-1][0] - train[0][0] >= th.min_train_steps)
 
 
-def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> TrendStats | None:
-    if not enough_evidence(train, th):
+def trend_stats(train: Sequence[tuple[int, float]], th: Thresholds, steps_known: bool = True) -> TrendStats | None:
+    if not enough_evidence(train, th, steps_known):
         return None
     values = [v for _, v in train]
     first, last = windows(values, th)
@@ -244,17 +256,35 @@ def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> Osc
     return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k)
 
 
+def _lag_sigma(values: Sequence[float], lag: int) -> float | None:
+    diffs = [b - a for a, b in zip(values, values[lag:], strict=False)]
+    if len(diffs) < 2:
+        return None
+    trend = statistics.median(diffs)
+    return 1.4826 * statistics.median(abs(d - trend) for d in diffs) / math.sqrt(2)
+
+
 def noise_sigma(values: Sequence[float]) -> float:
     """Robust standard deviation of the point-to-point noise of `values` around their trend: the MAD of the
-    consecutive differences (trend removed) scaled to a normal sigma, divided by sqrt(2) (a difference carries
-    the noise of two points)."""
+    differences (trend removed) scaled to a normal sigma, divided by sqrt(2) (a difference carries the noise of
+    two points), at lag 1 and lag 2, the smaller: a regular high/low alternation (batches of two kinds taking
+    turns) is no noise to a median of several points, and lag 2 sees through it."""
     recent = list(values[-2001:])
-    diffs = [b - a for a, b in zip(recent, recent[1:], strict=False)]
-    if len(diffs) < 2:
-        return 0.0
-    trend = statistics.median(diffs)
-    mad = statistics.median(abs(d - trend) for d in diffs)
-    return 1.4826 * mad / math.sqrt(2)
+    sigmas = [s for lag in (1, 2) if (s := _lag_sigma(recent, lag)) is not None]
+    return min(sigmas) if sigmas else 0.0
+
+
+def head_level(values: Sequence[float], th: Thresholds) -> float:
+    """The loss the run started from: the median of its first points, as few as its noise allows (enough that
+    the median is known to ~1% of the level, at least `min_window`, at most one comparison window). A quiet
+    curve is read at its very first logs, so a fast fall at the start (a warm-up) is never averaged away; a
+    batch-1 curve over enough points that one lucky or unlucky batch does not set it."""
+    w = len(windows(values, th)[0]) or 1
+    level = abs(statistics.median(values[:w])) or 1.0
+    sigma = noise_sigma(values)
+    k = math.ceil((1.2533 * sigma / (0.01 * level)) ** 2) if sigma > 0 else th.min_window
+    k = max(th.min_window, min(k, w))
+    return statistics.median(values[: min(k, len(values))])
 
 
 def running_medians(values: Sequence[float], w: int) -> list[float]:

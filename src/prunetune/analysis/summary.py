@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from prunetune.analysis.series import NOT_LM
 from prunetune.fmt import fmt_sig, perplexity_from_loss
 from prunetune.records import to_float
 
@@ -89,10 +89,6 @@ def _finite(value: Any) -> float | None:
     return f if f is not None and math.isfinite(f) else None
 
 
-# keys a Trainer log carries only when its loss is not a language-model cross-entropy: preference training
-# (TRL DPO/ORPO/KTO: rewards/*, logps/*), generation metrics (ROUGE, BLEU), classification scores
-_NOT_LM = re.compile(r"(?:^|[_/])(?:rewards?|logps|chosen|rejected|margins|rouge\w*|bleu|sacrebleu|f1|precision|"
-                     r"recall|matthews_correlation|exact_match|gen_len|mse|mae|r2)(?:$|[_/])", re.IGNORECASE)
 
 
 def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
@@ -103,7 +99,7 @@ def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     scored = [r for r in records if r.get("event") in ("log", "eval", "final_eval")]
     if any("perplexity" in r and not r.get("perplexity_derived") for r in scored if r.get("event") == "final_eval"):
         return "lm", None
-    keys = sorted({k for r in scored for k in r if _NOT_LM.search(k)})
+    keys = sorted({k for r in scored for k in r if NOT_LM.search(k)})
     if keys:
         return "other", ", ".join(keys[:4])
     for r in scored:
@@ -116,8 +112,9 @@ def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
 def run_status(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """(status, reason) of a run from its records (see `Summary.status`)."""
     events = [r.get("event") for r in records]
-    if "error" in events:
-        err = next(r for r in records if r.get("event") == "error")
+    errors = [r for r in records if r.get("event") == "error" and not r.get("after_training")]
+    if errors:
+        err = errors[0]
         return "failed", str(err.get("kind") or err.get("message") or "error")
     stopped = next((r for r in reversed(records) if r.get("event") == "stopped"), None)
     if stopped is not None:
@@ -230,7 +227,7 @@ def _step_counts(
     """(the last step a log, eval, train_end or stopped record names; the planned steps, if a record says)."""
     steps = [int(s) for r in records
              if r.get("event") in ("log", "eval", "train_end", "stopped") and (s := _finite(r.get("step"))) is not None]
-    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") == "stopped")])
+    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") in ("stopped", "error"))])
                       if (m := _finite(r.get("max_steps")))), None)
     return (max(steps) if steps else None), max_steps
 

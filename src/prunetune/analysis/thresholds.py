@@ -13,10 +13,11 @@ from prunetune.errors import UserError
 class Thresholds:
     """Every number a rule compares against. Defaults are tuned on the labelled logs in `tests/fixtures/logs`."""
 
-    min_train_points: int = 10
+    min_train_points: int = 8
     """Finite train-loss log points needed before any train-loss trend rule (flat, slow, oscillating,
-    diverging) may fire; with logging every 10 steps that is 100 steps ..."""
-    min_train_steps: int = 50
+    diverging) may fire (each is also tested against the run's own noise); with logging every 10 steps that is
+    80 steps ..."""
+    min_train_steps: int = 40
     """... and the steps those points must span (per-step logging: 10 points are too few steps to judge)."""
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
@@ -32,8 +33,10 @@ class Thresholds:
     (sqrt(2) x 1.25 sigma / sqrt(window), sigma the robust point-to-point noise) while no window on the way
     strayed more than 1.5 times that band: nothing stands out of the noise, whatever the noise level."""
     flat_identical_points: int = 6
-    """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, or
-    half as many consecutive grad norms are exactly 0: a model that no batch changes is frozen or dead ..."""
+    """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, half
+    as many consecutive grad norms are exactly 0 or evaluations exactly equal (at least 3), or a stretch of this
+    many train losses repeats an earlier one value for value (a later epoch replaying an earlier one): a model
+    that no batch changes is frozen or dead ..."""
     flat_converged_loss: float = 0.05
     """... unless the repeated value is at or below this loss (nats) after a much higher start: a run
     converged near zero and printed with 4 decimals (0.0002, 0.0002, ...) has memorised its data; the
@@ -82,9 +85,10 @@ class Thresholds:
     diverge_min_rel_rise: float = 0.1
     """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
     first logged loss (the untrained model) and the minimum of the running window medians."""
-    diverge_noise_multiple: float = 2.0
-    """... and by more than this many times the noise (median |step-to-step change|), so the low points of an
-    oscillation are not read as a rise."""
+    diverge_noise_multiple: float = 3.0
+    """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
+    sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2)."""
     blowup_factor: float = 1.5
     """`loss_diverging` (a blow-up) when, at any point after the first log, the median of `blowup_points`
     consecutive train losses exceeds the first logged loss (the model before the updates) by this factor,
@@ -105,10 +109,10 @@ class Thresholds:
     """`overfitting` when the eval loss rose at this many consecutive evaluations ..."""
     overfit_min_rel_rise: float = 0.01
     """... ends at least this fraction above its best value ..."""
-    overfit_sustained_rel_rise: float = 0.03
+    overfit_sustained_rel_rise: float = 0.01
     """... or, with noisy evaluations, when every evaluation since the best (at least
     `overfit_consecutive_rises` of them) stayed above it by `overfit_min_rel_rise` and the last ends this
-    fraction above it ..."""
+    fraction above it (a transient bump comes back to a new best and stays quiet) ..."""
     overfit_train_max_rel_change: float = 0.0
     """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
     far_min_gap: float = 0.7

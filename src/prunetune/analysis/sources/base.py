@@ -157,6 +157,15 @@ def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason
     if reason is None:
         if events & {"train_end", "final_eval", "summary"} or not max_steps or max(steps) >= max_steps:
             return None
+        ordered = sorted(set(steps))
+        gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False))
+        interval = gaps[len(gaps) // 2] if gaps else None
+        if interval and max(steps) + interval > max_steps:
+            # the log reached its last logging point: a run logging every `interval` steps logs no later one
+            records.append({"event": "train_end", "step": max(steps),
+                            "evidence": f"the last log (step {max(steps)}) is within one logging interval ({interval}) "
+                                        f"of max_steps ({max_steps})"})
+            return None
         reason = "log ends"
     last = max(steps)
     why = " without its end-of-run lines" if reason == "log ends" else f" after a {reason}"

@@ -22,30 +22,27 @@ def _readers(kind: str | None) -> list[LogReader]:
     return [r for r in registry.READERS if kind is None or r.kind == kind]
 
 
-def detect(path: Path, kind: str | None = None) -> LogReader | None:
-    """The registered reader most sure `path` is its format (first registered wins a tie), or None."""
+def ranked(path: Path, kind: str | None = None) -> list[LogReader]:
+    """The registered readers that recognise `path`, most sure first (registry order on a tie)."""
     peek = Peek.of(path)
     if peek.binary:
         raise UserError(f"{path} is a binary file: no training records found in it; pass the run's metrics.jsonl, "
                         "trainer_log.jsonl, trainer_state.json or console log")
     scored = [(reader.detect(peek), -i, reader) for i, reader in enumerate(_readers(kind))]
-    best = max(scored, key=lambda s: s[:2], default=None)
-    return best[2] if best is not None and best[0] > 0 else None
+    return [reader for score, _, reader in sorted(scored, key=lambda s: s[:2], reverse=True) if score > 0]
 
 
-def candidate_files(path: Path, kind: str | None = None) -> list[tuple[LogReader, Path]]:
-    """(reader, file) a directory offers, richest first: each reader's files in registry order, each file read
-    by the reader most sure of it."""
-    found: list[tuple[LogReader, Path]] = []
-    seen: set[Path] = set()
+def detect(path: Path, kind: str | None = None) -> LogReader | None:
+    """The registered reader most sure `path` is its format, or None."""
+    readers = ranked(path, kind)
+    return readers[0] if readers else None
+
+
+def candidate_files(path: Path, kind: str | None = None) -> list[Path]:
+    """The files a directory offers, richest first: each reader's files in registry order."""
+    found: list[Path] = []
     for reader in _readers(kind):
-        for file in reader.in_directory(path):
-            if file in seen or not file.is_file():
-                continue
-            seen.add(file)
-            best = detect(file, kind)
-            if best is not None:
-                found.append((best, file))
+        found += [f for f in reader.in_directory(path) if f not in found and f.is_file()]
     return found
 
 
@@ -87,15 +84,24 @@ def _finish(src: Source, run_dir: Path) -> Source:
 
 
 def load_file(path: Path, kind: str | None = None) -> Source:
-    """Records of one file, read by the reader that detects it (among those of `kind`, when given)."""
+    """Records of one file, read by the readers that recognise it, most sure first: the first that finds a
+    curve (log or eval records) wins (a console that only looks like a Trainer's is read by the next format
+    that fits); else the first with any end-of-run record."""
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass it as the run directory, not as a file of kind {kind}")
-    reader = detect(path, kind)
-    if reader is None:
+    readers = ranked(path, kind)
+    if not readers:
         known = "; ".join(r.describes for r in _readers(kind))
         raise UserError(f"{path}: no training records found: not a log format prunetune reads ({known}); pass the "
                         "console log, trainer_state.json or metrics.jsonl of a training run")
-    return reader.read(path)
+    fallback = None
+    for reader in readers:
+        src = reader.read(path)
+        if any(r.get("event") in ("log", "eval") for r in src.records):
+            return src  # a curve to judge
+        if fallback is None or (_usable(src.records) and not _usable(fallback.records)):
+            fallback = src  # only end-of-run records (a crash before the first log): kept unless a curve is found
+    return fallback
 
 
 def load_source(source: str | Path, prefer: str | None = None) -> Source:
@@ -119,8 +125,10 @@ def load_source(source: str | Path, prefer: str | None = None) -> Source:
             )
         return _finish(src, path.parent)
     tried: list[str] = []
-    for reader, file in candidate_files(path, prefer):
-        src = reader.read(file)
+    for file in candidate_files(path, prefer):
+        if not ranked(file, prefer):
+            continue
+        src = load_file(file, prefer)
         if _usable(src.records):
             return _finish(src, path)
         tried.append(file.name)

@@ -7,6 +7,8 @@ A new format is one module with a `LogReader` (`base.py`) and one line here.
 from __future__ import annotations
 
 from prunetune.analysis.sources import (
+    jsonl_metrics,
+    keyed_lines,
     llamafactory,
     metrics_jsonl,
     prunetune_console,
@@ -21,8 +23,10 @@ READERS: list[LogReader] = [
     prunetune_console.PrunetuneConsole(),
     trainer_state.TrainerState(),
     llamafactory.TrainerLog(),
+    jsonl_metrics.JsonlMetrics(),
     wanda_console.WandaConsole(trainer_console.read_console),
     trainer_console.TrainerConsole(),
+    keyed_lines.KeyedLines(),
 ]
 
 

@@ -54,7 +54,7 @@ _LOSS_SCALE = re.compile(r"Gradient overflow\.?\s+Skipping step|Attempted loss s
 
 ORIGIN_DUMP = "the {name} dump in the log"
 ORIGIN_NAMESPACE = "the Namespace(...) arguments printed in the log"
-ORIGIN_HEADER = "the Trainer's '***** Running training *****' header in the log"
+ORIGIN_HEADER = "the training header in the log ('***** Running training *****' or the Unsloth banner)"
 ORIGIN_PEFT = "PEFT's 'trainable params' line in the log"
 ORIGIN_METHOD = "the 'Fine-tuning method' line in the log"
 ORIGIN_BANNER = "the run's banner in the log"
@@ -126,6 +126,19 @@ def _dump(lines: Sequence[str], i: int, name: str, rest: str) -> tuple[dict[str,
     return fields, k - i
 
 
+_PIPE_ITEMS = {**_HEADER_ITEMS, "total steps": "max_steps", "batch size per device": "per_device_train_batch_size"}
+
+
+def _pipe_items(line: str) -> dict[str, float]:
+    """`Num examples = 10,813 | Num Epochs = 1 | Total steps = 300` -> the known items among them."""
+    out = {}
+    for part in re.split(r"\s\|\s", re.sub(r"^[^A-Za-z]*", "", line)):
+        m = re.match(r"^\s*([A-Za-z][A-Za-z ]+?)\s*=\s*([\d,.]+)\s*$", part)
+        if m and m.group(1).lower() in _PIPE_ITEMS and isinstance(value := num(m.group(2).replace(",", "")), float):
+            out[_PIPE_ITEMS[m.group(1).lower()]] = value
+    return out
+
+
 def settings_from_lines(lines: Sequence[str]) -> Settings:
     """Every set of settings the console prints, most trusted first (explicit dumps before the header, the
     header before a banner): [(origin, fields)]."""
@@ -146,6 +159,9 @@ def settings_from_lines(lines: Sequence[str]) -> Settings:
             fields = key_values(m.group(1))
             if fields:
                 dumps.append((ORIGIN_NAMESPACE, fields))
+        elif " | " in line and "=" in line and (banner_items := _pipe_items(line)):
+            for key, value in banner_items.items():
+                header.setdefault(key, value)  # unsloth's banner: "Num Epochs = 1 | Total steps = 300"
         elif (m := _HEADER_ITEM.match(line)) is not None and m.group(1).strip().lower() in _HEADER_ITEMS:
             value = num(m.group(2).replace(",", ""))
             if isinstance(value, float):

@@ -52,10 +52,32 @@ _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Int
 # the Trainer's end of training (logger.info) and its reload of the best checkpoint (load_best_model_at_end)
 _COMPLETED = re.compile(r"^(?:\[[^\]]*\][^>]*>>\s*|[A-Z]+:[\w.]+:\s*)?\s*Training completed\.")
 _BEST_LOADED = re.compile(r"Loading best (?:model|adapter)[^\n]*? from (\S+?)\s*\(score:\s*([^)]+)\)")
-# Jupyter's NotebookProgressCallback table, as copied out of a notebook: "Step  Training Loss  Validation Loss"
-_TABLE_HEADER = re.compile(r"\b(Step|Epoch)\b.*\bTraining Loss\b")
+# Jupyter's NotebookProgressCallback table, as copied out of a notebook ("Step  Training Loss  Validation Loss",
+# also its HTML: <th>Step</th><th>Training Loss</th>...), and fastai's ("epoch  train_loss  valid_loss  accuracy")
+_TABLE_HEADER = re.compile(r"\b(step|epoch)\b.*\b(training loss|train_loss|train loss)\b", re.IGNORECASE)
 _TABLE_SPLIT = re.compile(r"\t+|\s{2,}|\s*\|\s*")
-TABLE_COLUMNS = {"Step": "step", "Epoch": "epoch", "Training Loss": "loss", "Validation Loss": "eval_loss"}
+TABLE_COLUMNS = {"step": "step", "epoch": "epoch", "training loss": "loss", "train_loss": "loss",
+                 "train loss": "loss", "validation loss": "eval_loss", "valid_loss": "eval_loss",
+                 "val_loss": "eval_loss", "eval_loss": "eval_loss", "eval loss": "eval_loss"}
+# the notebook's progress line: "[411/500 8:59:24 < 3:05:21, 0.01 it/s, Epoch 1.45/2]" (a bar at step 411 of 500)
+_NOTEBOOK_BAR = re.compile(r"\[(?P<n>\d+)/(?P<total>\d+) (?P<elapsed>[\d:]+)(?: < (?P<remaining>[\d:]+))?"
+                           r"(?:, (?P<rate>[\d.]+) (?P<unit>it/s|s/it))?(?:, Epoch [\d.]+/\d+)?\]")
+_HTML_TABLE = re.compile(r"<table\b.*?</table>", re.IGNORECASE | re.DOTALL)
+_HTML_ROW = re.compile(r"<tr\b.*?</tr>", re.IGNORECASE | re.DOTALL)
+_HTML_CELL = re.compile(r"<t[hd]\b[^>]*>(.*?)</t[hd]>", re.IGNORECASE | re.DOTALL)
+
+
+def html_tables_as_text(text: str) -> str:
+    """Every HTML table of a notebook output as tab-separated lines (header first), so a table printed as HTML
+    reads like one printed as text."""
+    def rows(match: re.Match[str]) -> str:
+        lines = []
+        for row in _HTML_ROW.findall(match.group(0)):
+            cells = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", c)).strip() for c in _HTML_CELL.findall(row)]
+            lines.append("\t".join(cells))
+        return "\n" + "\n".join(lines) + "\n"
+
+    return _HTML_TABLE.sub(rows, text) if "<table" in text.lower() else text
 
 
 def parse_python_dict(text: str) -> dict[str, Any] | None:
@@ -116,7 +138,9 @@ def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
     while i < len(lines):
         line = lines[i]
         for m in _BAR.finditer(line):
-            events.append(_Event("bar", i, m.groupdict()))
+            events.append(_Event("bar", i, {**m.groupdict(), "desc": _bar_desc(line, m.start())}))
+        for m in _NOTEBOOK_BAR.finditer(line):
+            events.append(_Event("bar", i, {**m.groupdict(), "notebook": True}))
         if OOM.search(line):
             events.append(_Event("oom", i, line.strip()[:500]))
         if (total := _TOTAL_STEPS.search(line)) is not None:
@@ -126,7 +150,7 @@ def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
         if (best := _BEST_LOADED.search(line)) is not None:
             events.append(_Event("best", i, {"checkpoint": best.group(1).rstrip(".,"), "score": _num(best.group(2))}))
         if _TABLE_HEADER.search(line):
-            columns = [c for c in _TABLE_SPLIT.split(line.strip()) if c]
+            columns = [c.lower() for c in _TABLE_SPLIT.split(line.strip()) if c]
             i += 1
             while i < len(lines):
                 cells = [c for c in _TABLE_SPLIT.split(lines[i].strip()) if c]
@@ -188,17 +212,39 @@ def _read_dict(lines: list[str], i: int, start: int, max_lines: int) -> tuple[di
     return None, 1
 
 
+# tqdm descriptions of bars that are not the training loop: loading, tokenising, mapping a dataset, evaluating
+_NOT_TRAINING = re.compile(r"load|map|token|download|generat|evaluat|shard|filter|convert|sav|upload|pack|fetch|"
+                           r"extract|process|compil|merg|quantiz|writ|read|dataset|example|batch(?:es)? of",
+                           re.IGNORECASE)
+
+
+_TRAINING = re.compile(r"train|epoch|step|iter|fine-?tun", re.IGNORECASE)
+
+
+def _bar_desc(line: str, start: int) -> str:
+    """The description tqdm prints before a bar (`Loading weights:   3%|...`), '' for none."""
+    head = re.split(r"\[A|\r", line[:start])[-1]
+    match = re.search(r"([A-Za-z][^|%]*?):?\s*\d+%\|[^|]*\|\s*$", head)
+    return match.group(1).strip() if match else ""
+
+
 def _train_bar_total(bars: list[_Event]) -> str | None:
-    """The training bar's total: the bar whose count goes back least often (eval bars restart at every
+    """The training bar's total: among the bars whose description does not name other work (loading weights,
+    tokenising, evaluating), the one whose count goes back least often (eval bars restart at every
     evaluation; the training bar only at a resume), the first to appear on a tie."""
     seen: dict[str, list[int]] = {}
+    named: dict[str, bool] = {}  # a bar described as something else than training (the Trainer's has no description)
     for ev in bars:
+        desc = ev.data.get("desc") or ""
+        if _NOT_TRAINING.search(desc):
+            continue
         seen.setdefault(ev.data["total"], []).append(int(ev.data["n"]))
+        named[ev.data["total"]] = named.get(ev.data["total"], False) or bool(desc and not _TRAINING.search(desc))
     if not seen:
         return None
     drops = {t: sum(1 for a, b in zip(ns, ns[1:], strict=False) if b < a) for t, ns in seen.items()}
     order = list(seen)
-    return min(order, key=lambda t: (drops[t], order.index(t)))
+    return min(order, key=lambda t: (named[t], drops[t], order.index(t)))
 
 
 def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -249,7 +295,7 @@ def _wanda_bars(wanda: list[wanda_console.Event]) -> list[_Event]:
 def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Records from a raw Trainer console log (plain, Wanda-fork, notebook table), and meta (max_steps,
     step_source, interrupted, best_checkpoint, settings, notes)."""
-    lines = split_lines(text)
+    lines = split_lines(html_tables_as_text(text))
     events = _console_events(lines)
     wanda = wanda_console.scan(lines)
     own_bars = _wanda_bars(wanda)
@@ -258,10 +304,14 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     train_bars = [e for e in bars if e.data["total"] == total]
     meta: dict[str, Any] = {"settings": settings_from_lines(lines), "notes": []}
     announced = [e.data for e in events if e.kind == "total"]
+    header = next((f for o, f in meta["settings"] if "header" in o), {})
     if announced:
         meta["max_steps"] = announced[-1]
     elif total is not None:
         meta["max_steps"] = int(total)
+    elif isinstance(header.get("max_steps"), int) and header["max_steps"] > 0:
+        meta["max_steps"] = header["max_steps"]  # a banner's "Total steps = 300"
+    meta["_announced"] = bool(announced or header)
     if own_bars:
         meta["format"] = "wanda_console"
 
@@ -275,6 +325,8 @@ def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for ev in stream:
         fold.add(ev)
     fold.close()
+    if fold.last_bar is not None:
+        meta["_last_bar_n"] = int(fold.last_bar["n"])
     records = _settle_steps(fold.records, meta, fold.fixed, bar_steps=bool(train_bars), own_bars=bool(own_bars))
     return records, meta
 
@@ -357,10 +409,15 @@ class _Fold:
             return
         rec: dict[str, Any] = {"event": "error", "kind": "out_of_memory", "message": line,
                                "step": int(self.last_bar["n"]) if self.last_bar else None}
+        if rec["step"] is None and self.meta.get("_announced") and not any(
+                r["event"] in ("log", "eval") for r in self.records):
+            rec["step"], rec["step_basis"] = 0, "training was announced and no step had completed"
+        if self.ended or self._bar_complete():
+            rec["after_training"] = True  # training had ended: what ran after it (an evaluation, a next cell)
         if self.last_any_bar is not None and self.last_any_bar is not self.last_bar:
             rec["during"] = "evaluation"  # the last bar drawn before the error was an evaluation's
         if rec["step"] is not None:
-            rec["step_basis"] = "the last training progress bar before the error"
+            rec.setdefault("step_basis", "the last training progress bar before the error")
         self.records.append(rec)
         self.fixed.add(id(rec))
 
@@ -402,7 +459,8 @@ class _Fold:
             if self.last_bar:
                 _bar_extras(rec, self.last_bar)
         self.pending = []
-        if not any(r["event"] in ("train_end", "error") for r in self.records) and self._bar_complete() \
+        if not any(r["event"] == "train_end" or (r["event"] == "error" and not r.get("after_training"))
+                   for r in self.records) and self._bar_complete() \
                 and "_interrupted_at" not in self.meta:
             self.records.append({"event": "train_end", "step": int(self.last_bar["n"]),
                                  "evidence": "the training progress bar reached its total"})
@@ -422,15 +480,17 @@ def _settle_steps(records: list[dict[str, Any]], meta: dict[str, Any], fixed: se
         if len(kept) < len(records):
             meta["superseded"] = len(records) - len(kept)
             records = kept
-    meta["step_source"] = "bar" if bar_steps else "table"
+    stated = all(id(r) in fixed for r in records if r["event"] in ("log", "eval"))  # table rows, Step lines
+    meta["step_source"] = "table" if stated and not own_bars else "bar" if bar_steps else "table"
     if bar_steps and not _steps_monotonic(records):
         _repair_clusters(records, meta, fixed)
     if not _steps_monotonic(records) or (not bar_steps and len(fixed) < len(records)):
         meta["step_source"] = _steps_from_epochs(records, meta, fixed)
     _mark_unfinished(records, meta)
+    meta.pop("_announced", None)
     if meta.get("max_steps"):
         for rec in records:
-            if rec["event"] == "log":
+            if rec["event"] in ("log", "error"):
                 rec.setdefault("max_steps", meta["max_steps"])
     return records
 
@@ -510,8 +570,11 @@ def _mark_unfinished(records: list[dict[str, Any]], meta: dict[str, Any]) -> Non
             records.append({"event": "train_end", "step": max(last) if last else None,
                             "evidence": "the training progress bar reached its total before the traceback"})
     reason = mark_unfinished(records, meta.get("max_steps"), meta.get("interrupted"))
+    last_bar = meta.pop("_last_bar_n", None)
     if reason is not None:
         meta["interrupted"] = reason
+        if last_bar is not None and last_bar > (records[-1].get("step") or 0):
+            records[-1]["step"] = last_bar  # the progress bar went on after the last logged step
         if exception and reason != "KeyboardInterrupt":
             records[-1]["exception"] = exception
     else:
@@ -520,12 +583,16 @@ def _mark_unfinished(records: list[dict[str, Any]], meta: dict[str, Any]) -> Non
 
 def _records_from_row(row: Mapping[str, str]) -> list[dict[str, Any]]:
     values = {TABLE_COLUMNS[k]: _num(v) for k, v in row.items() if k in TABLE_COLUMNS}
+    # the table's other columns ("Rewards / chosen", "Accuracy") travel with the train log: they tell what the
+    # loss is (a preference loss, a classifier's)
+    others = {re.sub(r"\s*/\s*", "/", k).replace(" ", "_"): v for k, raw in row.items()
+              if k not in TABLE_COLUMNS and (v := _num(raw)) is not None}
     step = values.get("step")
     step = int(step) if isinstance(step, float) and step.is_integer() and 0 <= step <= 10**12 else None
     extra = {"epoch": values["epoch"]} if values.get("epoch") is not None else {}
     out = []
     if values.get("loss") is not None:
-        out.append({"event": "log", "step": step, "loss": values["loss"], **extra})
+        out.append({"event": "log", "step": step, "loss": values["loss"], **extra, **others})
     if values.get("eval_loss") is not None:
         rec = record_from_trainer_dict({"eval_loss": values["eval_loss"], **extra}, step)
         if rec is not None:
@@ -615,7 +682,7 @@ def _steps_per_epoch(records: list[dict[str, Any]], meta: dict[str, Any]) -> flo
     end-of-training record's runtime x steps/s (or max_steps) over its epoch. Never from the last epoch a log
     reached: a run that stopped early did not reach max_steps there."""
     max_steps = meta.get("max_steps")
-    header = next((fields for origin, fields in meta.get("settings", []) if "Running training" in origin), {})
+    header = next((fields for origin, fields in meta.get("settings", []) if "training header" in origin), {})
     epochs = to_float(header.get("num_train_epochs"))
     if max_steps and epochs and epochs > 0 and (to_float(header.get("max_steps")) or max_steps) == max_steps:
         return max_steps / epochs
