@@ -18,7 +18,8 @@ class Thresholds:
     diverging) may fire (each is also tested against the run's own noise); with logging every 10 steps that is
     80 steps ..."""
     min_train_steps: int = 40
-    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge)."""
+    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge; a log
+    that states no step, read by its line order, is judged on its points)."""
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
@@ -84,23 +85,26 @@ class Thresholds:
     up to 500 points, once the run has twice this many)."""
     diverge_min_rel_rise: float = 0.1
     """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
-    first logged loss (the untrained model) and the minimum of the running window medians."""
+    first logged losses (the untrained model, read to the precision the noise allows) and the minimum of the
+    running window medians ..."""
     diverge_noise_multiple: float = 3.0
     """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
     sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
     noise are not read as a rise (the best window is the lowest of many: 3, not 2)."""
     blowup_factor: float = 1.5
     """`loss_diverging` (a blow-up) when, at any point after the first log, the median of `blowup_points`
-    consecutive train losses exceeds the first logged loss (the model before the updates) by this factor,
-    however the curve drifts afterwards: a fine-tuning loss never climbs 50% above where it started ..."""
+    consecutive train losses exceeds the level before them by this factor (the first logged loss, the model
+    before the updates, while the climb starts within the first points; else the median of the points before
+    it), however the curve drifts afterwards: a fine-tuning loss never climbs 50% above where it was ..."""
     blowup_points: int = 3
     """... sustained over this many consecutive log points (one bad batch is a spike, not a blow-up) ..."""
     blowup_noise_multiple: float = 4.0
     """... and by a factor beyond this many robust standard deviations of the point-to-point noise of the log
     loss (batch-1 noise of +-20% needs a rise of x2.2)."""
     overfit_memorise_loss: float = 0.05
-    """`overfitting` (memorisation) when the train loss ends below this (nats) ...: a language model's
-    cross-entropy on new text never gets near zero ..."""
+    """`overfitting` (memorisation) when a language-model train loss reaches below this (nats; its lowest running
+    median over a twentieth of the points) ...: a language model's cross-entropy on new text never gets near
+    zero ..."""
     overfit_memorise_drop: float = 10.0
     """... after starting at least this many times higher (0.89 -> 0.0002)."""
     overfit_min_evals: int = 3
