@@ -19,11 +19,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from prunetune.analysis.context import FixContext
+from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
 from prunetune.analysis.sources.base import clean_record, step_value
 from prunetune.analysis.sources.jsonl import read_jsonl
+from prunetune.analysis.sources.loader import settings_beside
 from prunetune.analysis.summary import Summary, summarize
 from prunetune.errors import UserError
 from prunetune.fmt import fmt_lr, fmt_sig, hms
@@ -148,7 +149,8 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
     origin_path = Path(origin)
     age = time.time() - origin_path.stat().st_mtime if origin_path.is_file() else None
     flavour = "prunetune" if origin_path.name == "metrics.jsonl" else "trainer"  # fixes in the reader's flags
-    for a in diagnose(records, final=finished, context=FixContext(flavour=flavour)):
+    settings, _ = settings_beside(origin_path.parent)  # run_config.json: what the fixes may quote
+    for a in diagnose(records, final=finished, context=fix_context(settings, flavour)):
         alerts.setdefault(a.kind, a.to_record())
     errors = [r for r in records if r.get("event") == "error"]
     return {

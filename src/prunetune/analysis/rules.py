@@ -165,13 +165,15 @@ def _blowup(series: Series, th: Thresholds) -> tuple[int, float, float] | None:
     low first batch of a noisy run is no level), by a factor beyond the run's relative noise."""
     values = [v for _, v in series.train]
     k = th.blowup_points
-    if len(values) < k + 1 or values[0] <= 0:
+    if len(values) < k + 1 or values[0] <= 0 or max(values) < values[0] * th.blowup_factor:
         return None
     # the noise on the log scale: a blow-up is a rise by a factor, judged against the run's relative jitter
     sigma = noise_sigma([math.log(max(v, 1e-12)) for v in values])
     for i in range(1, len(values) - k + 1):
-        before = values[0] if i < k else max(values[0], statistics.median(values[:i]))
         climbed = statistics.median(values[i : i + k])
+        if climbed < values[0] * th.blowup_factor:
+            continue  # the level before is at least the first log: no climb from it either
+        before = values[0] if i < k else max(values[0], statistics.median(values[:i]))
         if before > 0 and climbed >= before * th.blowup_factor \
                 and math.log(climbed / before) > th.blowup_noise_multiple * sigma:
             stretch = range(i, min(len(values), i + max(k, len(values) // 4)))
@@ -185,7 +187,7 @@ def _steps_known(series: Series) -> bool:
     return not series.train or series.train[-1][0] not in series.estimated
 
 
-def _both_rose(series: Series, th: Thresholds) -> Anomaly | None:
+def _both_rose(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
     """Train and eval loss both ended `blowup_factor` above their first values: a divergence however few the
     points (per-epoch tables log two or three)."""
     if len(series.train) < 2 or len(series.evals) < 2 or len(series.train) >= th.min_train_points:
@@ -197,7 +199,8 @@ def _both_rose(series: Series, th: Thresholds) -> Anomaly | None:
     evidence = {"first_train_loss": t0, "last_train_loss": t1, "first_eval_loss": e0, "last_eval_loss": e1}
     msg = (f"train loss {fmt_sig(t0)} -> {fmt_sig(t1)} and eval loss {fmt_sig(e0)} -> {fmt_sig(e1)} between step {s0} "
            f"and step {s1}: both rose x{min(t1 / t0, e1 / e0):.1f}, the run diverged: the LR is too high.")
-    return Anomaly("loss_diverging", "error", msg, evidence, fixes.diverging(FixContext()).text, s1)
+    return _anomaly("loss_diverging", "error", msg, evidence, fixes.diverging(ctx, _lr(series, ctx),
+                                                                             _warmup_seen(series)), s1)
 
 
 def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
@@ -215,7 +218,7 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
                "blow-up is the optimizer recovering from damage, not a healthy fall: the LR is too high.")
         fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
         return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
-    both = _both_rose(series, th)
+    both = _both_rose(series, th, ctx)
     if both is not None:
         return both
     tr = trend_stats(series.train, th, _steps_known(series))
@@ -302,10 +305,11 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
     at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
     values = [v for _, v in series.train]
     w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
-    if len(values) < w * 2 or min(values) < 0:
-        return None  # a negative loss is no cross-entropy: nothing to memorise
+    if len(values) < w * 2 or min(values) < 0 or min(values) > th.flat_converged_loss:
+        return None  # a negative loss is no cross-entropy; no window's median lies below the run's minimum
     head = statistics.median(values[:w])
-    lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1)]
+    stride = max(1, (len(values) - 2 * w) // 200)  # at most ~200 windows: the low of a smooth curve needs no more
+    lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1, stride)]
     low, i = min(lows)
     if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
         return series.train[i + w // 2][0], low
@@ -315,22 +319,22 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
 def _repeated_block(train: Sequence[tuple[int, float]], length: int) -> tuple[tuple[int, int], int] | None:
     """((first index, repeat index), length) of the longest stretch of `length` or more train losses that an
     earlier stretch repeats exactly, value for value (a later epoch that replays an earlier one: frozen
-    weights on the same batches), or None. Losses printed with fewer than 3 significant digits never count."""
+    weights on the same batches), or None. Stretches of few distinct values or of losses printed with fewer
+    than 3 significant digits never count (a converged 0.0002, 0.0002 is not a replay)."""
     values = [v for _, v in train]
-    seen: dict[tuple[float, ...], int] = {}
+    first_seen: dict[float, int] = {}
     best = None
-    for i in range(len(values) - length + 1):
-        key = tuple(values[i : i + length])
-        if len({round(v, 12) for v in key}) < length // 2 or any(len(f"{v:g}".replace(".", "").lstrip("0-")) < 3
-                                                                  for v in key):
-            continue
-        j = seen.setdefault(key, i)
-        if j + length <= i:
-            n = length
-            while i + n < len(values) and values[j + n] == values[i + n] and j + n < i:
-                n += 1
-            if best is None or n > best[1]:
-                best = ((j, i), n)
+    for i, v in enumerate(values):
+        j = first_seen.setdefault(v, i)
+        if j == i or (values[i - 1] == values[j - 1] and j > 0):
+            continue  # first sight of the value, or inside a stretch already measured from its start
+        n = 0
+        while i + n < len(values) and j + n < i and values[j + n] == values[i + n]:
+            n += 1
+        block = values[i : i + n]
+        if n >= length and (best is None or n > best[1]) and len(set(block)) >= length // 2 \
+                and all(len(f"{x:g}".replace(".", "").lstrip("0-")) >= 3 for x in block):
+            best = ((j, i), n)
     return best
 
 

@@ -84,8 +84,10 @@ def _scan(records: Sequence[Mapping[str, Any]], series: Series, flags: dict[str,
             continue
         if event not in ("log", "eval"):
             continue
-        if flags["lm"] and any(NOT_LM.search(str(k)) for k in rec):
-            flags["lm"] = False
+        if flags["lm"]:
+            for key in rec.keys() - flags["keys"]:
+                flags["keys"].add(key)
+                flags["lm"] = flags["lm"] and not NOT_LM.search(str(key))
         step = record_step(rec)
         if step is not None and rec.get("step_estimated"):
             series.estimated.add(step)
@@ -124,7 +126,8 @@ class SeriesBuilder:
 
     def __init__(self) -> None:
         self._raw = Series([], [], [], [], [], [])
-        self._flags: dict[str, Any] = {"ended": False, "stopped": False, "max_steps": None, "lm": True}
+        self._flags: dict[str, Any] = {"ended": False, "stopped": False, "max_steps": None, "lm": True,
+                                       "keys": set()}
 
     def add(self, records: Sequence[Mapping[str, Any]]) -> None:
         _scan(records, self._raw, self._flags)

@@ -76,8 +76,8 @@ def _train_verdict(series: Series, found: Sequence[Anomaly], th: Thresholds) -> 
         evals = "" if not series.evals else (
             ", and the eval loss fell too" if series.evals[-1][1] < series.evals[0][1] else "")
         return _verdict("train_loss", "ok", "decreasing steadily",
-                        f"it fell {fell * 100:.0f}% ({went[:went.rindex(',')]}) without blowing up, oscillating, "
-                        f"stalling or flattening early{evals}: nothing calls for another LR")
+                        f"it fell {fell * 100:.0f}% ({went[:went.rindex(',')]}) without blowing up, oscillating "
+                        f"or stalling{evals}: nothing calls for another LR")
     return _verdict("train_loss", "ok", "decreasing a little",
                     f"it went {went}; no rule fired, but the LR is not shown to suit the run")
 

@@ -46,11 +46,12 @@ def candidate_files(path: Path, kind: str | None = None) -> list[Path]:
     return found
 
 
-def _dir_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    """Add the files beside the log: all_results.json, and the settings files (after the log's own, which
-    describe this very run: a dump in the log beats a config file that may have been edited since)."""
-    notes = meta.setdefault("notes", [])
-    settings = list(meta.get("settings") or [])
+def settings_beside(run_dir: Path, notes: list[str] | None = None) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                                           dict[str, Any] | None]:
+    """([(file name, settings)] of the settings files in `run_dir`, most trusted first; all_results.json or
+    None). Unreadable ones are skipped with a note."""
+    settings: list[tuple[str, dict[str, Any]]] = []
+    results = None
     for name in ("all_results.json", *SETTINGS_FILES):
         path = run_dir / name
         if not path.is_file():
@@ -58,17 +59,28 @@ def _dir_meta(run_dir: Path, meta: dict[str, Any]) -> None:
         try:
             value = read_mapping(path, name)  # bounded: huge files and YAML alias bombs are refused
         except UserError as err:
-            notes.append(f"{name} ignored: {err}")
+            if notes is not None:
+                notes.append(f"{name} ignored: {err}")
             continue
         if name == "all_results.json":
-            meta["all_results"] = dict(value)
-            continue
-        if name == "run_config.json":
-            meta["run_config"] = dict(value)
-            settings.insert(0, (name, dict(value)))  # prunetune's own record of the run: exact
+            results = dict(value)
         else:
             settings.append((name, dict(value)))
-    meta["settings"] = settings
+    return settings, results
+
+
+def _dir_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    """Add the files beside the log: all_results.json, and the settings files (after the log's own, which
+    describe this very run: a dump in the log beats a config file that may have been edited since), except
+    prunetune's run_config.json, its exact record of the run, which goes first."""
+    notes = meta.setdefault("notes", [])
+    beside, results = settings_beside(run_dir, notes)
+    if results is not None:
+        meta["all_results"] = results
+    ours = [(o, f) for o, f in beside if o == "run_config.json"]
+    if ours:
+        meta["run_config"] = ours[0][1]
+    meta["settings"] = ours + list(meta.get("settings") or []) + [(o, f) for o, f in beside if o != "run_config.json"]
 
 
 def _usable(records: Iterable[Mapping[str, Any]]) -> bool:
