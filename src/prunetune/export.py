@@ -30,9 +30,9 @@ from prunetune.architecture import prunable_linears
 from prunetune.devices import DTYPE_NAMES
 from prunetune.errors import UserError
 from prunetune.models import first_line
-from prunetune.pruning.patterns import parse_pattern
 from prunetune.rundir import MASKS_FILE, check_output, check_readable_dir, read_pruned, staged_output
 from prunetune.runinfo import provenance, write_json
+from prunetune.sparsity.patterns import parse_pattern
 
 FORMATS = ("compressed-tensors",)
 COMPRESSORS = ("auto", "sparse-bitmask", "sparse-24-bitmask")

@@ -26,7 +26,7 @@ from torch import nn
 from prunetune.architecture import prunable_linears
 from prunetune.devices import DTYPE_NAMES, default_device, dtype_name
 from prunetune.errors import UserError
-from prunetune.pruning.patterns import Pattern, parse_pattern
+from prunetune.sparsity.patterns import Pattern, parse_pattern
 
 _Log = Callable[[str], None]
 SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/up_proj": (1536, 576),
