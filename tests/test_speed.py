@@ -150,9 +150,9 @@ def test_semi_structured_2_4_linear_matches_dense_on_cuda():
 
 
 def test_speed_of_an_export_without_a_dense_model(tmp_path, pruned_block):
-    from prunetune.export import ExportConfig, export_compressed
+    from prunetune.export.run import ExportConfig, run_export
 
-    export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
+    run_export(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
     messages: list[str] = []
     result = run_speed(SpeedConfig(model_dir=str(tmp_path / "ct"), batch="1", seqlen=8, prompt=2, new_tokens=2,
                                    repeats=1, breakeven=False, device="cpu"), log=messages.append)

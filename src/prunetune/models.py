@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from prunetune.errors import UserError
+from prunetune.exported import is_sparse_export, load_exported
 from prunetune.home import prunetune_home
 from prunetune.hub import hub_reachable, in_hub_cache, offline_env
 from prunetune.rundir import STAGING_PREFIX, check_adapter_dir, check_safetensors, run_lock
@@ -245,11 +246,8 @@ def load_model(
 
 
 def _from_pretrained(ref: ModelRef, location: str, dtype: torch.dtype) -> PreTrainedModel:
-    if ref.kind == "dir":
-        from prunetune.export import is_sparse_export, load_exported
-
-        if is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors itself
-            return load_exported(location).to(dtype)
+    if ref.kind == "dir" and is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors
+        return load_exported(location).to(dtype)
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
 
 

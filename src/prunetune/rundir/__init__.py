@@ -37,6 +37,7 @@ from prunetune.rundir.names import (
     ADAPTER_DIR,
     ADAPTER_META,
     ADAPTER_WEIGHTS,
+    EXPORT_JSON,
     LOCK_FILE,
     MARKER,
     MASKS_FILE,
@@ -62,7 +63,7 @@ from prunetune.rundir.staging import (
 from prunetune.sparsity.masks import mask_digest
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_META", "ADAPTER_WEIGHTS", "LOCK_FILE", "MARKER", "MASKS_FILE",
+    "ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_META", "ADAPTER_WEIGHTS", "EXPORT_JSON", "LOCK_FILE", "MARKER", "MASKS_FILE",
     "MERGE_JSON", "METRICS", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR", "STAGING_PREFIX",
     "TRAIN_LOG", "PrunedInfo", "adapter_base", "base_digest", "check_adapter_base", "check_adapter_dir",
     "check_output", "check_readable_dir", "check_safetensors", "check_writable_file", "is_ours", "load_keep_masks",

@@ -5,6 +5,7 @@ from __future__ import annotations
 PRUNE_JSON = "prune.json"
 MASKS_FILE = "masks.safetensors"
 MERGE_JSON = "merge.json"
+EXPORT_JSON = "export.json"
 PIPELINE_JSON = "pipeline.json"
 ADAPTER_DIR = "adapter"
 SPARSE_MODEL_DIR = "model"
