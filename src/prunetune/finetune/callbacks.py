@@ -24,11 +24,10 @@ from transformers import TrainerCallback
 from prunetune.analysis import fixes
 from prunetune.finetune.console import RunLog
 from prunetune.fmt import fmt_lr, perplexity_from_loss
-from prunetune.records import to_float
+from prunetune.recovery import registry as recovery_methods
+from prunetune.rundir.records import to_float
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt")
-CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
-"""A checkpoint holds one of these: the adapter (LoRA methods) or the model itself (sparse-ft)."""
 
 
 _PROCESS = psutil.Process()
@@ -322,8 +321,9 @@ class MonitorCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{step}"
         if state.is_world_process_zero:
             missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-            if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):
-                missing.append(" or ".join(CHECKPOINT_WEIGHTS))
+            weights = recovery_methods.checkpoint_weights()  # whichever method trains
+            if not any((path / name).is_file() for name in weights):
+                missing.append(" or ".join(weights))
             self.runlog.emit("checkpoint", step, path=str(path), ok=not missing, missing=missing,
                              reason=self._save_reason or "schedule")
         self._save_reason = None
