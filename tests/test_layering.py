@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, ...]] = [
     ("prunetune", "prunetune.errors", "prunetune.fmt", "prunetune.home", "prunetune.devices", "prunetune.runinfo",
+     "prunetune.registry",
      "prunetune.architecture", "prunetune.budget", "prunetune.configfile", "prunetune.hub"),
     ("prunetune.sparsity",),
     ("prunetune.rundir",),

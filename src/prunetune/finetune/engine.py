@@ -43,6 +43,7 @@ from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_e
 from prunetune.finetune.precision import resolve_precision
 from prunetune.finetune.preflight import check_writable, preflight_checks, raise_on_failure, remove_run
 from prunetune.finetune.resume import load_prior, select_checkpoint
+from prunetune.finetune.resume_lr import ResumeLR
 from prunetune.finetune.run import Run
 from prunetune.finetune.trainer import (
     OOM_ERRORS,
@@ -227,12 +228,13 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     live(run.prior.records)  # the earlier sessions' history; their alerts were raised then
     monitor = MonitorCallback(
         run.runlog, tokens_per_step, cfg.load_best_model_at_end, live, context=context, guard=guard,
-        best=run.prior.best(run.out), resume_lr=cfg.lr if run.resume else None, evals=run.prior.evals(),
+        best=run.prior.best(run.out), evals=run.prior.evals(),
     )
     monitor.alerted |= {r["kind"] for r in run.prior.records if r.get("event") == "alert" and r.get("kind")}
     trainer = PrunetuneTrainer(
         model=prepared.model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-        callbacks=[monitor, *prepared.callbacks], loss=build_loss(cfg, teacher), sessions=run.prior.sessions,
+        callbacks=[monitor, *prepared.callbacks, *([ResumeLR(run.runlog, cfg.lr)] if run.resume else [])],
+        loss=build_loss(cfg, teacher), sessions=run.prior.sessions,
         started=run.started,
     )
     # Our step lines replace the Trainer's printed dicts and progress bars.

@@ -4,20 +4,18 @@ their method is asked for, so reading the names (a config check, `--help`) costs
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-from prunetune.errors import UserError
+from prunetune.registry import Registry
 
 if TYPE_CHECKING:
     from prunetune.recovery.base import RecoveryMethod
 
-METHODS: dict[str, str] = {
+METHODS: Registry[RecoveryMethod] = Registry("--method", {
     "lora": "prunetune.recovery.lora:METHOD",
     "masked-lora": "prunetune.recovery.masked_lora:METHOD",
     "sparse-ft": "prunetune.recovery.sparse_ft:METHOD",
-}
-"""name -> "module:attribute" of its `RecoveryMethod`."""
+})
 
 PLAIN_PEFT = "lora"
 """The method of a PEFT adapter that carries no prunetune record (trained elsewhere): plain LoRA."""
@@ -25,36 +23,15 @@ PLAIN_PEFT = "lora"
 AUTO = "auto"
 """`--method auto`: the method is chosen from the pruned model (`prunetune.recovery.auto`)."""
 
-_extra: dict[str, RecoveryMethod] = {}
-
-
-def names() -> tuple[str, ...]:
-    return (*METHODS, *_extra)
-
-
-def register(method: RecoveryMethod) -> None:
-    """Add a method at run time (tests, plugins); the table above is the product's own list."""
-    _extra[method.name] = method
-
-
-def unregister(name: str) -> None:
-    _extra.pop(name, None)
+names = METHODS.names
+register = METHODS.register
+unregister = METHODS.unregister
+get = METHODS.get
 
 
 def check(name: str, auto: bool = True) -> str:
     """`name` when it names a method (or `auto`, where allowed), else a one-line UserError with the choices."""
-    choices = (AUTO, *names()) if auto else names()
-    if name not in choices:
-        raise UserError(f"unknown --method {name!r}; choose one of: {', '.join(choices)}")
-    return name
-
-
-def get(name: str) -> RecoveryMethod:
-    if name in _extra:
-        return _extra[name]
-    check(name, auto=False)
-    module, attr = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return METHODS.check(name, (AUTO,) if auto else ())
 
 
 def for_adapter(meta: dict) -> RecoveryMethod:
