@@ -263,7 +263,7 @@ def test_torch_dtype_in_auto_eval_json_is_recorded(tmp_path, tiny_model_dir, sha
 
 
 def test_named_dataset_without_local_copy_fails_fast_offline(monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"hub is unreachable.*--data-dir"):
         data.load_text("wikitext2", "test")

@@ -15,8 +15,8 @@ from prunetune.models import load_model
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
-from prunetune.pruning.patterns import n_pruned, parse_pattern, pattern_violations
 from prunetune.rundir import load_masks
+from prunetune.sparsity.patterns import n_pruned, parse_pattern, pattern_violations
 
 QUIET = Console(quiet=True)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from prunetune.pruning.patterns import block_mask, unstructured_mask
 from prunetune.rundir import MASKS_FILE, load_masks, read_mask_meta, save_masks
+from prunetune.sparsity.patterns import block_mask, unstructured_mask
 
 
 def test_round_trip_bits_and_tiles(tmp_path):

@@ -98,7 +98,7 @@ def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(rundir.os, "open", denied)
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(UserError, match="not writable .*Permission denied"):
         check_output(tmp_path / "out")
 

@@ -35,7 +35,7 @@ from prunetune.errors import UserError
 from prunetune.models import ModelRef, apply_adapter, context_length, load_config, load_model, resolve_model
 from prunetune.rundir import MASKS_FILE, adapter_base, check_writable_file, load_keep_masks, read_adapter_meta
 from prunetune.runinfo import provenance, write_json
-from prunetune.sparsity import sparsity_report
+from prunetune.sparsity.measure import sparsity_report
 
 __all__ = ["EvalConfig", "PerplexityResult", "perplexity", "run_evaluate", "windows_of"]
 

@@ -22,7 +22,7 @@ from prunetune.errors import UserError
 from prunetune.finetune import methods
 from prunetune.finetune.callbacks import MonitorCallback
 from prunetune.finetune.prepare import sparsity_violations
-from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer, swap_in
+from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
 from prunetune.records import to_float
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def save_result(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, base
                                       digest=run.base_digest, **record)
     files = []
     if run.is_main:
-        swap_in(staging, final_dir)
+        rundir.publish_dir(staging, final_dir)
         files = sorted(str(p) for p in final_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
     run.runlog.emit("adapter_saved", None, dir=str(final_dir), files=files, method=cfg.method)
     return final_dir

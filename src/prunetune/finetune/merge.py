@@ -30,7 +30,7 @@ from prunetune.finetune import methods
 from prunetune.finetune.merge_math import MergeStats, lora_delta, masked_merge, masked_nonzeros
 from prunetune.models import DTYPES, apply_adapter, context_length, load_model, parse_dtype
 from prunetune.runinfo import provenance, write_json
-from prunetune.sparsity import sparsity_report
+from prunetune.sparsity.measure import sparsity_report
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

@@ -63,7 +63,7 @@ SCHEMAS: dict[str, StageSchema] = {
     ),
     "eval": StageSchema("prunetune.evaluate", "EvalConfig", ("model", "adapter", "out", "data_dir", "quiet")),
     "report": StageSchema("prunetune.analysis.report", "ReportConfig", ("source", "out", "dense_ppl", "pruned_ppl")),
-    "export": StageSchema("prunetune.export", "ExportConfig", ("model_dir", "out", "overwrite")),
+    "export": StageSchema("prunetune.export.run", "ExportConfig", ("model_dir", "out", "overwrite")),
 }
 
 

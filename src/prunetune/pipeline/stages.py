@@ -314,12 +314,12 @@ def _export_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> S
     merge_enabled = "merge" in cfg.stages
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        from prunetune.export import export_compressed
+        from prunetune.export.run import run_export
 
         source = deployable_model(layout, merge_enabled)
         if not source["deployable"]:
             raise UserError("export needs the deployable sparse model: turn the merge stage on (merge: {enabled: true})")
-        result = export_compressed(dataclasses.replace(config, model_dir=source["model"]), log=ctx.console.print)
+        result = run_export(dataclasses.replace(config, model_dir=source["model"]), log=ctx.console.print)
         return json_safe({k: v for k, v in dataclasses.asdict(result).items() if k != "record"})
 
     return Stage(

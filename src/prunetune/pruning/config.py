@@ -13,8 +13,8 @@ from typing import Any
 from prunetune.architecture import module_type
 from prunetune.budget import check_minutes
 from prunetune.errors import UserError
-from prunetune.pruning.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 from prunetune.pruning.precision import check_dtype_name
+from prunetune.sparsity.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
 

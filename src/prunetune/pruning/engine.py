@@ -26,7 +26,6 @@ from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.console import progress_bar, sparsity_table
 from prunetune.pruning.layers import capture_inputs, owl_targets, prune_layers
 from prunetune.pruning.matrix import MatrixRecipe
-from prunetune.pruning.patterns import matrix_violations, sparsity_tolerance
 from prunetune.pruning.precision import resolve_precision
 from prunetune.pruning.setup import (
     OWNED,
@@ -40,6 +39,7 @@ from prunetune.pruning.setup import (
 )
 from prunetune.rundir import MASKS_FILE, PRUNE_JSON, mask_digest, run_lock, save_masks, staged_output
 from prunetune.runinfo import provenance, write_json
+from prunetune.sparsity.patterns import matrix_violations, sparsity_tolerance
 
 FORMAT = "prunetune-prune/1"
 

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunetune.errors import UserError
-from prunetune.pruning.patterns import Pattern, matrix_violations, parse_pattern
 from prunetune.rundir import MASKS_FILE, PRUNE_JSON, check_safetensors, load_masks, mask_digest, read_json
+from prunetune.sparsity.patterns import Pattern, matrix_violations, parse_pattern
 
 _FIX = "re-run `prunetune prune` to write it again"
 

@@ -1,0 +1,21 @@
+"""The names of the files and directories prunetune writes: one definition each."""
+
+from __future__ import annotations
+
+PRUNE_JSON = "prune.json"
+MASKS_FILE = "masks.safetensors"
+MERGE_JSON = "merge.json"
+EXPORT_JSON = "export.json"
+PIPELINE_JSON = "pipeline.json"
+ADAPTER_DIR = "adapter"
+SPARSE_MODEL_DIR = "model"
+"""Where `finetune --method sparse-ft` writes its deployable sparse model (a pruned-model directory)."""
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "prunetune_adapter.json"
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+TRAIN_LOG = "train.log"
+MARKER = ".prunetune-files.json"
+LOCK_FILE = ".prunetune.lock"
+STAGING_PREFIX = ".staging-"
