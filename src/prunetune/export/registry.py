@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 FORMATS: dict[str, str] = {
     "compressed-tensors": "prunetune.export.compressed_tensors:FORMAT",
+    "hf": "prunetune.export.hf:FORMAT",
+    "gguf": "prunetune.export.gguf:FORMAT",
 }
 """name -> "module:attribute" of its `ExportFormat`."""
 

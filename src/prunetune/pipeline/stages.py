@@ -20,6 +20,7 @@ from prunetune.errors import UserError
 from prunetune.fmt import json_safe
 from prunetune.pipeline.config import DATA_DEFAULTS, PipelineConfig, joined_fields
 from prunetune.pipeline.runner import RunLayout, Stage, StageContext, StageInterrupted
+from prunetune.rundir import masks_file
 from prunetune.runinfo import write_json
 
 EVAL_MODELS = ("dense", "pruned", "recovered")
@@ -100,7 +101,7 @@ def _prune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> St
     title = f"{config.method} {config.pattern} at {config.sparsity:.0%}{reconstruct}, calibrated on {config.calib_dataset}"
     return Stage(
         name="prune", deps=(), title=title, config=config, run=run,
-        outputs=("prune.json", "masks.safetensors", "config.json"),
+        outputs=("prune.json", "config.json"),
         volatile=frozenset(set(config.to_dict()) - set(config.identity())),
     )
 
@@ -120,7 +121,7 @@ def trained_model_dir(finetune_dir: Path) -> Path | None:
     """A full sparse model the finetune stage wrote itself (`method: sparse-ft` trains the kept weights, no
     adapter): the directory holding its config.json and masks; None when the run left an adapter instead."""
     for candidate in (finetune_dir / "model", finetune_dir):
-        if (candidate / "config.json").is_file() and (candidate / "masks.safetensors").is_file():
+        if (candidate / "config.json").is_file() and masks_file(candidate) is not None:
             return candidate
     return None
 
