@@ -123,8 +123,8 @@ def test_2_4_record_but_broken_groups_is_refused(tmp_path, pruned_24):
 
 
 def test_bad_options_and_foreign_out(tmp_path, pruned_block):
-    with pytest.raises(UserError, match="--format 'gguf'"):
-        ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "x"), format="gguf")
+    with pytest.raises(UserError, match="--format 'onnx'"):
+        ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "x"), format="onnx")
     with pytest.raises(UserError, match="--compressor 'zip'"):
         ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "x"), compressor="zip")
     foreign = tmp_path / "mine"

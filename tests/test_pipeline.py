@@ -125,7 +125,7 @@ def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_mode
     first = states(run)
     order = [first[s]["finished"] for s in ("prune", "finetune", "eval", "report")]
     assert order == sorted(order)
-    for rel in ("pipeline.yaml", "prune/masks.safetensors", "prune/prune.json", "finetune/metrics.jsonl",
+    for rel in ("pipeline.yaml", "prune/prunetune/masks.safetensors", "prune/prune.json", "finetune/metrics.jsonl",
                 "finetune/adapter/adapter_config.json", "eval/eval.json", "report/report.html",
                 "report/report.json"):
         assert (run / rel).exists(), rel

@@ -17,7 +17,7 @@ from prunetune.pruning.engine import run_prune
 from prunetune.pruning.verify import verify_dir
 from prunetune.recovery.merge import merge_adapter
 from prunetune.recovery.sparse_ft import load_sparse_checkpoint, save_sparse_model
-from prunetune.rundir import MASKS_FILE, PRUNE_JSON, SPARSE_MODEL_DIR, load_keep_masks
+from prunetune.rundir import META_DIR, PRUNE_JSON, SPARSE_MODEL_DIR, copy_masks, load_keep_masks
 from prunetune.sparsity.violations import pattern_violations
 from test_recovery_methods import RandomTokens, lora_config, prepare
 
@@ -49,12 +49,12 @@ def loss_of(model, ids: torch.Tensor) -> float:
 def test_sparse_ft_model_verifies_and_reloads(pruned, tmp_path):
     model, tokenizer = load_model(str(pruned), dtype=torch.float32, device=torch.device("cpu"))
     masks, source = load_keep_masks(pruned, model)
-    assert source == MASKS_FILE
+    assert source == "prunetune/masks.safetensors"
     prepared = prepare(model, "sparse-ft", masks)
     train(prepared.model, tmp_path, prepared.callbacks)
     out = tmp_path / SPARSE_MODEL_DIR
     files = save_sparse_model(model, tokenizer, out, pruned, record={"method": "sparse-ft"})
-    assert {MASKS_FILE, PRUNE_JSON, "config.json", "model.safetensors"} <= set(files)
+    assert {META_DIR, PRUNE_JSON, "config.json", "model.safetensors"} <= set(files)
     result = verify_dir(out)
     assert result.ok, result.problems
     reloaded, _ = load_model(str(out), dtype=torch.float32, device=torch.device("cpu"))
@@ -82,8 +82,8 @@ def test_masked_lora_adapter_merges_exactly_and_verifies(pruned, tmp_path):
     assert loss_of(merged, ids) == pytest.approx(trained_loss, rel=1e-3)  # perplexity within 0.1%
     out = tmp_path / "merged"
     merged.save_pretrained(str(out), safe_serialization=True)
-    for name in (MASKS_FILE, PRUNE_JSON):
-        shutil.copy2(pruned / name, out / name)
+    copy_masks(pruned, out)
+    shutil.copy2(pruned / PRUNE_JSON, out / PRUNE_JSON)
     result = verify_dir(out)
     assert result.ok, result.problems
 

@@ -33,7 +33,7 @@ from prunetune.models import ModelRef, apply_adapter, context_length, load_confi
 from prunetune.perplexity import BatchTuner, PerplexityResult, auto_batch_size, perplexity
 from prunetune.recovery import registry as recovery_methods
 from prunetune.recovery.base import RecoveryMethod
-from prunetune.rundir import MASKS_FILE, adapter_base, check_writable_file, load_keep_masks, read_adapter_meta
+from prunetune.rundir import adapter_base, check_writable_file, load_keep_masks, masks_file, read_adapter_meta
 from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity.measure import sparsity_report
 
@@ -194,7 +194,7 @@ def _load(cfg: EvalConfig, plan: _Plan, console: Console) -> _Loaded:
                      sparsity_report(model))
     if cfg.adapter:
         base_dir = Path(ref.location)
-        masks = load_keep_masks(base_dir, model)[0] if (base_dir / MASKS_FILE).is_file() else None
+        masks = load_keep_masks(base_dir, model)[0] if masks_file(base_dir) is not None else None
         loaded.model = apply_adapter(model, cfg.adapter)
         if masks is not None:
             loaded.adapter_method = _attach_pattern(loaded.model, cfg.adapter, masks)

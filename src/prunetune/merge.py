@@ -143,9 +143,8 @@ def check_masks_match(model: torch.nn.Module, masks: dict[str, torch.Tensor], so
 
 
 def _mask_source(pruned: Path) -> str:
-    if (pruned / rundir.MASKS_FILE).is_file():
-        return str(pruned / rundir.MASKS_FILE)
-    return f"derived from the zero weights ({rundir.MASKS_FILE} absent in {pruned})"
+    path = rundir.masks_file(pruned)
+    return str(path) if path else f"derived from the zero weights ({rundir.MASKS_FILE} absent in {pruned})"
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -249,8 +248,7 @@ def _save(cfg: MergeConfig, run: _Loaded, merged, record: dict[str, Any]) -> Non
                               owned=[rundir.MERGE_JSON, "config.json"], command="prunetune merge") as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         run.tokenizer.save_pretrained(staging)
-        if (run.pruned / rundir.MASKS_FILE).is_file():
-            shutil.copy2(run.pruned / rundir.MASKS_FILE, staging / rundir.MASKS_FILE)
+        rundir.copy_masks(run.pruned, staging)
         if record["keep_sparsity"] and (run.pruned / rundir.PRUNE_JSON).is_file():
             # The pattern it describes still holds, so `prunetune verify OUT` re-checks the merged weights; a
             # plain merge breaks the pattern and must not claim it.

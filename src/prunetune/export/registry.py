@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 FORMATS: Registry[ExportFormat] = Registry("--format", {
     "compressed-tensors": "prunetune.export.compressed_tensors:FORMAT",
+    "hf": "prunetune.export.hf:FORMAT",
+    "gguf": "prunetune.export.gguf:FORMAT",
 })
 
 names = FORMATS.names

@@ -35,19 +35,38 @@ class ExportConfig:
     out: str
     """Output directory: the exported model and export.json."""
     format: str = "compressed-tensors"
-    """The output format; `prunetune export --help` lists them with the runtimes that load each today."""
+    """compressed-tensors: the pruned matrices bit-packed, about half the bytes (read by prunetune and
+    compressed-tensors 0.14 only; not vLLM >= 0.19, not Transformers 5) | hf: the servable directory (vLLM,
+    Transformers) | gguf: one file for llama.cpp and ollama. export.json and the console say who loads each."""
     compressor: str = "auto"
     """compressed-tensors only: auto (2:4 -> sparse-24-bitmask, every other pattern -> sparse-bitmask) |
     sparse-bitmask | sparse-24-bitmask."""
     dtype: str | None = None
     """Store the weights in this dtype: bfloat16, float16 or float32; default: as stored. A cast never turns a
     zero into a non-zero or back."""
+    gguf_type: str = "bf16"
+    """gguf only: how the matrices are stored: bf16 (lossless from a bf16 model), f16, q8_0 (about half of bf16;
+    pruned zeros stay exactly 0 in all three). Norms stay float32."""
+    eval: bool = True
+    """gguf only: read the file back with Transformers' GGUF loader and print its perplexity beside the source's
+    (the cost of q8_0) on the first --eval-windows windows of --eval-dataset's test split."""
+    eval_dataset: str = "wikitext2"
+    """With --eval: the text (a registry name or a local file)."""
+    eval_windows: int = 4
+    """With --eval: windows of --eval-seqlen tokens."""
+    eval_seqlen: int = 256
+    """With --eval: tokens per window."""
+    data_dir: list[str] | None = None
+    """With --eval: directories holding local copies of the named datasets (default $PRUNETUNE_DATA_DIR)."""
     overwrite: bool = False
     """Replace an --out that holds an earlier export (only prunetune's own files are replaced)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise UserError(f"--dtype {self.dtype!r}: choose bfloat16, float16 or float32 (or omit it: as stored)")
+        if self.eval_windows < 1 or self.eval_seqlen < 2:
+            raise UserError(f"--eval-windows {self.eval_windows} / --eval-seqlen {self.eval_seqlen}: use at least 1 "
+                            "window of 2 tokens (or --no-eval)")
         registry.get(self.format).check(self)
 
 

@@ -102,7 +102,7 @@ def _prune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> St
     title = f"{config.method} {config.pattern} at {config.sparsity:.0%}{reconstruct}, calibrated on {config.calib_dataset}"
     return Stage(
         name="prune", deps=(), title=title, config=config, run=run,
-        outputs=(rundir.PRUNE_JSON, rundir.MASKS_FILE, "config.json"),
+        outputs=(rundir.PRUNE_JSON, "config.json"),
         volatile=frozenset(set(config.to_dict()) - set(config.identity())),
     )
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from transformers import TrainerCallback
 from prunetune.architecture import module_type, prunable_linears
 from prunetune.errors import UserError
 from prunetune.recovery.base import ADAMW_STATE_BYTES, Evaluation, Prepared, RecoverySettings, gib
-from prunetune.rundir import MASKS_FILE, PRUNE_JSON, SPARSE_MODEL_DIR
+from prunetune.rundir import PRUNE_JSON, SPARSE_MODEL_DIR, copy_masks
 
 ALL_LINEAR = "all-linear"
 
@@ -131,21 +130,20 @@ class RemaskCallback(TrainerCallback):
 def save_sparse_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, pruned_dir: str | Path,
                       record: dict[str, Any] | None = None) -> list[str]:
     """Write a sparse-ft model as a pruned-model directory that `prunetune verify` and `evaluate` take:
-    safetensors weights + config, the tokenizer, the pruned dir's masks and `prune.json` (unchanged, so the
+    safetensors weights + config, the tokenizer, the pruned dir's masks (`prunetune/`) and `prune.json` (unchanged, so the
     mask digests still match) with `record` under `recovery`. Returns the file names written."""
     out_dir, pruned_dir = Path(out_dir), Path(pruned_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-    if (pruned_dir / MASKS_FILE).is_file():
-        shutil.copy2(pruned_dir / MASKS_FILE, out_dir / MASKS_FILE)
+    copy_masks(pruned_dir, out_dir)
     if (pruned_dir / PRUNE_JSON).is_file():
         meta = json.loads((pruned_dir / PRUNE_JSON).read_text())
         if record is not None and isinstance(meta, dict):
             meta["recovery"] = record
         (out_dir / PRUNE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    return sorted(p.name for p in out_dir.iterdir())
 
 
 def load_sparse_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
