@@ -49,8 +49,8 @@ def worker(spec: dict) -> dict:
     from rich.console import Console
 
     from prunetune.data import load_text, tokenize
-    from prunetune.evaluate import perplexity
     from prunetune.models import load_model
+    from prunetune.perplexity import perplexity
     from prunetune.pruning.config import PruneConfig
     from prunetune.pruning.engine import run_prune
 
@@ -117,9 +117,9 @@ def breakdown_main(args: argparse.Namespace) -> int:
     from prunetune.models import load_model
     from prunetune.pruning import calibration as cal
     from prunetune.pruning.matrix import MatrixRecipe, prune_matrix
-    from prunetune.pruning.patterns import parse_pattern
     from prunetune.pruning.precision import resolve_precision
     from prunetune.pruning.sparsegpt import HessianFactors
+    from prunetune.sparsity.patterns import parse_pattern
 
     precision = resolve_precision(args.dtype, "cpu")
     model, tok = load_model(args.model, dtype=precision.storage, log=lambda *_: None)

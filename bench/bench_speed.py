@@ -105,7 +105,7 @@ def sweep(args: argparse.Namespace, out: Path) -> None:
 
 
 def models(args: argparse.Namespace, out: Path) -> None:
-    from prunetune.export import ExportConfig, export_compressed
+    from prunetune.export.run import ExportConfig, run_export
     from prunetune.speed import SpeedConfig, run_speed, speedup_table
 
     load_start = os.getloadavg()
@@ -118,13 +118,14 @@ def models(args: argparse.Namespace, out: Path) -> None:
         pruned[pattern] = _prune(args.model, work / f"pruned-{pattern.replace(':', '_')}", pattern)
         prune_s = time.perf_counter() - t
         t = time.perf_counter()
-        result = export_compressed(ExportConfig(model_dir=str(pruned[pattern]),
+        result = run_export(ExportConfig(model_dir=str(pruned[pattern]),
                                                 out=str(work / f"export-{pattern.replace(':', '_')}"),
                                                 overwrite=True))
-        sizes.append({"pattern": pattern, "compressor": result.compressor, "sparsity": result.sparsity,
-                      "dense_bytes": result.dense_bytes, "compressed_bytes": result.compressed_bytes,
-                      "linear_dense_bytes": result.linear_dense_bytes,
-                      "linear_compressed_bytes": result.linear_compressed_bytes, "verified": result.verified,
+        sizes.append({"pattern": pattern, "compressor": result.record["compressor"], "sparsity": result.sparsity,
+                      "dense_bytes": result.record["bytes"]["dense_safetensors"],
+                      "compressed_bytes": result.record["bytes"]["compressed_safetensors"],
+                      "linear_dense_bytes": result.record["bytes"]["linear_dense"],
+                      "linear_compressed_bytes": result.record["bytes"]["linear_compressed"], "verified": result.verified,
                       "matrices": result.matrices, "export_s": time.perf_counter() - t, "prune_s": prune_s})
 
     speed = run_speed(SpeedConfig(model_dir=str(pruned["block16x16"]), dense=args.model, batch=args.batch,

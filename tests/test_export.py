@@ -13,8 +13,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from prunetune.errors import UserError
-from prunetune.evaluate import perplexity
-from prunetune.export import ExportConfig, decompressed_weights, export_compressed, load_exported
+from prunetune.export.run import ExportConfig, run_export
+from prunetune.exported import decompressed_weights, load_exported
+from prunetune.perplexity import perplexity
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 
@@ -51,12 +52,13 @@ def _source_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 ])
 def test_export_round_trip_is_bit_exact(request, tmp_path, fixture, compressor, keys):
     pruned = request.getfixturevalue(fixture)
-    result = export_compressed(ExportConfig(model_dir=str(pruned), out=str(tmp_path / "ct")), log=lambda _: None)
+    result = run_export(ExportConfig(model_dir=str(pruned), out=str(tmp_path / "ct")), log=lambda _: None)
     out = tmp_path / "ct"
-    assert result.compressor == compressor
+    assert result.record["compressor"] == compressor
     assert result.verified == result.matrices == 14  # 2 layers x 7 linears
-    assert result.compressed_bytes < result.dense_bytes
-    assert result.linear_compressed_bytes < result.linear_dense_bytes
+    sizes = result.record["bytes"]
+    assert sizes["compressed_safetensors"] < sizes["dense_safetensors"]
+    assert sizes["linear_compressed"] < sizes["linear_dense"]
 
     sparsity_config = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
     assert sparsity_config["format"] == compressor
@@ -79,7 +81,7 @@ def test_export_round_trip_is_bit_exact(request, tmp_path, fixture, compressor, 
 
 
 def test_export_in_bfloat16_is_the_cast_source_bit_for_bit(tmp_path, pruned_24):
-    result = export_compressed(ExportConfig(model_dir=str(pruned_24), out=str(tmp_path / "ct"), dtype="bfloat16"),
+    result = run_export(ExportConfig(model_dir=str(pruned_24), out=str(tmp_path / "ct"), dtype="bfloat16"),
                                log=lambda _: None)
     assert result.record["dtype"] == "bfloat16" and result.verified == 14
     source = _source_tensors(pruned_24)
@@ -90,7 +92,7 @@ def test_export_in_bfloat16_is_the_cast_source_bit_for_bit(tmp_path, pruned_24):
 
 
 def test_exported_model_has_the_same_perplexity(tmp_path, pruned_block, tokenizer_dir):
-    export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
+    run_export(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
     ids = torch.randint(0, 500, (4 * 64,), generator=torch.Generator().manual_seed(0))
     reference = perplexity(AutoModelForCausalLM.from_pretrained(pruned_block), ids, seqlen=64)
     loaded = perplexity(load_exported(tmp_path / "ct"), ids, seqlen=64)
@@ -99,14 +101,14 @@ def test_exported_model_has_the_same_perplexity(tmp_path, pruned_block, tokenize
 
 def test_2_4_compressor_refuses_a_block_model_and_names_the_alternative(tmp_path, pruned_block):
     with pytest.raises(UserError, match="use --compressor sparse-bitmask"):
-        export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct"),
+        run_export(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct"),
                                        compressor="sparse-24-bitmask"), log=lambda _: None)
     assert not (tmp_path / "ct").exists()
 
 
 def test_dense_model_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="is not sparse"):
-        export_compressed(ExportConfig(model_dir=str(tiny_model_dir), out=str(tmp_path / "ct")), log=lambda _: None)
+        run_export(ExportConfig(model_dir=str(tiny_model_dir), out=str(tmp_path / "ct")), log=lambda _: None)
 
 
 def test_2_4_record_but_broken_groups_is_refused(tmp_path, pruned_24):
@@ -117,25 +119,25 @@ def test_2_4_record_but_broken_groups_is_refused(tmp_path, pruned_24):
         model.model.layers[0].mlp.up_proj.weight[0, :4] = 1.0  # a group of 4 with 4 non-zeros
     model.save_pretrained(broken)
     with pytest.raises(UserError, match="groups of 4 hold more than 2 non-zeros"):
-        export_compressed(ExportConfig(model_dir=str(broken), out=str(tmp_path / "ct")), log=lambda _: None)
+        run_export(ExportConfig(model_dir=str(broken), out=str(tmp_path / "ct")), log=lambda _: None)
 
 
 def test_bad_options_and_foreign_out(tmp_path, pruned_block):
-    with pytest.raises(UserError, match="--format 'gguf'"):
-        ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "x"), format="gguf")
+    with pytest.raises(UserError, match="--format 'onnx'"):
+        ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "x"), format="onnx")
     with pytest.raises(UserError, match="--compressor 'zip'"):
         ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "x"), compressor="zip")
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="not empty"):
-        export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(foreign)), log=lambda _: None)
+        run_export(ExportConfig(model_dir=str(pruned_block), out=str(foreign)), log=lambda _: None)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 def test_transformers_alone_refuses_the_export_instead_of_loading_random_weights(tmp_path, pruned_24):
     """Transformers 5 reads only quantization configs of compressed-tensors: it must fail, never load garbage."""
-    export_compressed(ExportConfig(model_dir=str(pruned_24), out=str(tmp_path / "ct")), log=lambda _: None)
+    run_export(ExportConfig(model_dir=str(pruned_24), out=str(tmp_path / "ct")), log=lambda _: None)
     with pytest.raises((ImportError, ValueError, OSError)):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
 

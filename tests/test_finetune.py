@@ -25,8 +25,8 @@ from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.console import render
 from prunetune.finetune.engine import run_finetune
-from prunetune.records import read_jsonl
 from prunetune.rundir import save_masks
+from prunetune.rundir.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_end_to_end_console_files_and_agreement(pruned_dir, shared_data, tmp_pat
     assert final["describes"].startswith("deployable sparse model")
     assert final["adapter_eval_loss"] < baseline["eval_loss"] and math.isfinite(final["eval_loss"])
     model_record = next(r for r in records if r["event"] == "model")
-    assert model_record["mask_source"] == "masks.safetensors"
+    assert model_record["mask_source"] == "prunetune/masks.safetensors"
     check = next(r for r in records if r["event"] == "sparsity_check")
     assert check["ok"] and check["matrices"] == 14
     summary = next(r for r in records if r["event"] == "summary")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunetune import data, models, records
+from prunetune import data, models
 from prunetune.errors import UserError
 from prunetune.models import load_model, materialize, resolve_model
+from prunetune.rundir import records
 
 
 def _real_gguf() -> Path | None:
@@ -263,7 +264,7 @@ def test_torch_dtype_in_auto_eval_json_is_recorded(tmp_path, tiny_model_dir, sha
 
 
 def test_named_dataset_without_local_copy_fails_fast_offline(monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"hub is unreachable.*--data-dir"):
         data.load_text("wikitext2", "test")

@@ -104,18 +104,27 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize(("name", "damage", "fragment"), [
-    ("masks.safetensors", _truncate, "truncated"),
+    ("prunetune/masks.safetensors", _truncate, "truncated"),
     ("model.safetensors", _truncate, "truncated"),
     ("prune.json", lambda p: p.write_text("{not json"), "not valid JSON"),
     ("prune.json", lambda p: p.write_text(json.dumps({"pattern": "block16x16"})), "not a complete prune record"),
     ("prune.json", lambda p: p.write_text(json.dumps([1, 2])), "not a complete prune record"),
-    ("masks.safetensors", lambda p: p.write_bytes(b"\x00" * 7), "truncated"),
+    ("prunetune/masks.safetensors", lambda p: p.write_bytes(b"\x00" * 7), "truncated"),
 ])
 def test_verify_unreadable_input_is_exit_2(pruned, tmp_path, capsys, name, damage, fragment):
     d = _damaged(pruned, tmp_path, name, damage)
     assert main(["verify", str(d)]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err and name in err
+
+
+def test_verify_reads_a_directory_with_masks_beside_the_weights(pruned, tmp_path, capsys):
+    """Directories written before the masks moved to prunetune/ (issue 21) still verify."""
+    old = tmp_path / "old"
+    shutil.copytree(pruned, old)
+    (old / "prunetune" / "masks.safetensors").rename(old / "masks.safetensors")
+    (old / "prunetune").rmdir()
+    assert main(["verify", str(old)]) == 0, capsys.readouterr()
 
 
 def test_verify_real_violation_is_exit_1(pruned, tmp_path):

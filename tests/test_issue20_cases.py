@@ -322,7 +322,7 @@ def test_seed_console_final_best_and_series(tmp_path):
 
 
 def test_a_prunetune_run_never_says_its_steps_are_estimated(tmp_path):
-    from prunetune.records import JsonlWriter, make_record
+    from prunetune.rundir.records import JsonlWriter, make_record
 
     run = tmp_path / "run"
     run.mkdir()

@@ -18,7 +18,7 @@ from prunetune.analysis.sources import load_source, parse_console_log, parse_pyt
 from prunetune.analysis.sources.base import MAX_STEP, step_value
 from prunetune.analysis.sources.settings import key_values
 from prunetune.errors import UserError
-from prunetune.records import JsonlWriter, make_record
+from prunetune.rundir.records import JsonlWriter, make_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL = sorted(p for p in FIXTURES.rglob("*") if p.is_file() and p.suffix in (".log", ".json", ".jsonl")

@@ -15,13 +15,14 @@ from rich.console import Console
 from prunetune.architecture import prunable_linears
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.finetune.merge import MergeConfig, run_merge
-from prunetune.finetune.merge_math import lora_delta, masked_merge, masked_nonzeros
+from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 from prunetune.pruning.verify import verify_dir
+from prunetune.recovery.merge import lora_delta, masked_merge
 from prunetune.rundir import load_masks, save_masks
+from prunetune.sparsity.violations import masked_nonzeros
 
 TILE = 16
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -135,7 +136,7 @@ def test_masked_merge_refuses_non_finite(bad):
 def test_keep_sparsity_merge(tmp_path, pruned_dir, adapter_dir, batch):
     record = run_merge(MergeConfig(adapter=str(adapter_dir), out=str(tmp_path / "merged")), _quiet())
     out = tmp_path / "merged"
-    assert {"config.json", "model.safetensors", "masks.safetensors", "merge.json", "tokenizer.json"} <= {
+    assert {"config.json", "model.safetensors", "prunetune", "merge.json", "tokenizer.json"} <= {
         p.name for p in out.iterdir()
     }
     merged, _ = load_model(str(out))
@@ -218,14 +219,14 @@ def test_non_finite_adapter_refused(tmp_path, pruned_dir):
 def test_masks_derived_from_zeros_and_model_override(tmp_path, pruned_dir, adapter_dir):
     no_masks = tmp_path / "pruned-no-masks"
     shutil.copytree(pruned_dir, no_masks)
-    (no_masks / "masks.safetensors").unlink()
+    shutil.rmtree(no_masks / "prunetune")
     record = run_merge(
         MergeConfig(adapter=str(adapter_dir), out=str(tmp_path / "merged"), model=str(no_masks)), _quiet()
     )
     assert "derived from the zero weights" in record["masks"]
     assert record["pruned_model"] == str(no_masks.resolve())
     assert record["sparsity_after"]["zeros"] >= record["sparsity_before"]["zeros"]
-    assert not (tmp_path / "merged" / "masks.safetensors").exists()
+    assert not (tmp_path / "merged" / "prunetune").exists()
 
 
 def test_pruned_model_found_from_peft_config(tmp_path, pruned_dir, adapter_dir):
@@ -236,7 +237,7 @@ def test_pruned_model_found_from_peft_config(tmp_path, pruned_dir, adapter_dir):
     assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) == pruned_dir
     record = run_merge(MergeConfig(adapter=str(adapter), out=str(tmp_path / "merged")), _quiet())
     assert record["pruned_model"] == str(pruned_dir.resolve())
-    assert record["masks"].endswith("masks.safetensors")
+    assert record["masks"].endswith("prunetune/masks.safetensors")
 
 
 def test_merge_keeps_the_pruned_models_dtype(tmp_path, pruned_dir, adapter_dir):
@@ -244,7 +245,7 @@ def test_merge_keeps_the_pruned_models_dtype(tmp_path, pruned_dir, adapter_dir):
     model, tokenizer = load_model(str(pruned_dir), dtype="bfloat16")
     model.save_pretrained(bf16_dir)
     tokenizer.save_pretrained(bf16_dir)
-    shutil.copy2(pruned_dir / "masks.safetensors", bf16_dir / "masks.safetensors")
+    shutil.copytree(pruned_dir / "prunetune", bf16_dir / "prunetune")
     run_merge(MergeConfig(adapter=str(adapter_dir), out=str(tmp_path / "merged"), model=str(bf16_dir)), _quiet())
     merged, _ = load_model(str(tmp_path / "merged"), dtype="bfloat16")
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -15,9 +15,9 @@ from prunetune.pruning import calibration as cal
 from prunetune.pruning.blockwise import layer_mse, outputs_mse, reconstruct_block
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
-from prunetune.pruning.patterns import block_mask, parse_pattern, pattern_violations
 from prunetune.pruning.verify import verify_dir
 from prunetune.rundir import load_masks
+from prunetune.sparsity.patterns import block_mask, parse_pattern, pattern_violations
 
 QUIET = Console(quiet=True)
 

@@ -15,8 +15,8 @@ from prunetune.models import load_model
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
-from prunetune.pruning.patterns import n_pruned, parse_pattern, pattern_violations
 from prunetune.rundir import load_masks
+from prunetune.sparsity.patterns import n_pruned, parse_pattern, pattern_violations
 
 QUIET = Console(quiet=True)
 
@@ -40,7 +40,8 @@ def test_wanda_unstructured_per_row_saved_and_self_describing(tmp_path, tiny_mod
     out = run_prune(_cfg(tiny_model_dir, tmp_path / "p", shared_data, eval=True, eval_dataset=str(evalfile),
                          eval_split="train", eval_seqlen=64, eval_max_windows=2), console=QUIET)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "masks.safetensors", "prune.json", "tokenizer.json"} <= names
+    assert {"config.json", "model.safetensors", "prunetune", "prune.json", "tokenizer.json"} <= names
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # what weight loaders read
     assert not any(n.startswith(".staging") for n in names) and not any(n.endswith(".bin") for n in names)
     info = json.loads((out / "prune.json").read_text())
     assert info["model"] == str(tiny_model_dir) and info["method"] == "wanda" and info["compare"] == "row"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from prunetune.pruning.patterns import block_mask, unstructured_mask
-from prunetune.rundir import MASKS_FILE, load_masks, read_mask_meta, save_masks
+from prunetune.rundir import MASKS_FILE, META_DIR, load_masks, read_mask_meta, save_masks
+from prunetune.sparsity.patterns import block_mask, unstructured_mask
 
 
 def test_round_trip_bits_and_tiles(tmp_path):
@@ -16,7 +16,7 @@ def test_round_trip_bits_and_tiles(tmp_path):
         "model.layers.1.self_attn.k_proj": unstructured_mask(torch.rand(33, 20, generator=g), 0.5, "row"),
     }
     path = save_masks(masks, tmp_path, {"pattern": "block16x16", "tile": [16, 16]})
-    assert path == tmp_path / MASKS_FILE
+    assert path == tmp_path / META_DIR / MASKS_FILE
     meta = read_mask_meta(tmp_path)
     assert meta["modules"]["model.layers.0.mlp.down_proj"]["encoding"] == "tiles"
     assert meta["modules"]["model.layers.1.self_attn.k_proj"]["encoding"] == "bits"

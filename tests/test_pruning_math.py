@@ -2,13 +2,6 @@
 
 import torch
 
-from prunetune.pruning.patterns import (
-    block_mask,
-    nm_mask,
-    parse_pattern,
-    pattern_violations,
-    unstructured_mask,
-)
 from prunetune.pruning.reconstruct import (
     cg_under_mask,
     least_squares_under_mask,
@@ -17,6 +10,13 @@ from prunetune.pruning.reconstruct import (
 )
 from prunetune.pruning.scores import magnitude_scores
 from prunetune.pruning.sparsegpt import damped, hessian_update, sparsegpt_prune
+from prunetune.sparsity.patterns import (
+    block_mask,
+    nm_mask,
+    parse_pattern,
+    pattern_violations,
+    unstructured_mask,
+)
 
 
 def _data(rows=32, cols=48, tokens=400, seed=0):

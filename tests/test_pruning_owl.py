@@ -10,9 +10,9 @@ from rich.console import Console
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 from prunetune.pruning.owl import clamp_target, density_offsets, layer_offsets, outlier_ratio, step_of
-from prunetune.pruning.patterns import parse_pattern, pattern_violations
 from prunetune.pruning.verify import verify_dir
 from prunetune.rundir import load_masks
+from prunetune.sparsity.patterns import parse_pattern, pattern_violations
 
 QUIET = Console(quiet=True)
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from prunetune.pruning.patterns import (
+from prunetune.pruning.scores import magnitude_scores, wanda_scores
+from prunetune.sparsity.patterns import (
     block_mask,
     make_mask,
     n_pruned,
@@ -16,7 +17,6 @@ from prunetune.pruning.patterns import (
     tile_sums,
     unstructured_mask,
 )
-from prunetune.pruning.scores import magnitude_scores, wanda_scores
 
 
 def _scores(rows=24, cols=40, seed=0):

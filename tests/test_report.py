@@ -18,7 +18,7 @@ from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.records import JsonlWriter, make_record
+from prunetune.rundir.records import JsonlWriter, make_record
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 
@@ -171,7 +171,7 @@ def test_llama2_bands_and_pruned_ppl_flag(tmp_path):
 def test_fix_context_reads_flat_and_nested_configs():
     context = fix_context([("run_config.json", {"run": {"learning_rate": 2e-4}, "lora": {"lora_dropout": 0.1}})])
     assert context.to_dict() == {"lr": {"value": 2e-4, "origin": "run_config.json"},
-                                 "lora": {"value": True, "origin": "run_config.json"},
+                                 "adapter": {"value": True, "origin": "run_config.json"},
                                  "lora_dropout": {"value": 0.1, "origin": "run_config.json"}, "flavour": "prunetune"}
     assert fix_context([]).to_dict() == {"flavour": "prunetune"}
 

@@ -98,7 +98,7 @@ def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(rundir.os, "open", denied)
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(UserError, match="not writable .*Permission denied"):
         check_output(tmp_path / "out")
 
@@ -171,12 +171,31 @@ def test_masks_roundtrip_and_truncated_masks(tmp_path, tiny_model_dir):
     pruned.mkdir()
     save_masks(keep, pruned, {"pattern": "unstructured"})
     loaded, source = load_keep_masks(pruned, model)
-    assert source == rundir.MASKS_FILE and all(torch.equal(loaded[n], keep[n]) for n in keep)
+    assert source == "prunetune/masks.safetensors" and all(torch.equal(loaded[n], keep[n]) for n in keep)
     assert all(torch.equal(load_masks(pruned)[n], keep[n]) for n in keep)
-    data = (pruned / rundir.MASKS_FILE).read_bytes()
-    (pruned / rundir.MASKS_FILE).write_bytes(data[: len(data) // 2])
+    data = rundir.masks_target(pruned).read_bytes()
+    rundir.masks_target(pruned).write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated"):
         load_keep_masks(pruned, model)
+
+
+def test_masks_live_apart_from_the_weights_and_the_old_layout_still_reads(tmp_path, tiny_model_dir):
+    """The layout rule (rundir.META_DIR): a model directory's top-level *.safetensors are its weights only, since
+    vLLM loads every one of them; directories written before, with masks.safetensors beside the weights, read."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    keep = {name: torch.rand(m.shape) > 0.5 for name, m in load_keep_masks(tiny_model_dir, model)[0].items()}
+    old = tmp_path / "old"
+    old.mkdir()
+    save_masks(keep, old / rundir.MASKS_FILE, {"pattern": "unstructured"})  # where prunetune put it until issue 21
+    loaded, source = load_keep_masks(old, model)
+    assert source == rundir.MASKS_FILE and all(torch.equal(loaded[n], keep[n]) for n in keep)
+    new = tmp_path / "new"
+    assert rundir.copy_masks(old, new) == new / rundir.META_DIR / rundir.MASKS_FILE
+    assert list(new.glob("*.safetensors")) == [] and rundir.masks_file(new) == rundir.masks_target(new)
+    assert all(torch.equal(load_masks(new)[n], keep[n]) for n in keep)
+    assert rundir.masks_file(tiny_model_dir) is None and rundir.copy_masks(tiny_model_dir, tmp_path / "x") is None
 
 
 def test_adapter_base_digest_refuses_another_base(tmp_path, tiny_model_dir, tokenizer_dir):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from prunetune.errors import UserError
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
-from prunetune.pruning.patterns import parse_pattern
+from prunetune.sparsity.patterns import parse_pattern
 from prunetune.speed import (
     SparseLinear,
     SpeedConfig,
@@ -135,7 +135,7 @@ def test_speed_command_parses_batches_and_prints(tmp_path, pruned_block, tiny_mo
 
 @pytest.mark.gpu
 def test_semi_structured_2_4_linear_matches_dense_on_cuda():
-    from prunetune.pruning.patterns import nm_mask
+    from prunetune.sparsity.patterns import nm_mask
 
     weight = torch.randn(128, 128)
     keep = nm_mask(weight.abs(), 2, 4)
@@ -150,9 +150,9 @@ def test_semi_structured_2_4_linear_matches_dense_on_cuda():
 
 
 def test_speed_of_an_export_without_a_dense_model(tmp_path, pruned_block):
-    from prunetune.export import ExportConfig, export_compressed
+    from prunetune.export.run import ExportConfig, run_export
 
-    export_compressed(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
+    run_export(ExportConfig(model_dir=str(pruned_block), out=str(tmp_path / "ct")), log=lambda _: None)
     messages: list[str] = []
     result = run_speed(SpeedConfig(model_dir=str(tmp_path / "ct"), batch="1", seqlen=8, prompt=2, new_tokens=2,
                                    repeats=1, breakeven=False, device="cpu"), log=messages.append)

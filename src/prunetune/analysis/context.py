@@ -8,6 +8,7 @@ origin beside it; a value no source states stays None and the fix says it is unk
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -39,8 +40,8 @@ class FixContext:
     """Tokens per training sequence (block_size, cutoff_len, max_seq_length, sequence_len)."""
     method: Fact | None = None
     """How the model trains: lora, masked-lora, qlora, dora, sparse-ft, full, freeze."""
-    lora: Fact | None = None
-    """True when the run trains a LoRA adapter, False when it provably does not."""
+    adapter: Fact | None = None
+    """True when the run trains a LoRA (PEFT) adapter, False when it provably trains the model's own weights."""
     lora_dropout: Fact | None = None
     precision: Fact | None = None
     """fp16, bf16, fp32, or `no-amp` (neither fp16 nor bf16 mixed precision asked for)."""
@@ -119,8 +120,10 @@ _NON_NEGATIVE = {"lora_dropout", "warmup_steps", "warmup_ratio", "max_grad_norm"
 _INTEGER = {"per_device_train_batch_size", "gradient_accumulation_steps", "block_size", "max_steps", "eval_steps",
             "logging_steps"}
 _BOOLEAN = {"gradient_checkpointing", "load_best_model_at_end"}
-_LORA_METHODS = {"lora", "masked-lora", "qlora", "dora", "lora+", "loraplus", "pissa"}
-_NOT_LORA = {"sparse-ft", "full", "freeze", "none"}
+# how logs spell a training method: LLaMA-Factory's finetuning_type, axolotl's adapter, PEFT's peft_type,
+# prunetune's --method. An adapter method trains LoRA weights; the others train the model's own weights.
+_ADAPTER_METHOD = re.compile(r"lora|dora|pissa|adapter|peft", re.IGNORECASE)
+_OWN_WEIGHTS_METHOD = re.compile(r"full|freeze|sparse|none", re.IGNORECASE)
 
 
 _SKIP_SECTIONS = {"pruned", "provenance", "teacher", "distill", "dataset", "data", "model", "prune"}
@@ -183,11 +186,11 @@ def _precision(flat: Mapping[str, Any]) -> str | None:
     return "no-amp" if fp16 is False and bf16 is False else None
 
 
-def _lora(flat: Mapping[str, Any], method: str | None) -> bool | None:
+def _adapter(flat: Mapping[str, Any], method: str | None) -> bool | None:
     if method is not None:
-        if method in _LORA_METHODS:
+        if _ADAPTER_METHOD.search(method):
             return True
-        if method in _NOT_LORA:
+        if _OWN_WEIGHTS_METHOD.search(method):
             return False
     if flat.get("peft") is True or any(flat.get(k) is not None for k in ("lora_r", "lora_rank", "lora_dropout")):
         return True
@@ -217,10 +220,10 @@ def fix_context(settings: Sequence[tuple[str, Mapping[str, Any]]], flavour: str 
                     break
         if "precision" not in found and (precision := _precision(flat)) is not None:
             found["precision"] = Fact(precision, origin)
-        if "lora" not in found:
+        if "adapter" not in found:
             method = found["method"].value if "method" in found and found["method"].origin == origin else None
-            if (lora := _lora(flat, method)) is not None:
-                found["lora"] = Fact(lora, origin)
-    if "lora" not in found and "method" in found and (lora := _lora({}, found["method"].value)) is not None:
-        found["lora"] = Fact(lora, found["method"].origin)
+            if (adapter := _adapter(flat, method)) is not None:
+                found["adapter"] = Fact(adapter, origin)
+    if "adapter" not in found and "method" in found and (adapter := _adapter({}, found["method"].value)) is not None:
+        found["adapter"] = Fact(adapter, found["method"].origin)
     return FixContext(**found, resume_command=resume_command, flavour=flavour)

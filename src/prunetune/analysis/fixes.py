@@ -102,8 +102,8 @@ def raise_lr(ctx: FixContext, lr: Fact | None = None) -> Fix:
     f = flag("lr", ctx.flavour)
     if lr is None:
         return Fix(f"raise {f} 3-10x ({_unknown(ctx)}; LoRA recovery usually trains at 1e-4 to 5e-4)"
-                   if ctx.value("lora") is not False else f"raise {f} 3-10x ({_unknown(ctx)})")
-    up = f" (up to {fmt_lr(lr.value * 10)} for LoRA if it stays stable)" if ctx.value("lora") else \
+                   if ctx.value("adapter") is not False else f"raise {f} 3-10x ({_unknown(ctx)})")
+    up = f" (up to {fmt_lr(lr.value * 10)} for LoRA if it stays stable)" if ctx.value("adapter") else \
         f" (up to {fmt_lr(lr.value * 10)} if it stays stable)"
     return Fix(f"raise {f} from {fmt_lr(lr.value)} to {fmt_lr(lr.value * 3)}{up}",
                _basis(stated("learning rate", lr, fmt_lr)))
@@ -253,19 +253,19 @@ def out_of_memory(ctx: FixContext, step: int | None = None, ran_steps: bool = Fa
 
 def _regularise(ctx: FixContext) -> tuple[str, str | None]:
     """More dropout: LoRA's when the run trains LoRA, else the model's regularisation."""
-    lora = ctx.value("lora")
+    adapter = ctx.value("adapter")
     f = flag("lora_dropout", ctx.flavour)
-    if lora is False:
+    if adapter is False:
         wd = ctx.weight_decay
         text = (f"raise {flag('weight_decay', ctx.flavour)} from {wd.value:g}" if wd is not None else
                 f"more regularisation ({flag('weight_decay', ctx.flavour)}, dropout)")
-        return text, stated("weight_decay", wd) or stated("training method", ctx.method or ctx.lora)
+        return text, stated("weight_decay", wd) or stated("training method", ctx.method or ctx.adapter)
     dropout = ctx.lora_dropout
-    if lora and dropout is not None:
+    if adapter and dropout is not None:
         new = min(0.5, max(0.1, dropout.value * 2))
         return f"raise {f} from {dropout.value:g} to {new:g}", stated("lora_dropout", dropout)
-    if lora:
-        return f"raise {f} (e.g. 0.1; {_unknown(ctx)})", stated("LoRA", ctx.lora)
+    if adapter:
+        return f"raise {f} (e.g. 0.1; {_unknown(ctx)})", stated("LoRA adapter", ctx.adapter)
     return f"more dropout ({f} if this is a LoRA run)", None
 
 
@@ -313,7 +313,7 @@ def no_eval(ctx: FixContext, last_step: int) -> Fix:
 def check_setup(ctx: FixContext) -> str:
     """The checks for a model that does not learn at all."""
     f = ctx.flavour
-    targets = f" (LoRA {flag('lora_targets', f)} match the model)" if ctx.value("lora") is not False else ""
+    targets = f" (LoRA {flag('lora_targets', f)} match the model)" if ctx.value("adapter") is not False else ""
     return (f"check the data and configuration: labels not all -100/padding, trainable parameters > 0{targets}, "
             f"{flag('lr', f)} not 0, the dataset not a repeated/empty text")
 
@@ -327,7 +327,7 @@ def flat(ctx: FixContext, lr: Fact | None = None) -> Fix:
 def frozen(ctx: FixContext, lr: Fact | None = None) -> Fix:
     """Identical losses or zero gradients: the weights no longer change."""
     lr = _lr_fact(ctx, lr)
-    targets = f" (LoRA {flag('lora_targets', ctx.flavour)} match the model)" if ctx.value("lora") is not False else ""
+    targets = f" (LoRA {flag('lora_targets', ctx.flavour)} match the model)" if ctx.value("adapter") is not False else ""
     text = (f"the weights no longer change: check that parameters are trainable{targets}, the labels are not all "
             "masked, and the LR is sane")
     if lr is not None and lr.value >= 0.1:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from prunetune.analysis.series import noise_sigma
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 def series(records: Sequence[Mapping[str, Any]], event: str, key: str) -> tuple[list[int], list[float]]:

@@ -1,4 +1,4 @@
-"""Diagnosis rules: pure functions over a sequence of `prunetune.records` dicts.
+"""Diagnosis rules: pure functions over a sequence of `prunetune.rundir.records` dicts.
 
 The same code judges a run live (`finetune` calls `diagnose(records_so_far)` after every log/eval record and
 prints each alert kind once) and after the fact (`prunetune report`). Hence two design constraints:

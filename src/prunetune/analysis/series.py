@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prunetune.analysis.thresholds import Thresholds
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 # keys a Trainer log carries only when its loss is not a language-model cross-entropy: preference training
 # (TRL DPO/ORPO/KTO: rewards/*, logps/*), generation metrics (ROUGE, BLEU), classification scores

@@ -10,7 +10,7 @@ from typing import Any
 
 from prunetune.analysis.series import NOT_LM
 from prunetune.fmt import fmt_sig, perplexity_from_loss
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 @dataclass(frozen=True)

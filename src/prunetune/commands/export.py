@@ -1,5 +1,5 @@
-"""`prunetune export MODEL_DIR --out DIR [--format compressed-tensors]`: flags from `ExportConfig`, then
-`export.export_compressed`; prints the sizes dense vs compressed."""
+"""`prunetune export MODEL_DIR --out DIR [--format NAME]`: flags from `ExportConfig`, then `export.run.run_export`;
+prints the sizes before and after, what was verified, and which runtimes load the output today."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from rich.table import Table
 
 from prunetune.commands import flags
 from prunetune.commands.flags import Flag
-from prunetune.export import COMPRESSORS, FORMATS, ExportConfig, export_compressed
+from prunetune.export import registry
+from prunetune.export.compressed_tensors import COMPRESSORS
+from prunetune.export.run import ExportConfig, run_export
 
 FLAGS = {
     "model_dir": Flag(names=("model_dir",), metavar="MODEL_DIR"),
     "out": Flag(metavar="DIR"),
-    "format": Flag(choices=FORMATS),
+    "format": Flag(choices=registry.names()),
     "compressor": Flag(choices=COMPRESSORS),
 }
 
@@ -26,15 +28,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     console = Console()
-    result = export_compressed(flags.config_from_args(ExportConfig, args, command="export"), log=console.print)
+    result = run_export(flags.config_from_args(ExportConfig, args, command="export"), log=console.print)
     mib = 1 << 20
-    table = Table(title=f"Export ({result.compressor}, pattern {result.pattern}, {result.sparsity:.1%} zeros)")
-    for column in ("", "dense", "compressed", "ratio"):
+    table = Table(title=f"Export ({result.format}, pattern {result.pattern}, {result.sparsity:.1%} zeros)")
+    for column in ("", "before", "exported", "ratio"):
         table.add_column(column, justify="right" if column else "left")
-    for label, dense, packed in (("whole model", result.dense_bytes, result.compressed_bytes),
-                                 (f"{result.matrices} pruned matrices", result.linear_dense_bytes,
-                                  result.linear_compressed_bytes)):
-        table.add_row(label, f"{dense / mib:,.1f} MiB", f"{packed / mib:,.1f} MiB", f"{packed / dense:.2f}x" if dense else "-")
+    for label, before, after in result.rows:
+        table.add_row(label, f"{before / mib:,.1f} MiB", f"{after / mib:,.1f} MiB", f"{after / before:.2f}x" if before else "-")
     console.print(table)
-    console.print(f"{result.verified} matrices decompressed by compressed-tensors and bit-identical; wrote {result.out}")
+    for note in result.notes:
+        console.print(note)
+    console.print(f"Wrote {result.out}")
     return 0

@@ -4,7 +4,7 @@ its `TrainingArguments` built from a `FinetuneConfig`, the measured probe step, 
 Extension points for recovery methods:
 - the loss: `PrunetuneTrainer(loss=...)` takes any `TrainingLoss` (`build_loss` picks CE or logit KD today);
 - after every optimizer step: a `TrainerCallback.on_optimizer_step` (the method's callbacks, see
-  `prunetune.finetune.prepare.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
+  `prunetune.recovery.base.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import FinetuneData
 from prunetune.finetune.distill import DistillSpec, distill_compute_loss
+from prunetune.rundir import publish_dir
 from prunetune.runinfo import write_json
 
 # A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
@@ -114,7 +115,7 @@ class PrunetuneTrainer(Trainer):
         self._barrier()
         if self.args.should_save:
             write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
-            swap_in(staging_root / name, run_dir / name)
+            publish_dir(staging_root / name, run_dir / name)
             shutil.rmtree(staging_root, ignore_errors=True)
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}").is_dir():
@@ -126,19 +127,6 @@ class PrunetuneTrainer(Trainer):
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-
-
-def swap_in(staged: Path, final: Path) -> None:
-    """`staged` becomes `final` by renames on one filesystem; an existing `final` (a checkpoint of the same
-    step saved again, the adapter of an explicitly resumed finished run) is replaced whole, never merged."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staged, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staged, final)
 
 
 def world_size() -> int:

@@ -13,8 +13,8 @@ from typing import Any
 from prunetune.architecture import module_type
 from prunetune.budget import check_minutes
 from prunetune.errors import UserError
-from prunetune.pruning.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 from prunetune.pruning.precision import check_dtype_name
+from prunetune.sparsity.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
 
@@ -58,7 +58,7 @@ class PruneConfig:
     model: str
     """Model to prune: hub id, local directory, .gguf file or alias (smollm2-135m). Stored as given in prune.json."""
     out: str
-    """Output directory: pruned model + tokenizer, masks.safetensors, prune.json."""
+    """Output directory: pruned model + tokenizer, prune.json, prunetune/masks.safetensors."""
     method: str = "wanda"
     """wanda (|W|*||x||), magnitude (|W|, no calibration) or sparsegpt (OBS with weight updates)."""
     pattern: str = "unstructured"

@@ -1,8 +1,8 @@
 """`run_prune(cfg)`: set up, calibrate and prune layer by layer, assert the pattern, save.
 
 Output directory (self-describing): the pruned model and tokenizer (`save_pretrained`, safetensors),
-`masks.safetensors` (keep-masks, see `masks`), `prune.json` (config, per-matrix target/achieved sparsity,
-pattern check, calibration hash, seed, timings, provenance, and with `eval` dense/pruned perplexity).
+`prunetune/masks.safetensors` (keep-masks, see `masks`; out of weight loaders' way, `rundir.META_DIR`),
+`prune.json` (config, per-matrix target/achieved sparsity, pattern check, calibration hash, seed, timings, provenance, and with `eval` dense/pruned perplexity).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.console import progress_bar, sparsity_table
 from prunetune.pruning.layers import capture_inputs, owl_targets, prune_layers
 from prunetune.pruning.matrix import MatrixRecipe
-from prunetune.pruning.patterns import matrix_violations, sparsity_tolerance
 from prunetune.pruning.precision import resolve_precision
 from prunetune.pruning.setup import (
     OWNED,
@@ -38,8 +37,9 @@ from prunetune.pruning.setup import (
     peak_rss_mib,
     validate_against_model,
 )
-from prunetune.rundir import MASKS_FILE, PRUNE_JSON, mask_digest, run_lock, save_masks, staged_output
+from prunetune.rundir import PRUNE_JSON, mask_digest, run_lock, save_masks, staged_output
 from prunetune.runinfo import provenance, write_json
+from prunetune.sparsity.patterns import matrix_violations, sparsity_tolerance
 
 FORMAT = "prunetune-prune/1"
 
@@ -158,7 +158,7 @@ def save(s: PruneSession, out: Path, replace: bool, t_start: float) -> None:
         pattern_meta = {"pattern": pattern.name, "compare": s.recipe.compare, "method": s.cfg.method}
         if pattern.kind == "block":
             pattern_meta["tile"] = [pattern.h, pattern.w]
-        save_masks(s.masks, staging / MASKS_FILE, pattern_meta)
+        save_masks(s.masks, staging, pattern_meta)
         s.timings["save_s"] = time.perf_counter() - t
         s.timings["total_s"] = time.perf_counter() - t_start
         write_json(staging / PRUNE_JSON, _final_record(s, sorted({p.name for p in staging.iterdir()} | {PRUNE_JSON})))

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prunetune.pruning.patterns import Pattern, make_mask
 from prunetune.pruning.reconstruct import reconstruct
 from prunetune.pruning.scores import magnitude_scores, obs_saliency, wanda_scores
 from prunetune.pruning.sparsegpt import HessianFactors, sparsegpt_prune
+from prunetune.sparsity.patterns import Pattern, make_mask
 
 
 @dataclass(frozen=True)

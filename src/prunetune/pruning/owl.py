@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prunetune.pruning.patterns import Pattern
+from prunetune.sparsity.patterns import Pattern
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:

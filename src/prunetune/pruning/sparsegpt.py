@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from prunetune.pruning.patterns import n_pruned
+from prunetune.sparsity.patterns import n_pruned
 
 
 def hessian_update(hessian: torch.Tensor, count: int, x: torch.Tensor) -> int:

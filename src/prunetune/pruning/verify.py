@@ -15,8 +15,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunetune.errors import UserError
-from prunetune.pruning.patterns import Pattern, matrix_violations, parse_pattern
-from prunetune.rundir import MASKS_FILE, PRUNE_JSON, check_safetensors, load_masks, mask_digest, read_json
+from prunetune.rundir import (
+    MASKS_FILE,
+    PRUNE_JSON,
+    check_safetensors,
+    load_masks,
+    mask_digest,
+    masks_file,
+    read_json,
+)
+from prunetune.sparsity.patterns import Pattern, matrix_violations, parse_pattern
 
 _FIX = "re-run `prunetune prune` to write it again"
 
@@ -51,8 +59,7 @@ def _read_record(path: Path) -> _Record:
     return rec
 
 
-def _read_masks(model_dir: Path) -> dict[str, torch.Tensor]:
-    path = model_dir / MASKS_FILE
+def _read_masks(model_dir: Path, path: Path) -> dict[str, torch.Tensor]:
     check_safetensors(path, "masks file")
     try:
         return load_masks(model_dir)
@@ -64,7 +71,7 @@ def _weights(model_dir: Path, names: set[str]) -> dict[str, torch.Tensor]:
     wanted = {f"{n}.weight": n for n in names}
     found: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
-        if path.name == MASKS_FILE:
+        if path.name == MASKS_FILE:  # a directory written before the masks moved to prunetune/
             continue
         check_safetensors(path, "weights file")
         try:
@@ -95,11 +102,13 @@ def _check_matrix(name: str, keep: torch.Tensor, weight: torch.Tensor | None, re
 def verify_dir(model_dir: str | Path) -> VerifyResult:
     """Check masks against prune.json (digests, targets), the pattern, and the weights on disk."""
     model_dir = Path(model_dir)
-    if not (model_dir / PRUNE_JSON).is_file() or not (model_dir / MASKS_FILE).is_file():
-        raise UserError(f"{str(model_dir)!r} is not a pruned model directory (needs {PRUNE_JSON} and {MASKS_FILE}); "
+    masks_path = masks_file(model_dir)
+    if not (model_dir / PRUNE_JSON).is_file() or masks_path is None:
+        raise UserError(f"{str(model_dir)!r} is not a pruned model directory (needs {PRUNE_JSON} and "
+                        f"prunetune/{MASKS_FILE}); "
                         "make one with `prunetune prune`")
     rec = _read_record(model_dir / PRUNE_JSON)
-    masks = _read_masks(model_dir)
+    masks = _read_masks(model_dir, masks_path)
     problems: dict[str, list[str]] = {}
     for name in sorted(set(rec.matrices) - set(masks)):
         problems[name] = ["listed in prune.json but missing from masks.safetensors"]

@@ -1,4 +1,4 @@
-"""Turn whatever a user has into `prunetune.records` dicts, one module per log format (`registry.READERS`):
+"""Turn whatever a user has into `prunetune.rundir.records` dicts, one module per log format (`registry.READERS`):
 
 - `base`:              `LogReader` (the Protocol of a format) and `Source` (records + where they came from);
 - `registry`:          the registered readers, richest first; a new format is one module and one line there;

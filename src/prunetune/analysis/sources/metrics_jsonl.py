@@ -1,4 +1,4 @@
-"""prunetune's own `metrics.jsonl` (`prunetune.records`): the run's one source of truth, steps exact."""
+"""prunetune's own `metrics.jsonl` (`prunetune.rundir.records`): the run's one source of truth, steps exact."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, num, 
 from prunetune.analysis.sources.jsonl import read_log_bytes
 from prunetune.errors import UserError
 from prunetune.fmt import perplexity_from_loss
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 LOG_KEYS = {"learning_rate": "lr"}
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunetune.pruning.patterns import expand_tiles, tile_grid, tile_sums
+from prunetune.sparsity.patterns import expand_tiles, tile_grid, tile_sums
 
 FORMAT_VERSION = 1
 
