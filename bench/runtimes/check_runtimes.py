@@ -9,7 +9,8 @@ MODEL_DIR defaults to the demo's deployable sparse model (`runs/demo/finetune/mo
 Each runtime runs `engine_ppl.py` in its own virtualenv, where prunetune is not importable: the number is what a
 user's runtime computes. Exit 0 when every runtime is within `--tolerance` (1%) of prunetune's perplexity, 1 when
 one is not or fails to load the directory, 2 for a usage error. `--record` writes the table with the machine into
-bench/RESULTS.md (section `runtimes`).
+bench/RESULTS.md (section `runtimes`). `--speed` also times generation in vLLM for each model directory and its
+dense base model (the one prune.json names): what a user serving the pruned model gets.
 """
 
 from __future__ import annotations
@@ -87,6 +88,45 @@ def run_engine(python: list[str], runtime: str, model: str, tokens: Path, dtype:
         return json.loads(out.read_text())
 
 
+def dense_base(model_dir: str) -> str | None:
+    """The dense model a pruned directory came from, as a directory vLLM can load (a GGUF alias is converted once
+    into prunetune's cache), or None when prune.json names none."""
+    from prunetune.models import materialize, resolve_model
+    from prunetune.rundir import read_pruned
+
+    base = read_pruned(model_dir).base_model
+    return materialize(resolve_model(base), log=lambda _: None) if base else None
+
+
+def speed_rows(models: list[str], windows: Path, args: argparse.Namespace) -> list[str]:
+    """vLLM generation tokens/s of each pruned directory and of its dense base, as Markdown rows."""
+    python = [str(REPO / VENVS["vllm"] / "bin" / "python")]
+    rows = []
+    for model in models:
+        pair = [("dense base", dense_base(model)), ("pruned", model)]
+        measured = {}
+        for label, path in pair:
+            if path is None:
+                continue
+            print(f"vllm speed: {label} {path} ...", flush=True)
+            rec = run_engine(python, "vllm", path, windows, args.speed_dtype,
+                             extra=["--speed", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
+                                    "--rounds", str(args.rounds)])
+            measured[label] = rec
+        keys = [k for k in measured.get("pruned", {}) if k.startswith("tokens_per_s")]
+        for key in keys:
+            dense = measured.get("dense base", {}).get(key)
+            pruned = measured["pruned"][key]
+            what = key.removeprefix("tokens_per_s_").replace("_", " ")
+            rows.append(f"| {Path(model).name} | {what} | {fmt(dense)} | {fmt(pruned)} | "
+                        f"{pruned / dense:.2f}x |" if dense else f"| {model} | {what} | - | {fmt(pruned)} | - |")
+    return rows
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def default_model() -> str:
     for candidate in DEMO_MODELS:
         if (REPO / candidate / "config.json").is_file():
@@ -121,6 +161,11 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--data-dir", action="append")
     parser.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
+    parser.add_argument("--speed", action="store_true", help="also time generation in vLLM, dense vs pruned")
+    parser.add_argument("--speed-dtype", default="bfloat16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     from prunetune.devices import dtype_name, resolve_dtype
@@ -136,7 +181,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, m, rt) for m in models for rt in runtimes]
         jobs += [(g, args.gguf_reference or models[0], rt) for g in args.gguf
-                 for rt in ("transformers", "llama-cpp") if rt in runtimes or rt == "transformers"]
+                 for rt in ("transformers", "vllm", "llama-cpp") if rt in runtimes or rt == "transformers"]
         references: dict[str, float] = {}
         token_files: dict[str, Path] = {}
         for target, source, runtime in jobs:
@@ -151,7 +196,9 @@ def main() -> int:
             python = [str(REPO / VENVS[runtime] / "bin" / "python")]
             print(f"{runtime}: loading {target} ...", flush=True)
             try:
-                record = run_engine(python, runtime, target, token_files[source], dtype)
+                # vLLM reads a GGUF's weights but takes the tokenizer from a directory.
+                extra = ["--tokenizer", source] if runtime == "vllm" and target.endswith(".gguf") else []
+                record = run_engine(python, runtime, target, token_files[source], dtype, extra=extra)
                 outcome = Outcome(runtime, Path(target).name if target.endswith(".gguf") else target,
                                   record["perplexity"], references[source], args.tolerance, record=record)
                 versions[runtime] = record.get("versions", {})
@@ -160,7 +207,13 @@ def main() -> int:
             outcomes.append(outcome)
             print(f"  {outcome.perplexity if outcome.perplexity is not None else 'FAILED'} "
                   f"({'ok' if outcome.ok else outcome.error or f'{outcome.gap:+.3%}'})", flush=True)
-    body = _table(outcomes, args.windows, args.seqlen, dtype)
+        body = _table(outcomes, args.windows, args.seqlen, dtype)
+        if args.speed:
+            rows = speed_rows(models, token_files[models[0]], args)
+            body += (f"\n\nvLLM generation, {args.speed_dtype}, {args.windows} prompts of {args.prompt_len} tokens, "
+                     f"{args.new_tokens} new tokens each (greedy, prefill included), best of {args.rounds}:\n\n"
+                     "| model | requests | dense tokens/s | pruned tokens/s | pruned / dense |\n|---|---|---:|---:|---:|\n"
+                     + "\n".join(rows))
     print(body)
     if args.record:
         from results import machine_line, write_section
