@@ -14,8 +14,8 @@ import torch
 
 from prunetune.data import data_dirs, load_text, tokenize
 from prunetune.devices import dtype_name, resolve_dtype
-from prunetune.evaluate import auto_batch_size, perplexity
 from prunetune.models import load_model
+from prunetune.perplexity import auto_batch_size, perplexity
 from results import machine_line, write_section
 
 

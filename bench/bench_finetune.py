@@ -370,7 +370,7 @@ def bench_bf16(args, work: Path) -> dict[str, Any]:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    from prunetune.records import read_jsonl
+    from prunetune.rundir.records import read_jsonl
 
     return read_jsonl(path)
 
@@ -463,8 +463,8 @@ def prune_once(args, work: Path) -> Path:
 
 def test_perplexity(model_dir: Path, adapter: Path | None, args) -> float:
     from prunetune.data import load_text, tokenize
-    from prunetune.evaluate import perplexity
     from prunetune.models import apply_adapter, load_model
+    from prunetune.perplexity import perplexity
 
     model, tokenizer = load_model(str(model_dir), dtype="float32", device=args.device)
     if adapter is not None:

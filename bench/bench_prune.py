@@ -49,8 +49,8 @@ def worker(spec: dict) -> dict:
     from rich.console import Console
 
     from prunetune.data import load_text, tokenize
-    from prunetune.evaluate import perplexity
     from prunetune.models import load_model
+    from prunetune.perplexity import perplexity
     from prunetune.pruning.config import PruneConfig
     from prunetune.pruning.engine import run_prune
 

@@ -128,12 +128,14 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
     """Train one arm through the engine, build its deployable model, measure it. Runs in a child process."""
     import torch
 
-    from prunetune.evaluate import perplexity
     from prunetune.finetune.config import FinetuneConfig
     from prunetune.finetune.engine import run_finetune
-    from prunetune.finetune.methods import SPARSE_MODEL_DIR, merge_deployable, pattern_violations
     from prunetune.models import apply_adapter, load_model
-    from prunetune.rundir import ADAPTER_DIR, load_keep_masks
+    from prunetune.perplexity import perplexity
+    from prunetune.recovery import registry
+    from prunetune.recovery.merge import merge_adapter
+    from prunetune.rundir import load_keep_masks, recovery_result
+    from prunetune.sparsity.violations import pattern_violations
 
     steps = max(1, tokens // block)
     out = work / f"{arm.name}-{tokens}-{pruned.name}"
@@ -152,17 +154,19 @@ def run_arm(arm: Arm, pruned: Path, work: Path, tokens: int, block: int, windows
     if result.get("status") != "completed":
         return {"error": f"finetune {result.get('status')}"}
 
-    model, tokenizer = load_model(str(out / SPARSE_MODEL_DIR) if arm.method == "sparse-ft" else str(pruned),
+    result = recovery_result(out)
+    model, tokenizer = load_model(str(pruned if result.is_adapter else result.path),
                                   dtype=torch.float32, device=torch.device("cpu"))
     masks, _ = load_keep_masks(pruned, model)
     ids = test_tokens(tokenizer, data_dir)
     row: dict[str, Any] = {"train_data": data_words, "prune": prune_variant(pruned), "pruned_dir": str(pruned)}
-    if arm.method != "sparse-ft":
-        peft_model = apply_adapter(model, out / ADAPTER_DIR)
-        if arm.method == "lora" and adapter_ppl:
+    if result.is_adapter:
+        peft_model = apply_adapter(model, result.path)
+        trained_as = [e for e in registry.get(arm.method).evaluations() if e.key != "deployable"]
+        if trained_as and adapter_ppl:
             row["adapter_ppl"] = perplexity(peft_model, ids, block, max_windows=windows).perplexity
-        model = merge_deployable(peft_model, masks)
-    from prunetune.records import read_jsonl
+        model, _ = merge_adapter(peft_model, masks)
+    from prunetune.rundir.records import read_jsonl
 
     end = next((r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "train_end"), {})
     row["train_runtime_s"] = end.get("runtime_s")
@@ -184,8 +188,8 @@ def child(args: argparse.Namespace) -> None:
 def baseline(pruned: Path, block: int, windows: int, data_dir: str, dense_ppl: float | None) -> dict:
     import torch
 
-    from prunetune.evaluate import perplexity
     from prunetune.models import load_model
+    from prunetune.perplexity import perplexity
     from prunetune.rundir import read_pruned
 
     model, tokenizer = load_model(str(pruned), dtype=torch.float32, device=torch.device("cpu"))

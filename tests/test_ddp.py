@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from prunetune.finetune.engine import run_finetune
-from prunetune.records import read_jsonl
+from prunetune.rundir.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

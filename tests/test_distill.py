@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from prunetune.finetune.distill import kd_loss
 from prunetune.finetune.engine import run_finetune
-from prunetune.records import read_jsonl
+from prunetune.rundir.records import read_jsonl
 
 
 def reference(student, teacher, labels, alpha, temperature):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prunetune.errors import UserError
-from prunetune.evaluate import perplexity, windows_of
+from prunetune.perplexity import perplexity, windows_of
 
 
 class _Out:
@@ -65,7 +65,7 @@ def test_windows_drop_the_remainder_and_short_text_fails():
 def test_auto_batch_fits_memory_and_caps(monkeypatch):
     import psutil
 
-    from prunetune.evaluate import auto_batch_size
+    from prunetune.perplexity import auto_batch_size
 
     class Mem:
         available = 64 * 2**30
@@ -112,8 +112,8 @@ def _pruned_with_adapter(tmp_path, tiny_model_dir, method):
 def test_adapter_on_a_pruned_model_is_evaluated_as_the_deployable_model(tmp_path, tiny_model_dir, shared_data, method):
     from prunetune.data import load_text, tokenize
     from prunetune.evaluate import EvalConfig, run_evaluate
-    from prunetune.finetune.methods import merge_deployable
     from prunetune.models import apply_adapter, load_model
+    from prunetune.recovery.merge import merge_adapter
 
     pruned, adapter, masks = _pruned_with_adapter(tmp_path, tiny_model_dir, method)
     # float32 as the reference below: on a native-bf16 CPU `auto` would evaluate in bf16 (another 1e-4).
@@ -122,7 +122,7 @@ def test_adapter_on_a_pruned_model_is_evaluated_as_the_deployable_model(tmp_path
     assert "deployable" in r["describes"]
     assert ("adapter_perplexity" in r) == (method == "lora")
     base, tokenizer = load_model(str(pruned))
-    merged = merge_deployable(apply_adapter(base, adapter), masks)
+    merged, _ = merge_adapter(apply_adapter(base, adapter), masks)
     ids = tokenize(load_text("wikitext2", "test", [str(shared_data)]), tokenizer).input_ids
     expected = perplexity(merged, ids, 64, 1, 3).perplexity
     assert abs(r["perplexity"] - expected) / expected < 1e-4
@@ -148,7 +148,7 @@ def test_zero_shot_tasks_through_evaluate(tmp_path, tiny_model_dir):
 
 
 def test_tuned_batch_times_each_candidate_once_and_keeps_the_fastest():
-    from prunetune.evaluate import BatchTuner
+    from prunetune.perplexity import BatchTuner
 
     tuner = BatchTuner(4)
     seen = []
@@ -166,7 +166,7 @@ def test_tuned_batch_times_each_candidate_once_and_keeps_the_fastest():
 
 
 def test_tuned_batch_never_tries_a_batch_the_remaining_windows_cannot_repay():
-    from prunetune.evaluate import BatchTuner
+    from prunetune.perplexity import BatchTuner
 
     tuner = BatchTuner(16)
     tuner.record(tuner.next_size(5), 100, 1.0)  # warm-up

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from prunetune.errors import UserError
-from prunetune.evaluate import perplexity
 from prunetune.export.run import ExportConfig, run_export
 from prunetune.exported import decompressed_weights, load_exported
+from prunetune.perplexity import perplexity
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 

@@ -25,8 +25,8 @@ from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.console import render
 from prunetune.finetune.engine import run_finetune
-from prunetune.records import read_jsonl
 from prunetune.rundir import save_masks
+from prunetune.rundir.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

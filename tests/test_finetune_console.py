@@ -6,7 +6,7 @@ import io
 
 from prunetune.finetune.console import RunLog, progress_bar, render
 from prunetune.fmt import hms
-from prunetune.records import make_record, read_jsonl
+from prunetune.rundir.records import make_record, read_jsonl
 
 
 def test_step_line():

@@ -11,7 +11,7 @@ import pytest
 from prunetune.devices import resolve_dtype
 from prunetune.finetune import callbacks
 from prunetune.finetune.trainer import PrunetuneTrainer
-from prunetune.records import read_jsonl
+from prunetune.rundir.records import read_jsonl
 from test_finetune import make_pruned_dir, run, small_config
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunetune import data, models, records
+from prunetune import data, models
 from prunetune.errors import UserError
 from prunetune.models import load_model, materialize, resolve_model
+from prunetune.rundir import records
 
 
 def _real_gguf() -> Path | None:

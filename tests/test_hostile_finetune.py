@@ -24,10 +24,10 @@ from prunetune import rundir
 from prunetune.errors import UserError
 from prunetune.finetune import callbacks
 from prunetune.finetune.engine import run_finetune
-from prunetune.finetune.merge import MergeConfig, run_merge
 from prunetune.finetune.trainer import CHECKPOINT_STAGING
+from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import load_model
-from prunetune.records import read_jsonl
+from prunetune.rundir.records import read_jsonl
 from test_finetune import REPO, make_pruned_dir, run, small_config
 
 

@@ -15,13 +15,14 @@ from rich.console import Console
 from prunetune.architecture import prunable_linears
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.finetune.merge import MergeConfig, run_merge
-from prunetune.finetune.merge_math import lora_delta, masked_merge, masked_nonzeros
+from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 from prunetune.pruning.verify import verify_dir
+from prunetune.recovery.merge import lora_delta, masked_merge
 from prunetune.rundir import load_masks, save_masks
+from prunetune.sparsity.violations import masked_nonzeros
 
 TILE = 16
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

@@ -83,7 +83,7 @@ def test_dtype_and_device(tiny_model_dir):
 @pytest.mark.realmodel
 def test_smollm2_alias_converts_once_then_loads_from_cache(shared_data):
     from prunetune.data import load_text, tokenize
-    from prunetune.evaluate import perplexity
+    from prunetune.perplexity import perplexity
 
     messages: list[str] = []
     first = materialize(resolve_model("smollm2-135m"), log=messages.append)

@@ -15,7 +15,7 @@ from prunetune.analysis.anomaly import Anomaly
 from prunetune.analysis.monitor import MonitorConfig, machine_load, run_monitor, snapshot, sparkline
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.records import JsonlWriter, make_record
+from prunetune.rundir.records import JsonlWriter, make_record
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 

@@ -18,7 +18,7 @@ from prunetune.errors import UserError
 from prunetune.pipeline.config import load_pipeline, parse_pipeline
 from prunetune.pipeline.demo import demo_dict
 from prunetune.pipeline.job import run_pipeline
-from prunetune.records import read_jsonl
+from prunetune.rundir.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,11 @@ def test_eval_stage_measures_the_deployable_model_and_zero_shot_tasks(tmp_path, 
     for stage in ("prune", "merge"):  # stand-ins: the tiny model plays the pruned and the merged model
         (layout.root / stage).parent.mkdir(parents=True, exist_ok=True)
         (layout.root / stage).symlink_to(tiny_model_dir)
-    (layout.root / "finetune").mkdir()
+    # The finetune stand-in: a run that recorded an adapter as its result (as `finetune` records it).
+    (layout.root / "finetune" / "adapter").mkdir(parents=True)
+    (layout.root / "finetune" / "adapter" / "adapter_config.json").write_text("{}")
+    (layout.root / "finetune" / "metrics.jsonl").write_text(
+        json.dumps({"event": "adapter_saved", "step": None, "result": "adapter", "method": "lora"}) + "\n")
     stages = {s.name: s for s in build_stages(cfg, layout, choose_data("wikitext2", str(shared_data), None))}
     eval_dir = layout.root / "eval"
     eval_dir.mkdir()

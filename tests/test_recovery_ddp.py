@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def worker(out: Path) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from prunetune.architecture import prunable_linears
-    from prunetune.finetune.methods import prepare
+    from prunetune.recovery import registry
     from tiny import tiny_config
 
     torch.manual_seed(0)  # the same model and masks on every rank
@@ -31,7 +32,7 @@ def worker(out: Path) -> None:
     gen = torch.Generator().manual_seed(1)
     masks = {n: torch.rand(m.weight.shape, generator=gen) < 0.5 for n, m in prunable_linears(model).items()}
     before = {n: m.weight.detach().clone() for n, m in prunable_linears(model).items()}
-    prepared = prepare(model, "sparse-ft", masks)
+    prepared = registry.get("sparse-ft").prepare(model, masks, types.SimpleNamespace(sparse_ft_targets=("all-linear",)))
 
     class Tokens(Dataset):
         ids = torch.randint(0, 97, (16, 16), generator=torch.Generator().manual_seed(2))

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunetune.evaluate import perplexity
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.engine import run_finetune
-from prunetune.finetune.merge import MergeConfig, run_merge
-from prunetune.finetune.methods import SPARSE_MODEL_DIR, merge_deployable, pattern_violations
+from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import apply_adapter, load_model
+from prunetune.perplexity import perplexity
 from prunetune.pruning.verify import verify_dir
-from prunetune.records import read_jsonl
-from prunetune.rundir import ADAPTER_DIR, load_keep_masks
+from prunetune.recovery.merge import merge_adapter
+from prunetune.rundir import ADAPTER_DIR, SPARSE_MODEL_DIR, load_keep_masks
+from prunetune.rundir.records import read_jsonl
+from prunetune.sparsity.violations import pattern_violations
 from test_recovery_verify import pruned  # noqa: F401  (the module-scoped block16x16 prune fixture)
 
 CPU = torch.device("cpu")
@@ -59,12 +60,12 @@ def test_masked_lora_run_merges_exactly_and_verifies(pruned, shared_data, tmp_pa
     base, _ = load_model(str(pruned), dtype=torch.float32, device=CPU)
     peft_model = apply_adapter(base, out / ADAPTER_DIR)
     # What the engine trained is the masked forward: re-create it from the saved adapter and the pruned masks.
-    merged = merge_deployable(peft_model, masks)
+    merged, _ = merge_adapter(peft_model, masks)
     merged_ppl = perplexity(merged, ids, 32, max_windows=8).perplexity
-    assert pattern_violations(merged, masks) == []
+    assert pattern_violations(merged, masks) == {}
     # apply_adapter alone is plain PEFT (dense update); the merged model is the masked one. Reload the masked
     # forward to compare like with like:
-    from prunetune.finetune.methods import attach_masks
+    from prunetune.recovery.lora_layers import attach_masks
 
     masked_base, _ = load_model(str(pruned), dtype=torch.float32, device=CPU)
     masked_model = apply_adapter(masked_base, out / ADAPTER_DIR)
@@ -101,7 +102,7 @@ def test_sparse_ft_run_keeps_exact_zeros_and_verifies(pruned, shared_data, tmp_p
     trained, tokenizer = load_model(str(model_dir), dtype=torch.float32, device=CPU)
     before, _ = load_model(str(pruned), dtype=torch.float32, device=CPU)
     masks, _ = load_keep_masks(pruned, trained)
-    assert pattern_violations(trained, masks) == []
+    assert pattern_violations(trained, masks) == {}
     changed = [n for n, p in trained.named_parameters()
                if "proj" in n and not torch.equal(p, dict(before.named_parameters())[n])]
     assert len(changed) == len(masks)  # every pruned matrix trained

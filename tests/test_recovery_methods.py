@@ -5,26 +5,21 @@ run with gradient accumulation."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
-from peft import LoraConfig
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from prunetune.architecture import prunable_linears
 from prunetune.errors import UserError
-from prunetune.finetune.merge import lora_delta, masked_merge
-from prunetune.finetune.methods import (
-    ADAMW_STATE_BYTES,
-    attach_masks,
-    check_method,
-    deployable,
-    masked_lora_delta,
-    prepare,
-    prepare_sparse_ft,
-    select_types,
-)
+from prunetune.recovery import registry
+from prunetune.recovery.adapter import lora_config as peft_lora_config
+from prunetune.recovery.base import ADAMW_STATE_BYTES, Prepared
+from prunetune.recovery.lora_layers import attach_masks, deployable, masked_lora_delta
+from prunetune.recovery.merge import lora_delta, masked_merge, merge_adapter
+from prunetune.recovery.sparse_ft import prepare_sparse_ft, select_types
 from tiny import tiny_config
 
 
@@ -49,9 +44,25 @@ def pruned_tiny(seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
     return model, masks
 
 
-def lora_config(targets="all-linear") -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, bias="none",
-                      task_type="CAUSAL_LM")
+@dataclass
+class Settings:
+    """What a recovery method reads of a FinetuneConfig."""
+
+    lora_r: int = 4
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    sparse_ft_targets: tuple[str, ...] = ("all-linear",)
+
+
+def lora_config(targets="all-linear") -> Settings:
+    return Settings(lora_targets=(targets,) if isinstance(targets, str) else tuple(targets))
+
+
+def prepare(model: torch.nn.Module, method: str, masks: dict[str, torch.Tensor],
+            lora_config: Settings | None = None) -> Prepared:
+    """What the fine-tuning engine calls: the registered method's `prepare`."""
+    return registry.get(method).prepare(model, masks, lora_config or Settings())
 
 
 def randomize_lora_b(model: torch.nn.Module, seed: int = 1) -> None:
@@ -99,7 +110,7 @@ def test_masked_lora_merges_exactly_and_keeps_the_pattern():
             merged_weight, _ = masked_merge(layer.weight, delta, masks[name], name)
             layer.weight.copy_(merged_weight)
         reference_logits = reference(input_ids=ids).logits
-        merged = peft_model.merge_and_unload(safe_merge=True)
+        merged, _ = merge_adapter(peft_model, masks)  # the merge `prunetune merge` runs
         merged_logits = merged(input_ids=ids).logits
     torch.testing.assert_close(merged_logits, unmerged, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(reference_logits, unmerged, rtol=1e-4, atol=1e-4)
@@ -147,16 +158,16 @@ def test_masked_lora_trains_its_adapter_and_names_bad_methods():
     assert layer.lora_A["default"].weight.grad.abs().sum() > 0
     assert layer.lora_B["default"].weight.grad.abs().sum() > 0
     assert layer.get_base_layer().weight.grad is None  # the pruned base stays frozen
-    assert check_method("masked-lora") == "masked-lora"
+    assert registry.check("masked-lora") == "masked-lora"
     with pytest.raises(UserError, match="choose one of"):
-        check_method("dora")
+        registry.check("dora")
 
 
 def test_attach_masks_refuses_a_wrong_shape():
     model, masks = pruned_tiny()
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(["q_proj"]))
+    peft_model = get_peft_model(model, peft_lora_config(model, lora_config(["q_proj"])))
     masks["model.layers.0.self_attn.q_proj"] = torch.ones(3, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="keep-mask"):
         attach_masks(peft_model, masks, masked=True)
@@ -210,7 +221,7 @@ def test_sparse_ft_keeps_exact_zeros_under_grad_accumulation(tmp_path):
         changed += int((weight[keep] != before[name][keep]).sum())
     assert changed > 0.9 * sum(int(m.sum()) for m in masks.values())
     # Frozen everywhere else.
-    assert prepared.banner["modules"] == len(masks) and prepared.sparse is not None
+    assert prepared.banner["modules"] == len(masks) and prepared.state is not None
 
 
 def test_sparse_ft_gradient_is_masked_before_the_optimizer():
@@ -223,25 +234,31 @@ def test_sparse_ft_gradient_is_masked_before_the_optimizer():
         assert module.weight.grad[masks[name]].abs().sum() > 0
 
 
-def test_evaluate_deployable_runs_plain_lora_twice():
-    from prunetune.finetune.methods import evaluate_deployable
-
+def test_plain_lora_is_evaluated_as_trained_then_deployable():
+    """The policy the final evaluation and `evaluate --adapter` run: plain LoRA twice (dense update, then the
+    update masked by the pattern), the methods that train the deployable model once."""
     model, masks = pruned_tiny()
     plain = prepare(model, "lora", masks, lora_config=lora_config(["q_proj"])).model
     randomize_lora_b(plain)
     ids = torch.randint(0, 97, (1, 10))
     plain.eval()
 
-    def evaluate(metric_key_prefix="eval"):
+    def loss() -> float:
         with torch.no_grad():
-            return {f"{metric_key_prefix}_loss": float(plain(input_ids=ids, labels=ids).loss)}
+            return float(plain(input_ids=ids, labels=ids).loss)
 
-    both = evaluate_deployable(evaluate, plain, "lora")
+    passes = registry.get("lora").evaluations()
+    assert [p.key for p in passes] == ["adapter", "deployable"]
+    measured = {}
+    for ev in passes:
+        with ev.context(plain):
+            measured[ev.key] = loss()
     with deployable(plain):
-        masked = evaluate()["eval_loss"]
-    assert both["eval_loss"] == masked and both["eval_adapter_loss"] == evaluate()["eval_loss"]
-    assert both["eval_loss"] != both["eval_adapter_loss"] and "deployable" in both["describes"]
-    assert set(evaluate_deployable(evaluate, plain, "masked-lora")) == {"eval_loss", "describes"}
+        masked = loss()
+    assert measured["deployable"] == masked and measured["adapter"] == loss() != masked
+    assert "deployable" in passes[-1].describes and "not deployable" in passes[0].describes
+    for name in ("masked-lora", "sparse-ft"):
+        assert [p.key for p in registry.get(name).evaluations()] == ["deployable"]
 
 
 def test_remask_alone_restores_zeros_after_every_optimizer_step(tmp_path):
@@ -250,7 +267,7 @@ def test_remask_alone_restores_zeros_after_every_optimizer_step(tmp_path):
 
     model, masks = pruned_tiny()
     prepared = prepare(model, "sparse-ft", masks)
-    prepared.sparse.remove_hooks()
+    prepared.state.remove_hooks()
     seen = []
 
     class Check(TrainerCallback):
@@ -267,23 +284,21 @@ def test_remask_alone_restores_zeros_after_every_optimizer_step(tmp_path):
     assert seen == [True, True]
     # And the control: without the callback the same run leaves pruned weights non-zero.
     model2, masks2 = pruned_tiny()
-    prepare(model2, "sparse-ft", masks2).sparse.remove_hooks()
+    prepare(model2, "sparse-ft", masks2).state.remove_hooks()
     Trainer(model=model2, args=args, train_dataset=RandomTokens(8, 16, 97)).train()
     assert any(bool((m.weight[~masks2[n]] != 0).any()) for n, m in prunable_linears(model2).items())
 
 
 def test_banner_lines_say_what_trains_and_what_it_costs():
-    from prunetune.finetune.methods import banner_lines
-
     model, masks = pruned_tiny()
     total = sum(p.numel() for p in model.parameters())
     sparse = prepare(model, "sparse-ft", masks).banner | {"total": total}
-    text = "\n".join(banner_lines(sparse))
+    text = "\n".join(registry.get("sparse-ft").banner_lines(sparse))
     assert "Sparse fine-tuning of 14 pruned matrices" in text and "AdamW state" in text
     assert f"{sparse['kept_params']:,} kept" in text
     model, masks = pruned_tiny()
     masked = prepare(model, "masked-lora", masks, lora_config=lora_config()).banner | {"total": total}
-    assert "merging is exact" in "\n".join(banner_lines(masked))
+    assert "merging is exact" in "\n".join(registry.get("masked-lora").banner_lines(masked))
     model, masks = pruned_tiny()
     plain = prepare(model, "lora", masks, lora_config=lora_config()).banner
-    assert "reported twice" in "\n".join(banner_lines(plain))
+    assert "reported twice" in "\n".join(registry.get("lora").banner_lines(plain))

@@ -8,24 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
 from rich.console import Console
 from transformers import Trainer, TrainingArguments
 
-from prunetune.finetune.methods import (
-    SPARSE_MODEL_DIR,
-    load_sparse_checkpoint,
-    merge_deployable,
-    pattern_violations,
-    prepare,
-    save_sparse_model,
-)
 from prunetune.models import apply_adapter, load_model
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.engine import run_prune
 from prunetune.pruning.verify import verify_dir
-from prunetune.rundir import META_DIR, PRUNE_JSON, copy_masks, load_keep_masks
-from test_recovery_methods import RandomTokens
+from prunetune.recovery.merge import merge_adapter
+from prunetune.recovery.sparse_ft import load_sparse_checkpoint, save_sparse_model
+from prunetune.rundir import META_DIR, PRUNE_JSON, SPARSE_MODEL_DIR, copy_masks, load_keep_masks
+from prunetune.sparsity.violations import pattern_violations
+from test_recovery_methods import RandomTokens, lora_config, prepare
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +69,7 @@ def test_sparse_ft_model_verifies_and_reloads(pruned, tmp_path):
 def test_masked_lora_adapter_merges_exactly_and_verifies(pruned, tmp_path):
     model, tokenizer = load_model(str(pruned), dtype=torch.float32, device=torch.device("cpu"))
     masks, _ = load_keep_masks(pruned, model)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    prepared = prepare(model, "masked-lora", masks, lora_config=lora)
+    prepared = prepare(model, "masked-lora", masks, lora_config=lora_config())
     train(prepared.model, tmp_path)
     ids = torch.randint(0, 100, (2, 16))
     trained_loss = loss_of(prepared.model, ids)
@@ -84,8 +77,8 @@ def test_masked_lora_adapter_merges_exactly_and_verifies(pruned, tmp_path):
 
     # As a user (or the merge stage) would: the pruned dir + the saved adapter, merged with the masks.
     base, _ = load_model(str(pruned), dtype=torch.float32, device=torch.device("cpu"))
-    merged = merge_deployable(apply_adapter(base, tmp_path / "adapter"), masks)
-    assert pattern_violations(merged, masks) == []
+    merged, _ = merge_adapter(apply_adapter(base, tmp_path / "adapter"), masks)
+    assert pattern_violations(merged, masks) == {}
     assert loss_of(merged, ids) == pytest.approx(trained_loss, rel=1e-3)  # perplexity within 0.1%
     out = tmp_path / "merged"
     merged.save_pretrained(str(out), safe_serialization=True)
@@ -98,12 +91,11 @@ def test_masked_lora_adapter_merges_exactly_and_verifies(pruned, tmp_path):
 def test_plain_lora_adapter_is_not_the_deployable_model(pruned, tmp_path):
     model, _ = load_model(str(pruned), dtype=torch.float32, device=torch.device("cpu"))
     masks, _ = load_keep_masks(pruned, model)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    prepared = prepare(model, "lora", masks, lora_config=lora)
+    prepared = prepare(model, "lora", masks, lora_config=lora_config())
     train(prepared.model, tmp_path)
     ids = torch.randint(0, 100, (2, 16))
     adapter_loss = loss_of(prepared.model, ids)
-    merged = merge_deployable(prepared.model, masks)
-    assert pattern_violations(merged, masks) == []
+    merged, _ = merge_adapter(prepared.model, masks)
+    assert pattern_violations(merged, masks) == {}
     # The dense update trained through every pruned tile; masking it changes the model.
     assert abs(loss_of(merged, ids) - adapter_loss) > 1e-4

@@ -17,7 +17,7 @@ from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
 from prunetune.cli import main as cli_main
 from prunetune.errors import UserError
-from prunetune.records import JsonlWriter, make_record
+from prunetune.rundir.records import JsonlWriter, make_record
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 

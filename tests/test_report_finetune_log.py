@@ -11,7 +11,7 @@ import pytest
 
 from prunetune.analysis.report import ReportConfig, analyse
 from prunetune.analysis.sources import load_source
-from prunetune.records import JsonlWriter, make_record
+from prunetune.rundir.records import JsonlWriter, make_record
 
 render = pytest.importorskip("prunetune.finetune.console").render
 

@@ -13,7 +13,7 @@ import pytest
 
 from prunetune.analysis.sources import load_source, parse_console_log, parse_python_dict
 from prunetune.errors import UserError
-from prunetune.records import JsonlWriter, make_record
+from prunetune.rundir.records import JsonlWriter, make_record
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 

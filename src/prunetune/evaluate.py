@@ -3,15 +3,12 @@ of the Wanda/SparseGPT evaluation code so numbers sit beside published tables: t
 "\\n\\n", tokenised once, cut into non-overlapping windows of `seqlen` (the remainder dropped), mean token
 negative log-likelihood, perplexity = exp(mean).
 
-`EvalConfig` + `run_evaluate(cfg)` are what the CLI and the pipeline call; `perplexity(...)` is the measurement.
+`EvalConfig` + `run_evaluate(cfg)` are what the CLI and the pipeline call; `prunetune.perplexity` is the measurement.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,23 +27,17 @@ from rich.table import Table
 from torch import nn
 
 from prunetune.data import load_text, tokenize, windows_of
-from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, free_memory, resolve_dtype
+from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, resolve_dtype
 from prunetune.errors import UserError
 from prunetune.models import ModelRef, apply_adapter, context_length, load_config, load_model, resolve_model
+from prunetune.perplexity import BatchTuner, PerplexityResult, auto_batch_size, perplexity
+from prunetune.recovery import registry as recovery_methods
+from prunetune.recovery.base import RecoveryMethod
 from prunetune.rundir import adapter_base, check_writable_file, load_keep_masks, masks_file, read_adapter_meta
 from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity.measure import sparsity_report
 
 __all__ = ["EvalConfig", "PerplexityResult", "perplexity", "run_evaluate", "windows_of"]
-
-# Largest automatic batch on CPU; BatchTuner times 1, 2 and 4 and keeps the fastest (beyond 4, CPU throughput
-# stopped growing on every machine measured).
-MAX_AUTO_BATCH = 4
-# Below this many windows the automatic batch is not timed (BatchTuner): the largest that fits is used.
-TUNE_MIN_WINDOWS = 8
-# Share of the free memory the automatic batch may spend on logits and their float32 log-softmax.
-AUTO_BATCH_MEMORY_SHARE = 0.25
-
 
 @dataclass
 class EvalConfig:
@@ -105,136 +96,6 @@ class EvalConfig:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of: auto, float32, bfloat16, float16")
 
 
-@dataclass(frozen=True)
-class PerplexityResult:
-    perplexity: float
-    nll: float
-    """Mean negative log-likelihood per token (nats)."""
-    tokens: int
-    """Tokens in the evaluated windows (windows x seqlen)."""
-    windows: int
-    seconds: float
-    batch_size: int = 1
-    """The batch most windows ran at (with `tune`: the fastest one measured)."""
-    batch_rates: tuple[tuple[int, float], ...] = ()
-    """With `tune`: (batch, tokens/s) measured for each batch tried, in the order tried."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-def _token_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) ids -> (B, T-1) NLL of token t+1 given positions <= t, in float32 even when the
-    model runs in bf16. logsumexp - gather = cross_entropy without its (B*T, V) reshape copy and log-softmax
-    output: 30% less time on SmolLM2's 49k vocabulary in float32 (measured, same values to 1e-6)."""
-    pred = logits[:, :-1, :].float()  # (B, T-1, V); a view in float32, one copy in bf16
-    return torch.logsumexp(pred, dim=-1) - pred.gather(-1, batch[:, 1:, None]).squeeze(-1)
-
-
-class BatchTuner:
-    """Picks the fastest batch by timing the evaluation's own windows: one warm-up window, then batches of
-    1, 2, 4, ... up to `limit`, each timed once, then the fastest for the rest. No window is evaluated twice,
-    and the perplexity does not depend on the batch.
-
-    Why measure instead of a fixed rule: the best batch is a property of the machine. On one 2-core CPU batch 4
-    ran 1.5x batch 1; on another (AMD EPYC with avx512_bf16) batch 4 ran 0.88x batch 1 in float32 and batch 2
-    was best in bf16 (bench/RESULTS.md), because the (B, T, V) logits stop fitting in cache.
-    """
-
-    @staticmethod
-    def applies(limit: int, windows: int) -> bool:
-        """Tuning pays from a handful of windows on; fewer simply run at the largest batch allowed."""
-        return limit > 1 and windows >= TUNE_MIN_WINDOWS
-
-    def __init__(self, limit: int) -> None:
-        self.candidates = [1] + [b for b in (2, 4, 8, 16, 32) if b <= limit]
-        self.rates: list[tuple[int, float]] = []
-        self.warmed = False
-
-    def next_size(self, remaining: int) -> int:
-        if not self.warmed:
-            return 1
-        tried = len(self.rates)
-        # Only try a larger batch while enough windows remain to profit from the answer.
-        if tried < len(self.candidates) and self.candidates[tried] * 2 <= remaining:
-            return self.candidates[tried]
-        return self.best
-
-    @property
-    def best(self) -> int:
-        return max(self.rates, key=lambda r: r[1])[0] if self.rates else 1
-
-    def record(self, size: int, tokens: int, seconds: float) -> None:
-        if not self.warmed:
-            self.warmed = True  # the first forward pays for kernel selection, allocation and thread start-up
-        elif len(self.rates) < len(self.candidates) and size == self.candidates[len(self.rates)]:
-            self.rates.append((size, tokens / max(seconds, 1e-9)))
-
-
-@torch.no_grad()
-def perplexity(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    seqlen: int,
-    batch_size: int = 1,
-    max_windows: int | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    tune: bool = False,
-) -> PerplexityResult:
-    """Perplexity of `model` on a (N,) token stream. `on_batch(done_windows, total_windows)` drives a progress bar.
-
-    Each window's loss counts as `seqlen` tokens, exactly as Wanda's `eval_ppl` weighs it. With `tune`,
-    `batch_size` is the largest batch allowed and `BatchTuner` picks the fastest up to it.
-    """
-    windows = windows_of(input_ids, seqlen, max_windows)
-    if windows.shape[0] == 0:
-        raise ValueError(f"the text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    tuner = BatchTuner(batch_size) if tune and BatchTuner.applies(batch_size, windows.shape[0]) else None
-    start = time.perf_counter()
-    nll_sum = 0.0
-    first, total = 0, windows.shape[0]
-    while first < total:
-        size = tuner.next_size(total - first) if tuner else batch_size
-        began = time.perf_counter()
-        batch = windows[first : first + size].to(device)  # (B, T)
-        logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-        nll_sum += float(_token_nll(logits, batch).mean(dim=1).sum()) * seqlen  # float(): waits for the device
-        del logits
-        if tuner:
-            tuner.record(size, batch.numel(), time.perf_counter() - began)
-        first += batch.shape[0]
-        if on_batch is not None:
-            on_batch(first, total)
-    model.train(was_training)
-    seconds = time.perf_counter() - start
-    tokens = windows.numel()
-    mean_nll = nll_sum / tokens
-    return PerplexityResult(math.exp(mean_nll), mean_nll, tokens, total, seconds,
-                            tuner.best if tuner else batch_size, tuple(tuner.rates) if tuner else ())
-
-
-def auto_batch_size(seqlen: int, vocab: int, windows: int, device: str) -> tuple[int, str]:
-    """(batch, reason): as many windows per forward as fit, up to `MAX_AUTO_BATCH` on CPU (16 on a GPU).
-
-    The peak of a batched forward is its logits: (B, T, V) in the model dtype plus the float32 copy and the
-    log-softmax of the loss, ~12 bytes per logit; they may take `AUTO_BATCH_MEMORY_SHARE` of the free memory.
-    """
-    per_window = 12 * seqlen * vocab
-    cap = 16 if torch.device(device).type == "cuda" else MAX_AUTO_BATCH
-    free = free_memory(device) or 0
-    fits = int(AUTO_BATCH_MEMORY_SHARE * free // per_window)
-    batch = max(1, min(cap, fits, windows))
-    size = f"{per_window / 2**30:.2f} GiB" if per_window >= 2**30 else f"{per_window / 2**20:.0f} MiB"
-    why = (f"~{size} of logits per window, {free / 2**30:.1f} GiB free"
-           + (f"; capped at {cap}" if batch == cap and fits > cap else "")
-           + ("; all windows" if batch == windows and windows < min(cap, fits) else ""))
-    return batch, f"batch {batch}: {why}"
-
-
 def _check_out(out: Path) -> None:
     """An existing results file of ours may be refreshed; anything else is the user's and is kept."""
     check_writable_file(out, "--out")
@@ -257,8 +118,8 @@ class _Loaded:
     dtype_reason: str
     vocab: int
     sparsity: dict[str, Any]
-    adapter_method: str | None = None
-    """The adapter's training method when the pruned pattern is attached (deployable evaluation), else None."""
+    adapter_method: RecoveryMethod | None = None
+    """The adapter's recovery method when the pruned pattern is attached (deployable evaluation), else None."""
 
 
 def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
@@ -340,16 +201,14 @@ def _load(cfg: EvalConfig, plan: _Plan, console: Console) -> _Loaded:
     return loaded
 
 
-def _attach_pattern(model: nn.Module, adapter: str, masks: dict[str, torch.Tensor]) -> str | None:
+def _attach_pattern(model: nn.Module, adapter: str, masks: dict[str, torch.Tensor]) -> RecoveryMethod | None:
     """Give the LoRA layers the pruned pattern, so the evaluated model can be the deployable (masked-merge) one.
 
-    Returns the adapter's method (`lora`, `masked-lora`), or None when no LoRA layer was pruned.
+    Returns the method that trained the adapter (prunetune's record; plain LoRA for a PEFT adapter without one),
+    or None when no LoRA layer was pruned (nothing to mask: the adapter's model is the deployable one).
     """
-    from prunetune.finetune.methods import attach_masks
-
-    method = str(read_adapter_meta(Path(adapter).expanduser()).get("method") or "lora")
-    # masked-lora trained with the masked delta: that is its model; plain lora is measured both ways.
-    return method if attach_masks(model, masks, masked=method == "masked-lora") else None
+    method = recovery_methods.for_adapter(read_adapter_meta(Path(adapter).expanduser()))
+    return method if method.attach(model, masks) else None
 
 
 def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Console) -> dict[str, Any]:
@@ -378,15 +237,14 @@ def _perplexity_results(cfg: EvalConfig, loaded: _Loaded, text: Any, console: Co
                               on_batch=lambda done, n: progress.update(task, completed=done, total=n), tune=tune)
 
     extra: dict[str, Any] = {}
-    if loaded.adapter_method is not None:
-        from prunetune.finetune.methods import deployable, describes
-
-        if loaded.adapter_method == "lora":
-            dense = measure("perplexity (adapter, dense update)")
-            extra = {"adapter_perplexity": dense.perplexity, "adapter_describes": describes("lora", False)}
-        with deployable(loaded.model):
-            result = measure("perplexity (deployable)")
-        extra["describes"] = describes(loaded.adapter_method, True)
+    method = loaded.adapter_method
+    if method is not None:
+        for ev in method.evaluations():  # the method's deployable-evaluation policy, `deployable` last
+            with ev.context(loaded.model):
+                result = measure("perplexity (deployable)" if ev.key == "deployable" else f"perplexity ({ev.key}, as trained)")
+            if ev.key != "deployable":
+                extra |= {f"{ev.key}_perplexity": result.perplexity, f"{ev.key}_describes": ev.describes}
+        extra["describes"] = method.describes(True)
     else:
         result = measure("perplexity")
     if result.batch_rates:

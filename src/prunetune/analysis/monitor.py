@@ -25,7 +25,7 @@ from prunetune.analysis.sources.jsonl import read_jsonl
 from prunetune.analysis.summary import summarize
 from prunetune.errors import UserError
 from prunetune.fmt import fmt_lr, fmt_sig, hms
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 FINISH_EVENTS = ("train_end", "summary", "stopped", "error")  # error: finetune records only fatal ones
 SPARK = "▁▂▃▄▅▆▇█"

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from prunetune.analysis.series import noise_sigma
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 def series(records: Sequence[Mapping[str, Any]], event: str, key: str) -> tuple[list[int], list[float]]:

@@ -25,7 +25,7 @@ from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
 from prunetune.analysis.verdicts import BAND_PRESETS, Rating, rate_perplexity, verdicts
 from prunetune.errors import UserError
 from prunetune.fmt import fmt_ppl, fmt_sig, hms, json_safe
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 from prunetune.runinfo import write_json
 
 REPORT_FILES = ("report.md", "report.html", "report.json")

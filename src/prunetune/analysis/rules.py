@@ -49,7 +49,7 @@ from prunetune.analysis.series import (
 )
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
 from prunetune.fmt import fmt_sig
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 def _ctx(context: Mapping[str, Any] | None, key: str) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prunetune.analysis.thresholds import Thresholds
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 @dataclass(frozen=True)

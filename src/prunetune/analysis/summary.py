@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from prunetune.fmt import perplexity_from_loss
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from prunetune.analysis.anomaly import Anomaly
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.series import Series, extract_series
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from prunetune.finetune.config import (
     DISTILL_MODES,
     DTYPES,
     EVAL_STRATEGIES,
-    METHODS,
     SAVE_STRATEGIES,
     FinetuneConfig,
 )
+from prunetune.recovery import registry as recovery_methods
 
 EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 1
@@ -38,7 +38,7 @@ FLAGS = {
     "teacher": Flag(metavar="MODEL"),
     "resume_from_checkpoint": Flag(nargs="?", const="auto", metavar="auto|DIR"),
     "distill": Flag(nargs="?", const="logits", choices=DISTILL_MODES),  # a bare --distill: logits, as before
-    "method": Flag(choices=METHODS),
+    "method": Flag(choices=(recovery_methods.AUTO, *recovery_methods.names())),
     "dtype": Flag(choices=DTYPES),
 }
 # Help sections, in the order a user reads them; fields not listed land under "run".

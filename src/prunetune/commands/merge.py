@@ -1,4 +1,4 @@
-"""`prunetune merge`: flags from `MergeConfig`, then `finetune.merge.run_merge` (fold a LoRA adapter into its pruned
+"""`prunetune merge`: flags from `MergeConfig`, then `merge.run_merge` (fold a LoRA adapter into its pruned
 base, keeping the pruned pattern)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 
 from prunetune.commands import flags
 from prunetune.commands.flags import Flag
-from prunetune.finetune.merge import MergeConfig, run_merge
+from prunetune.merge import MergeConfig, run_merge
 
 FLAGS = {
     "adapter": Flag(metavar="DIR"),

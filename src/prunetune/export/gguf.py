@@ -370,7 +370,7 @@ def readback_perplexity(source: ExportSource, gguf_path: Path, tokens: tuple[tor
     first `cfg.eval_windows` windows of `cfg.eval_seqlen` tokens of the evaluation text, in float32."""
     from transformers import AutoModelForCausalLM
 
-    from prunetune.evaluate import perplexity
+    from prunetune.perplexity import perplexity
 
     ids, data = tokens
     windows, seqlen = cfg.eval_windows, cfg.eval_seqlen

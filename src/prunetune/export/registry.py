@@ -4,37 +4,20 @@ when their format is used (a format may need a package the others do not)."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-from prunetune.errors import UserError
+from prunetune.registry import Registry
 
 if TYPE_CHECKING:
     from prunetune.export.base import ExportFormat
 
-FORMATS: dict[str, str] = {
+FORMATS: Registry[ExportFormat] = Registry("--format", {
     "compressed-tensors": "prunetune.export.compressed_tensors:FORMAT",
     "hf": "prunetune.export.hf:FORMAT",
     "gguf": "prunetune.export.gguf:FORMAT",
-}
-"""name -> "module:attribute" of its `ExportFormat`."""
+})
 
-_extra: dict[str, ExportFormat] = {}
-
-
-def names() -> tuple[str, ...]:
-    return (*FORMATS, *_extra)
-
-
-def register(fmt: ExportFormat) -> None:
-    """Add a format at run time (tests, plugins); the table above is the product's own list."""
-    _extra[fmt.name] = fmt
-
-
-def get(name: str) -> ExportFormat:
-    if name in _extra:
-        return _extra[name]
-    if name not in FORMATS:
-        raise UserError(f"--format {name!r} is not supported; choose one of: {', '.join(names())}")
-    module, attr = FORMATS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+names = FORMATS.names
+register = FORMATS.register
+unregister = FORMATS.unregister
+get = FORMATS.get

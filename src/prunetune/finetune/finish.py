@@ -12,21 +12,16 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from safetensors.torch import load_file
+from typing import Any
 
 from prunetune import rundir
 from prunetune.analysis import fixes
 from prunetune.errors import UserError
-from prunetune.finetune import methods
 from prunetune.finetune.callbacks import MonitorCallback
-from prunetune.finetune.prepare import sparsity_violations
+from prunetune.finetune.run import Run
 from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
-from prunetune.records import to_float
-
-if TYPE_CHECKING:
-    from prunetune.finetune.engine import Run
+from prunetune.rundir.records import to_float
+from prunetune.sparsity.violations import pattern_violations
 
 
 def base_result(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
@@ -88,14 +83,7 @@ def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> 
     best_ckpt = state.best_checkpoint or trainer.state.best_model_checkpoint
     if not run.cfg.load_best_model_at_end:
         return best_ckpt, None
-    adapter = Path(best_ckpt) / rundir.ADAPTER_WEIGHTS if best_ckpt else None
-    if best_ckpt and run.cfg.method == "sparse-ft" and Path(best_ckpt).is_dir():
-        methods.load_sparse_checkpoint(trainer.model, best_ckpt)
-    elif adapter is not None and adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(trainer.model, load_file(str(adapter)))
-    else:
+    if not (best_ckpt and run.method.load_checkpoint(trainer.model, Path(best_ckpt))):
         run.runlog.emit("best_loaded", None, checkpoint=None)
         return best_ckpt, None
     run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
@@ -116,15 +104,20 @@ def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, ba
     evaluated = monitor.state.evals.get(model_step) if model_step is not None else None
     if evaluated is not None:
         evaluated = {k: v for k, v in evaluated.items() if k.startswith("eval_") or k == "perplexity"}
+    method = run.method
+    passes = method.evaluations()  # the deployable-evaluation policy: `deployable` last
+    measured: dict[str, dict[str, Any]] = {}
     try:
-        final = evaluated if evaluated is not None else evaluate_phase(trainer, monitor, "final")
-        adapter = None
-        if cfg.method == "lora":
-            adapter = final
-            with methods.deployable(trainer.model):
-                final = evaluate_phase(trainer, monitor, "deployable")
+        for i, ev in enumerate(passes):
+            if i == 0 and evaluated is not None:
+                measured[ev.key] = evaluated  # the model as it stands was evaluated during training
+                continue
+            with ev.context(trainer.model):
+                measured[ev.key] = evaluate_phase(trainer, monitor, "final" if i == 0 else ev.key)
     except OOM_ERRORS as err:
         raise oom_error(run, trainer, monitor, err, "the final evaluation") from None
+    final = measured["deployable"]
+    adapter = measured.get("adapter")
     before, after = to_float(baseline.get("perplexity")), to_float(final.get("perplexity"))
     reduction = 100 * (before - after) / before if before and after is not None and math.isfinite(before) else None
     run.runlog.emit("final_eval", trainer.state.global_step, eval_loss=final.get("eval_loss"),
@@ -132,10 +125,10 @@ def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, ba
                     eval_samples_per_second=final.get("eval_samples_per_second"),
                     eval_steps_per_second=final.get("eval_steps_per_second"),
                     baseline_perplexity=before, baseline_eval_loss=baseline.get("eval_loss"), reduction_pct=reduction,
-                    describes=methods.describes(cfg.method),
+                    describes=method.describes(True),
                     adapter_perplexity=adapter.get("perplexity") if adapter else None,
                     adapter_eval_loss=adapter.get("eval_loss") if adapter else None,
-                    adapter_describes=methods.describes(cfg.method, deployable=False) if adapter else None,
+                    adapter_describes=method.describes(False) if adapter else None,
                     reused_eval_of_step=model_step if evaluated is not None else None)
     if run.is_main:
         trainer.save_metrics("eval", {k: v for k, v in final.items() if k != "perplexity"} |
@@ -166,7 +159,7 @@ def whole_run(trainer: PrunetuneTrainer, train_metrics: dict[str, Any]) -> dict[
 
 def check_sparsity(run: Run, trainer: PrunetuneTrainer) -> list[str]:
     """Assert, not assume, that every pruned position of the base is still zero."""
-    violations = sparsity_violations(trainer.model, run.masks)
+    violations = sorted(pattern_violations(trainer.model, run.masks))
     kept = sum(int(m.sum()) for m in run.masks.values())
     total = sum(m.numel() for m in run.masks.values())
     run.runlog.emit("sparsity_check", trainer.state.global_step, ok=not violations, violations=violations,
@@ -178,43 +171,28 @@ def check_sparsity(run: Run, trainer: PrunetuneTrainer) -> list[str]:
 
 def save_result(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, baseline: dict[str, Any],
                 final: dict[str, Any]) -> Path:
-    """The trained result, written beside its place and renamed in whole: `OUT/adapter` (LoRA methods, with
-    prunetune's record and the base digest `merge` checks) or `OUT/model` (sparse-ft: a pruned-model dir)."""
-    cfg = run.cfg
-    sparse = cfg.method == "sparse-ft"
-    final_dir = run.out / (methods.SPARSE_MODEL_DIR if sparse else rundir.ADAPTER_DIR)
+    """The trained result where the method keeps it (`OUT/adapter`, `OUT/model`, ...), written beside its place
+    and published whole (`rundir.publish_dir`)."""
+    method = run.method
+    final_dir = run.out / method.result_dir
     staging = run.out / f"{rundir.STAGING_PREFIX}{final_dir.name}-{os.getpid()}"
-    record = {"method": cfg.method, "run_dir": str(run.out.resolve()), "best_checkpoint": best_ckpt,
+    record = {"method": method.name, "run_dir": str(run.out.resolve()), "best_checkpoint": best_ckpt,
               "final_perplexity": to_float(final.get("perplexity")),
               "baseline_perplexity": to_float(baseline.get("perplexity")), "mask_source": run.mask_source}
-    if sparse:
-        if run.is_main:
-            methods.save_sparse_model(trainer.model, trainer.processing_class, staging, run.pruned.path, record)
-    else:
-        trainer.save_model(str(staging))
-        if run.is_main:
-            rundir.write_adapter_meta(staging, pruned_model=run.pruned.path, base_model=run.pruned.base_model,
-                                      digest=run.base_digest, **record)
+    method.save_result(trainer, staging, run.pruned.path, run.pruned.base_model, record, run.base_digest,
+                       run.is_main)
     files = []
     if run.is_main:
         rundir.publish_dir(staging, final_dir)
         files = sorted(str(p) for p in final_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
-    run.runlog.emit("adapter_saved", None, dir=str(final_dir), files=files, method=cfg.method)
+    run.runlog.emit("adapter_saved", None, dir=str(final_dir), result=final_dir.name, files=files, method=method.name)
     return final_dir
 
 
 def next_steps(run: Run, result_dir: Path) -> list[tuple[str, str]]:
+    """The method's next steps, with the report of this run after the first."""
     cfg = run.cfg
     data_flag = f" --dataset {cfg.dataset}" + (f" --data-dir {shlex.quote(cfg.data_dir)}" if cfg.data_dir else "")
-    result, report = shlex.quote(str(result_dir)), ("plots and diagnosis of this run",
-                                                      f"prunetune report {shlex.quote(str(run.out))}")
-    if cfg.method == "sparse-ft":
-        return [("perplexity of the recovered sparse model", f"prunetune evaluate --model {result}{data_flag}"),
-                report, ("check that the pruned pattern holds", f"prunetune verify {result}")]
-    merged = shlex.quote(str(run.out / "merged"))
-    return [
-        ("perplexity of the recovered model", f"prunetune evaluate --model {shlex.quote(str(run.pruned.path))} "
-                                              f"--adapter {result}{data_flag}"),
-        report,
-        ("merge the adapter, keeping the sparsity", f"prunetune merge --adapter {result} --out {merged}"),
-    ]
+    steps = run.method.next_steps(result_dir, run.pruned.path, run.out, data_flag)
+    report = ("plots and diagnosis of this run", f"prunetune report {shlex.quote(str(run.out))}")
+    return [*steps[:1], report, *steps[1:]]

@@ -4,8 +4,8 @@ the device computes bf16 natively, float32 elsewhere; `prunetune.devices.resolve
 What stays float32 and why: the trainable parameters and the optimizer state (AdamW moments in bf16 lose the
 small updates a recovery run is made of), and the loss (the Trainer's causal-LM loss upcasts the logits before
 the log-softmax). bf16 is autocast on the forward pass; the frozen base of a LoRA method is also loaded in
-half precision (it never receives updates), on CUDA and CPU alike; sparse-ft keeps float32 weights (they are
-what trains) and autocast casts them per matrix product.
+half precision (it never receives updates), on CUDA and CPU alike; a method that trains the base weights
+(`trains_base`, e.g. sparse-ft) keeps them float32 and autocast casts them per matrix product.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from prunetune.devices import resolve_dtype
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
+from prunetune.recovery import registry as recovery_methods
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def resolve_precision(cfg: FinetuneConfig, device: str) -> Precision:
         if name == "fp16" and device == "cpu":
             raise UserError("--dtype float16 needs a CUDA GPU (loss scaling); on CPU use --dtype bfloat16")
     load_dtype = torch.float32
-    if name != "fp32" and cfg.method != "sparse-ft":  # sparse-ft trains the base: fp32 master weights
+    if name != "fp32" and not recovery_methods.get(cfg.method).trains_base:  # a trained base: fp32 master weights
         # The frozen base in half precision, adapters stay float32: on CUDA and on a bf16 CPU alike, autocast
         # then has no float32 base matrix to cast at every forward and backward.
         load_dtype = torch.bfloat16 if name == "bf16" else torch.float16

@@ -17,14 +17,15 @@ from prunetune.data import TextSplit, load_text
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT
-from prunetune.finetune.resume import METRICS, RESULT_DIRS, ResumePoint, changed_settings, checkpoints
+from prunetune.finetune.resume import METRICS, ResumePoint, changed_settings, checkpoints
 from prunetune.models import context_length, load_config
-from prunetune.records import read_jsonl
+from prunetune.recovery import registry as recovery_methods
 from prunetune.rundir import RUN_CONFIG, TRAIN_LOG
+from prunetune.rundir.records import read_jsonl
 
 # What a previous run leaves in its directory; --overwrite removes exactly these, nothing else.
 RUN_FILES = (METRICS, TRAIN_LOG, RUN_CONFIG, "trainer_state.json", "all_results.json",
-             "train_results.json", "eval_results.json", *RESULT_DIRS, ".checkpoint-staging")
+             "train_results.json", "eval_results.json", *recovery_methods.result_dirs(), ".checkpoint-staging")
 # Records that show a run trained: its directory is then never replaced without --overwrite.
 _TRAINED_EVENTS = ("train_start", "log", "eval", "checkpoint")
 
@@ -56,7 +57,7 @@ def existing_run(out: Path) -> list[str]:
 def ever_trained(out: Path) -> bool:
     """Whether the run in `out` reached training; an attempt that stopped before (a user error, a bad
     setting) leaves nothing worth keeping and never blocks the corrected rerun."""
-    if checkpoints(out) or any((out / name).exists() for name in RESULT_DIRS):
+    if checkpoints(out) or any((out / name).exists() for name in recovery_methods.result_dirs()):
         return True
     metrics = out / METRICS
     return metrics.is_file() and any(r.get("event") in _TRAINED_EVENTS for r in read_jsonl(metrics))

@@ -20,21 +20,18 @@ from typing import Any
 from prunetune import rundir
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
-from prunetune.finetune.methods import SPARSE_MODEL_DIR
 from prunetune.finetune.trainer import CHECKPOINT_STAGING, SESSIONS
-from prunetune.records import read_jsonl, to_float
-from prunetune.rundir import ADAPTER_DIR, METRICS, RUN_CONFIG
+from prunetune.recovery import registry as recovery_methods
+from prunetune.rundir import METRICS, RUN_CONFIG
+from prunetune.rundir.records import read_jsonl, to_float
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
-WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
 # Training records an interrupted run wrote after its last checkpoint; a resumed run writes them again.
 SUPERSEDED_EVENTS = ("log", "eval", "checkpoint", "alert", "message")
 # How the interrupted session ended: a resumed run is not finished, so readers (monitor) must not see these.
 ENDING_EVENTS = ("train_end", "stopped", "error", "best_loaded", "final_eval", "sparsity_check", "adapter_saved",
                  "summary")
-RESULT_DIRS = (ADAPTER_DIR, SPARSE_MODEL_DIR)
-"""Where a finished run's result is: LoRA methods' adapter, sparse-ft's model."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -82,9 +79,10 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"no {TRAINER_STATE} (the save was interrupted)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{TRAINER_STATE} is unreadable"
-    weights = next((path / name for name in WEIGHTS if (path / name).is_file()), None)
+    names = recovery_methods.checkpoint_weights()  # whichever method wrote it
+    weights = next((path / name for name in names if (path / name).is_file()), None)
     if weights is None:
-        return f"no {' or '.join(WEIGHTS)}"
+        return f"no {' or '.join(names)}"
     try:
         rundir.check_safetensors(weights, weights.name)  # header and length: a truncated file fails here
     except UserError:
@@ -148,7 +146,7 @@ def finished_step(out: Path) -> int | None:
     """The last step of a finished run: its result is saved (the adapter, or sparse-ft's model) and its last
     session ended with a `summary`."""
     path = out / METRICS
-    if not (path.is_file() and any((out / name).is_dir() for name in RESULT_DIRS)):
+    if not (path.is_file() and any((out / name).is_dir() for name in recovery_methods.result_dirs())):
         return None
     endings = [r for r in read_jsonl(path) if r.get("event") in ENDING_EVENTS or r.get("event") == "resume"]
     if endings and endings[-1].get("event") == "summary":

@@ -4,7 +4,7 @@ its `TrainingArguments` built from a `FinetuneConfig`, the measured probe step, 
 Extension points for recovery methods:
 - the loss: `PrunetuneTrainer(loss=...)` takes any `TrainingLoss` (`build_loss` picks CE or logit KD today);
 - after every optimizer step: a `TrainerCallback.on_optimizer_step` (the method's callbacks, see
-  `prunetune.finetune.prepare.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
+  `prunetune.recovery.base.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ SCHEMAS: dict[str, StageSchema] = {
         ("pruned", "out", "data_dir", "resume_from_checkpoint", "overwrite"),
     ),
     "merge": StageSchema(
-        "prunetune.finetune.merge", "MergeConfig", ("adapter", "out", "model", "data_dir", "overwrite"),
+        "prunetune.merge", "MergeConfig", ("adapter", "out", "model", "data_dir", "overwrite"),
     ),
     "eval": StageSchema("prunetune.evaluate", "EvalConfig", ("model", "adapter", "out", "data_dir", "quiet")),
     "report": StageSchema("prunetune.analysis.report", "ReportConfig", ("source", "out", "dense_ppl", "pruned_ppl")),

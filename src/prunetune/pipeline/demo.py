@@ -20,6 +20,8 @@ from prunetune.pipeline.demo_fit import DemoFit, apply_fit, fit_sizes, recorded_
 from prunetune.pipeline.job import make_console, run_pipeline
 from prunetune.pipeline.runner import RunLayout
 from prunetune.pipeline.stages import deployable_model
+from prunetune.recovery import registry as recovery_methods
+from prunetune.recovery.auto import choose
 
 # Full demo: sized for a 2-core CPU and a 15-minute budget (the README states the measured time). Every number
 # is chosen for that budget; configs/llama2-7b-wanda-block16-lora.yaml shows the research-scale values.
@@ -46,10 +48,10 @@ DEMO: dict[str, Any] = {
         "seed": 0,
     },
     "finetune": {
-        # Sparse fine-tuning of the kept weights: the model that trains is the deployable sparse model (no
-        # adapter, no merge loss), and at an equal token budget it recovered most in bench/bench_recovery.py
-        # (32k tokens: 285 vs masked LoRA 410, LoRA merged masked 657, the Wanda recipe 3,261).
-        "method": "sparse-ft",
+        # `auto` picks by the pattern (prunetune.recovery.auto): for 16x16 blocks sparse fine-tuning of the kept
+        # weights, which at an equal token budget recovered most in bench/bench_recovery.py (32k tokens: 285 vs
+        # masked LoRA 410, LoRA merged masked 657, the Wanda recipe 3,261).
+        "method": "auto",
         "lr": 3e-4,                      # 1e-4: 249, 3e-4: 224, 1e-3: 2,238 (undoes the block-wise stage)
         "block_size": 512,
         "max_steps": 120,                # 61k tokens, ~0.9 epoch of the local WikiText-2 train head
@@ -154,7 +156,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         f"[bold]prunetune demo[/]{' --quick' if quick else ''}: prune {pipeline.model} to 50% in 16x16 blocks "
         f"(Wanda{' + reconstruction' if pipeline.prune.get('reconstruct') else ''}"
         f"{' + block-wise stage' if pipeline.prune.get('block_reconstruct_epochs') else ''}), recover it "
-        f"({_recovery(pipeline.finetune)}) into a deployable sparse model, evaluate and report — offline, {budget}. "
+        f"({_recovery(pipeline)}) into a deployable sparse model, evaluate and report — offline, {budget}. "
         "Finished stages are skipped when you run it again."
     )
     fit = fit_demo(cfg, out, console)  # after the banner: it loads the model (converting it on a first run)
@@ -171,9 +173,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     return story
 
 
-def _recovery(finetune: dict[str, Any]) -> str:
-    """How the demo recovers, in words: the method decides whether a merge follows."""
-    method = finetune.get("method", "lora")
-    if method == "sparse-ft":
-        return "sparse fine-tuning of the kept weights"
-    return f"{'masked ' if method == 'masked-lora' else ''}LoRA, merged with the pattern kept"
+def _recovery(pipeline: PipelineConfig) -> str:
+    """How the demo recovers, in words (`auto` resolved the way finetune will resolve it for this pattern)."""
+    name = pipeline.finetune.get("method", recovery_methods.AUTO)
+    if name == recovery_methods.AUTO:
+        name = choose({"config": pipeline.prune})[0]
+    return recovery_methods.get(name).summary

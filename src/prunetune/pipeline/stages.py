@@ -7,20 +7,21 @@ configs themselves were built once from the YAML, in `pipeline.config`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunetune import rundir
 from prunetune.analysis import fixes
 from prunetune.data import data_dirs, load_text
 from prunetune.errors import UserError
 from prunetune.fmt import json_safe
 from prunetune.pipeline.config import DATA_DEFAULTS, PipelineConfig, joined_fields
 from prunetune.pipeline.runner import RunLayout, Stage, StageContext, StageInterrupted
-from prunetune.rundir import masks_file
+from prunetune.recovery import registry as recovery_methods
+from prunetune.rundir import RecoveryResult
 from prunetune.runinfo import write_json
 
 EVAL_MODELS = ("dense", "pruned", "recovered")
@@ -88,7 +89,7 @@ def _prune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> St
         from prunetune.pruning.engine import run_prune
 
         run_prune(config, console=ctx.console)
-        info = json.loads((ctx.dir / "prune.json").read_text())
+        info = rundir.read_pruned(ctx.dir).prune_json
         return {
             "sparsity": (info.get("overall") or {}).get("achieved"),
             "pattern_ok": (info.get("pattern_check") or {}).get("ok"),
@@ -101,7 +102,7 @@ def _prune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> St
     title = f"{config.method} {config.pattern} at {config.sparsity:.0%}{reconstruct}, calibrated on {config.calib_dataset}"
     return Stage(
         name="prune", deps=(), title=title, config=config, run=run,
-        outputs=("prune.json", "config.json"),
+        outputs=(rundir.PRUNE_JSON, "config.json"),
         volatile=frozenset(set(config.to_dict()) - set(config.identity())),
     )
 
@@ -109,21 +110,13 @@ def _prune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> St
 # ---- finetune ------------------------------------------------------------------------------------------
 
 
-def adapter_dir(finetune_dir: Path) -> Path:
-    """Where the finetune stage's final adapter is (the run directory itself, or its `adapter/`)."""
-    for candidate in (finetune_dir / "adapter", finetune_dir):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    return finetune_dir / "adapter"
-
-
-def trained_model_dir(finetune_dir: Path) -> Path | None:
-    """A full sparse model the finetune stage wrote itself (`method: sparse-ft` trains the kept weights, no
-    adapter): the directory holding its config.json and masks; None when the run left an adapter instead."""
-    for candidate in (finetune_dir / "model", finetune_dir):
-        if (candidate / "config.json").is_file() and masks_file(candidate) is not None:
-            return candidate
-    return None
+def finetune_result(layout: RunLayout) -> RecoveryResult:
+    """What the finetune stage saved, as its run records it (an adapter, or a model it trained itself)."""
+    result = rundir.recovery_result(layout.stage_dir("finetune"))
+    if result is None:
+        raise UserError(f"the finetune stage saved no result in {layout.stage_dir('finetune')}; run it again "
+                        "(`prunetune run CONFIG --stage finetune`)")
+    return result
 
 
 def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
@@ -147,15 +140,17 @@ def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) ->
         return json_safe({k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, dict, list, Path))
                           or v is None})
 
-    method = getattr(config, "method", "lora")
-    lora = f"r={config.lora_r} on {','.join(config.lora_targets)}"
-    what = {"sparse-ft": "sparse fine-tuning of the kept weights",
-            "auto": f"auto method (sparse-ft for block patterns, else lora {lora})"}.get(method, f"{method} {lora}")
+    if config.method == recovery_methods.AUTO:
+        what = "the method `auto` picks for the pruned model"
+    else:
+        method = recovery_methods.get(config.method)
+        lora = f" r={config.lora_r} on {','.join(config.lora_targets)}" if method.makes_adapter else ""
+        what = f"{method.summary}{lora}"
     steps = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.epochs:g} epoch(s)"
     title = f"{what}, lr {config.lr:g}, block {config.block_size}, {steps}, on {config.dataset}"
     return Stage(
         name="finetune", deps=("prune",), title=title, config=config, run=run,
-        outputs=("metrics.jsonl",),
+        outputs=(rundir.METRICS,),
         volatile=frozenset({"out", "pruned", "data_dir", "resume_from_checkpoint", "overwrite", "report_to",
                             "probe_steps"}),
         resumable=True,
@@ -166,37 +161,31 @@ def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) ->
 
 
 def deployable_model(layout: RunLayout, merge_enabled: bool) -> dict[str, Any]:
-    """The recovered model a user deploys, and what it is: the merge stage's output; a sparse model the
-    finetune stage wrote itself; or (merge turned off) the pruned model plus its adapter, whose dense update
-    puts weight back into pruned positions, so its perplexity is not a sparse model's."""
-    finetune_dir = layout.stage_dir("finetune")
-    trained = trained_model_dir(finetune_dir)
-    if merge_enabled:
-        merged = layout.stage_dir("merge")
-        if trained is not None and not (merged / "merge.json").is_file():
-            return {"model": str(trained), "adapter": None, "deployable": True,
-                    "describes": "deployable sparse model (trained directly, no adapter)"}
-        return {"model": str(merged), "adapter": None, "deployable": True,
-                "describes": "deployable sparse model (adapter merged, pattern kept)"}
-    if trained is not None:
-        return {"model": str(trained), "adapter": None, "deployable": True,
+    """The recovered model a user deploys, and what it is: a model the finetune stage trained itself; the merge
+    stage's output (an adapter merged, pattern kept); or (merge turned off) the pruned model plus its adapter."""
+    result = finetune_result(layout)
+    if not result.is_adapter:
+        return {"model": str(result.path), "adapter": None, "deployable": True,
                 "describes": "deployable sparse model (trained directly, no adapter)"}
-    return {"model": str(layout.stage_dir("prune")), "adapter": str(adapter_dir(finetune_dir)), "deployable": False,
-            "describes": "pruned model + unmerged adapter (dense update: not the sparse model; enable merge)"}
+    if merge_enabled:
+        return {"model": str(layout.stage_dir("merge")), "adapter": None, "deployable": True,
+                "describes": "deployable sparse model (adapter merged, pattern kept)"}
+    return {"model": str(layout.stage_dir("prune")), "adapter": str(result.path), "deployable": False,
+            "describes": "pruned model + unmerged adapter (evaluated with its update masked by the pattern; "
+                         "enable merge for the deployable directory)"}
 
 
 def _merge_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
     config = stage_config(cfg, "merge", layout, data)
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        finetune_dir = layout.stage_dir("finetune")
-        trained = trained_model_dir(finetune_dir)
-        if trained is not None and not (adapter_dir(finetune_dir) / "adapter_config.json").is_file():
-            ctx.console.print(f"Nothing to merge: fine-tuning trained the sparse model itself ({trained}).")
-            return {"deployable": str(trained), "merged": False}
-        from prunetune.finetune.merge import run_merge
+        result = finetune_result(layout)
+        if not result.is_adapter:
+            ctx.console.print(f"Nothing to merge: fine-tuning trained the sparse model itself ({result.path}).")
+            return {"deployable": str(result.path), "merged": False}
+        from prunetune.merge import run_merge
 
-        this = dataclasses.replace(config, adapter=str(adapter_dir(finetune_dir)))
+        this = dataclasses.replace(config, adapter=str(result.path))
         record = run_merge(this, console=ctx.console)
         after = record.get("sparsity_after") or {}
         return json_safe({"deployable": str(ctx.dir), "merged": True, "keep_sparsity": record.get("keep_sparsity"),

@@ -16,8 +16,8 @@ from torch import nn
 from prunetune.architecture import module_type
 from prunetune.data import load_text, tokenize
 from prunetune.errors import UserError
-from prunetune.evaluate import perplexity
 from prunetune.models import context_length
+from prunetune.perplexity import perplexity
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.matrix import MatrixRecipe

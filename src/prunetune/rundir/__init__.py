@@ -3,8 +3,9 @@ callers write `rundir.X`:
 
 - `names`     the file and directory names prunetune writes;
 - `reading`   reading a run's files: OS errors and damaged files become one-line user errors;
-- `pruned`    what a pruned-model directory says about itself (`prune.json`), and where a fine-tuning run's
-              result is (`recovery_result`);
+- `pruned`    what a pruned-model directory says about itself (`prune.json`);
+- `records`   the metrics.jsonl record: its writer (flushed per line) and reader;
+- `results`   where a fine-tuning run's result is, as its records say (`recovery_result`);
 - `masks_io`  keep-masks on disk (`prunetune/masks.safetensors`); the encoding is `prunetune.sparsity.masks`;
 - `adapters`  adapter directories: prunetune's record (pruned base, base digest) and completeness checks;
 - `staging`   the staged-output guard (nothing half-written, nothing of the user's lost) and `publish_dir`,
@@ -63,6 +64,7 @@ from prunetune.rundir.names import (
 )
 from prunetune.rundir.pruned import PrunedInfo, prune_config, read_pruned
 from prunetune.rundir.reading import check_readable_dir, check_safetensors, read_bytes, read_json, reading
+from prunetune.rundir.results import RecoveryResult, recovery_result
 from prunetune.rundir.staging import (
     check_output,
     check_writable_file,
@@ -75,10 +77,11 @@ from prunetune.sparsity.masks import mask_digest
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_META", "ADAPTER_WEIGHTS", "EXPORT_JSON", "LOCK_FILE", "MARKER", "MASKS_FILE",
-    "MERGE_JSON", "META_DIR", "METRICS", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR", "STAGING_PREFIX",
-    "TRAIN_LOG", "PrunedInfo", "adapter_base", "base_digest", "check_adapter_base", "check_adapter_dir",
-    "check_output", "check_readable_dir", "check_safetensors", "check_writable_file", "copy_masks", "is_ours", "load_keep_masks",
-    "load_masks", "mark_ours", "mask_digest", "masks_file", "masks_target", "pid_alive", "prune_config", "publish_dir", "read_adapter_meta",
-    "read_bytes", "read_json", "read_mask_meta", "read_pruned", "reading", "run_lock", "save_masks",
+    "MERGE_JSON", "META_DIR", "METRICS", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR",
+    "STAGING_PREFIX", "TRAIN_LOG", "PrunedInfo", "RecoveryResult", "adapter_base", "base_digest", "check_adapter_base",
+    "check_adapter_dir", "check_output", "check_readable_dir", "check_safetensors", "check_writable_file",
+    "copy_masks", "is_ours", "load_keep_masks", "load_masks", "mark_ours", "mask_digest", "masks_file", "masks_target",
+    "pid_alive", "prune_config", "publish_dir", "read_adapter_meta", "read_bytes", "read_json", "read_mask_meta",
+    "read_pruned", "reading", "recovery_result", "run_lock", "save_masks",
     "staged_output", "write_adapter_meta",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

@@ -21,7 +21,7 @@ from prunetune.analysis.sources.base import mark_unfinished, split_lines
 from prunetune.analysis.sources.base import num as _num
 from prunetune.analysis.sources.base import seconds as _seconds
 from prunetune.analysis.sources.trainer_state import record_from_trainer_dict, records_from_trainer_dict
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 # tqdm: " 17%|█▋        | 10/60 [00:00<00:01, 46.90it/s]" (the rate may be "s/it" or "?it/s")
 _BAR = re.compile(

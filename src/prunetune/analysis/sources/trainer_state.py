@@ -9,7 +9,7 @@ from prunetune.analysis.sources.base import mark_unfinished
 from prunetune.analysis.sources.base import num as _num
 from prunetune.errors import UserError
 from prunetune.fmt import perplexity_from_loss
-from prunetune.records import to_float
+from prunetune.rundir.records import to_float
 
 LOG_KEYS = {"learning_rate": "lr"}
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from prunetune.errors import UserError
 from prunetune.fmt import json_safe, to_float
-from prunetune.rundir import reading
+from prunetune.rundir.reading import reading
 
 __all__ = ["JsonlWriter", "iter_jsonl", "make_record", "read_jsonl", "to_float"]
 

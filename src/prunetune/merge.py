@@ -1,16 +1,16 @@
 """`run_merge(MergeConfig)`: fold a LoRA adapter into its pruned base model, keeping the pruned pattern exactly.
+The merge itself is `prunetune.recovery.merge` (the one masked merge); this module is the command around it.
 
 Phases: inputs checked (adapter complete, pruned model found, `--out` writable and not the user's) -> model,
 keep-masks and adapter loaded, the adapter's base checked against the digest `finetune` recorded ->
 (optionally) the unmerged perplexity -> every LoRA delta merged masked by its keep-mask
-(`merge_math.masked_merge`) and every pruned weight checked still zero -> (optionally) the merged perplexity ->
+(`recovery.merge.merge_adapter`) and every pruned weight checked still zero -> (optionally) the merged perplexity ->
 the merged model, its tokenizer, the masks and `merge.json` written through `rundir.staged_output` (a new
 directory appears whole; `--overwrite` replaces only what prunetune wrote there).
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -21,16 +21,18 @@ import torch
 from rich.console import Console
 
 from prunetune import rundir
-from prunetune.architecture import module_type, prunable_linears
+from prunetune.architecture import module_type
 from prunetune.data import TextSplit, load_text, tokenize
 from prunetune.devices import default_device
 from prunetune.errors import UserError
-from prunetune.evaluate import perplexity
-from prunetune.finetune import methods
-from prunetune.finetune.merge_math import MergeStats, lora_delta, masked_merge, masked_nonzeros
 from prunetune.models import DTYPES, apply_adapter, context_length, load_model, parse_dtype
+from prunetune.perplexity import perplexity
+from prunetune.recovery import registry as recovery_methods
+from prunetune.recovery.base import RecoveryMethod
+from prunetune.recovery.merge import merge_adapter
 from prunetune.runinfo import provenance, write_json
 from prunetune.sparsity.measure import sparsity_report
+from prunetune.sparsity.violations import pattern_violations
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -114,6 +116,16 @@ def pruned_dir(cfg: MergeConfig, adapter: Path) -> Path:
     return path.resolve()
 
 
+def adapter_method(adapter: Path) -> RecoveryMethod:
+    """The recovery method that trained an adapter (prunetune's record; plain LoRA for a PEFT adapter without
+    one), or a UserError for a method that leaves no adapter to merge."""
+    method = recovery_methods.for_adapter(rundir.read_adapter_meta(adapter))
+    if not method.makes_adapter:
+        raise UserError(f"{str(adapter)!r} was trained by {method.name}, which leaves a model, not an adapter: nothing "
+                        "to merge; use that model directly")
+    return method
+
+
 def saved_dtype(model_dir: Path) -> str:
     """The dtype a model directory's config.json records (`dtype`, or the older `torch_dtype`)."""
     config = rundir.read_json(model_dir / "config.json", "model config")
@@ -123,14 +135,11 @@ def saved_dtype(model_dir: Path) -> str:
 
 def check_masks_match(model: torch.nn.Module, masks: dict[str, torch.Tensor], source: str, pruned: Path) -> None:
     """Every weight the masks mark pruned is zero in the model (else the two belong to different prunes)."""
-    linears = prunable_linears(model)
-    for name, keep in masks.items():
-        bad = masked_nonzeros(linears[name].weight, keep)
-        if bad:
-            raise UserError(
-                f"{name}: {bad} weights marked pruned in {source} are non-zero; the model and masks disagree, "
-                f"check them with `prunetune verify {pruned}`"
-            )
+    for name, bad in pattern_violations(model, masks).items():
+        raise UserError(
+            f"{name}: {bad} weights marked pruned in {source} are non-zero; the model and masks disagree, "
+            f"check them with `prunetune verify {pruned}`"
+        )
 
 
 def _mask_source(pruned: Path) -> str:
@@ -139,51 +148,6 @@ def _mask_source(pruned: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- merge
-@torch.no_grad()
-def merge_lora_layers(
-    peft_model: torch.nn.Module, masks: dict[str, torch.Tensor] | None
-) -> dict[str, MergeStats | None]:
-    """Write `W + keep * delta` into every LoRA-wrapped base layer (masks=None: plain merge).
-
-    All merged weights are computed and checked finite before any is written, so a refusal leaves the
-    model untouched. Returns per-module stats (None for a module outside the masks, e.g. lm_head).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    planned: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
-    stats: dict[str, MergeStats | None] = {}
-    for name, layer in peft_model.get_base_model().named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        target = layer.get_base_layer()
-        if not isinstance(target, torch.nn.Linear):
-            raise UserError(f"{name}: LoRA on {type(target).__name__} is not supported by merge (Linear only)")
-        weight, bias = target.weight, target.bias
-        for adapter in layer.active_adapters:
-            if adapter not in layer.lora_A:
-                continue
-            if adapter in getattr(layer, "lora_variant", {}):
-                raise UserError(f"{name}: adapter {adapter!r} is a LoRA variant (e.g. DoRA); merge handles plain LoRA")
-            delta = lora_delta(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter],
-                               layer.fan_in_fan_out)
-            keep = None if masks is None else masks.get(name)
-            weight, stat = masked_merge(weight, delta.to(weight.device), keep, name)
-            stats[name] = stat if keep is not None else None
-            if layer.lora_bias.get(adapter):
-                # Biases are never pruned, so the LoRA bias merges unmasked.
-                bias = bias + layer.lora_B[adapter].bias * layer.scaling[adapter]
-                if not bool(torch.isfinite(bias).all()):
-                    raise UserError(f"LoRA bias of {name} is non-finite (NaN/Inf); refusing to merge")
-        planned.append((target, weight, bias))
-    if not planned:
-        raise UserError("the adapter has no LoRA layers on this model; nothing to merge")
-    for target, weight, bias in planned:
-        target.weight.data = weight
-        if bias is not None:
-            target.bias.data = bias.to(target.bias.dtype)
-    return stats
-
-
 def _perplexity(model, ids: torch.Tensor, cfg: MergeConfig, seqlen: int) -> dict[str, Any]:
     result = perplexity(model, ids, seqlen, cfg.batch_size, cfg.max_windows)
     return {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens,
@@ -221,9 +185,9 @@ def _inputs(cfg: MergeConfig) -> _Loaded:
     pruned = pruned_dir(cfg, adapter)
     out = rundir.check_output(cfg.out, inputs=[adapter, pruned], overwrite=cfg.overwrite,
                               owned=[rundir.MERGE_JSON, "config.json"])
-    method = rundir.read_adapter_meta(adapter).get("method")
-    if method == "masked-lora" and not cfg.keep_sparsity:
-        raise UserError(f"adapter {cfg.adapter!r} is a masked-LoRA adapter (it never trained the pruned "
+    method = adapter_method(adapter)
+    if method.exact_merge and not cfg.keep_sparsity:
+        raise UserError(f"adapter {cfg.adapter!r} is a {method.name} adapter (it never trained the pruned "
                         "positions); merge it with --keep-sparsity (the default), which is exact for it")
     text = load_text(cfg.dataset, cfg.split, cfg.data_dir) if cfg.eval else None
     return _Loaded(adapter, pruned, out, default_device(cfg.device), cfg.dtype or saved_dtype(pruned), text)
@@ -260,13 +224,7 @@ def _eval_ids(cfg: MergeConfig, run: _Loaded) -> tuple[torch.Tensor, int]:
 def _merge(cfg: MergeConfig, run: _Loaded, console: Console) -> tuple[Any, dict[str, Any]]:
     """The merged model and its sparsity before/after; the kept pattern asserted on the weights to save."""
     before = run.sparsity_before
-    stats = merge_lora_layers(run.peft_model, run.masks if cfg.keep_sparsity else None)
-    merged = run.peft_model.unload()
-    linears = prunable_linears(merged)
-    if cfg.keep_sparsity:
-        leaked = {name: n for name, keep in run.masks.items() if (n := masked_nonzeros(linears[name].weight, keep))}
-        if leaked:
-            raise AssertionError(f"pruned weights became non-zero in {len(leaked)} modules: {leaked}")
+    merged, stats = merge_adapter(run.peft_model, run.masks if cfg.keep_sparsity else None)
     after = sparsity_report(merged)
     masked = [s for s in stats.values() if s is not None]
     plain_zeros = before["zeros"] - sum(s.restored_by_plain_merge for s in masked)
@@ -329,11 +287,9 @@ def _run(cfg: MergeConfig, run: _Loaded, console: Console, start: float) -> dict
     perplexities: dict[str, Any] = {}
     ids, seqlen = _eval_ids(cfg, run) if run.text is not None else (None, None)
     if ids is not None:
-        # A masked-LoRA adapter was trained with its delta masked: its unmerged model is that one, not PEFT's
-        # plain (dense-update) forward, so merged == unmerged is the check that the merge is exact.
-        masked = rundir.read_adapter_meta(run.adapter).get("method") == "masked-lora"
+        # The unmerged model is what the adapter trained as (the method says: masked LoRA's masked delta).
         with console.status("Perplexity of the unmerged model (base + adapter) ..."), \
-                (methods.masked_forward(run.peft_model, run.masks) if masked else contextlib.nullcontext()):
+                adapter_method(run.adapter).unmerged(run.peft_model, run.masks):
             perplexities["unmerged"] = _perplexity(run.peft_model, ids, cfg, seqlen)
         console.print(f"  perplexity unmerged (base + adapter): {perplexities['unmerged']['perplexity']:.4f}")
     merged, sparsity = _merge(cfg, run, console)
@@ -357,14 +313,14 @@ def _eval_merged(cfg: MergeConfig, merged, ids: torch.Tensor, seqlen: int, unmer
 
 def _record(cfg: MergeConfig, run: _Loaded, lora_cfg, targets: list[str], sparsity: dict[str, Any],
             perplexities: dict[str, Any], seqlen: int | None) -> dict[str, Any]:
-    method = rundir.read_adapter_meta(run.adapter).get("method")
+    method = adapter_method(run.adapter)
     text = run.text
     return {
         "config": {**asdict(cfg), "device": run.device, "seqlen": seqlen, "dtype": run.dtype},
         "adapter": str(run.adapter.resolve()), "pruned_model": str(run.pruned), "masks": run.mask_source,
-        "keep_sparsity": cfg.keep_sparsity, "method": method,
-        # A masked-LoRA adapter trained exactly what a masked merge writes: the merged model computes the same.
-        "exact": bool(cfg.keep_sparsity and method == "masked-lora"),
+        "keep_sparsity": cfg.keep_sparsity, "method": method.name,
+        # A method that trained exactly what a masked merge writes: the merged model computes the same.
+        "exact": bool(cfg.keep_sparsity and method.exact_merge),
         "base_check": run.base_note or "the adapter's base digest matches this model",
         "lora": {"r": lora_cfg.r, "alpha": lora_cfg.lora_alpha, "target_modules": targets},
         **sparsity,
