@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -83,8 +84,7 @@ def run_engine(python: list[str], runtime: str, model: str, tokens: Path, dtype:
         proc = subprocess.run(cmd, cwd=tmp, env={**clean, "HF_HUB_OFFLINE": "1", **(env or {})},
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
-            tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
-            raise RuntimeError(" | ".join(tail[-3:]) or f"exit {proc.returncode}")
+            raise RuntimeError(root_cause(proc.stderr or proc.stdout) or f"exit {proc.returncode}")
         return json.loads(out.read_text())
 
 
@@ -127,6 +127,16 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+def root_cause(log: str) -> str:
+    """The first exception line of a runtime's log that is not a wrapper ("Engine core initialization failed"):
+    vLLM reports the loader's own error in a worker process, then re-raises a generic one."""
+    lines = [line.split("] ", 1)[-1].strip() for line in log.splitlines()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|SystemExit)\b", line)
+              or line.startswith("prunetune is importable")]
+    specific = [e for e in errors if "Engine core initialization failed" not in e]
+    return (specific or errors or [line for line in lines if line][-1:] or [""])[0][:300]
+
+
 def default_model() -> str:
     for candidate in DEMO_MODELS:
         if (REPO / candidate / "config.json").is_file():
@@ -161,6 +171,9 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--data-dir", action="append")
     parser.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
+    parser.add_argument("--refused", nargs="*", default=[],
+                        help="directories vLLM is expected to refuse (an old layout, a sparse export): recorded with "
+                             "the error; a failure of the check if vLLM loads one")
     parser.add_argument("--speed", action="store_true", help="also time generation in vLLM, dense vs pruned")
     parser.add_argument("--speed-dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -207,7 +220,19 @@ def main() -> int:
             outcomes.append(outcome)
             print(f"  {outcome.perplexity if outcome.perplexity is not None else 'FAILED'} "
                   f"({'ok' if outcome.ok else outcome.error or f'{outcome.gap:+.3%}'})", flush=True)
+        refusals = []
+        for target in args.refused:
+            print(f"vllm: expecting a refusal of {target} ...", flush=True)
+            try:
+                run_engine([str(REPO / VENVS["vllm"] / "bin" / "python")], "vllm", target, token_files[models[0]], dtype)
+                refusals.append((target, None))
+            except RuntimeError as err:
+                refusals.append((target, str(err)))
+            print(f"  {refusals[-1][1] or 'LOADED (unexpected)'}", flush=True)
         body = _table(outcomes, args.windows, args.seqlen, dtype)
+        if refusals:
+            body += ("\n\nRefused by vLLM, as expected:\n\n| directory | vLLM's error |\n|---|---|\n"
+                     + "\n".join(f"| {t} | {e or '**loaded: the claim is wrong**'} |" for t, e in refusals))
         if args.speed:
             rows = speed_rows(models, token_files[models[0]], args)
             body += (f"\n\nvLLM generation, {args.speed_dtype}, {args.windows} prompts of {args.prompt_len} tokens, "
@@ -221,7 +246,7 @@ def main() -> int:
         vers = "; ".join(f"{rt}: " + ", ".join(f"{k} {v}" for k, v in sorted(v.items())) for rt, v in versions.items())
         write_section("runtimes", "Serving runtimes load the outputs as they are (bench/runtimes, issue 21)",
                       f"{machine_line()}\n\nRuntime venvs: {vers}.\n\n{body}")
-    return 0 if all(o.ok for o in outcomes) else 1
+    return 0 if all(o.ok for o in outcomes) and all(e for _, e in refusals) else 1
 
 
 if __name__ == "__main__":
