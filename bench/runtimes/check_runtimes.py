@@ -194,8 +194,10 @@ def main() -> int:
     versions: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, m, rt) for m in models for rt in runtimes]
+        # GGUF: Transformers' reader always, llama.cpp when asked; vLLM 0.32 has no GGUF loader any more (pass the
+        # file to --refused to record that).
         jobs += [(g, args.gguf_reference or models[0], rt) for g in args.gguf
-                 for rt in ("transformers", "vllm", "llama-cpp") if rt in runtimes or rt == "transformers"]
+                 for rt in ("transformers", "llama-cpp") if rt in runtimes or rt == "transformers"]
         references: dict[str, float] = {}
         token_files: dict[str, Path] = {}
         for target, source, runtime in jobs:
@@ -210,9 +212,7 @@ def main() -> int:
             python = [str(REPO / VENVS[runtime] / "bin" / "python")]
             print(f"{runtime}: loading {target} ...", flush=True)
             try:
-                # vLLM reads a GGUF's weights but takes the tokenizer from a directory.
-                extra = ["--tokenizer", source] if runtime == "vllm" and target.endswith(".gguf") else []
-                record = run_engine(python, runtime, target, token_files[source], dtype, extra=extra)
+                record = run_engine(python, runtime, target, token_files[source], dtype)
                 outcome = Outcome(runtime, Path(target).name if target.endswith(".gguf") else target,
                                   record["perplexity"], references[source], args.tolerance, record=record)
                 versions[runtime] = record.get("versions", {})
@@ -225,7 +225,9 @@ def main() -> int:
         for target in args.refused:
             print(f"vllm: expecting a refusal of {target} ...", flush=True)
             try:
-                run_engine([str(REPO / VENVS["vllm"] / "bin" / "python")], "vllm", target, token_files[models[0]], dtype)
+                extra = ["--tokenizer", models[0]] if target.endswith(".gguf") else []
+                run_engine([str(REPO / VENVS["vllm"] / "bin" / "python")], "vllm", target, token_files[models[0]], dtype,
+                           extra=extra)
                 refusals.append((target, None))
             except RuntimeError as err:
                 refusals.append((target, str(err)))
