@@ -128,8 +128,8 @@ def test_export_command_gguf_exit_codes(tmp_path, pruned, shared_data, capsys):
     assert main(["export", str(pruned), "--out", str(out), "--format", "gguf", "--gguf-type", "q8_0",
                  "--data-dir", str(shared_data)]) == 0
     console = capsys.readouterr().out
-    assert "the cost of q8_0" in console and "Loads in: llama.cpp" in console
+    assert "the cost of q8_0" in console and "Loads in: Transformers" in console and "Not vLLM" in console
     record = json.loads((out / "export.json").read_text())
-    assert record["format"] == "gguf" and record["gguf_type"] == "q8_0" and "llama.cpp" in record["loads_in"]
+    assert record["format"] == "gguf" and record["gguf_type"] == "q8_0" and "not yet loaded by llama.cpp" in record["loads_in"]
     assert main(["export", str(pruned), "--out", str(tmp_path / "h"), "--format", "gguf", "--dtype", "float16"]) == 2
     assert "--dtype does not apply" in capsys.readouterr().err

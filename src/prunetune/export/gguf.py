@@ -400,10 +400,10 @@ class Gguf:
     its metadata."""
 
     name = "gguf"
-    runtimes = ("llama.cpp and what embeds it (ollama, LM Studio, llama-cpp-python) - it is llama.cpp's format - and "
-                "Transformers (`from_pretrained(DIR, gguf_file=...)`, de-quantised on load: measured). Not vLLM 0.32 "
-                "(GGUF left vLLM's core for a plugin, vllm-project/vllm issue 39583); serve the model directory "
-                "there. As of 2026-12-02, bench/RESULTS.md section runtimes")
+    runtimes = ("Transformers (`from_pretrained(DIR, gguf_file=...)`, de-quantised on load: measured). Written for "
+                "llama.cpp, ollama and LM Studio (llama.cpp's format), not yet loaded by llama.cpp in prunetune's "
+                "checks. Not vLLM 0.32 (GGUF left vLLM's core for a plugin, vllm-project/vllm issue 39583): serve "
+                "the model directory there. As of 2026-12-02, bench/RESULTS.md sections runtimes, exports")
 
     def check(self, cfg: Any) -> None:
         if cfg.gguf_type not in GGUF_TYPES:
