@@ -128,12 +128,12 @@ def fmt(value: float | None) -> str:
 
 
 def root_cause(log: str) -> str:
-    """The first exception line of a runtime's log that is not a wrapper ("Engine core initialization failed"):
+    """The first exception line of a runtime's log that is not a wrapper ("... initialization failed"):
     vLLM reports the loader's own error in a worker process, then re-raises a generic one."""
     lines = [line.split("] ", 1)[-1].strip() for line in log.splitlines()]
     errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|SystemExit)\b", line)
               or line.startswith("prunetune is importable")]
-    specific = [e for e in errors if "Engine core initialization failed" not in e]
+    specific = [e for e in errors if "initialization failed" not in e]
     return (specific or errors or [line for line in lines if line][-1:] or [""])[0][:300]
 
 
