@@ -189,7 +189,12 @@ def main() -> int:
     for r in runtimes:
         if r not in VENVS:
             raise SystemExit(f"--runtimes {r!r}: choose from {', '.join(VENVS)}")
-    models = args.model_dir or [default_model()]
+    # Absolute paths: each runtime runs in a scratch directory, away from the repository's src/.
+    models = [str(Path(m).resolve()) for m in args.model_dir] or [default_model()]
+    args.gguf = [str(Path(g).resolve()) for g in args.gguf]
+    args.refused = [str(Path(r).resolve()) for r in args.refused]
+    if args.gguf_reference:
+        args.gguf_reference = str(Path(args.gguf_reference).resolve())
     outcomes: list[Outcome] = []
     versions: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
