@@ -171,7 +171,8 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--data-dir", action="append")
     parser.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
-    parser.add_argument("--section", default="runtimes", help="with --record: the RESULTS.md section to (re)write")
+    parser.add_argument("--section", default="runtimes",
+                        help="with --record: write section runtimes-NAME of bench/RESULTS.md instead of runtimes")
     parser.add_argument("--refused", nargs="*", default=[],
                         help="directories vLLM is expected to refuse (an old layout, a sparse export): recorded with "
                              "the error; a failure of the check if vLLM loads one")
@@ -253,7 +254,9 @@ def main() -> int:
 
         vers = "; ".join(f"{rt}: " + ", ".join(f"{k} {v}" for k, v in sorted(v.items())) for rt, v in versions.items())
         title = "Serving runtimes load the outputs as they are (bench/runtimes, issue 21)"
-        write_section(args.section, title if args.section == "runtimes" else f"{title}: {args.section}",
+        # Namespaced: a section of another bench script (e.g. `speed`, `demo`) is never overwritten.
+        name = "runtimes" if args.section == "runtimes" else f"runtimes-{args.section}"
+        write_section(name, title if args.section == "runtimes" else f"{title}: {args.section}",
                       f"{machine_line()}\n\nRuntime venvs: {vers}.\n\n{body}")
     return 0 if all(o.ok for o in outcomes) and all(e for _, e in refusals) else 1
 
