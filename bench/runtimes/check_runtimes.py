@@ -84,7 +84,8 @@ def run_engine(python: list[str], runtime: str, model: str, tokens: Path, dtype:
         proc = subprocess.run(cmd, cwd=tmp, env={**clean, "HF_HUB_OFFLINE": "1", **(env or {})},
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(root_cause(proc.stderr or proc.stdout) or f"exit {proc.returncode}")
+            # vLLM's worker processes log their own error to stdout, the wrapper to stderr: read both.
+            raise RuntimeError(root_cause(proc.stdout + "\n" + proc.stderr) or f"exit {proc.returncode}")
         return json.loads(out.read_text())
 
 
