@@ -60,7 +60,7 @@ def _train_verdict(series: Series, found: Sequence[Anomaly], th: Thresholds) -> 
         return _verdict("train_loss", "unknown", "nothing to judge", "0 train-loss points found")
     values = [v for _, v in series.train]
     w = max(th.min_window, len(values) // 10)
-    head = statistics.median(values[: min(th.min_window, len(values))])
+    head = statistics.median(values[: th.min_window]) if len(values) >= 2 * th.min_window else values[0]
     tail = statistics.median(values[-w:]) if len(values) >= 2 * w else values[-1]
     fell = (head - tail) / abs(head) if head else 0.0
     went = f"{head:.4g} -> {tail:.4g}, {-fell * 100:+.1f}%"
