@@ -219,6 +219,8 @@ def _alert(r: Mapping[str, Any]) -> list[str]:
         lines.append(f"   evidence: {r['evidence']}")
     if r.get("fix"):
         lines.append(f"   fix: {r['fix']}")
+    if r.get("basis"):
+        lines.append(f"   based on: {'; '.join(str(b) for b in r['basis'])}")
     return lines
 
 

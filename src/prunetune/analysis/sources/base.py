@@ -86,11 +86,8 @@ class LogReader(Protocol):
 
 def num(value: Any) -> float | str | None:
     """A number as float; NaN/Inf kept as the strings the records schema uses; None if not a number. Integers
-    too large for a float are infinite, never an exception."""
-    try:
-        f = to_float(value)
-    except OverflowError:
-        f = (math.inf if value > 0 else -math.inf) if isinstance(value, int) else None
+    too large for a float are infinite (`fmt.to_float`), never an exception."""
+    f = to_float(value)
     if f is None:
         return None
     return f if math.isfinite(f) else str(f)
