@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
+from prunetune.analysis.anomaly import ANOMALY_KINDS, NOTE_KINDS, Anomaly
 from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.series import oscillation_stats, trend_stats, warmup_end_index
@@ -54,6 +54,11 @@ def test_vocabulary_and_record_shape():
         Anomaly("made_up", "error", "m")
     with pytest.raises(ValueError):
         Anomaly("nan_inf", "fatal", "m")
+    # `info` is the severity of the notes and of them only: a note is never an alarm, an alarm never a note
+    assert NOTE_KINDS == ("no_eval",) and not Anomaly("no_eval", "info", "m").alarm
+    for kind, severity in (("no_eval", "warning"), ("nan_inf", "info")):
+        with pytest.raises(ValueError):
+            Anomaly(kind, severity, "m")
 
 
 def test_thresholds_from_flags_and_yaml():
@@ -234,8 +239,11 @@ def test_no_eval_only_at_the_end():
     assert diagnose(records, final=True) == []
     finished = records + [{"event": "train_end", "step": 291}]
     found = diagnose(finished, final=True)
-    assert [a.kind for a in found] == ["no_eval"]
-    assert "--eval_strategy steps" in found[0].fix
+    assert [(a.kind, a.severity) for a in found] == [("no_eval", "info")]
+    assert "set eval_steps" in found[0].message and "--eval_strategy steps" in found[0].fix
+    # an older run that recorded the note as a warning alert reads back as the note it is
+    old = [*finished, {"event": "alert", "step": 291, "kind": "no_eval", "severity": "warning", "message": "m"}]
+    assert [(a.kind, a.severity) for a in diagnose(old, recorded=True)] == [("no_eval", "info")]
 
 
 def test_too_few_steps_say_nothing():

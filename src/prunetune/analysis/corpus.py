@@ -4,8 +4,9 @@ tune on) and a test half (to check that the tuning generalises), split by a fixe
 chosen before the corpus was seen.
 
 A case is read the way a user runs it (`load_source` + `report.analyse` on the labelled file or directory).
-For each anomaly kind: a case labelled with it and reported is a true positive, labelled and not reported a
-false negative, reported while neither required (`kinds`) nor `allowed` a false positive.
+For each alarm kind: a case labelled with it and reported is a true positive, labelled and not reported a
+false negative, reported while neither required (`kinds`) nor `allowed` a false positive. Notes (`no_eval`,
+information and not an alarm) are counted, never scored as alarms.
 
     python -m prunetune.analysis.corpus tests/fixtures/real              # per-case mismatches and the scores
     python -m prunetune.analysis.corpus tests/fixtures/real --record     # write corpus_scores.json (RULES.md reads it)
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunetune.analysis.anomaly import ANOMALY_KINDS
+from prunetune.analysis.anomaly import ALARM_KINDS, NOTE_KINDS
 from prunetune.analysis.report import ReportConfig, analyse
 from prunetune.analysis.sources import load_source
 from prunetune.analysis.thresholds import parse_threshold_flags
@@ -63,6 +64,9 @@ class Outcome:
 
     name: str
     reported: set[str] = field(default_factory=set)
+    """The alarm kinds the report raised."""
+    notes: set[str] = field(default_factory=set)
+    """The note kinds it gave (information, not alarms)."""
     status: str = "unknown"
     facts: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -97,6 +101,7 @@ def run_case(case: Case, thresholds: Mapping[str, float] | None = None) -> Outco
         out.error = str(err)
         return out
     out.reported = {a["kind"] for a in data["anomalies"]}
+    out.notes = {a["kind"] for a in data["information"]}
     s = data["summary"]
     out.status = _status(s)
     steps = {a["kind"]: a["step"] for a in data["anomalies"]}
@@ -136,10 +141,10 @@ class Score:
 
 
 def kind_scores(cases: Sequence[Case], outcomes: Mapping[str, Outcome]) -> dict[str, Score]:
-    """Per anomaly kind: true positives, false positives (reported, neither required nor allowed), false
+    """Per alarm kind: true positives, false positives (reported, neither required nor allowed), false
     negatives (required, not reported)."""
     out = {}
-    for kind in ANOMALY_KINDS:
+    for kind in ALARM_KINDS:
         tp = fp = fn = 0
         for case in cases:
             said = kind in outcomes[case.name].reported
@@ -209,6 +214,7 @@ def scores(cases: Sequence[Case], outcomes: Mapping[str, Outcome]) -> dict[str, 
             "kinds": {k: s.to_dict() for k, s in kind_scores(mine, outcomes).items()},
             "status": {k: s.to_dict() for k, s in status_scores(mine, outcomes).items()},
             "facts": {k: list(v) for k, v in fact_checks(mine, outcomes).items()},
+            "notes": {k: sum(1 for c in mine if k in outcomes[c.name].notes) for k in NOTE_KINDS},
         }
     return out
 
@@ -222,7 +228,7 @@ def markdown(recorded: Mapping[str, Any]) -> str:
     lines = [
         "| kind | labelled (dev/test) | precision dev | recall dev | precision test | recall test | precision all "
         "| recall all |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for kind in [*ANOMALY_KINDS, *(f"status:{s}" for s in STATUSES)]:
+    for kind in [*ALARM_KINDS, *(f"status:{s}" for s in STATUSES)]:
         group, key = ("status", kind.split(":")[1]) if kind.startswith("status:") else ("kinds", kind)
         cells = {h: recorded[h][group][key] for h in HALVES}
         labelled = f"{cells['dev']['tp'] + cells['dev']['fn']}/{cells['test']['tp'] + cells['test']['fn']}"
@@ -237,8 +243,10 @@ def markdown(recorded: Mapping[str, Any]) -> str:
                        f"on {r['healthy']} healthy runs")
     facts = recorded["all"]["facts"]
     fact_line = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in facts.items() if v[1])
+    notes = recorded["all"].get("notes") or {}
+    note_line = ", ".join(f"`{k}` on {n} logs" for k, n in notes.items())
     return "\n".join(lines) + "\n\n" + "; ".join(summary) + f".\n\nFacts the report states, right of labelled: " \
-        f"{fact_line}.\n"
+        f"{fact_line}.\n" + (f"\nNotes given (information, not alarms; not scored): {note_line}.\n" if note_line else "")
 
 
 def _half_table(half: Mapping[str, Any]) -> str:

@@ -27,7 +27,8 @@ Anomaly kinds (`ANOMALY_KINDS`, the vocabulary of `report.json` and of `alert` r
 - `eval_far_above_train` (warning) eval loss stays far above the train loss at the same step.
 - `nan_inf`             (error)   a NaN/Inf loss, grad norm or eval loss: training diverged numerically.
 - `out_of_memory`       (error)   the run died of an out-of-memory error (an `error` record of that kind).
-- `no_eval`             (warning) the run finished without a single evaluation (only with `final=True`).
+- `no_eval`             (info)    a note, not an alarm: the run finished without a single evaluation, so
+                                  overfitting cannot be seen (only with `final=True`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dataclasses import replace
 from typing import Any
 
 from prunetune.analysis import fixes
-from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly, anomalies_from_alerts
+from prunetune.analysis.anomaly import ANOMALY_KINDS, SEVERITIES, Anomaly, anomalies_from_alerts
 from prunetune.analysis.context import Fact, FixContext
 from prunetune.analysis.series import (
     Series,
@@ -580,8 +581,9 @@ def rule_no_eval(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | N
     if any(k == "eval_loss" for _, k, _ in series.nonfinite):
         return None
     last = series.train[-1][0]
-    msg = f"the run finished at step {last} without a single evaluation: overfitting cannot be seen."
-    return _anomaly("no_eval", "warning", msg, {"last_step": last, "train_points": len(series.train)},
+    msg = (f"no evaluation in this run (it finished at step {last}): overfitting cannot be seen; set eval_steps to "
+           "see it.")
+    return _anomaly("no_eval", "info", msg, {"last_step": last, "train_points": len(series.train)},
                     fixes.no_eval(ctx, last), last)
 
 
@@ -626,7 +628,8 @@ def judge(
     recorded: Sequence[Anomaly] = (),
 ) -> list[Anomaly]:
     """Every anomaly `series` shows, with the `recorded` ones (alerts the run raised itself) of kinds no rule
-    found, most severe first; the stories that explain others are kept, the weaker echoes dropped."""
+    found, most severe first (errors, warnings, then the `info` notes); the stories that explain others are kept,
+    the weaker echoes dropped."""
     ctx = context or FixContext()
     found: list[Anomaly] = []
     rules = LIVE_RULES + (FINAL_RULES if final else ())
@@ -644,7 +647,7 @@ def judge(
     kinds = {a.kind for a in found}
     dropped = {k for kind in kinds for k in SUPPRESSES.get(kind, ())}
     found = [a for a in found if a.kind not in dropped]
-    found.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
+    found.sort(key=lambda a: (-SEVERITIES.index(a.severity), ANOMALY_KINDS.index(a.kind)))
     return found
 
 

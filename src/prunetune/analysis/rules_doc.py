@@ -102,9 +102,10 @@ RULES: dict[str, RuleDoc] = {
                                  "that fit, the fixes are for what grows during a run.",
                              ("logs/oom/console.log", "real/unsloth_gemma_oom_first_step_issue/console.log"),
                              ("foreign/interrupted_traceback/console.log",)),
-    "no_eval": RuleDoc((), "End of run only, and only for a run whose end the log shows: a finished run that never "
-                           "evaluated cannot show overfitting (an excerpt or an interrupted run may simply not show "
-                           "its evaluations).",
+    "no_eval": RuleDoc((), "A note (severity info), not an alarm: a run without evaluation is a choice, not a fault, "
+                           "but it cannot show overfitting, so the reader is told. End of run only, and only for a run "
+                           "whose end the log shows (an excerpt or an interrupted run may simply not show its "
+                           "evaluations).",
                        ("logs/no_eval/console.log",), ("foreign/trainer_blocks_only/train.log",)),
 }
 

@@ -213,8 +213,8 @@ def _checkpoint(r: Mapping[str, Any]) -> list[str]:
 
 
 def _alert(r: Mapping[str, Any]) -> list[str]:
-    mark = "❌" if r.get("severity") == "error" else "⚠️"
-    lines = [f"{mark} ALERT [{r.get('kind')}] at step {r.get('step')}: {r.get('message')}"]
+    mark, what = {"error": ("❌", "ALERT"), "info": ("ℹ️", "NOTE")}.get(str(r.get("severity")), ("⚠️", "ALERT"))
+    lines = [f"{mark} {what} [{r.get('kind')}] at step {r.get('step')}: {r.get('message')}"]
     if r.get("evidence"):
         lines.append(f"   evidence: {r['evidence']}")
     if r.get("fix"):
