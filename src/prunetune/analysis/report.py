@@ -230,8 +230,8 @@ def _anomaly_blocks(s: Summary, data: Mapping[str, Any]) -> list[Block]:
     blocks: list[Block] = [("h2", "Anomalies")]
     if not data["anomalies"]:
         judged = s.log_points > 0 or s.eval_points > 0
-        blocks.append(("p", "None: no rule fired; the run looks healthy." if judged else
-                        "None found, but there was nothing to judge (no train or eval loss series)."))
+        blocks.append(("p", "No rule fired: the run looks healthy." if judged else
+                        "Nothing found, but there was nothing to judge (no train or eval loss series)."))
     for a in data["anomalies"]:
         mark = "❌" if a["severity"] == "error" else "⚠"
         at = f" at step {a['step']}" if a["step"] is not None else ""

@@ -43,6 +43,7 @@ from prunetune.analysis import fixes
 from prunetune.analysis.anomaly import ANOMALY_KINDS, SEVERITIES, Anomaly, anomalies_from_alerts
 from prunetune.analysis.context import Fact, FixContext
 from prunetune.analysis.series import (
+    OscillationStats,
     Series,
     SeriesBuilder,
     TrendStats,
@@ -204,8 +205,42 @@ def _both_rose(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | Non
                                                                              _warmup_seen(series)), s1)
 
 
+def _to_infinity(series: Series, ctx: FixContext) -> Anomaly | None:
+    """The train loss became +Inf and no finite loss followed: it diverged to infinity (a NaN alone is not
+    counted: it may be a bad batch or a 0/0; an Inf the run came back from was one overflowing batch)."""
+    inf = next(((step, key) for step, key, value in series.nonfinite if key == "loss" and value == "inf"), None)
+    if inf is None or inf[0] is None or any(s > inf[0] for s, _ in series.train):
+        return None
+    step = inf[0]
+    evidence: dict[str, Any] = {"inf_step": step}
+    before = ""
+    if series.train:
+        (last_step, last), first = series.train[-1], series.train[0][1]
+        evidence.update(last_finite_loss=last, last_finite_step=last_step)
+        before = f" (the last finite loss: {fmt_sig(last)} at {_at(series, last_step)}" + (
+            f", from {fmt_sig(first)} at the first log)" if len(series.train) > 1 else ")")
+    msg = (f"train loss rose to inf at {_at(series, step)}{before} and never came back to a finite value: the run "
+           "diverged: the LR is too high.")
+    return _anomaly("loss_diverging", "error", msg, evidence,
+                    fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series)), step)
+
+
+def _grad_growth(series: Series, th: Thresholds) -> float | None:
+    """How many times the grad norm's last window median exceeds its first window median (None without enough
+    grad norms): an order of magnitude says the optimizer has left the stable region."""
+    norms = [g for _, g in series.grad_norm]
+    if len(norms) < 2 * th.min_window:
+        return None
+    first, last = windows(norms, th)
+    base = statistics.median(first)
+    return statistics.median(last) / base if base > 0 else None
+
+
 def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    blown = _blowup(series, th) if len(series.train) >= th.min_window * 2 else None
+    infinite = _to_infinity(series, ctx)
+    if infinite is not None:
+        return infinite
+    blown = _blowup(series, th) if len(series.train) >= th.min_train_points else None
     if blown is not None:
         step, peak, first = blown
         last_step, last = series.train[-1]
@@ -238,10 +273,15 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
+    if tr.last_median <= th.overfit_memorise_loss:
+        return None  # a memorised run's loss creeping 0.009 -> 0.014 is its jitter near zero, not a divergence
     # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
-    # oscillation or of batch-1 noise are not read as a rise
+    # oscillation or of batch-1 noise are not read as a rise; gradients grown by an order of magnitude are
+    # independent evidence of instability, and the rise then needs only the usual two standard errors
     se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
-    if tr.last_median - best <= th.diverge_noise_multiple * se:
+    growth = _grad_growth(series, th)
+    exploding = growth is not None and growth >= th.diverge_grad_growth
+    if tr.last_median - best <= (th.diverge_grad_noise_multiple if exploding else th.diverge_noise_multiple) * se:
         return None
     evidence = {
         "best_window_median": round(best, 4),
@@ -250,43 +290,78 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         "rel_rise": round(tr.last_median / best - 1, 4),
         "last_step": tr.last_step,
     }
+    if exploding:
+        evidence["grad_norm_growth"] = round(growth, 2)
     fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
     msg = (
         f"train loss is rising: median {fmt_sig(tr.last_median)} over the last logs vs {fmt_sig(best)} "
-        f"around step {best_step} (+{(tr.last_median / best - 1) * 100:.0f}%): the LR is too high."
+        f"around step {best_step} (+{(tr.last_median / best - 1) * 100:.0f}%)"
+        + (f" while the gradient norm grew x{growth:.0f}" if exploding else "") + ": the LR is too high."
     )
     return _anomaly("loss_diverging", "error", msg, evidence, fix, tr.last_step)
 
 
-def rule_oscillating(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    os_ = oscillation_stats(series.train, th)
+def _oscillates(train: Sequence[tuple[int, float]], th: Thresholds) -> OscillationStats | None:
+    """The oscillation statistics of the latest points of `train` when they show one: a quarter of the jumps
+    (and at least `osc_min_large_jumps`) large on the log scale, or a regular saw-tooth without progress."""
+    os_ = oscillation_stats(train, th)
     if os_ is None or os_.level < th.osc_min_level:
         return None
-    swinging = os_.log_jump >= th.osc_min_log_jump
+    swinging = os_.log_jump >= th.osc_min_log_jump and os_.large_jumps >= th.osc_min_large_jumps
     sawtooth = (
         os_.rel_amplitude >= th.osc_min_rel_amplitude
         and os_.sign_change_fraction >= th.osc_min_sign_changes
         and os_.progress <= th.osc_max_progress
     )
-    if not (swinging or sawtooth):
-        return None
+    return os_ if swinging or sawtooth else None
+
+
+def _oscillating(series: Series, os_: OscillationStats, ctx: FixContext, earlier: bool = False) -> Anomaly:
     evidence = {
         "steps": list(os_.steps),
         "points": os_.points,
         "log_jump_p75": round(os_.log_jump, 4),
+        "large_jumps": os_.large_jumps,
         "rel_amplitude": round(os_.rel_amplitude, 4),
         "sign_change_fraction": round(os_.sign_change_fraction, 3),
         "progress": round(os_.progress, 4),
     }
-    swing = (math.exp(os_.log_jump) - 1) * 100
+    if os_.log_jump > 0:
+        swing = (f"a quarter of the log points jump by {(math.exp(os_.log_jump) - 1) * 100:.0f}% or more from the "
+                 "previous one (")
+    else:
+        swing = "the loss reaches zero or below, so its jumps are read against its mean level ("
     msg = (
-        f"train loss oscillates between steps {os_.steps[0]} and {os_.steps[1]}: a quarter of the log points "
-        f"jump by {swing:.0f}% or more from the previous one (median jump {os_.rel_amplitude * 100:.0f}% of its "
-        f"level, direction flips {os_.sign_change_fraction * 100:.0f}% of the time): the LR is too high or the "
-        "batch too small."
+        f"train loss {'oscillated' if earlier else 'oscillates'} between steps {os_.steps[0]} and {os_.steps[1]}: "
+        f"{swing}median jump {os_.rel_amplitude * 100:.0f}% of its level, direction flips "
+        f"{os_.sign_change_fraction * 100:.0f}% of the time)" + ("; the later logs no longer do" if earlier else "")
+        + ": the LR is too high or the batch too small."
     )
+    if earlier:
+        evidence["until_step_then_calm"] = os_.steps[1]
     fix = fixes.lower_lr(ctx, _lr(series, ctx))
     return _anomaly("loss_oscillating", "warning", msg, evidence, replace(fix, text=fix.text + "."), os_.steps[1])
+
+
+def rule_oscillating(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    os_ = _oscillates(series.train, th)
+    return _oscillating(series, os_, ctx) if os_ is not None else None
+
+
+def rule_oscillated(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """End of run: an oscillation the live rule would have raised at an earlier point, though the latest points
+    are calm (a finetune run raised it then; a foreign log's report replays the live rule over the run). The
+    stretch reported spans every window that oscillated; its statistics are those of the widest one."""
+    n = len(series.train)
+    if n <= th.min_train_points or _oscillates(series.train, th) is not None:
+        return None  # the live rule judges the whole run (and says so itself)
+    stride = max(1, (n - th.min_train_points) // 200)  # ~200 points of view: a stretch that oscillates is longer
+    found = [os_ for end in range(th.min_train_points, n, stride) if (os_ := _oscillates(series.train[:end], th))]
+    if not found:
+        return None
+    widest = max(found, key=lambda o: o.points)
+    span = (min(o.steps[0] for o in found), max(o.steps[1] for o in found))
+    return _oscillating(series, replace(widest, steps=span), ctx, earlier=True)
 
 
 def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
@@ -599,7 +674,8 @@ LIVE_RULES: tuple[Rule, ...] = (
 )
 EVAL_RULES: tuple[Rule, ...] = (rule_overfitting, rule_far_above)
 """Rules that judge one eval series: with several eval sets they run once per set."""
-FINAL_RULES: tuple[Rule, ...] = (rule_no_eval,)
+FINAL_RULES: tuple[Rule, ...] = (rule_oscillated, rule_no_eval)
+"""End-of-run rules: what the live rules would have raised earlier in the run, and the notes."""
 
 SUPPRESSES: dict[str, tuple[str, ...]] = {
     # after a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them would

@@ -221,10 +221,14 @@ class OscillationStats:
     steps: tuple[int, int]
     log_jump: float
     """75th percentile of |change of log loss| between consecutive points, the trend (median change) taken out:
-    how far a typical large swing takes the loss, on the data's own (relative) scale."""
+    how far a typical large swing takes the loss, on the data's own (relative) scale (0 when a loss in the
+    window is not positive: a ratio of losses means nothing there)."""
     level: float
     """Mean loss over the recent points."""
     points: int
+    large_jumps: int = 0
+    """How many of those detrended log jumps reach `osc_min_log_jump`: one outlying point makes two (down and
+    back up), so a single bad batch can never make an oscillation."""
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -236,7 +240,9 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> OscillationStats | None:
-    if not enough_evidence(train, th):
+    """The jitter of the recent train losses. Judged on points, not on the steps they span: a jump is between
+    two consecutive logs whatever the logging interval (ten per-step logs carry nine jumps)."""
+    if len(train) < th.min_train_points:
         return None
     # the recent half of the run (at least `osc_recent_points`): an oscillation that started late still counts
     n = len(train)
@@ -252,11 +258,14 @@ def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> Osc
     flip_frac = flips / (len(signs) - 1) if len(signs) > 1 else 0.0
     b_mean = statistics.fmean(before)
     progress = (b_mean - statistics.fmean(recent)) / abs(b_mean) if b_mean != 0 else 0.0
-    logs = [math.log(max(v, 1e-6)) for v in recent]
-    log_diffs = [b - a for a, b in zip(logs, logs[1:], strict=False)]
-    trend = statistics.median(log_diffs)
-    jump = _quantile([abs(d - trend) for d in log_diffs], 0.75)
-    return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k)
+    jump, large = 0.0, 0
+    if min(recent) > 0:  # a loss that reaches zero or below (a custom objective) has no relative scale
+        logs = [math.log(v) for v in recent]
+        log_diffs = [b - a for a, b in zip(logs, logs[1:], strict=False)]
+        trend = statistics.median(log_diffs)
+        swings = [abs(d - trend) for d in log_diffs]
+        jump, large = _quantile(swings, 0.75), sum(1 for d in swings if d >= th.osc_min_log_jump)
+    return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k, large)
 
 
 def _lag_sigma(values: Sequence[float], lag: int) -> float | None:

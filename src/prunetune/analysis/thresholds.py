@@ -77,9 +77,14 @@ class Thresholds:
     the time, a saw-tooth nearly always) ..."""
     osc_max_progress: float = 0.03
     """... and the recent window is not lower than the window before it by more than this fraction."""
-    osc_min_level: float = 0.05
-    """No oscillation is judged on a loss level below this (nats): near zero, 4-decimal rounding turns
-    0.0001 -> 0.0002 into a x2 jump."""
+    osc_min_large_jumps: int = 3
+    """... and at least this many of the jumps are that large: one outlying batch makes two large jumps (down and
+    back up), so no single point can make an oscillation, however few the points (ten per-step logs of a frozen
+    model with one easy batch among them jump x2 twice) ..."""
+    osc_min_level: float = 0.1
+    """No oscillation is judged on a loss level below this (nats): near zero, relative jumps mean nothing:
+    4-decimal rounding turns 0.0001 -> 0.0002 into a x2 jump, and the few examples a confident classifier still
+    gets wrong move its loss 0.05 <-> 0.09 from batch to batch (the ViT run at 0.05-0.09 late in training)."""
     osc_recent_points: int = 20
     """How many of the latest train-loss points the oscillation rule looks at (the latest half of the run,
     up to 500 points, once the run has twice this many)."""
@@ -90,9 +95,19 @@ class Thresholds:
     diverge_noise_multiple: float = 3.0
     """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
     sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
-    noise are not read as a rise (the best window is the lowest of many: 3, not 2)."""
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2); never for a last window at
+    or below `overfit_memorise_loss` (a memorised run's loss creeping 0.009 -> 0.014 is jitter near zero) ..."""
+    diverge_grad_growth: float = 10.0
+    """... or by more than `diverge_grad_noise_multiple` standard errors while the grad norm's last-window median
+    is this many times its first-window median: gradients grown by an order of magnitude mean the optimizer has
+    left its stable region (on the corpus of real logs, healthy and overfitting runs end within x4 of their
+    first grad norms; the lr 5e-4 run that climbed back from 0.48 to 0.82 went from 0.27 to 14) ..."""
+    diverge_grad_noise_multiple: float = 2.0
+    """... (the usual two standard errors: the grad norms are independent evidence of the instability, so the
+    rise needs no margin for being the highest of many windows)."""
     blowup_factor: float = 1.5
-    """`loss_diverging` (a blow-up) when, at any point after the first log, the median of `blowup_points`
+    """`loss_diverging` (a blow-up) when, with `min_train_points` logged, at any point after the first log, the
+    median of `blowup_points`
     consecutive train losses exceeds the level before them by this factor (the first logged loss, the model
     before the updates, while the climb starts within the first points; else the median of the points before
     it), however the curve drifts afterwards: a fine-tuning loss never climbs 50% above where it was ..."""
