@@ -56,6 +56,7 @@ from prunetune.analysis.series import (
     running_medians,
     train_loss_near,
     trend_stats,
+    trend_z,
     warmup_end,
     windows,
 )
@@ -94,6 +95,17 @@ def _warmup(series: Series, ctx: FixContext) -> int | None:
     if not configured and ctx.value("warmup_ratio") and ctx.value("max_steps"):
         configured = ctx.value("warmup_ratio") * ctx.value("max_steps")
     return warmup_end(series.train, series.lr, int(configured) if configured else None)
+
+
+def _steps_left(series: Series, ctx: FixContext) -> tuple[int, int] | None:
+    """(last step logged, planned steps) while the run has steps left to go by its plan (the records' or the
+    settings' max_steps), else None: a finished run, an excerpt that states no plan, a log without steps (a
+    step estimated from the epoch is on the plan's scale; one read from the line order states no plan)."""
+    planned = series.max_steps or ctx.value("max_steps")
+    if not series.train or not planned:
+        return None
+    last = series.train[-1][0]
+    return (last, int(planned)) if 0 < last < planned else None
 
 
 def _warmup_seen(series: Series) -> str | None:
@@ -458,8 +470,9 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     warm = _warmup(series, ctx)
     if warm is None:
         return None  # still warming up: a flat loss is expected while the LR climbs
-    tr = trend_stats(series.train, th)
-    if tr is None or len(series.train) - warm < th.min_train_points // 2 or _converged(series, th) is not None:
+    # judged after the warm-up, on as much evidence as any trend (a warm-up's losses say nothing of the LR)
+    tr = trend_stats(series.train[warm:], th)
+    if tr is None or _converged(series, th) is not None:
         return None
     evidence = {
         "first_window_median": round(tr.first_median, 4),
@@ -470,19 +483,34 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
         "noise": round(tr.noise, 5),
     }
     values = [v for _, v in series.train]
-    sigma = noise_sigma(values)
+    post = values[warm:]
+    sigma = noise_sigma(post)
     # standard error of the difference of two window medians (a median's SE is 1.25 sigma / sqrt(w))
     band = th.flat_noise_multiple * math.sqrt(2) * 1.2533 * sigma / math.sqrt(tr.window)
     evidence["noise_band"] = round(band, 5)
     # the end within `band` of the start, and no window on the way further than 1.5 `band` (many windows are
-    # compared: the widest of them strays further by chance alone)
+    # compared: the widest of them strays further by chance alone) ...
     within = abs(tr.first_median - tr.last_median) < band and all(
-        abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
+        abs(m - tr.first_median) < 1.5 * band for m in running_medians(post, tr.window))
+    # ... and no steady trend either: the rank test of every pair of points sees a slow fall two windows miss
+    z = trend_z(post)
+    evidence["trend_z"] = round(z, 2)
+    within = within and abs(z) < th.flat_noise_multiple
     # the first logged losses (the model before the updates) too: a fall at the very start, then a plateau in
-    # wide noise, is learning that levelled off, not a model that never moved
+    # wide noise, is learning that levelled off, not a model that never moved; judged against the standard
+    # error of the difference of the first `min_window` losses' median and the last window's (1.25 sigma
+    # sqrt(1 / min_window + 1 / w): three noisy first losses are no precise level)
     head = statistics.median(values[: th.min_window])
-    moved = abs(head - tr.last_median) >= 1.5 * band and abs(head - tr.last_median) >= th.flat_max_rel_change * abs(head)
-    if (abs(tr.rel_change) < th.flat_max_rel_change or within) and not moved:
+    head_band = th.flat_noise_multiple * 1.2533 * sigma * math.sqrt(1 / th.min_window + 1 / tr.window)
+    moved = abs(head - tr.last_median) >= head_band and abs(head - tr.last_median) >= th.flat_max_rel_change * abs(head)
+    # and only when the noise would have let a healthy fall be seen: within a band wider than
+    # `slow_max_rel_drop` of the level, a run falling 10% looks the same as one that does not move; a run with
+    # steps left by its plan has made only its share of that fall yet (so early in a run, only a quiet curve)
+    left = _steps_left(series, ctx)
+    share = left[0] / left[1] if left else 1.0
+    resolved = band < th.slow_max_rel_drop * share * abs(tr.first_median)
+    evidence["resolves_rel_change"] = round(band / abs(tr.first_median), 4) if tr.first_median else None
+    if (abs(tr.rel_change) < th.flat_max_rel_change or within) and not moved and resolved:
         msg = (
             f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over "
             f"steps {tr.first_step}-{tr.last_step} ({-tr.rel_change * 100:+.2f}%, within the noise of its first "
@@ -503,6 +531,17 @@ def _eval_bottomed(series: Series, th: Thresholds) -> tuple[int, float] | None:
     if not after or min(v for _, v in after) < evals[best_i][1] * (1 + th.overfit_min_rel_rise / 2):
         return None
     return evals[best_i]
+
+
+def _levelled(evals: Sequence[tuple[int, float]], th: Thresholds) -> bool:
+    """The eval loss fell in the first half of its evaluations and, per step, less than `slow_min_late_share` of
+    that in the second half: it has levelled off (three evaluations at least)."""
+    if len(evals) < 3:
+        return False
+    (s0, e0), (sm, em), (s1, e1) = evals[0], evals[len(evals) // 2], evals[-1]
+    early = (e0 - em) / (sm - s0) if sm > s0 else 0.0
+    late = (em - e1) / (s1 - sm) if s1 > sm else 0.0
+    return early > 0 and late < th.slow_min_late_share * early
 
 
 def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: float,
@@ -532,12 +571,23 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     # loss far above the train loss (another corpus) barely moves whatever the LR
     near = (train := train_loss_near(series.train, evals[-1][0])) is not None and evals[-1][1] - train < th.far_min_gap \
         if evals else False
-    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop and near
+    # ... and only while the eval loss still falls at its pace: one that fell, then levelled off, has found its
+    # floor on this data (a plateau, not an LR-limited fall)
+    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop and near and not _levelled(evals, th)
     lrs = [v for step, v in series.lr if step >= post[0][0] and v > 0]
     lr_constant = len(lrs) >= 2 and max(lrs) / min(lrs) <= 1.05
     limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still or lr_constant else 1.0)
+    # what the run has left to gain: with steps left by its plan, the drop it reaches by its last step if it
+    # keeps its latest pace (at most: a decaying LR slows it), not the drop so far
+    reach = total
+    left = _steps_left(series, ctx)
+    mid_step_ = post[len(post) // 2][0]
+    if left and tr.last_step > mid_step_ and head:
+        pace = tr.second_half_drop / (tr.last_step - mid_step_)
+        reach = total + max(0.0, pace) * (left[1] - left[0]) / abs(head)
+        evidence["reach_by_planned_end"] = round(reach, 4)
     if not (
-        0 < total < limit
+        total > 0 and reach < limit
         and significant
         and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
         and late_share >= th.slow_min_late_share

@@ -268,6 +268,22 @@ def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> Osc
     return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k, large)
 
 
+def trend_z(values: Sequence[float], max_points: int = 400) -> float:
+    """The Mann-Kendall statistic of `values` as a z-score: how far the count of rising minus falling pairs
+    (every pair, not two windows) lies from zero in standard deviations, negative for a fall. Rank-based, so
+    one outlier moves it by little, and it sees a slow steady fall that two window medians in wide noise miss;
+    |z| >= 2 is a trend at ~95%. A long series is thinned evenly to `max_points` (the test is O(n^2))."""
+    v = list(values)
+    if len(v) > max_points:
+        v = [v[i * len(v) // max_points] for i in range(max_points)]
+    n = len(v)
+    if n < 3:
+        return 0.0
+    s = sum((b > a) - (b < a) for i, a in enumerate(v) for b in v[i + 1 :])
+    var = n * (n - 1) * (2 * n + 5) / 18
+    return (s - (s > 0) + (s < 0)) / math.sqrt(var)  # continuity correction: 1 toward zero
+
+
 def _lag_sigma(values: Sequence[float], lag: int) -> float | None:
     diffs = [b - a for a, b in zip(values, values[lag:], strict=False)]
     if len(diffs) < 2:
