@@ -288,12 +288,13 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
     if tr.last_median <= th.overfit_memorise_loss:
         return None  # a memorised run's loss creeping 0.009 -> 0.014 is its jitter near zero, not a divergence
     # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
-    # oscillation or of batch-1 noise are not read as a rise; gradients grown by an order of magnitude are
-    # independent evidence of instability, and the rise then needs only the usual two standard errors
+    # oscillation or of batch-1 noise are not read as a rise; unless the gradients grew by an order of
+    # magnitude: that is independent evidence of the instability, and a loss back above its best says the
+    # optimizer no longer reduces it
     se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
     growth = _grad_growth(series, th)
     exploding = growth is not None and growth >= th.diverge_grad_growth
-    if tr.last_median - best <= (th.diverge_grad_noise_multiple if exploding else th.diverge_noise_multiple) * se:
+    if not exploding and tr.last_median - best <= th.diverge_noise_multiple * se:
         return None
     evidence = {
         "best_window_median": round(best, 4),

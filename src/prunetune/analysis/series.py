@@ -167,7 +167,9 @@ def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
 def windows(values: Sequence[float], th: Thresholds) -> tuple[list[float], list[float]]:
     n = len(values)
     w = max(th.min_window, min(th.max_window, int(round(n * th.window_fraction))))
-    w = min(w, n // 2)
+    # an even count where the points allow it: a high/low alternation (batches of two kinds taking turns) then
+    # puts as many highs as lows in every window, and window medians do not swing with the parity of the window
+    w = min(w + w % 2, n // 2)
     return list(values[:w]), list(values[n - w :])
 
 

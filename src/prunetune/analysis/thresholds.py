@@ -23,7 +23,10 @@ class Thresholds:
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
-    """Smallest window (points) whose median is trusted."""
+    """Smallest window (points) whose median is trusted; comparison windows are rounded up to an even count
+    where the points allow, so a high/low alternation (batches of two kinds taking turns) puts as many highs as
+    lows in each and window medians do not swing with the window's parity (the noise is read at lag 2 for the
+    same reason)."""
     max_window: int = 100
     """Largest window (points): more adds no robustness, only cost (`diagnose` runs after every log line)."""
     flat_max_rel_change: float = 0.005
@@ -98,13 +101,11 @@ class Thresholds:
     noise are not read as a rise (the best window is the lowest of many: 3, not 2); never for a last window at
     or below `overfit_memorise_loss` (a memorised run's loss creeping 0.009 -> 0.014 is jitter near zero) ..."""
     diverge_grad_growth: float = 10.0
-    """... or by more than `diverge_grad_noise_multiple` standard errors while the grad norm's last-window median
-    is this many times its first-window median: gradients grown by an order of magnitude mean the optimizer has
-    left its stable region (on the corpus of real logs, healthy and overfitting runs end within x4 of their
-    first grad norms; the lr 5e-4 run that climbed back from 0.48 to 0.82 went from 0.27 to 14) ..."""
-    diverge_grad_noise_multiple: float = 2.0
-    """... (the usual two standard errors: the grad norms are independent evidence of the instability, so the
-    rise needs no margin for being the highest of many windows)."""
+    """... or, whatever the noise, while the grad norm's last-window median is this many times its
+    first-window median: gradients grown by an order of magnitude mean the optimizer has left its stable region
+    (independent evidence of the instability), and a loss back above its best says it no longer reduces the
+    loss (on the corpus of real logs, healthy and overfitting runs end within x4 of their first grad norms; the
+    lr 5e-4 run that climbed back from 0.48 to 0.82 went from 0.27 to 14)."""
     blowup_factor: float = 1.5
     """`loss_diverging` (a blow-up) when, with `min_train_points` logged, at any point after the first log, the
     median of `blowup_points`
