@@ -387,8 +387,8 @@ def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
     return best, best_end
 
 
-def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
-    """(step, loss) where the train loss reached near zero after a much higher start: a memorised training set
+def _converged(series: Series, th: Thresholds) -> tuple[int, float, float] | None:
+    """(step, loss, start) where the train loss reached near zero after a much higher start: a memorised training set
     (printed with 4 decimals, its losses then repeat exactly), which no flat or oscillation verdict describes.
     Judged on the lowest running median of `min_window` points, so a run that memorised and then crept back up
     at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
@@ -396,12 +396,14 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
     w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
     if len(values) < w * 2 or min(values) < 0 or min(values) > th.flat_converged_loss:
         return None  # a negative loss is no cross-entropy; no window's median lies below the run's minimum
-    head = statistics.median(values[:w])
+    # where it started: its first logged loss, or its first window's median if higher (with a log every 500
+    # steps the first window already holds the memorised losses: 0.474, 0.026, 0.014, ...)
+    head = max(values[0], statistics.median(values[:w]))
     stride = max(1, (len(values) - 2 * w) // 200)  # at most ~200 windows: the low of a smooth curve needs no more
     lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1, stride)]
     low, i = min(lows)
     if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
-        return series.train[i + w // 2][0], low
+        return series.train[i + w // 2][0], low, head
     return None
 
 
@@ -616,8 +618,7 @@ def rule_memorised(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
     language-model loss: a preference loss (DPO) near zero is a separated pair, not memorised text."""
     if not series.lm or _converged(series, th) is None:
         return None
-    low_step, low = _converged(series, th)
-    start = statistics.median(v for _, v in series.train[: th.min_window])
+    low_step, low, start = _converged(series, th)
     step, end = series.train[-1]
     evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "train_loss_low": round(low, 6),
                 "low_step": low_step, "last_step": step, "points": len(series.train)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -139,6 +139,20 @@ def clean_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _stopped_on_request(records: Sequence[Mapping[str, Any]], max_steps: int | None, last: int,
+                        interval: int | None) -> bool:
+    """The training loop printed its end ("Training completed.", at no stated step) more than a logging interval
+    before its planned `max_steps`, with no early stopping in sight (no evaluation, or the latest one is the
+    best: early stopping ends a run only after its eval loss stopped improving): something asked it to stop."""
+    ends = [r for r in records if r.get("event") == "train_end"]
+    if not max_steps or not interval or not ends or any(r.get("step") is not None for r in ends) \
+            or any(r.get("event") in ("summary",) for r in records) or last + interval > max_steps:
+        return False
+    evals = [(r["step"], v) for r in records if r.get("event") == "eval" and isinstance(r.get("step"), int)
+             and (v := to_float(r.get("eval_loss"))) is not None and math.isfinite(v)]
+    return not evals or min(evals, key=lambda e: e[1]) == evals[-1]
+
+
 def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason: str | None = None) -> str | None:
     """Append one `stopped` record at the last step when the run did not finish: the log says why (`reason`:
     a traceback, KeyboardInterrupt) or it has no end-of-run record and ends before `max_steps`. A run that
@@ -151,12 +165,19 @@ def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason
         if events or not max_steps:
             return None
         steps = [0]  # training was announced (its step count printed) but no step was ever logged
+    ordered = sorted(set(steps))
+    gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False))
+    interval = gaps[len(gaps) // 2] if gaps else None
+    if reason is None and _stopped_on_request(records, max_steps, max(steps), interval):
+        reason = "stopped on request"
+        why = (f" (the end of training was printed {max_steps - max(steps)} steps before its planned {max_steps}, "
+               "and no early stopping shows in its evaluations: a stop request, such as a web UI's Abort)")
+        records.append({"event": "stopped", "step": max(steps), "reason": reason, "max_steps": max_steps,
+                        "message": f"training ended at step {max(steps)} of {max_steps}{why}"})
+        return reason
     if reason is None:
         if events & {"train_end", "final_eval", "summary"} or not max_steps or max(steps) >= max_steps:
             return None
-        ordered = sorted(set(steps))
-        gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False))
-        interval = gaps[len(gaps) // 2] if gaps else None
         if interval and max(steps) + interval > max_steps:
             # the log reached its last logging point: a run logging every `interval` steps logs no later one
             records.append({"event": "train_end", "step": max(steps),

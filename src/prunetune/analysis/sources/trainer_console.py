@@ -59,9 +59,10 @@ _TABLE_SPLIT = re.compile(r"\t+|\s{2,}|\s*\|\s*")
 TABLE_COLUMNS = {"step": "step", "epoch": "epoch", "training loss": "loss", "train_loss": "loss",
                  "train loss": "loss", "validation loss": "eval_loss", "valid_loss": "eval_loss",
                  "val_loss": "eval_loss", "eval_loss": "eval_loss", "eval loss": "eval_loss"}
-# the notebook's progress line: "[411/500 8:59:24 < 3:05:21, 0.01 it/s, Epoch 1.45/2]" (a bar at step 411 of 500)
-_NOTEBOOK_BAR = re.compile(r"\[(?P<n>\d+)/(?P<total>\d+) (?P<elapsed>[\d:]+)(?: < (?P<remaining>[\d:]+))?"
-                           r"(?:, (?P<rate>[\d.]+) (?P<unit>it/s|s/it))?(?:, Epoch [\d.]+/\d+)?\]")
+# the notebook's progress line: "[411/500 8:59:24 < 3:05:21, 0.01 it/s, Epoch 1.45/2]" (a bar at step 411 of 500;
+# the count is padded to the width of the total: "[ 90/495 07:24 < 34:04, ...]"); the training bar names the epoch
+_NOTEBOOK_BAR = re.compile(r"\[\s*(?P<n>\d+)/(?P<total>\d+) (?P<elapsed>[\d:]+)(?: < (?P<remaining>[\d:]+))?"
+                           r"(?:, (?P<rate>[\d.]+) (?P<unit>it/s|s/it))?(?P<epoch>, Epoch [\d.]+/\d+)?\]")
 _HTML_TABLE = re.compile(r"<table\b.*?</table>", re.IGNORECASE | re.DOTALL)
 _HTML_ROW = re.compile(r"<tr\b.*?</tr>", re.IGNORECASE | re.DOTALL)
 _HTML_CELL = re.compile(r"<t[hd]\b[^>]*>(.*?)</t[hd]>", re.IGNORECASE | re.DOTALL)
@@ -229,22 +230,27 @@ def _bar_desc(line: str, start: int) -> str:
 
 
 def _train_bar_total(bars: list[_Event]) -> str | None:
-    """The training bar's total: among the bars whose description does not name other work (loading weights,
-    tokenising, evaluating), the one whose count goes back least often (eval bars restart at every
-    evaluation; the training bar only at a resume), the first to appear on a tie."""
+    """The training bar's total: the notebook Trainer's own progress line with its epoch when there is one (a
+    user's tqdm loop around the training, "Training characters 0/1", is not it); else, among the bars whose
+    description does not name other work (loading weights, tokenising, evaluating), the one whose count goes
+    back least often (eval bars restart at every evaluation; the training bar only at a resume), the first to
+    appear on a tie."""
     seen: dict[str, list[int]] = {}
     named: dict[str, bool] = {}  # a bar described as something else than training (the Trainer's has no description)
+    trainer: set[str] = set()  # totals of the notebook Trainer's training progress line ("..., Epoch 1.45/2]")
     for ev in bars:
         desc = ev.data.get("desc") or ""
         if _NOT_TRAINING.search(desc):
             continue
         seen.setdefault(ev.data["total"], []).append(int(ev.data["n"]))
         named[ev.data["total"]] = named.get(ev.data["total"], False) or bool(desc and not _TRAINING.search(desc))
+        if ev.data.get("epoch"):
+            trainer.add(ev.data["total"])
     if not seen:
         return None
     drops = {t: sum(1 for a, b in zip(ns, ns[1:], strict=False) if b < a) for t, ns in seen.items()}
     order = list(seen)
-    return min(order, key=lambda t: (named[t], drops[t], order.index(t)))
+    return min(order, key=lambda t: (t not in trainer, named[t], drops[t], order.index(t)))
 
 
 def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
