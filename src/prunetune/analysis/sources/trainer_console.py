@@ -51,6 +51,8 @@ _INTERRUPT = re.compile(r"^\s*(?:\^C\s*)?(KeyboardInterrupt)\b|^(?:\^C)?(Traceba
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
 # the Trainer's end of training (logger.info) and its reload of the best checkpoint (load_best_model_at_end)
 _COMPLETED = re.compile(r"^(?:\[[^\]]*\][^>]*>>\s*|[A-Z]+:[\w.]+:\s*)?\s*Training completed\.")
+# fastai v1's end of fit(): its master bar's "Total time: 110:29:25"
+_FASTAI_DONE = re.compile(r"^\s*Total time:\s*\d+(?::\d\d)+\s*$")
 _BEST_LOADED = re.compile(r"Loading best (?:model|adapter)[^\n]*? from (\S+?)\s*\(score:\s*([^)]+)\)")
 # Jupyter's NotebookProgressCallback table, as copied out of a notebook ("Step  Training Loss  Validation Loss",
 # also its HTML: <th>Step</th><th>Training Loss</th>...), and fastai's ("epoch  train_loss  valid_loss  accuracy")
@@ -147,7 +149,9 @@ def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
         if (total := _TOTAL_STEPS.search(line)) is not None:
             events.append(_Event("total", i, int(total.group(1).replace(",", ""))))
         if _COMPLETED.search(line):
-            events.append(_Event("completed", i, None))
+            events.append(_Event("completed", i, "'Training completed.' in the log"))
+        elif _FASTAI_DONE.match(line):
+            events.append(_Event("completed", i, "fastai's 'Total time' at the end of fit()"))
         if (best := _BEST_LOADED.search(line)) is not None:
             events.append(_Event("best", i, {"checkpoint": best.group(1).rstrip(".,"), "score": _num(best.group(2))}))
         if _TABLE_HEADER.search(line):
@@ -386,7 +390,7 @@ class _Fold:
         elif ev.kind == "completed":
             self.ended = True
             if not any(r["event"] == "train_end" for r in self.records):
-                self.append({"event": "train_end", "step": None, "evidence": "'Training completed.' in the log"})
+                self.append({"event": "train_end", "step": None, "evidence": ev.data})
         elif ev.kind == "best":
             self.meta["best_checkpoint"] = ev.data["checkpoint"]
             step = _checkpoint_step(ev.data["checkpoint"])
