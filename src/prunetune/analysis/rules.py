@@ -98,11 +98,13 @@ def _warmup(series: Series, ctx: FixContext) -> int | None:
 
 
 def _steps_left(series: Series, ctx: FixContext) -> tuple[int, int] | None:
-    """(last step logged, planned steps) while the run has steps left to go by its plan (the records' or the
-    settings' max_steps), else None: a finished run, an excerpt that states no plan, a log without steps (a
-    step estimated from the epoch is on the plan's scale; one read from the line order states no plan)."""
+    """(last step logged, planned steps) while the run is still going and has steps left by its plan (the
+    records' or the settings' max_steps): a live run is judged against what it has left. None once the records
+    show its end or its stop (what it did is then all there is: a user often stops a run because it looks
+    wrong), for an excerpt that states no plan, a log without steps (a step estimated from the epoch is on the
+    plan's scale; one read from the line order states no plan)."""
     planned = series.max_steps or ctx.value("max_steps")
-    if not series.train or not planned:
+    if not series.train or not planned or series.ended or series.stopped:
         return None
     last = series.train[-1][0]
     return (last, int(planned)) if 0 < last < planned else None
