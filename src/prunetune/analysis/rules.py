@@ -10,7 +10,10 @@ prints each alert kind once) and after the fact (`prunetune report`). Hence two 
 The trend rules read the shape of the curve, not two windows: the train curve is judged after its warm-up
 (from the logged LR, else the configured warm-up), against its own noise; a blow-up after the first updates is
 a divergence however the curve drifts later; "too slow" compares the pace after warm-up per unit of LR and
-stays quiet once the eval loss has bottomed.
+stays quiet once the eval loss has bottomed. A run still going is judged against the steps its plan has left
+(an early stretch of a long run is no evidence of a flat or slow run); a run whose end or stop the records show,
+on what it did. At the end of a run the live oscillation rule is replayed over it, so a report says what the
+live alerts would have said.
 
 Anomaly kinds (`ANOMALY_KINDS`, the vocabulary of `report.json` and of `alert` records):
 

@@ -18,8 +18,9 @@ class Thresholds:
     diverging) may fire (each is also tested against the run's own noise); with logging every 10 steps that is
     80 steps ..."""
     min_train_steps: int = 40
-    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge; a log
-    that states no step, read by its line order, is judged on its points)."""
+    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge a trend;
+    a log that states no step, read by its line order, is judged on its points). Not for oscillation: a jump is
+    between two consecutive logs whatever steps they span."""
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
@@ -35,7 +36,10 @@ class Thresholds:
     flat_noise_multiple: float = 2.0
     """... or by less than this many standard errors of the difference of two window medians
     (sqrt(2) x 1.25 sigma / sqrt(window), sigma the robust point-to-point noise) while no window on the way
-    strayed more than 1.5 times that band: nothing stands out of the noise, whatever the noise level."""
+    strayed more than 1.5 times that band, the rank test of every pair of points shows no trend (Mann-Kendall
+    |z| below this: a slow steady fall that two windows in wide noise miss) and the first `min_window` losses
+    lie within this many standard errors of the last window (their median's error is the larger): nothing
+    stands out of the noise, whatever the noise level."""
     flat_identical_points: int = 6
     """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, half
     as many consecutive grad norms are exactly 0 or evaluations exactly equal (at least 3), or a stretch of this
@@ -48,7 +52,9 @@ class Thresholds:
     slow_max_rel_drop: float = 0.1
     """`loss_slow` when the loss fell by less than this fraction from its first logged value (the median of
     the first `min_window` points, warm-up included: the drop a warm-up makes is progress) to the median of
-    the last window ..."""
+    the last window (a run still going: the drop it reaches by its planned last step at its latest pace) ...
+    Also the smallest fall a healthy run makes: `loss_flat` is only claimed when the noise band would have
+    shown a fall of this size (a run still going: its share of it so far)."""
     slow_eval_still_factor: float = 1.6
     """... or by less than this many times `slow_max_rel_drop` (16%: a run ending 10-15% below its start)
     at a constant LR or when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
