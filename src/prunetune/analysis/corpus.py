@@ -242,7 +242,8 @@ def scores(cases: Sequence[Case], outcomes: Mapping[str, Outcome]) -> dict[str, 
     return out
 
 
-def _fmt(value: float | None) -> str:
+def fmt_score(value: float | None) -> str:
+    """A precision or recall as RULES.md and bench/RESULTS.md print it (`-` where nothing was counted)."""
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -257,7 +258,7 @@ def markdown(recorded: Mapping[str, Any]) -> str:
         labelled = f"{cells['dev']['tp'] + cells['dev']['fn']}/{cells['test']['tp'] + cells['test']['fn']}"
         row = [f"`{kind}`", labelled]
         for h in HALVES:
-            row += [_fmt(cells[h]["precision"]), _fmt(cells[h]["recall"])]
+            row += [fmt_score(cells[h]["precision"]), fmt_score(cells[h]["recall"])]
         lines.append("| " + " | ".join(row) + " |")
     summary, live = [], []
     for h in HALVES:
@@ -284,8 +285,8 @@ def _half_table(half: Mapping[str, Any]) -> str:
     lines = ["| kind | tp | fp | fn | precision | recall |", "|---|---:|---:|---:|---:|---:|"]
     for group in ("kinds", "status"):
         for kind, sc in half[group].items():
-            lines.append(f"| {kind} | {sc['tp']} | {sc['fp']} | {sc['fn']} | {_fmt(sc['precision'])} | "
-                         f"{_fmt(sc['recall'])} |")
+            lines.append(f"| {kind} | {sc['tp']} | {sc['fp']} | {sc['fn']} | {fmt_score(sc['precision'])} | "
+                         f"{fmt_score(sc['recall'])} |")
     return "\n".join(lines) + (f"\n\n{half['correct']}/{half['cases']} read right, {half['healthy_false_alarms']} "
                                f"false alarms on {half['healthy']} healthy runs\n")
 
