@@ -589,9 +589,8 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     # keeps its latest pace (at most: a decaying LR slows it), not the drop so far
     reach = total
     left = _steps_left(series, ctx)
-    mid_step_ = post[len(post) // 2][0]
-    if left and tr.last_step > mid_step_ and head:
-        pace = tr.second_half_drop / (tr.last_step - mid_step_)
+    if left and tr.last_step > mid_step and head:
+        pace = tr.second_half_drop / (tr.last_step - mid_step)
         reach = total + max(0.0, pace) * (left[1] - left[0]) / abs(head)
         evidence["reach_by_planned_end"] = round(reach, 4)
     if not (
@@ -765,9 +764,8 @@ def judge(
     the weaker echoes dropped."""
     ctx = context or FixContext()
     found: list[Anomaly] = []
-    rules = LIVE_RULES + (FINAL_RULES if final else ())
     named_sets = [name for name in series.eval_sets if name] if len(series.eval_sets) > 1 else []
-    for rule in rules:
+    for rule in LIVE_RULES:
         if rule in EVAL_RULES and named_sets:
             found += [_for_eval_set(a, name) for name in series.eval_sets
                       if (a := rule(series.for_eval_set(name), thresholds, ctx)) is not None]
@@ -780,6 +778,12 @@ def judge(
     kinds = {a.kind for a in found}
     dropped = {k for kind in kinds for k in SUPPRESSES.get(kind, ())}
     found = [a for a in found if a.kind not in dropped]
+    # the end-of-run findings come last: what the live rules said earlier (an oscillation that calmed) never
+    # explains away what the curve shows now, and a note never an alarm
+    for rule in FINAL_RULES if final else ():
+        anomaly = rule(series, thresholds, ctx)
+        if anomaly is not None and anomaly.kind not in kinds | dropped:
+            found.append(anomaly)
     found.sort(key=lambda a: (-SEVERITIES.index(a.severity), ANOMALY_KINDS.index(a.kind)))
     return found
 
