@@ -12,7 +12,7 @@ import pytest
 from prunetune.analysis.anomaly import ANOMALY_KINDS, NOTE_KINDS, Anomaly
 from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import diagnose
-from prunetune.analysis.series import oscillation_stats, trend_stats, warmup_end_index
+from prunetune.analysis.series import oscillation_stats, trend_stats, trend_z, warmup_end_index, windows
 from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
 from prunetune.analysis.verdicts import rate_perplexity, verdicts
 from prunetune.fmt import fmt_lr
@@ -306,6 +306,13 @@ def test_statistics_helpers():
     osc = oscillation_stats([(i * 10, 5.0 + (1 if i % 2 else -1)) for i in range(20)], th)
     assert osc is not None and osc.sign_change_fraction == 1.0 and osc.rel_amplitude == pytest.approx(0.4, rel=0.05)
     assert trend_stats(pts[:3], th) is None
+    # Mann-Kendall by hand: n=5 strictly rising has S=10 and variance 5*4*15/18; continuity-corrected z=9/sd
+    assert trend_z([1, 2, 3, 4, 5]) == pytest.approx(9 / math.sqrt(5 * 4 * 15 / 18))
+    assert trend_z([3, 2, 1]) < 0 and trend_z([2.5] * 20) == 0.0
+    # ties carry no order: 1,1,2,2,3,3 has S=12 and variance (6*5*17 - 3*(2*1*9)) / 18
+    assert trend_z([1, 1, 2, 2, 3, 3]) == pytest.approx(11 / math.sqrt((6 * 5 * 17 - 3 * 18) / 18))
+    windows_even = windows([1.0] * 9, th)
+    assert len(windows_even[0]) == 4  # rounded up to an even count: an alternation never swings a median
 
 
 def test_fmt_lr():

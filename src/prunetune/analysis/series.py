@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -282,8 +283,10 @@ def trend_z(values: Sequence[float], max_points: int = 400) -> float:
     if n < 3:
         return 0.0
     s = sum((b > a) - (b < a) for i, a in enumerate(v) for b in v[i + 1 :])
-    var = n * (n - 1) * (2 * n + 5) / 18
-    return (s - (s > 0) + (s < 0)) / math.sqrt(var)  # continuity correction: 1 toward zero
+    # tied values (losses printed to 4 decimals repeat) carry no order: the variance without their pairs
+    ties = sum(t * (t - 1) * (2 * t + 5) for t in Counter(v).values() if t > 1)
+    var = (n * (n - 1) * (2 * n + 5) - ties) / 18
+    return (s - (s > 0) + (s < 0)) / math.sqrt(var) if var > 0 else 0.0  # continuity correction: 1 toward zero
 
 
 def _lag_sigma(values: Sequence[float], lag: int) -> float | None:
