@@ -230,14 +230,14 @@ def _to_infinity(series: Series, ctx: FixContext) -> Anomaly | None:
         return None
     step = inf[0]
     evidence: dict[str, Any] = {"inf_step": step}
-    before = ""
+    came = ""
     if series.train:
         (last_step, last), first = series.train[-1], series.train[0][1]
         evidence.update(last_finite_loss=last, last_finite_step=last_step)
-        before = f" (the last finite loss: {fmt_sig(last)} at {_at(series, last_step)}" + (
-            f", from {fmt_sig(first)} at the first log)" if len(series.train) > 1 else ")")
-    msg = (f"train loss rose to inf at {_at(series, step)}{before} and never came back to a finite value: the run "
-           "diverged: the LR is too high.")
+        came = (f" from {fmt_sig(first)} at the first log over" if len(series.train) > 1 else " from") + \
+            f" {fmt_sig(last)} at {_at(series, last_step)}"
+    msg = (f"train loss went{came} to inf at {_at(series, step)}, and no finite loss came after it: the run diverged: "
+           "the LR is too high.")
     return _anomaly("loss_diverging", "error", msg, evidence,
                     fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series)), step)
 
