@@ -185,6 +185,11 @@ def test_training_completed_far_before_its_plan_without_early_stopping_was_stopp
     ordered = sorted(entries + evals, key=lambda e: (e["step"], "eval_loss" in e))
     log.write_text(console(ordered, 17000, tail=tail))
     assert report(log)["summary"]["status"] == "finished"
+    # a run that ends a few steps short of its printed total (a last, partial accumulation dropped) finished
+    short = [{"loss": round(2.0 - 0.001 * i, 4), "learning_rate": 5e-5, "epoch": i / 100, "step": i}
+             for i in range(1, 99)]
+    log.write_text(console(short, 100, tail=tail))
+    assert report(log)["summary"]["status"] == "finished"
 
 
 def test_a_notebook_trainer_progress_line_is_the_training_bar(tmp_path):

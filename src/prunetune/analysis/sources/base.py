@@ -141,13 +141,16 @@ def clean_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _stopped_on_request(records: Sequence[Mapping[str, Any]], max_steps: int | None, last: int,
                         interval: int | None) -> bool:
-    """The training loop ended ("Training completed.", its train metrics, should_training_stop) more than a
-    logging interval before its planned `max_steps`, with no early stopping in sight (no evaluation, or the
+    """The training loop ended ("Training completed.", its train metrics, should_training_stop) well before its
+    planned `max_steps` (by more than a logging interval and 2% of the plan), with no early stopping in sight (no evaluation, or the
     latest one is the best: early stopping ends a run only after its eval loss stopped improving): something
     asked it to stop (a web UI's Abort, a callback), and the run did not do what it planned."""
     ends = [r for r in records if r.get("event") == "train_end"]
-    if not max_steps or not interval or not ends or last + interval > max_steps \
-            or any(isinstance(r.get("step"), int) and r["step"] + interval > max_steps for r in ends) \
+    # short by more than a logging interval and more than 2% of the plan: the Trainer's epoch arithmetic (a last,
+    # partial accumulation dropped) ends a run that did finish a few steps short of its printed total
+    margin = max(interval or 0, 0.02 * (max_steps or 0))
+    if not max_steps or not interval or not ends or last + margin >= max_steps \
+            or any(isinstance(r.get("step"), int) and r["step"] + margin >= max_steps for r in ends) \
             or any(r.get("event") == "summary" for r in records):
         return False
     evals = [(r["step"], v) for r in records if r.get("event") == "eval" and isinstance(r.get("step"), int)
