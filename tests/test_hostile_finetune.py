@@ -24,6 +24,7 @@ from prunetune import rundir
 from prunetune.errors import UserError
 from prunetune.finetune import callbacks
 from prunetune.finetune.engine import run_finetune
+from prunetune.finetune.resume import ENDING_EVENTS
 from prunetune.finetune.trainer import CHECKPOINT_STAGING
 from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import load_model
@@ -43,6 +44,16 @@ def finished(pruned_dir, shared_data, tmp_path_factory) -> Path:
     result, _ = run(small_config(pruned_dir, out, shared_data, max_steps=8, logging_steps=1, eval_steps=4,
                                  save_steps=4, warmup_steps=2))
     assert result["status"] == "completed"
+    return out
+
+
+def _interrupted(finished: Path, out: Path, *dropped: str) -> Path:
+    """A copy of the finished run as a run killed after its last training step: its result, the directories in
+    `dropped` and the records of its ending (train_end ... summary) are not there. "Finished" is what the
+    records say, so deleting the result alone would not make a run unfinished."""
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", *dropped))
+    kept = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] not in ENDING_EVENTS]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     return out
 
 
@@ -87,9 +98,7 @@ def _foreign_lock(directory: Path) -> subprocess.Popen:
 
 def test_second_writer_is_refused_and_a_dead_lock_taken_over(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    for ckpt in ("checkpoint-8", "adapter"):
-        shutil.rmtree(out / ckpt)
+    _interrupted(finished, out, "checkpoint-8")
     before = (out / "metrics.jsonl").read_text()
     holder = _foreign_lock(out)
     try:
@@ -137,7 +146,7 @@ def test_checkpoints_are_staged_then_renamed(finished):
 @pytest.mark.parametrize("damage", ["interrupted_save", "truncated_adapter", "truncated_optimizer"])
 def test_auto_resumes_from_the_newest_complete_checkpoint(finished, pruned_dir, shared_data, tmp_path, damage):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter"))
+    _interrupted(finished, out)
     newest = out / "checkpoint-8"
     if damage == "interrupted_save":  # kill -9 mid-save: the staging dir, and a checkpoint-8 of an old version
         shutil.copytree(newest, out / CHECKPOINT_STAGING / "checkpoint-8")
@@ -157,7 +166,7 @@ def test_auto_resumes_from_the_newest_complete_checkpoint(finished, pruned_dir, 
 def test_explicit_damaged_checkpoint_is_one_line_error_and_touches_nothing(finished, pruned_dir, shared_data,
                                                                            tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter"))
+    _interrupted(finished, out)
     (out / "checkpoint-8/optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(UserError, match=r"cannot be resumed: optimizer.pt is unreadable") as err:
@@ -190,7 +199,7 @@ def test_refused_preflight_leaves_no_directory(pruned_dir, shared_data, tmp_path
 # -- 15: a new --lr on resume is what trains -----------------------------------------------------------------
 def test_resume_with_a_new_lr_applies_it(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    _interrupted(finished, out, "checkpoint-8")
     result, console = run(_resume_cfg(pruned_dir, out, shared_data, lr=3e-4))
     assert result["status"] == "completed"
     records = read_jsonl(out / "metrics.jsonl")
@@ -251,7 +260,7 @@ def test_block_size_above_context_is_refused(pruned_dir, shared_data, tmp_path):
 # -- 19: after a resume the summary covers the whole run ------------------------------------------------------
 def test_summary_after_resume_covers_the_whole_run(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    _interrupted(finished, out, "checkpoint-8")
     result, console = run(_resume_cfg(pruned_dir, out, shared_data))
     want = next(r for r in read_jsonl(finished / "metrics.jsonl") if r["event"] == "summary")
     got = next(r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "summary")
@@ -319,7 +328,7 @@ def test_unwritable_out_is_refused_before_work(pruned_dir, shared_data, tmp_path
     blocker = tmp_path / "file.txt"
     blocker.write_text("mine")
     out = blocker if where == "a_file" else blocker / "run"
-    with pytest.raises(UserError, match="is a file"):
+    with pytest.raises(UserError, match="is a file|under the file"):
         run(small_config(pruned_dir, out, shared_data))
     assert blocker.read_text() == "mine"
 
@@ -337,7 +346,7 @@ def test_a_finished_sparse_ft_run_is_not_restarted(pruned_dir, shared_data, tmp_
 
 def test_resume_with_settings_that_change_the_run_is_refused(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    _interrupted(finished, out, "checkpoint-8")
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(UserError, match=r"--block-size is 64 but the run .* trains with 32.*--config .*run_config"):
         run(_resume_cfg(pruned_dir, out, shared_data, block_size=64))

@@ -183,8 +183,8 @@ def _inputs(cfg: MergeConfig) -> _Loaded:
     """Every input checked before any weight is loaded."""
     adapter = check_adapter(cfg.adapter)
     pruned = pruned_dir(cfg, adapter)
-    out = rundir.check_output(cfg.out, inputs=[adapter, pruned], overwrite=cfg.overwrite,
-                              owned=[rundir.MERGE_JSON, "config.json"])
+    out = rundir.check_output(cfg.out, inputs=[adapter, pruned], overwrite=cfg.overwrite)
+    rundir.check_space(out, rundir.weights_bytes(pruned) // 2, doing="the merged model")  # at least half: bf16
     method = adapter_method(adapter)
     if method.exact_merge and not cfg.keep_sparsity:
         raise UserError(f"adapter {cfg.adapter!r} is a {method.name} adapter (it never trained the pruned "
@@ -245,7 +245,7 @@ def _merge(cfg: MergeConfig, run: _Loaded, console: Console) -> tuple[Any, dict[
 def _save(cfg: MergeConfig, run: _Loaded, merged, record: dict[str, Any]) -> None:
     """Everything staged, then swapped in: never half a merged model, never a user's file removed."""
     with rundir.staged_output(run.out, inputs=[run.adapter, run.pruned], overwrite=cfg.overwrite,
-                              owned=[rundir.MERGE_JSON, "config.json"], command="prunetune merge") as staging:
+                              command="prunetune merge", what="the merged model") as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         run.tokenizer.save_pretrained(staging)
         rundir.copy_masks(run.pruned, staging)

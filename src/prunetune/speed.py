@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from prunetune.architecture import prunable_linears
-from prunetune.devices import DTYPE_NAMES, default_device, dtype_name
+from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, free_memory
 from prunetune.errors import UserError
-from prunetune.models import load_model
+from prunetune.models import context_length, load_config, load_model
+from prunetune.oserrors import is_out_of_memory
 from prunetune.rundir import EXPORT_JSON, PRUNE_JSON, check_readable_dir, read_pruned
 from prunetune.sparsity.patterns import Pattern, parse_pattern
 
@@ -295,6 +296,29 @@ def _pruned_pattern(model_dir: Path) -> Pattern:
     return parse_pattern("unstructured")
 
 
+def check_sizes(cfg: SpeedConfig, config: Any, device: str, dtype: torch.dtype) -> None:
+    """Refuse, before any weight is loaded, a measurement beyond the model's context (it would time positions the
+    model was never trained for) or one whose inputs and logits alone cannot be allocated on `device`."""
+    context = context_length(config)
+    longest = max(cfg.seqlen, cfg.prompt + cfg.new_tokens)
+    if context is not None and longest > context:
+        which = f"--seqlen {cfg.seqlen}" if cfg.seqlen >= cfg.prompt + cfg.new_tokens else \
+            f"--prompt {cfg.prompt} + --new-tokens {cfg.new_tokens}"
+        raise UserError(f"{which} exceeds the model's context of {context} tokens: speed would be measured on "
+                        f"positions the model never handles; use at most {context} tokens")
+    batch = max(cfg.batch)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    width = torch.finfo(dtype).bits // 8
+    # A lower bound of one forward pass: the token ids, the logits and two hidden states of the largest batch.
+    need = batch * cfg.seqlen * (8 + vocab * width + 2 * hidden * width)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"--batch {batch} x --seqlen {cfg.seqlen} needs at least {need / 2**30:,.1f} GiB on {device} "
+                        f"for one forward pass (ids, logits of {vocab} tokens, hidden states) but "
+                        f"{free / 2**30:,.1f} GiB are free; lower --batch or --seqlen")
+
+
 def _load(spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
     model, _ = load_model(spec, dtype=dtype, device=device, log=log)  # also decompresses a compressed export
     return model
@@ -308,6 +332,7 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
     pattern = _pruned_pattern(model_dir)
     dense_spec = cfg.dense or read_pruned(model_dir).base_model
+    check_sizes(cfg, load_config(str(model_dir), log=log), device, dtype)  # before any weight is loaded
     variants: list[tuple[str, nn.Module, str]] = []
     if dense_spec:
         log(f"Dense model {dense_spec}")
@@ -318,7 +343,13 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     sparse = _load(str(model_dir), dtype, device, log)
     kernel, replaced = sparsify(sparse, pattern, device, dtype)
     variants.append(("pruned (sparse kernels)", sparse, f"{replaced} linears: {kernel}"))
-    rows = [row for b in cfg.batch for row in _measure_batch(variants, b, cfg, device, log)]
+    try:
+        rows = [row for b in cfg.batch for row in _measure_batch(variants, b, cfg, device, log)]
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise UserError(f"out of memory measuring --batch {','.join(map(str, cfg.batch))} x --seqlen {cfg.seqlen} on "
+                        f"{device}; lower --batch or --seqlen") from None
 
     sweeps = []
     if cfg.breakeven:

@@ -9,6 +9,7 @@ Extension points for recovery methods:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -20,11 +21,12 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from prunetune import phases
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import FinetuneData
 from prunetune.finetune.distill import DistillSpec, distill_compute_loss
-from prunetune.rundir import publish_dir
+from prunetune.rundir import claim, publish_dir
 from prunetune.runinfo import write_json
 
 # A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
@@ -110,13 +112,23 @@ class PrunetuneTrainer(Trainer):
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+                _point_into(staging_root / name / "trainer_state.json", staging_root, run_dir)
+        except BaseException:
+            # A save that failed (a full disk, a signal) leaves no half checkpoint, and frees what it took.
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise
         finally:
             self.args.output_dir = str(run_dir)
         self._barrier()
         if self.args.should_save:
-            write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+            phases.boundary("checkpoint-staged")
+            claim(run_dir, [name], "prunetune finetune")  # listed before it appears
             publish_dir(staging_root / name, run_dir / name)
             shutil.rmtree(staging_root, ignore_errors=True)
+            phases.boundary("checkpoint")
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}").is_dir():
                 self.state.best_model_checkpoint = str(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}")
@@ -127,6 +139,16 @@ class PrunetuneTrainer(Trainer):
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _point_into(state_file: Path, staging_root: Path, run_dir: Path) -> None:
+    """The Trainer wrote the checkpoint's state while its output dir was the staging dir: its best-checkpoint path
+    names the staging dir, which is gone once the checkpoint is published. Point it at the run directory."""
+    state = json.loads(state_file.read_text())
+    best = state.get("best_model_checkpoint")
+    if isinstance(best, str) and best.startswith(str(staging_root)):
+        state["best_model_checkpoint"] = str(run_dir) + best[len(str(staging_root)):]
+        write_json(state_file, state)
 
 
 def world_size() -> int:

@@ -28,7 +28,6 @@ from prunetune.pruning.layers import capture_inputs, owl_targets, prune_layers
 from prunetune.pruning.matrix import MatrixRecipe
 from prunetune.pruning.precision import resolve_precision
 from prunetune.pruning.setup import (
-    OWNED,
     PruneSession,
     check_out,
     eval_tokens,
@@ -151,8 +150,8 @@ def save(s: PruneSession, out: Path, replace: bool, t_start: float) -> None:
     save never leaves a half-written model."""
     t = time.perf_counter()
     pattern = s.recipe.pattern
-    with staged_output(out, inputs=input_paths(s.cfg), overwrite=replace, owned=OWNED,
-                       command="prunetune prune") as staging:
+    with staged_output(out, inputs=input_paths(s.cfg), overwrite=replace, command="prunetune prune",
+                       what="the pruned model") as staging:
         s.model.save_pretrained(staging)
         s.tokenizer.save_pretrained(staging)
         pattern_meta = {"pattern": pattern.name, "compare": s.recipe.compare, "method": s.cfg.method}
