@@ -8,7 +8,6 @@ negative log-likelihood, perplexity = exp(mean).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,16 +104,7 @@ FORMAT = "prunetune-eval/1"
 def _check_out(out: Path) -> None:
     """An existing results file of ours (it says so: `format`) may be refreshed; anything else is the user's and
     is kept, whatever it holds."""
-    check_writable_file(out, "--out")
-    if out.exists():
-        try:
-            record = json.loads(out.read_text(encoding="utf-8"))
-            ours = isinstance(record, dict) and record.get("format") == FORMAT
-        except (ValueError, OSError):
-            ours = False
-        if not ours:
-            raise UserError(f"--out {str(out)!r} exists and is not a prunetune eval file (prunetune never replaces "
-                            "files it did not write); choose another path")
+    check_writable_file(out, "--out", form=FORMAT)
 
 
 @dataclass
@@ -150,7 +140,8 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, A
             tasks=cfg.tasks, limit=cfg.limit, task_dir=cfg.task_dir, batch_size=cfg.batch_size or 1),
             log=console.print)
     results |= {
-        "format": FORMAT, "dtype": dtype_name(loaded.dtype), "dtype_reason": loaded.dtype_reason, "sparsity": loaded.sparsity,
+        "format": FORMAT, "dtype": dtype_name(loaded.dtype), "dtype_reason": loaded.dtype_reason,
+        "sparsity": loaded.sparsity,
         "evaluated": {**asdict(cfg), "model": loaded.spec, "device": loaded.device,
                       **({"origin": text.origin, "data_note": text.note,
                           "total_tokens": results.pop("total_tokens")} if text else {})},

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from prunetune import rundir
+from prunetune import phases, rundir
 from prunetune.architecture import module_type
 from prunetune.data import TextSplit, load_text, tokenize
 from prunetune.devices import default_device
@@ -293,6 +293,7 @@ def _run(cfg: MergeConfig, run: _Loaded, console: Console, start: float) -> dict
             perplexities["unmerged"] = _perplexity(run.peft_model, ids, cfg, seqlen)
         console.print(f"  perplexity unmerged (base + adapter): {perplexities['unmerged']['perplexity']:.4f}")
     merged, sparsity = _merge(cfg, run, console)
+    phases.boundary("merged")
     if ids is not None:
         perplexities |= _eval_merged(cfg, merged, ids, seqlen, perplexities["unmerged"], console)
     record = _record(cfg, run, lora_cfg, targets, sparsity, perplexities, seqlen) | {

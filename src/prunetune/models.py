@@ -37,9 +37,9 @@ from prunetune.oserrors import link_problem, user_error
 from prunetune.rundir import (
     STAGING_PREFIX,
     check_adapter_dir,
+    check_complete,
     check_readable_files,
     check_safetensors,
-    incomplete,
     run_lock,
 )
 
@@ -107,9 +107,7 @@ def resolve_model(spec: str) -> ModelRef:
             raise UserError(f"model directory {spec!r}: permission denied; make it readable (chmod -R a+rX) or copy it")
         if not (path / "config.json").is_file():
             raise UserError(f"{spec!r} is a directory without config.json; give a Transformers model directory")
-        if incomplete(path):
-            raise UserError(f"model directory {spec!r} is incomplete: a prunetune write into it was interrupted "
-                            "(its file list says so); run the command that writes it again")
+        check_complete(path, "model directory")
         check_readable_files(path, "model")  # the real cause (permission, truncation) before a loader guesses
         return ModelRef(spec, "dir", str(path.resolve()))
     if path.exists():

@@ -28,7 +28,7 @@ from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, free_memo
 from prunetune.errors import UserError
 from prunetune.models import context_length, load_config, load_model
 from prunetune.oserrors import is_out_of_memory
-from prunetune.rundir import EXPORT_JSON, PRUNE_JSON, check_readable_dir, read_pruned
+from prunetune.rundir import EXPORT_JSON, PRUNE_JSON, check_readable_dir, check_writable_file, read_pruned
 from prunetune.sparsity.patterns import Pattern, parse_pattern
 
 _Log = Callable[[str], None]
@@ -36,6 +36,8 @@ SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gat
                   "down_proj": (576, 1536)}
 """(out, in) of SmolLM2-135M's decoder linears: the shapes of the break-even sweep."""
 SWEEP_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+FORMAT = "prunetune-speed/1"
+"""In every results file: the file's statement that prunetune wrote it (what lets a rerun replace it)."""
 
 
 def int_tuple(value: str | int | tuple[int | str, ...] | list[int | str]) -> tuple[int, ...]:
@@ -327,6 +329,9 @@ def _load(spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
 def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     from prunetune.runinfo import machine, write_json
 
+    if cfg.out:
+        # a link loop, a read-only place, a file of the user's: refused before any measurement
+        check_writable_file(cfg.out, "--out", form=FORMAT)
     device = default_device(cfg.device)
     dtype = DTYPE_NAMES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
@@ -360,7 +365,7 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
                                               rounds=max(10, 3 * cfg.repeats)))
     result = SpeedResult(rows, pattern.name, kernel, device, dtype_name(dtype), sweeps, machine())
     if cfg.out:
-        write_json(cfg.out, {**result.to_json(), "config": asdict(cfg)})
+        write_json(cfg.out, {"format": FORMAT, **result.to_json(), "config": asdict(cfg)})
     return result
 
 

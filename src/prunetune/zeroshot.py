@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from prunetune.configfile import yaml_problem
 from prunetune.errors import UserError
 from prunetune.rundir import read_bytes
 
@@ -93,10 +94,7 @@ def _parse_task_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise UserError(f"task file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"task file {str(path)!r} is not valid YAML{where}: {problem}; fix its syntax") from None
+        raise UserError(f"task file {str(path)!r} is not valid YAML{yaml_problem(err)}; fix its syntax") from None
     if not isinstance(doc, dict):
         raise UserError(f"task file {str(path)!r} holds a {type(doc).__name__}, not an lm-eval task (a mapping with "
                         "`task:`, `dataset_path:`, `doc_to_text:` ...); see lm-eval's task guide")

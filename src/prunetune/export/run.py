@@ -26,11 +26,11 @@ from prunetune.models import first_line
 from prunetune.oserrors import check_links
 from prunetune.rundir import (
     EXPORT_JSON,
+    check_complete,
     check_output,
     check_readable_dir,
     check_readable_files,
     check_space,
-    incomplete,
     staged_output,
     weights_bytes,
 )
@@ -130,9 +130,7 @@ def _check_source(cfg: ExportConfig) -> Path:
         raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
     if is_sparse_export(model_dir):
         raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
-    if incomplete(model_dir):
-        raise UserError(f"MODEL_DIR {str(model_dir)!r} is incomplete: a prunetune write into it was interrupted (its "
-                        "file list says so); run the command that writes it again")
+    check_complete(model_dir, "MODEL_DIR")
     check_readable_files(model_dir, "MODEL_DIR")  # unreadable or truncated weights: named now, not mid-load
     out = check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite)  # before any work
     check_space(out, weights_bytes(model_dir) // 4, doing="the export")  # at least a quarter, whatever the format

@@ -134,15 +134,16 @@ def select_checkpoint(cfg: FinetuneConfig, out: Path) -> ResumePoint | None:
     skipped = []
     if (out / CHECKPOINT_STAGING).exists():
         skipped.append(f"{out / CHECKPOINT_STAGING}: a checkpoint whose save was interrupted")
+    damaged = []
     for _, path in checkpoints(out):
         problem = checkpoint_problem(path)
         if problem is None:
-            return ResumePoint(path, _step(path), tuple(skipped))
-        skipped.append(f"{path.name}: {problem}")
-    if skipped:
-        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped)}); "
+            return ResumePoint(path, _step(path), tuple(skipped + damaged))
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped + damaged)}); "
                         "add --overwrite to start the run over")
-    return None
+    return None  # at most a save that never completed: nothing to resume, the run starts over
 
 
 def finished_step(out: Path) -> int | None:

@@ -9,6 +9,7 @@ Extension points for recovery methods:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import FinetuneData
 from prunetune.finetune.distill import DistillSpec, distill_compute_loss
 from prunetune.rundir import claim, publish_dir
-from prunetune.runinfo import write_json
+from prunetune.runinfo import write_json, write_text
 
 # A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
 # `checkpoint-N` directory is always complete (a kill -9 mid-save leaves only this staging dir behind).
@@ -135,6 +136,28 @@ class PrunetuneTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self._barrier()
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """The Trainer's `{split}_results.json` and `all_results.json`, written whole or not at all (the Trainer
+        writes them in place, and reads all_results.json back: a file a full disk cut short would fail the rerun).
+        An unreadable earlier all_results.json is replaced, not merged."""
+        if not self.is_world_process_zero():
+            return
+        out = Path(self.args.output_dir)
+        write_json(out / f"{split}_results.json", metrics)
+        if combined:
+            try:
+                everything = json.loads((out / "all_results.json").read_text())
+            except (OSError, ValueError):
+                everything = {}
+            everything = everything if isinstance(everything, dict) else {}
+            write_json(out / "all_results.json", {**everything, **metrics})
+
+    def save_state(self) -> None:
+        """The Trainer's `trainer_state.json` in the run directory, written whole or not at all."""
+        if self.is_world_process_zero():
+            write_text(Path(self.args.output_dir) / "trainer_state.json",
+                       json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
 
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

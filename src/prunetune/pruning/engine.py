@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from prunetune import phases
 from prunetune.architecture import find_decoder_layers, prunable_linears
 from prunetune.devices import default_device
 from prunetune.fmt import fmt_ppl, hms
@@ -49,6 +50,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
     t_start = time.perf_counter()
     out, replace = check_out(cfg)  # before any work: a refused or unwritable --out fails in a second
     with _locked(out, console):
+        phases.boundary("locked")
         session = setup(cfg, console)
         with progress_bar(console) as progress:
             eval_ids = evaluate_phase(session, progress, None, "dense") if cfg.eval else None
@@ -59,6 +61,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
             check_pattern(session)
             if cfg.eval:
                 evaluate_phase(session, progress, eval_ids, "pruned")
+        phases.boundary("pruned")
         save(session, out, replace, t_start)
     console.print(sparsity_table(session.matrices))
     console.print(f"[green]Saved[/] pruned model, masks and prune.json to {out} (total {hms(session.timings['total_s'])})")

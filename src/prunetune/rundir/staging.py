@@ -69,6 +69,14 @@ def incomplete(directory: str | Path) -> bool:
     return marker is not None and marker.get("state") == INSTALLING
 
 
+def check_complete(directory: str | Path, what: str = "model directory") -> None:
+    """Refuse a directory a prunetune write into was interrupted in (its marker says `installing`): a reader
+    never takes half of an old result and half of a new one for a whole one."""
+    if incomplete(directory):
+        raise UserError(f"{what} {str(directory)!r} is incomplete: a prunetune write into it was interrupted (its "
+                        "file list says so); run the command that writes it again")
+
+
 def content(out: Path) -> list[Path]:
     """What `out` holds, less our own bookkeeping (marker, lock, leftover staging dirs)."""
     if not out.is_dir():
@@ -106,9 +114,21 @@ def check_writable(path: str | Path, what: str = "--out", kind: str = "directory
     return path
 
 
-def check_writable_file(path: str | Path, what: str = "--out") -> Path:
-    """Refuse an output *file* path that is a directory, lies under a file, or cannot be written; before work."""
-    return check_writable(path, what, kind="file")
+def check_writable_file(path: str | Path, what: str = "--out", form: str | None = None) -> Path:
+    """Refuse an output *file* path that is a directory, lies under a file, or cannot be written; before work.
+    With `form` (e.g. `prunetune-eval/1`), an existing file is replaced only when it says it is one of ours (its
+    JSON `format`): a single file has no marker beside it, so its own record is its ownership."""
+    path = check_writable(path, what, kind="file")
+    if form is not None and (path.exists() or path.is_symlink()):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            ours = isinstance(record, dict) and record.get("format") == form
+        except (ValueError, OSError):
+            ours = False
+        if not ours:
+            raise UserError(f"{what} {str(path)!r} exists and is not a prunetune {form.split('/')[0]} file (prunetune "
+                            "never replaces files it did not write); choose another path")
+    return path
 
 
 def check_space(out: str | Path, need_bytes: int, what: str = "--out", doing: str = "the result") -> None:
