@@ -16,7 +16,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -542,3 +545,71 @@ def test_pipeline_killed_at_each_stage_boundary(tiny_model_dir, shared_data, tmp
     final_run(argv, tmp_path)
     doc = json.loads((run / "pipeline.json").read_text())
     assert all(doc["stages"][s]["status"] == "skipped" for s in ("prune", "finetune", "merge", "eval", "report"))
+
+
+# ---- the real operating system: a full tmpfs, a read-only mount, a file root cannot read -------------------------
+# In a private mount namespace (`unshare -m`: the mounts vanish with the process) and with root's permission
+# override dropped (`setpriv`), where the machine allows it; the patched tests above cover the rest everywhere.
+
+PYTHON = [sys.executable, "-m", "prunetune"]
+
+
+def _can(*argv: str) -> bool:
+    """Whether `argv` runs here (as root, with the tool installed and the kernel allowing it)."""
+    if os.geteuid() != 0 or not shutil.which(argv[0]):
+        return False
+    return subprocess.run(list(argv), capture_output=True).returncode == 0
+
+
+real_mounts = pytest.mark.skipif(not _can("unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"),
+                                 reason="needs root and unshare -m (a private mount namespace)")
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+real_permissions = pytest.mark.skipif(not _can(*DROP_DAC, "true"), reason="needs root and setpriv")
+
+
+def _in_namespace(script: str, tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, cwd=tmp,
+                          timeout=900)
+
+
+@pytest.mark.slow
+@real_mounts
+def test_real_full_disk_and_read_only_mount(tiny_model_dir, tmp_path):
+    """A tmpfs smaller than the model: the pre-check refuses what cannot fit before any work; one a little larger
+    than the pre-check's lower bound fills up mid-save (a real ENOSPC): one line, nothing left behind, and the
+    rerun on a disk with room succeeds and verifies. A read-only tmpfs: one line before any work."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = rundir.weights_bytes(tiny_model_dir)
+    prune = " ".join([*PYTHON, *prune_argv(tiny_model_dir, disk / "out")])
+    verify = " ".join([*PYTHON, "verify", str(disk / "out")])
+    script = f"""
+mount -t tmpfs -o size={size // 4} tmpfs {disk}; {prune} >/dev/null 2>err1; echo "exit1=$?"; ls -A {disk}; umount {disk}
+mount -t tmpfs -o size={size * 3 // 4} tmpfs {disk}; {prune} >/dev/null 2>err2; echo "exit2=$?"; ls -A {disk}; umount {disk}
+mount -t tmpfs -o ro tmpfs {disk}; {prune} >/dev/null 2>err3; echo "exit3=$?"; umount {disk}
+mount -t tmpfs -o size={size * 8} tmpfs {disk}; {prune} >/dev/null 2>err4; echo "exit4=$?"; {verify} >/dev/null; echo "verify=$?"
+"""
+    done = _in_namespace(script, tmp_path)
+    lines = done.stdout.split()
+    assert lines == ["exit1=2", "exit2=2", "exit3=2", "exit4=0", "verify=0"], (done.stdout, done.stderr)
+    first, second, third = (error_line((tmp_path / f"err{i}").read_text(), "prune") for i in (1, 2, 3))
+    assert "needs about" in first and "no space left on device" in first
+    assert "writing the pruned model" in second and "no space left on device" in second and "nothing was published" in second
+    assert "read-only file system" in third and "not writable" in third
+
+
+@pytest.mark.slow
+@real_permissions
+def test_real_unreadable_model_file(tiny_model_dir, tmp_path):
+    """root without its permission override: a model file without read permission is "permission denied" (it was
+    reported as "No such file or directory")."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").chmod(0)
+    argv = [*DROP_DAC, *PYTHON, "evaluate", "--model", str(model), "--dataset", "none", "--tasks", "x.yaml"]
+    (tmp_path / "x.yaml").write_text("task: x\n")
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = error_line(done.stderr, "evaluate")
+    assert done.returncode == 2 and "permission denied" in line and "model.safetensors" in line, line

@@ -18,7 +18,14 @@ from prunetune.budget import fit_steps
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.blockwise import outputs_mse, probe_step_seconds, reconstruct_block
 from prunetune.pruning.matrix import prune_matrix
-from prunetune.pruning.owl import clamp_target, layer_offsets, outlier_ratio, step_of, target_range
+from prunetune.pruning.owl import (
+    clamp_target,
+    layer_offsets,
+    outlier_ratio,
+    step_of,
+    target_range,
+    wanted_offsets,
+)
 from prunetune.pruning.scores import wanda_scores
 from prunetune.pruning.setup import PruneSession, calibration_windows
 from prunetune.pruning.sparsegpt import HessianFactors
@@ -211,9 +218,11 @@ def _apply_owl(s: PruneSession, ratios: dict[int, float]) -> None:
         "lambda": s.cfg.owl_lambda, "m": s.cfg.owl_m, "overall_target": overall, "uniform_target": uniform,
         "layers": {str(i): {"outlier_ratio": ratios[i], "offset": off, "params": p,
                             "target": sum(s.targets[n] * numel[n] for n in by_layer[i]) / p,
-                            # OWL's spread stopped at what the pattern holds; the other layers took up the rest
-                            "at_bound": not b[0] + 1e-9 < off < b[1] - 1e-9}
-                   for i, off, p, b in zip(order, offsets, params, bounds, strict=True)},
+                            # OWL wanted more than the pattern holds here; the other layers took up the rest
+                            "at_bound": not b[0] - 1e-9 <= want <= b[1] + 1e-9}
+                   for i, off, p, b, want in zip(order, offsets, params, bounds,
+                                                 wanted_offsets([ratios[i] for i in order], params, s.cfg.owl_lambda),
+                                                 strict=True)},
     }
     # The overall target is the requested one up to the rounding of one layer's step.
     assert abs(overall - uniform) <= max(st * p for st, p in zip(steps, params, strict=True)) / sum(params) + 1e-9, \

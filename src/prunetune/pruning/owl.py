@@ -59,10 +59,7 @@ def layer_offsets(ratios: Sequence[float], params: Sequence[int], steps: Sequenc
     e.g. below 0.99); each contains 0. A layer OWL would push past a bound stops there and the other layers
     take up the difference (one shift for all, found by bisection), so the overall target is kept for any
     lambda: a large lambda near the ends of the range spreads less, it never fails."""
-    dens = density_offsets(ratios, lam)
-    total = float(sum(params))
-    mean = sum(d * p for d, p in zip(dens, params, strict=True)) / total
-    raw = [-(d - mean) for d in dens]
+    raw = wanted_offsets(ratios, params, lam)
     if bounds is not None:
         raw = _balanced_clip(raw, params, bounds)
     lo_units = [-math.inf] * len(raw) if bounds is None else [math.ceil(lo / st - 1e-9) for (lo, _), st in
@@ -84,6 +81,13 @@ def layer_offsets(ratios: Sequence[float], params: Sequence[int], steps: Sequenc
             break
         units[best] += move
     return [u * st for u, st in zip(units, steps, strict=True)]
+
+
+def wanted_offsets(ratios: Sequence[float], params: Sequence[int], lam: float) -> list[float]:
+    """OWL's sparsity offsets before bounds and rounding: minus the density offsets, centred by parameter count."""
+    dens = density_offsets(ratios, lam)
+    mean = sum(d * p for d, p in zip(dens, params, strict=True)) / float(sum(params))
+    return [-(d - mean) for d in dens]
 
 
 def _balanced_clip(raw: Sequence[float], params: Sequence[int], bounds: Sequence[tuple[float, float]]) -> list[float]:
