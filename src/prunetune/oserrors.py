@@ -43,7 +43,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _OS_ERROR_TEXT = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
 _TEXT_ERRNO = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
                "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES,
-               "Too many levels of symbolic links": errno.ELOOP, "File name too long": errno.ENAMETOOLONG}
+               "Too many levels of symbolic links": errno.ELOOP, "Symlink loop from": errno.ELOOP,
+               "File name too long": errno.ENAMETOOLONG}
 # What torch's zip writer says when a write fails: it carries no errno, so the free space decides.
 _TORCH_WRITER = ("PytorchStreamWriter", "inline_container", "unexpected pos", "file write failed", "iostream error")
 _ALLOC = ("can't allocate memory", "not enough memory", "out of memory", "DefaultCPUAllocator", "CUDA out of memory",
@@ -110,11 +111,19 @@ def is_out_of_memory(err: BaseException) -> bool:
     return False
 
 
+_QUOTED_PATH = re.compile(r"(?:from|at|file) '(/[^']+)'")
+
+
 def _filename(err: BaseException) -> str | None:
+    """The path the failure was about: an OSError's `filename`, else one a library quoted in its message."""
     for e in _chain(err):
         name = getattr(e, "filename", None)
         if name:
             return str(name)
+    for e in _chain(err):
+        match = _QUOTED_PATH.search(str(e))
+        if match:
+            return match.group(1)
     return None
 
 

@@ -53,6 +53,9 @@ def read_json(path: str | Path, what: str = "file", fix: str = "") -> Any:
 def check_readable_dir(path: str | Path, what: str = "directory") -> Path:
     """`path` as a readable directory, or a UserError (missing, a file, permission denied)."""
     path = Path(path).expanduser()
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"{what} {problem}; remove or fix the link")
     if not path.exists():
         raise UserError(f"{what} {str(path)!r} does not exist; check the path")
     if not path.is_dir():
