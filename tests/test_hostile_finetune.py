@@ -24,12 +24,11 @@ from prunetune import rundir
 from prunetune.errors import UserError
 from prunetune.finetune import callbacks
 from prunetune.finetune.engine import run_finetune
-from prunetune.finetune.resume import ENDING_EVENTS
 from prunetune.finetune.trainer import CHECKPOINT_STAGING
 from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import load_model
 from prunetune.rundir.records import read_jsonl
-from test_finetune import REPO, make_pruned_dir, run, small_config
+from test_finetune import REPO, killed_copy, make_pruned_dir, run, small_config
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +47,7 @@ def finished(pruned_dir, shared_data, tmp_path_factory) -> Path:
 
 
 def _interrupted(finished: Path, out: Path, *dropped: str) -> Path:
-    """A copy of the finished run as a run killed after its last training step: its result, the directories in
-    `dropped` and the records of its ending (train_end ... summary) are not there. "Finished" is what the
-    records say, so deleting the result alone would not make a run unfinished."""
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", *dropped))
-    kept = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] not in ENDING_EVENTS]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return out
+    return killed_copy(finished, out, *dropped)
 
 
 def _events(out: Path) -> list[str]:

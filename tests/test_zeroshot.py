@@ -127,6 +127,7 @@ def test_a_malformed_task_file_is_named_with_its_line(tmp_path, text, message):
         ZeroShotConfig(tasks=(str(task),))
 
 
+@pytest.mark.slow
 def test_a_malformed_yaml_in_the_task_dir_is_named_for_the_task_it_should_define(tmp_path, tiny_model_dir):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mine.yaml").write_text("task: mine\n  dataset_path: [json\n")

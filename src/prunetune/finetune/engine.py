@@ -89,6 +89,7 @@ def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str
     runlog = RunLog(out, enabled=is_main, stream=stream)
     if is_main:
         rundir.check_writable(out)  # a link loop, a file, a read-only place: refused before any work
+        rundir.check_apart(out, [cfg.pruned, cfg.teacher, cfg.dataset])  # never writes over what it reads
         existing_run(out)  # a non-empty directory without prunetune's file list is the user's: refused
     created = not out.exists()
     lock = rundir.run_lock(out, COMMAND) if is_main else contextlib.nullcontext()

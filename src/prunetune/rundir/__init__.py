@@ -74,6 +74,7 @@ from prunetune.rundir.reading import (
 )
 from prunetune.rundir.results import RecoveryResult, recovery_result
 from prunetune.rundir.staging import (
+    check_apart,
     check_complete,
     check_output,
     check_space,
@@ -95,7 +96,7 @@ __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_META", "ADAPTER_WEIGHTS", "EXPORT_JSON", "LOCK_FILE", "MARKER", "MASKS_FILE",
     "MERGE_JSON", "META_DIR", "METRICS", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR",
     "STAGING_PREFIX", "TRAIN_LOG", "PrunedInfo", "RecoveryResult", "adapter_base", "base_digest", "check_adapter_base",
-    "check_adapter_dir", "check_complete", "check_output", "check_readable_dir", "check_readable_files", "check_safetensors", "check_space", "check_writable",
+    "check_adapter_dir", "check_apart", "check_complete", "check_output", "check_readable_dir", "check_readable_files", "check_safetensors", "check_space", "check_writable",
     "check_writable_file", "claim", "incomplete", "owned_files", "remove_ours",
     "copy_masks", "is_ours", "load_keep_masks", "load_masks", "mark_ours", "mask_digest", "masks_file", "masks_target",
     "pid_alive", "prune_config", "publish_dir", "read_adapter_meta", "read_bytes", "read_json", "read_mask_meta",

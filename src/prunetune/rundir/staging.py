@@ -126,8 +126,9 @@ def check_writable_file(path: str | Path, what: str = "--out", form: str | None 
         except (ValueError, OSError):
             ours = False
         if not ours:
-            raise UserError(f"{what} {str(path)!r} exists and is not a prunetune {form.split('/')[0]} file (prunetune "
-                            "never replaces files it did not write); choose another path")
+            kind = form.split("/")[0].removeprefix("prunetune-")
+            raise UserError(f"{what} {str(path)!r} exists and is not a prunetune {kind} file (prunetune never "
+                            "replaces files it did not write); choose another path")
     return path
 
 
@@ -149,6 +150,18 @@ def weights_bytes(model: str | Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
 
 
+def check_apart(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output that is, holds or lies inside one of the (existing, local) inputs: writing it would
+    replace what the command reads."""
+    out = Path(os.path.realpath(Path(out).expanduser()))
+    for inp in inputs:
+        if inp is None or not Path(inp).expanduser().exists():
+            continue
+        inp = Path(os.path.realpath(Path(inp).expanduser()))
+        if _inside(out, inp) or _inside(inp, out):
+            raise UserError(f"--out {str(out)!r} overlaps the input {str(inp)!r}; choose a separate directory")
+
+
 def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
     """Refuse an output before any work starts; returns `out` resolved. The rules:
 
@@ -159,10 +172,7 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrit
       prunetune's (marker `installing`) is replaced without `overwrite`.
     """
     out = check_writable(out).resolve()
-    for inp in inputs:
-        inp = Path(os.path.realpath(Path(inp).expanduser()))
-        if _inside(out, inp) or _inside(inp, out):
-            raise UserError(f"--out {str(out)!r} overlaps the input {str(inp)!r}; choose a separate directory")
+    check_apart(out, inputs)
     if not content(out):
         return out
     marker = read_marker(out)
