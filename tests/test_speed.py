@@ -205,7 +205,7 @@ def test_a_batch_that_cannot_be_allocated_is_refused_before_loading(pruned_block
     from prunetune import speed
 
     monkeypatch.setattr(speed, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    with pytest.raises(UserError, match=r"--batch 100000000 x --seqlen 512 needs at least [\d,.]+ GiB on cpu .* "
+    with pytest.raises(UserError, match=r"--batch 100000000 x --seqlen 128 needs at least [\d,.]+ GiB on cpu .* "
                                         r"GiB are free; lower --batch or --seqlen"):
         run_speed(SpeedConfig(model_dir=str(pruned_block), dense=str(tiny_model_dir), batch=100_000_000,
                               device="cpu", breakeven=False), log=lambda _: None)
