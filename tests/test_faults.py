@@ -613,3 +613,25 @@ def test_real_unreadable_model_file(tiny_model_dir, tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = error_line(done.stderr, "evaluate")
     assert done.returncode == 2 and "permission denied" in line and "model.safetensors" in line, line
+
+
+@pytest.mark.parametrize(("command", "argv"), [
+    ("prune", ["prune", "--model", "LOOP", "--method", "magnitude", "--out", "OUT"]),
+    ("finetune", ["finetune", "--pruned", "LOOP", "--out", "OUT", "--dataset", "wikitext2", "--data-dir", "DATA"]),
+    ("merge", ["merge", "--adapter", "LOOP", "--out", "OUT"]),
+    ("evaluate", ["evaluate", "--model", "LOOP", "--dataset", "wikitext2", "--data-dir", "DATA"]),
+    ("evaluate", ["evaluate", "--model", "MODEL", "--dataset", "LOOP", "--seqlen", "32"]),
+    ("evaluate", ["evaluate", "--model", "MODEL", "--dataset", "wikitext2", "--data-dir", "LOOP", "--seqlen", "32"]),
+    ("export", ["export", "LOOP", "--out", "OUT"]),
+    ("speed", ["speed", "LOOP"]),
+    ("verify", ["verify", "LOOP"]),
+])
+def test_an_input_behind_a_symlink_loop_is_named_as_one(command, argv, tiny_model_dir, shared_data, tmp_path, capsys):
+    """Not "does not exist", "not a model directory" or a traceback: the loop, in one line."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    names = {"LOOP": str(loop), "OUT": str(tmp_path / "out"), "DATA": str(shared_data), "MODEL": str(tiny_model_dir)}
+    code, _, err = run_cli([names.get(a, a) for a in argv], capsys)
+    assert code == 2 and "symbolic link loop" in error_line(err, command)
+    assert not (tmp_path / "out").exists()

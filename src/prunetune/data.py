@@ -83,6 +83,9 @@ def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list
             if not part:
                 continue
             path = Path(part).expanduser()
+            problem = link_problem(path)
+            if problem:
+                raise UserError(f"data directory {problem}; fix --data-dir or PRUNETUNE_DATA_DIR")
             if not path.is_dir():
                 raise UserError(f"data directory {part!r} does not exist; fix --data-dir or PRUNETUNE_DATA_DIR")
             dirs.append(path)

@@ -23,6 +23,7 @@ from torch import nn
 
 from prunetune.configfile import yaml_problem
 from prunetune.errors import UserError
+from prunetune.oserrors import check_links
 from prunetune.rundir import read_bytes
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -66,6 +67,8 @@ class ZeroShotConfig:
             raise UserError(f"--limit {self.limit} must be at least 1 (omit it for whole tasks)")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.task_dir is not None:
+            check_links(self.task_dir, "--task-dir")
         if self.task_dir is not None and not Path(self.task_dir).expanduser().is_dir():
             raise UserError(f"--task-dir {self.task_dir!r} is not a directory; give the folder holding your task YAMLs")
         for task in self.tasks:

@@ -21,6 +21,7 @@ from prunetune.finetune.distill import DistillSpec
 from prunetune.finetune.resume import METRICS, ResumePoint, changed_settings, checkpoints, finished_step
 from prunetune.finetune.trainer import CHECKPOINT_STAGING
 from prunetune.models import context_length, load_config, load_tokenizer
+from prunetune.oserrors import link_problem
 from prunetune.recovery import registry as recovery_methods
 from prunetune.rundir import RUN_CONFIG, TRAIN_LOG
 from prunetune.rundir.records import read_jsonl
@@ -67,6 +68,9 @@ def remove_run(out: Path, existing: list[str]) -> None:
 
 def _check_pruned(cfg: FinetuneConfig) -> list[Check]:
     pruned = Path(cfg.pruned).expanduser()
+    problem = link_problem(pruned)
+    if problem:
+        return [{"name": "pruned model", "ok": False, "detail": problem, "fix": "remove or fix the link"}]
     if not (pruned / "config.json").is_file():
         return [{
             "name": "pruned model", "ok": False, "detail": f"{pruned} is not a model directory (no config.json)",
