@@ -333,6 +333,9 @@ def test_a_finished_sparse_ft_run_is_not_restarted(pruned_dir, shared_data, tmp_
     assert result["status"] == "completed" and (out / "model/model.safetensors").is_file()
     with pytest.raises(UserError, match="finished run"):
         run(small_config(pruned_dir, out, shared_data, resume_from_checkpoint="auto", **cfg))
+    shutil.rmtree(out / "model")  # issue 24: with its result deleted it is still finished (was: "Step 5/4")
+    with pytest.raises(UserError, match=r"finished run \(step 4, its result is no longer in the directory\)"):
+        run(small_config(pruned_dir, out, shared_data, resume_from_checkpoint="auto", **cfg))
     result, _ = run(small_config(pruned_dir, out, shared_data, overwrite=True, **cfg))
     assert result["status"] == "completed"
 

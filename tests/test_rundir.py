@@ -244,3 +244,21 @@ def test_a_marked_dir_without_results_is_written_without_overwrite_and_keeps_its
     assert json.loads((stage / MARKER).read_text())["files"] == ["prune.json"]
     with pytest.raises(UserError, match="--overwrite"):  # now it holds a result
         check_output(stage)
+
+
+def test_an_empty_out_whose_parent_cannot_be_written_is_refused_before_work(tmp_path, monkeypatch):
+    """A new result is staged beside --out and renamed into place: the parent is written too."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only_parent(path, flags, *args):
+        if os.path.dirname(os.path.abspath(path)) == str(tmp_path) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_parent)
+    with pytest.raises(UserError, match=r"the directory holding --out .*out: .* is not writable: read-only file"):
+        check_output(out)

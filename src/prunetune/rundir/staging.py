@@ -174,6 +174,8 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrit
     out = check_writable(out).resolve()
     check_apart(out, inputs)
     if not content(out):
+        if out.exists():  # a new result is staged beside `out` and renamed into place: its parent is written too
+            check_writable(out.parent, f"the directory holding --out {out}:")
         return out
     marker = read_marker(out)
     if marker is None:
