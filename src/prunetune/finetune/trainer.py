@@ -9,6 +9,8 @@ Extension points for recovery methods:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -20,12 +22,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from prunetune import phases
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import FinetuneData
 from prunetune.finetune.distill import DistillSpec, distill_compute_loss
-from prunetune.rundir import publish_dir
-from prunetune.runinfo import write_json
+from prunetune.rundir import claim, publish_dir
+from prunetune.runinfo import write_json, write_text
 
 # A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
 # `checkpoint-N` directory is always complete (a kill -9 mid-save leaves only this staging dir behind).
@@ -110,13 +113,23 @@ class PrunetuneTrainer(Trainer):
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+                _point_into(staging_root / name / "trainer_state.json", staging_root, run_dir)
+        except BaseException:
+            # A save that failed (a full disk, a signal) leaves no half checkpoint, and frees what it took.
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise
         finally:
             self.args.output_dir = str(run_dir)
         self._barrier()
         if self.args.should_save:
-            write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+            phases.boundary("checkpoint-staged")
+            claim(run_dir, [name], "prunetune finetune")  # listed before it appears
             publish_dir(staging_root / name, run_dir / name)
             shutil.rmtree(staging_root, ignore_errors=True)
+            phases.boundary("checkpoint")
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}").is_dir():
                 self.state.best_model_checkpoint = str(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}")
@@ -124,9 +137,41 @@ class PrunetuneTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self._barrier()
 
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """The Trainer's `{split}_results.json` and `all_results.json`, written whole or not at all (the Trainer
+        writes them in place, and reads all_results.json back: a file a full disk cut short would fail the rerun).
+        An unreadable earlier all_results.json is replaced, not merged."""
+        if not self.is_world_process_zero():
+            return
+        out = Path(self.args.output_dir)
+        write_json(out / f"{split}_results.json", metrics)
+        if combined:
+            try:
+                everything = json.loads((out / "all_results.json").read_text())
+            except (OSError, ValueError):
+                everything = {}
+            everything = everything if isinstance(everything, dict) else {}
+            write_json(out / "all_results.json", {**everything, **metrics})
+
+    def save_state(self) -> None:
+        """The Trainer's `trainer_state.json` in the run directory, written whole or not at all."""
+        if self.is_world_process_zero():
+            write_text(Path(self.args.output_dir) / "trainer_state.json",
+                       json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
+
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _point_into(state_file: Path, staging_root: Path, run_dir: Path) -> None:
+    """The Trainer wrote the checkpoint's state while its output dir was the staging dir: its best-checkpoint path
+    names the staging dir, which is gone once the checkpoint is published. Point it at the run directory."""
+    state = json.loads(state_file.read_text())
+    best = state.get("best_model_checkpoint")
+    if isinstance(best, str) and best.startswith(str(staging_root)):
+        state["best_model_checkpoint"] = str(run_dir) + best[len(str(staging_root)):]
+        write_json(state_file, state)
 
 
 def world_size() -> int:

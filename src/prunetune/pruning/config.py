@@ -13,6 +13,7 @@ from typing import Any
 from prunetune.architecture import module_type
 from prunetune.budget import check_minutes
 from prunetune.errors import UserError
+from prunetune.pruning.owl import target_range
 from prunetune.pruning.precision import check_dtype_name
 from prunetune.sparsity.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 
@@ -166,8 +167,21 @@ class PruneConfig:
                 + (f"choose one of: {', '.join(allowed)}" if allowed else "N:M compares within each group of M; drop --compare")
             )
         self._check_numbers()
+        if self.owl:
+            self._check_owl_targets(pattern)
         if not self.out:
             raise UserError("--out is required: the directory for the pruned model")
+
+    def _check_owl_targets(self, pattern: Pattern) -> None:
+        """OWL moves each layer's target within what the pattern can hold (`owl.target_range`): a target outside
+        that range leaves it nothing to hold, known before any calibration."""
+        lo, hi = target_range(pattern)
+        targets = [("--sparsity", pattern.fixed_sparsity or float(self.sparsity)),
+                   *((f"--sparsity-map {k}", v) for k, v in self.sparsity_map.items())]
+        for key, value in targets:
+            if not lo - 1e-9 <= value <= hi + 1e-9:
+                raise UserError(f"{key} {value:g} with --owl: OWL keeps every layer's target within [{lo:g}, {hi:g}] for "
+                                f"--pattern {pattern.name}; give a target in that range or drop --owl")
 
     def _check_numbers(self) -> None:
         """Ranges of the numeric options (one-line UserErrors naming the flag and a sensible value)."""

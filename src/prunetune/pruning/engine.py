@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from prunetune import phases
 from prunetune.architecture import find_decoder_layers, prunable_linears
 from prunetune.devices import default_device
 from prunetune.fmt import fmt_ppl, hms
@@ -28,7 +29,6 @@ from prunetune.pruning.layers import capture_inputs, owl_targets, prune_layers
 from prunetune.pruning.matrix import MatrixRecipe
 from prunetune.pruning.precision import resolve_precision
 from prunetune.pruning.setup import (
-    OWNED,
     PruneSession,
     check_out,
     eval_tokens,
@@ -50,6 +50,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
     t_start = time.perf_counter()
     out, replace = check_out(cfg)  # before any work: a refused or unwritable --out fails in a second
     with _locked(out, console):
+        phases.boundary("locked")
         session = setup(cfg, console)
         with progress_bar(console) as progress:
             eval_ids = evaluate_phase(session, progress, None, "dense") if cfg.eval else None
@@ -60,6 +61,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
             check_pattern(session)
             if cfg.eval:
                 evaluate_phase(session, progress, eval_ids, "pruned")
+        phases.boundary("pruned")
         save(session, out, replace, t_start)
     console.print(sparsity_table(session.matrices))
     console.print(f"[green]Saved[/] pruned model, masks and prune.json to {out} (total {hms(session.timings['total_s'])})")
@@ -151,8 +153,8 @@ def save(s: PruneSession, out: Path, replace: bool, t_start: float) -> None:
     save never leaves a half-written model."""
     t = time.perf_counter()
     pattern = s.recipe.pattern
-    with staged_output(out, inputs=input_paths(s.cfg), overwrite=replace, owned=OWNED,
-                       command="prunetune prune") as staging:
+    with staged_output(out, inputs=input_paths(s.cfg), overwrite=replace, command="prunetune prune",
+                       what="the pruned model") as staging:
         s.model.save_pretrained(staging)
         s.tokenizer.save_pretrained(staging)
         pattern_meta = {"pattern": pattern.name, "compare": s.recipe.compare, "method": s.cfg.method}

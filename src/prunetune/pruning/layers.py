@@ -18,7 +18,14 @@ from prunetune.budget import fit_steps
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.blockwise import outputs_mse, probe_step_seconds, reconstruct_block
 from prunetune.pruning.matrix import prune_matrix
-from prunetune.pruning.owl import clamp_target, layer_offsets, outlier_ratio, step_of
+from prunetune.pruning.owl import (
+    clamp_target,
+    layer_offsets,
+    outlier_ratio,
+    step_of,
+    target_range,
+    wanted_offsets,
+)
 from prunetune.pruning.scores import wanda_scores
 from prunetune.pruning.setup import PruneSession, calibration_windows
 from prunetune.pruning.sparsegpt import HessianFactors
@@ -199,7 +206,9 @@ def _apply_owl(s: PruneSession, ratios: dict[int, float]) -> None:
     order = sorted(ratios)
     params = [sum(numel[n] for n in by_layer[i]) for i in order]
     steps = [max(step_of(s.shapes[n], s.recipe.pattern, s.recipe.compare) for n in by_layer[i]) for i in order]
-    offsets = layer_offsets([ratios[i] for i in order], params, steps, s.cfg.owl_lambda)
+    lo, hi = target_range(s.recipe.pattern)  # every module's target stays one the pattern can hold
+    bounds = [(max(lo - s.targets[n] for n in by_layer[i]), min(hi - s.targets[n] for n in by_layer[i])) for i in order]
+    offsets = layer_offsets([ratios[i] for i in order], params, steps, s.cfg.owl_lambda, bounds)
     uniform = sum(s.targets[n] * numel[n] for n in numel) / sum(numel.values())
     for i, offset in zip(order, offsets, strict=True):
         for n in by_layer[i]:
@@ -208,8 +217,12 @@ def _apply_owl(s: PruneSession, ratios: dict[int, float]) -> None:
     s.record["owl"] = {
         "lambda": s.cfg.owl_lambda, "m": s.cfg.owl_m, "overall_target": overall, "uniform_target": uniform,
         "layers": {str(i): {"outlier_ratio": ratios[i], "offset": off, "params": p,
-                            "target": sum(s.targets[n] * numel[n] for n in by_layer[i]) / p}
-                   for i, off, p in zip(order, offsets, params, strict=True)},
+                            "target": sum(s.targets[n] * numel[n] for n in by_layer[i]) / p,
+                            # OWL wanted more than the pattern holds here; the other layers took up the rest
+                            "at_bound": not b[0] - 1e-9 <= want <= b[1] + 1e-9}
+                   for i, off, p, b, want in zip(order, offsets, params, bounds,
+                                                 wanted_offsets([ratios[i] for i in order], params, s.cfg.owl_lambda),
+                                                 strict=True)},
     }
     # The overall target is the requested one up to the rounding of one layer's step.
     assert abs(overall - uniform) <= max(st * p for st, p in zip(steps, params, strict=True)) / sum(params) + 1e-9, \

@@ -22,10 +22,7 @@ from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.matrix import MatrixRecipe
 from prunetune.pruning.precision import Precision
-from prunetune.rundir import PRUNE_JSON, check_output, is_ours, read_json
-
-OWNED = (PRUNE_JSON,)
-"""What marks a directory written by a prune of an older version (before the marker file)."""
+from prunetune.rundir import PRUNE_JSON, check_output, check_space, is_ours, read_json, weights_bytes
 
 
 @dataclass
@@ -63,14 +60,17 @@ def check_out(cfg: PruneConfig) -> tuple[Path, bool]:
     """
     out = Path(cfg.out).expanduser()
     replace = cfg.overwrite
-    if out.is_dir() and (out / PRUNE_JSON).is_file() and is_ours(out, OWNED) and not replace:
+    if out.is_dir() and (out / PRUNE_JSON).is_file() and is_ours(out) and not replace:
         old = read_json(out / PRUNE_JSON, PRUNE_JSON)
         old = old.get("config", {}) if isinstance(old, dict) else {}
         if {k: old.get(k) for k in cfg.identity()} != json.loads(json.dumps(cfg.identity())):
             raise UserError(f"--out {str(out)!r} already holds a different pruned model (prune.json differs); "
                             "pass --overwrite to replace it, or choose another --out")
         replace = True
-    return check_output(out, inputs=input_paths(cfg), overwrite=replace, owned=OWNED), replace
+    out = check_output(out, inputs=input_paths(cfg), overwrite=replace)
+    # The pruned model is at least half the dense one's bytes (float32 stored as bf16 at most halves it).
+    check_space(out, weights_bytes(cfg.model) // 2, doing="the pruned model")
+    return out, replace
 
 
 def eval_tokens(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
