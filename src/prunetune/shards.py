@@ -204,6 +204,24 @@ class ShardWriter:
             _pwrite_all(fd, memoryview(data), start)
         self.written.add(name)
 
+    def copy(self, name: str, reader: ShardReader, chunk: int = 16 * 2**20) -> None:
+        """Write tensor `name` straight from `reader`'s file (same dtype and shape), `chunk` bytes at a time, so
+        a large tensor (an embedding) is never held whole."""
+        spec, loc = self._specs.get(name), reader.where[name]
+        if spec is None or (loc.dtype, loc.shape) != (spec.dtype, spec.shape):
+            raise ValueError(f"tensor {name!r} cannot be copied as stored into its layout")
+        if name in self.written:
+            raise RuntimeError(f"tensor {name!r} was written twice")
+        fd, start, _ = self._where[name]
+        with loc.path.open("rb", buffering=0) as f:
+            f.seek(loc.start)
+            for done in range(0, loc.end - loc.start, chunk):
+                data = f.read(min(chunk, loc.end - loc.start - done))
+                if not data:
+                    raise ValueError(f"{loc.path}: ends inside tensor {name!r} (truncated)")
+                _pwrite_all(fd, data, start + done)
+        self.written.add(name)
+
     def missing(self) -> list[str]:
         return sorted(set(self._specs) - self.written)
 

@@ -39,13 +39,12 @@ from prunetune.pruning.matrix import MatrixRecipe
 from prunetune.pruning.precision import resolve_precision
 from prunetune.pruning.setup import (
     OWNED,
+    MemoryMark,
     PruneSession,
     calibration_windows,
     check_out,
     eval_tokens,
     input_paths,
-    peak_rss_mib,
-    rss_mib,
     validate_against_model,
     validate_context,
 )
@@ -117,7 +116,7 @@ def setup(cfg: PruneConfig, console: Console) -> PruneSession:
     if cfg.eval:
         eval_ids, eval_record = eval_tokens(cfg, tokenizer)
     data_s = time.perf_counter() - t
-    rss_before = rss_mib()  # everything before this is not the model's: imports, tokenizer, data
+    mark = MemoryMark()  # everything before this is not the model's: imports, tokenizer, data
     t = time.perf_counter()
     store = open_layers(ref, location, precision.storage, cfg.stream, log=console.print)
     store.model.config.use_cache = False
@@ -133,8 +132,8 @@ def setup(cfg: PruneConfig, console: Console) -> PruneSession:
                       "compare": recipe.compare, "seed": cfg.seed, "config": cfg.to_dict(),
                       "dtype": precision.record(), "calibration": calibration,
                       "memory": {"weights": store.how, "streamed": store.streamed,
-                                 "weight_mib": round(store.weight_bytes() / 2**20, 1),
-                                 "rss_before_model_mib": round(rss_before, 1)}}
+                                 "weight_mib": round(store.weight_bytes() / 2**20, 1)}}
+    session.mark = mark
     if eval_record is not None:
         session.record["eval"] = eval_record
     console.print(
@@ -214,12 +213,10 @@ def _final_record(s: PruneSession, files: list[str]) -> dict[str, Any]:
         "params": total,
     }
     record["timings"] = {k: round(v, 3) for k, v in s.timings.items()}
-    peak = peak_rss_mib()
-    record["peak_rss_mib"] = round(peak, 1)
     memory = record["memory"]
-    memory["peak_rss_mib"] = round(peak, 1)
-    memory["model_mib"] = round(peak - memory["rss_before_model_mib"], 1)
+    memory.update(s.mark.record())
     memory["model_share_of_weights"] = round(memory["model_mib"] / max(memory["weight_mib"], 1e-9), 4)
+    record["peak_rss_mib"] = memory["process_peak_rss_mib"]
     if s.device.startswith("cuda"):
         record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     record["provenance"] = provenance()

@@ -15,6 +15,8 @@ calibration activations, plus the keep-masks packed to one bit per weight (or pe
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +34,26 @@ from prunetune.pruning.skeleton import (
     write_config_files,
 )
 from prunetune.shards import ShardReader, ShardWriter
+
+
+def _libc_trim():
+    """glibc's `malloc_trim`, or None elsewhere. A freed layer's tensors (a few MiB each) sit below glibc's
+    adaptive mmap threshold, so they go back to the heap, not to the system: without a trim the process kept
+    ~10 MiB per visited layer (SmolLM2, 30 layers: +300 MiB, more than half the model)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc; a no-op elsewhere)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class LayerStore(Protocol):
@@ -140,7 +162,10 @@ class StreamedLayers:
         self.writer = ShardWriter(directory, self.layout.files, SAFETENSORS_METADATA)
         self.output = ShardReader(directory / name for name in self.layout.files)
         for name in self.outer:
-            self.writer.write(name, self._read(self.reader, name))
+            if self.reader.where[name].dtype == self.dtypes[name]:
+                self.writer.copy(name, self.reader)  # byte for byte, a chunk at a time: no tensor held
+            else:
+                self.writer.write(name, self._read(self.reader, name))
 
     def _read(self, reader: ShardReader, name: str) -> torch.Tensor:
         tensor = reader.read(name)
@@ -159,6 +184,7 @@ class StreamedLayers:
         self.model.load_state_dict({n: torch.empty_like(state[n], device="meta") for n in self.outer},
                                    strict=False, assign=True)
         self.model.tie_weights()
+        return_freed_memory()
 
     def load(self, i: int, device: str) -> nn.Module:
         layer = self.layers[i]
@@ -178,6 +204,7 @@ class StreamedLayers:
     def release(self, i: int, layer: nn.Module) -> None:
         layer.load_state_dict({rel: torch.empty_like(t, device="meta") for rel, t in layer.state_dict().items()},
                               strict=True, assign=True)
+        return_freed_memory()
 
     def finish(self, directory: Path) -> None:
         if self.writer is None:

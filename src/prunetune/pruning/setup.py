@@ -54,6 +54,8 @@ class PruneSession:
     violations: dict[str, list[str]] = field(default_factory=dict)
     """Pattern problems found when each layer was done (empty when the pattern holds)."""
     matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mark: MemoryMark | None = None
+    """Resident memory just before the model loaded (the console and prune.json report what it added)."""
 
     @property
     def model(self) -> nn.Module:
@@ -159,6 +161,27 @@ def validate_against_model(cfg: PruneConfig, targets: dict[str, float], shapes: 
 def rss_mib() -> float:
     """Resident memory of this process now."""
     return psutil.Process().memory_info().rss / 2**20
+
+
+class MemoryMark:
+    """Resident memory from a mark on (set just before the model loads). On Linux the process's high-water mark
+    is reset at the mark (`/proc/self/clear_refs`), so the peak after it is the model's phase alone, not an
+    earlier peak (a GGUF conversion, tokenizing the corpus); elsewhere it is the whole process's peak."""
+
+    def __init__(self) -> None:
+        self.earlier_peak = peak_rss_mib()
+        self.rss = rss_mib()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+
+    def record(self) -> dict[str, float | bool]:
+        peak = peak_rss_mib()
+        return {"rss_before_model_mib": round(self.rss, 1), "peak_rss_mib": round(peak, 1),
+                "model_mib": round(peak - self.rss, 1), "peak_is_since_model": self.reset,
+                "process_peak_rss_mib": round(max(peak, self.earlier_peak), 1)}
 
 
 def peak_rss_mib() -> float:

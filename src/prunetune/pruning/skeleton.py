@@ -77,6 +77,9 @@ def build_skeleton(config: PretrainedConfig, location: str, files: list[Path], d
                 "Transformers converts or initialises them on load")
     if renamed := _renamed_keys(model, reader.names()):
         return f"Transformers renames some of its checkpoint's tensors on load (e.g. {renamed})"
+    # What from_pretrained records when no conversion applied to the checkpoint; save_pretrained then orders the
+    # tensors by their dotted names (layers.2 before layers.10), which decides what goes in which shard.
+    model._weight_conversions = []
     if hasattr(model, "adjust_generation_fn"):  # the generation config from_pretrained loads beside the weights
         model.adjust_generation_fn(None, True, None, location, cache_dir=None, force_download=False, proxies=None,
                                    local_files_only=local_only, token=None, revision=None, subfolder="",
@@ -99,18 +102,23 @@ def _renamed_keys(model: PreTrainedModel, names: set[str]) -> str | None:
     return None
 
 
-def save_layout(model: PreTrainedModel) -> SaveLayout:
-    """The weight files `model.save_pretrained(dir)` writes (the same steps: keys to ignore, tied weights
-    dropped, the default shard size), from the model's state dict, weights loaded or not."""
+def save_layout(model: PreTrainedModel, max_shard_size: int | str = MAX_SHARD_SIZE) -> SaveLayout:
+    """The weight files `model.save_pretrained(dir, max_shard_size=...)` writes (the same steps: keys to ignore,
+    tied weights dropped, the same split into shards), from the model's state dict, weights loaded or not."""
     from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     state = model.state_dict()
     for key in model._keys_to_ignore_on_save or ():
         state.pop(key, None)
     state = remove_tied_weights_from_state_dict(state, model)
+    renamed = revert_weight_conversion(model, state)  # orders the tensors as save_pretrained does
+    if set(renamed) != set(state):
+        raise ValueError("saving this model renames its tensors; the shard layout cannot be laid out in advance")
+    state = renamed
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=MAX_SHARD_SIZE)
+                                               max_shard_size=max_shard_size)
     files = {}
     for filename, names in split.filename_to_tensors.items():
         for name in names:
