@@ -19,7 +19,6 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
-from prunetune.errors import UserError
 from prunetune.perplexity import perplexity
 from prunetune.pruning import layer_store
 from prunetune.pruning.config import PruneConfig

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
-from prunetune import __version__, rundir
+from prunetune import __version__, rundir, sharded
 from prunetune.analysis import fixes
 from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.thresholds import thresholds_from_mapping
@@ -100,7 +100,7 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     data = _setup_data(run, tokenizer)
     trainer, monitor, guard = _setup_trainer(run, prepared, teacher, data, tokenizer)
     baseline = _baseline(run, trainer, monitor, data)
-    train_metrics = _train(run, trainer, monitor, guard)
+    train_metrics = _train(run, trainer, monitor, guard, prepared)
     stopped = _stopped(run, trainer, monitor, baseline, train_metrics)
     if stopped is not None:
         return stopped
@@ -240,6 +240,7 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     # Our step lines replace the Trainer's printed dicts and progress bars.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.shard()  # FSDP2: sharded before the baseline evaluation and the probe (a no-op otherwise)
     if teacher is not None:
         teacher.to(args.device)
     return trainer, monitor, guard
@@ -330,7 +331,8 @@ def _time_budget(run: Run, planned: int, s_per_step: float | None, eval_s: float
 # ---------------------------------------------------------------------------------------------------
 # Training, and the runs that stop before the end
 # ---------------------------------------------------------------------------------------------------
-def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard) -> dict[str, Any]:
+def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard,
+           prepared: Prepared) -> dict[str, Any]:
     try:
         with guard:
             output = trainer.train(resume_from_checkpoint=str(run.resume.path) if run.resume else None)
@@ -340,10 +342,22 @@ def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard:
     state = monitor.state
     run.runlog.emit("train_end", trainer.state.global_step, runtime_s=metrics.get("train_runtime"),
                     train_loss=metrics.get("train_loss"), last_loss=state.last_train_loss,
-                    stop_reason=state.stop_reason)
+                    stop_reason=state.stop_reason, rank_memory=_rank_memory(trainer, prepared),
+                    sharded=trainer.is_fsdp_enabled)
     if run.is_main:
         trainer.save_state()
     return metrics
+
+
+def _rank_memory(trainer: PrunetuneTrainer, prepared: Prepared) -> list[dict[str, int]]:
+    """Bytes of the trained state each process holds (trainable weights, optimizer state, the method's own, e.g.
+    masks), one entry per rank: under FSDP2 each is 1/N of one process's, under DDP each is all of it."""
+    held = sharded.held_bytes(trainer.model, trainer.optimizer) | (prepared.held_bytes() if prepared.held_bytes else {})
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [held]
+    ranks: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(ranks, held)
+    return ranks
 
 
 def _stopped(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
