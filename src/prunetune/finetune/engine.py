@@ -49,6 +49,8 @@ from prunetune.finetune.trainer import (
     OOM_ERRORS,
     PrunetuneTrainer,
     build_loss,
+    fsdp_launched,
+    fsdp_version,
     is_main_process,
     load_device,
     probe_seconds,
@@ -115,11 +117,17 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; drop --device or use --device cpu")
     pruned = rundir.read_pruned(cfg.pruned)
-    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device))  # before cfg.method is read
+    shards = world_size() if fsdp_launched() else 1
+    devices = torch.cuda.device_count() if device == "cuda" else 1
+    # before cfg.method is read
+    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device), shards, devices)
     precision = resolve_precision(cfg, device)
     resume = select_checkpoint(cfg, out)
     run = Run(cfg, out, runlog, is_main, time.perf_counter(), device, precision, pruned, resume,
               cfg.teacher or pruned.base_model, method_reason=method_reason)
+    if fsdp_launched() and fsdp_version() != 2 and run.method.trains_base:
+        raise UserError(f"--method {cfg.method} under FSDP needs fsdp_version: 2 in the accelerate config (FSDP1 "
+                        "flattens the weights its masks must follow); use configs/accelerate-fsdp2-8gpu.yaml")
     _banner(run)
     checks, run.texts, existing = preflight_checks(cfg, out, resume, run.teacher_spec, is_main)
     runlog.emit("preflight", None, persist=False, checks=checks)
@@ -174,7 +182,8 @@ def _setup_model(run: Run) -> tuple[Any, Prepared, nn.Module | None]:
     model, tokenizer = load_model(str(run.pruned.path), dtype=run.precision.load_dtype, device=where,
                                   log=runlog.print_text)
     run.masks, run.mask_source = rundir.load_keep_masks(run.pruned.path, model)
-    run.base_digest = rundir.base_digest(model, run.masks)
+    # The adapter's record of its base: the main process writes it
+    run.base_digest = rundir.base_digest(model, run.masks) if run.is_main else ""
     kept = sum(int(m.sum()) for m in run.masks.values())
     total = sum(m.numel() for m in run.masks.values())
     runlog.emit("model", None, path=str(run.pruned.path), seconds=time.perf_counter() - t0,

@@ -174,6 +174,11 @@ def fsdp_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
+def fsdp_version() -> int:
+    """The FSDP version `accelerate launch` asked for (its config's `fsdp_version`; accelerate's default is 1)."""
+    return int(os.environ.get("FSDP_VERSION", "1") or 1)
+
+
 def load_device(device: str) -> torch.device:
     """Where this process loads its models: under torchrun/accelerate each rank its own GPU, so eight ranks
     never stack eight copies of a 7B model on GPU 0 before the Trainer places them. Under FSDP the CPU: sharding
