@@ -102,6 +102,12 @@ def test_q8_0_falls_back_to_f16_on_short_rows_and_keeps_norms_f32():
     assert gguf_format.tensor_type("blk.0.attn_norm.weight", (64,), "bf16") == "f32"
 
 
+def test_f16_refuses_a_weight_it_would_store_as_infinity():
+    gguf_format.check_f16_range({"w": torch.full((2, 2), 6e4)})
+    with pytest.raises(UserError, match="use --gguf-type bf16"):
+        gguf_format.check_f16_range({"w": torch.full((2, 2), 7e4)})
+
+
 def test_unsupported_models_and_options_are_one_line_errors(tmp_path, tiny_model_dir, shared_data):
     from tiny import make_tiny_model
 
@@ -122,8 +128,8 @@ def test_export_command_gguf_exit_codes(tmp_path, pruned, shared_data, capsys):
     assert main(["export", str(pruned), "--out", str(out), "--format", "gguf", "--gguf-type", "q8_0",
                  "--data-dir", str(shared_data)]) == 0
     console = capsys.readouterr().out
-    assert "the cost of q8_0" in console and "Loads in: llama.cpp" in console
+    assert "the cost of q8_0" in console and "Loads in: Transformers" in console and "Not vLLM" in console
     record = json.loads((out / "export.json").read_text())
-    assert record["format"] == "gguf" and record["gguf_type"] == "q8_0" and "llama.cpp" in record["loads_in"]
+    assert record["format"] == "gguf" and record["gguf_type"] == "q8_0" and "not yet loaded by llama.cpp" in record["loads_in"]
     assert main(["export", str(pruned), "--out", str(tmp_path / "h"), "--format", "gguf", "--dtype", "float16"]) == 2
     assert "--dtype does not apply" in capsys.readouterr().err

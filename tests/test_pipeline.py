@@ -144,6 +144,9 @@ def test_pipeline_runs_skips_reruns_what_changed_and_resumes(tmp_path, tiny_mode
     assert doc["order"] == ["prune", "finetune", "merge", "eval", "report"] and doc["stages"]["merge"]["status"] == "ran"
     assert json.loads((run / "merge" / "merge.json").read_text())["keep_sparsity"] is True
     assert verify_dir(run / "merge").ok
+    # Both model directories are what weight loaders take as they are (vLLM loads every top-level *.safetensors).
+    for stage in ("prune", "merge"):
+        assert [p.name for p in (run / stage).glob("*.safetensors")] == ["model.safetensors"], stage
     assert eval_json["test"]["recovered_model"]["model"] == str(run.resolve() / "merge")
     assert story["test"]["deployable"] is True and story["test"]["recovered"] == eval_json["test"]["recovered"]["perplexity"]
     assert abs(eval_json["test"]["recovered"]["sparsity"] - eval_json["test"]["pruned"]["sparsity"]) < 1e-9

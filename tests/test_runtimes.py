@@ -59,3 +59,14 @@ def test_a_runtime_that_cannot_load_the_directory_is_a_failure_not_a_crash(tmp_p
                                   env=SITE)
     far = check_runtimes.Outcome("vllm", "m", 10.2, 10.0, 0.01)
     assert not far.ok and f"{far.gap:+.1%}" == "+2.0%"
+
+
+def test_the_root_cause_of_a_runtime_failure_is_the_loaders_own_error():
+    log = """INFO 12-02 17:43:58 [loader.py:50] Loading weights
+(Worker pid=26370) ERROR 12-02 17:43:59 [multiproc_executor.py:953] ValueError: There is no module or parameter named 'layers.0.mlp.down_proj' in LlamaModel.
+Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.
+Traceback (most recent call last):
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""
+    assert check_runtimes.root_cause(log).startswith("ValueError: There is no module or parameter named")
+    assert check_runtimes.root_cause("just a line\n") == "just a line"

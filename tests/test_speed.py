@@ -92,7 +92,13 @@ def test_run_speed_end_to_end(tmp_path, pruned_block, tiny_model_dir):
     out = tmp_path / "speed.json"
     cfg = SpeedConfig(model_dir=str(pruned_block), dense=str(tiny_model_dir), batch="1,2", seqlen=16, prompt=4,
                       new_tokens=3, repeats=1, breakeven=False, device="cpu", out=str(out))
-    result = run_speed(cfg, log=lambda _: None)
+    lines: list[str] = []
+    result = run_speed(cfg, log=lines.append)
+    # Something on screen for every variant as it goes: its load, then each round of each measurement.
+    assert sum(line.startswith("Loaded ") for line in lines) == 3
+    rounds = [line for line in lines if line.startswith("  batch ")]
+    assert len(rounds) == 2 * 2 * (1 + cfg.repeats)  # 2 batches x (forward, generation) x (warm-up + rounds)
+    assert all(v in rounds[0] for v in ("dense", "pruned (dense kernels)", "pruned (sparse kernels)"))
     assert [(r.variant, r.batch) for r in result.rows] == [
         ("dense", 1), ("pruned (dense kernels)", 1), ("pruned (sparse kernels)", 1),
         ("dense", 2), ("pruned (dense kernels)", 2), ("pruned (sparse kernels)", 2)]
@@ -130,7 +136,14 @@ def test_speed_command_parses_batches_and_prints(tmp_path, pruned_block, tiny_mo
     assert command.main(parser.parse_args([str(pruned_block), "--batch", "1", "--seqlen", "8", "--prompt", "2",
                                            "--new-tokens", "2", "--repeats", "1", "--no-breakeven"])) == 0
     printed = capsys.readouterr().out
-    assert "pruned (sparse kernels)" in printed
+    assert "pruned (sparse kernels)" in printed and "Serving runtimes" in printed
+
+
+def test_defaults_are_sized_for_a_small_cpu():
+    """`prunetune speed DIR` on SmolLM2 finishes in about 2 minutes on 2 cores (bench/RESULTS.md): one batch of
+    128 tokens, 16 generated, 2 rounds, a 5-round sweep; larger sizes are flags."""
+    cfg = SpeedConfig(model_dir="x")
+    assert (cfg.batch, cfg.seqlen, cfg.new_tokens, cfg.repeats, cfg.sweep_rounds) == ((1,), 128, 16, 2, 5)
 
 
 @pytest.mark.gpu

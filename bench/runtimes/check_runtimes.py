@@ -9,7 +9,8 @@ MODEL_DIR defaults to the demo's deployable sparse model (`runs/demo/finetune/mo
 Each runtime runs `engine_ppl.py` in its own virtualenv, where prunetune is not importable: the number is what a
 user's runtime computes. Exit 0 when every runtime is within `--tolerance` (1%) of prunetune's perplexity, 1 when
 one is not or fails to load the directory, 2 for a usage error. `--record` writes the table with the machine into
-bench/RESULTS.md (section `runtimes`).
+bench/RESULTS.md (section `runtimes`). `--speed` also times generation in vLLM for each model directory and its
+dense base model (the one prune.json names): what a user serving the pruned model gets.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,9 +84,58 @@ def run_engine(python: list[str], runtime: str, model: str, tokens: Path, dtype:
         proc = subprocess.run(cmd, cwd=tmp, env={**clean, "HF_HUB_OFFLINE": "1", **(env or {})},
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
-            tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
-            raise RuntimeError(" | ".join(tail[-3:]) or f"exit {proc.returncode}")
+            # vLLM's worker processes log their own error to stdout, the wrapper to stderr: read both.
+            raise RuntimeError(root_cause(proc.stdout + "\n" + proc.stderr) or f"exit {proc.returncode}")
         return json.loads(out.read_text())
+
+
+def dense_base(model_dir: str) -> str | None:
+    """The dense model a pruned directory came from, as a directory vLLM can load (a GGUF alias is converted once
+    into prunetune's cache), or None when prune.json names none."""
+    from prunetune.models import materialize, resolve_model
+    from prunetune.rundir import read_pruned
+
+    base = read_pruned(model_dir).base_model
+    return materialize(resolve_model(base), log=lambda _: None) if base else None
+
+
+def speed_rows(models: list[str], windows: Path, args: argparse.Namespace) -> list[str]:
+    """vLLM generation tokens/s of each pruned directory and of its dense base, as Markdown rows."""
+    python = [str(REPO / VENVS["vllm"] / "bin" / "python")]
+    rows = []
+    for model in models:
+        pair = [("dense base", dense_base(model)), ("pruned", model)]
+        measured = {}
+        for label, path in pair:
+            if path is None:
+                continue
+            print(f"vllm speed: {label} {path} ...", flush=True)
+            rec = run_engine(python, "vllm", path, windows, args.speed_dtype,
+                             extra=["--speed", str(args.new_tokens), "--prompt-len", str(args.prompt_len),
+                                    "--rounds", str(args.rounds)])
+            measured[label] = rec
+        keys = [k for k in measured.get("pruned", {}) if k.startswith("tokens_per_s")]
+        for key in keys:
+            dense = measured.get("dense base", {}).get(key)
+            pruned = measured["pruned"][key]
+            what = key.removeprefix("tokens_per_s_").replace("_", " ")
+            rows.append(f"| {Path(model).name} | {what} | {fmt(dense)} | {fmt(pruned)} | "
+                        f"{pruned / dense:.2f}x |" if dense else f"| {model} | {what} | - | {fmt(pruned)} | - |")
+    return rows
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def root_cause(log: str) -> str:
+    """The first exception line of a runtime's log that is not a wrapper ("... initialization failed"):
+    vLLM reports the loader's own error in a worker process, then re-raises a generic one."""
+    lines = [line.split("] ", 1)[-1].strip() for line in log.splitlines()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|SystemExit)\b", line)
+              or line.startswith("prunetune is importable")]
+    specific = [e for e in errors if "initialization failed" not in e]
+    return (specific or errors or [line for line in lines if line][-1:] or [""])[0][:300]
 
 
 def default_model() -> str:
@@ -121,6 +172,16 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--data-dir", action="append")
     parser.add_argument("--record", action="store_true", help="write the table into bench/RESULTS.md")
+    parser.add_argument("--section", default="runtimes",
+                        help="with --record: write section runtimes-NAME of bench/RESULTS.md instead of runtimes")
+    parser.add_argument("--refused", nargs="*", default=[],
+                        help="directories vLLM is expected to refuse (an old layout, a sparse export): recorded with "
+                             "the error; a failure of the check if vLLM loads one")
+    parser.add_argument("--speed", action="store_true", help="also time generation in vLLM, dense vs pruned")
+    parser.add_argument("--speed-dtype", default="bfloat16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     from prunetune.devices import dtype_name, resolve_dtype
@@ -130,11 +191,18 @@ def main() -> int:
     for r in runtimes:
         if r not in VENVS:
             raise SystemExit(f"--runtimes {r!r}: choose from {', '.join(VENVS)}")
-    models = args.model_dir or [default_model()]
+    # Absolute paths: each runtime runs in a scratch directory, away from the repository's src/.
+    models = [str(Path(m).resolve()) for m in args.model_dir] or [default_model()]
+    args.gguf = [str(Path(g).resolve()) for g in args.gguf]
+    args.refused = [str(Path(r).resolve()) for r in args.refused]
+    if args.gguf_reference:
+        args.gguf_reference = str(Path(args.gguf_reference).resolve())
     outcomes: list[Outcome] = []
     versions: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, m, rt) for m in models for rt in runtimes]
+        # GGUF: Transformers' reader always, llama.cpp when asked; vLLM 0.32 has no GGUF loader any more (pass the
+        # file to --refused to record that).
         jobs += [(g, args.gguf_reference or models[0], rt) for g in args.gguf
                  for rt in ("transformers", "llama-cpp") if rt in runtimes or rt == "transformers"]
         references: dict[str, float] = {}
@@ -160,15 +228,38 @@ def main() -> int:
             outcomes.append(outcome)
             print(f"  {outcome.perplexity if outcome.perplexity is not None else 'FAILED'} "
                   f"({'ok' if outcome.ok else outcome.error or f'{outcome.gap:+.3%}'})", flush=True)
-    body = _table(outcomes, args.windows, args.seqlen, dtype)
+        refusals = []
+        for target in args.refused:
+            print(f"vllm: expecting a refusal of {target} ...", flush=True)
+            try:
+                extra = ["--tokenizer", models[0]] if target.endswith(".gguf") else []
+                run_engine([str(REPO / VENVS["vllm"] / "bin" / "python")], "vllm", target, token_files[models[0]], dtype,
+                           extra=extra)
+                refusals.append((target, None))
+            except RuntimeError as err:
+                refusals.append((target, str(err)))
+            print(f"  {refusals[-1][1] or 'LOADED (unexpected)'}", flush=True)
+        body = _table(outcomes, args.windows, args.seqlen, dtype)
+        if refusals:
+            body += ("\n\nRefused by vLLM, as expected:\n\n| directory | vLLM's error |\n|---|---|\n"
+                     + "\n".join(f"| {t} | {e or '**loaded: the claim is wrong**'} |" for t, e in refusals))
+        if args.speed:
+            rows = speed_rows(models, token_files[models[0]], args)
+            body += (f"\n\nvLLM generation, {args.speed_dtype}, {args.windows} prompts of {args.prompt_len} tokens, "
+                     f"{args.new_tokens} new tokens each (greedy, prefill included), best of {args.rounds}:\n\n"
+                     "| model | requests | dense tokens/s | pruned tokens/s | pruned / dense |\n|---|---|---:|---:|---:|\n"
+                     + "\n".join(rows))
     print(body)
     if args.record:
         from results import machine_line, write_section
 
         vers = "; ".join(f"{rt}: " + ", ".join(f"{k} {v}" for k, v in sorted(v.items())) for rt, v in versions.items())
-        write_section("runtimes", "Serving runtimes load the outputs as they are (bench/runtimes, issue 21)",
+        title = "Serving runtimes load the outputs as they are (bench/runtimes, issue 21)"
+        # Namespaced: a section of another bench script (e.g. `speed`, `demo`) is never overwritten.
+        name = "runtimes" if args.section == "runtimes" else f"runtimes-{args.section}"
+        write_section(name, title if args.section == "runtimes" else f"{title}: {args.section}",
                       f"{machine_line()}\n\nRuntime venvs: {vers}.\n\n{body}")
-    return 0 if all(o.ok for o in outcomes) else 1
+    return 0 if all(o.ok for o in outcomes) and all(e for _, e in refusals) else 1
 
 
 if __name__ == "__main__":

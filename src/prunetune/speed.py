@@ -8,6 +8,12 @@ Variants (rows of the table):
   PyTorch BSR (block patterns, tile = the pruning block), semi-structured 2:4 (`to_sparse_semi_structured`,
   CUDA with fp16/bf16 only), or CSR (unstructured and other N:M; 2:4 on CPU). Nothing is assumed to be faster:
   every number is measured, and a sparse kernel slower than the dense one shows as a speed-up below 1.
+
+The defaults finish in about 2 minutes on a 2-core CPU with SmolLM2-135M (one batch of 128 tokens, 16 generated
+tokens, 2 rounds; a shorter break-even sweep), printing a line per variant and round as it goes;
+`--batch 1,8 --seqlen 512 --new-tokens 32 --repeats 3 --sweep-rounds 10` are the sizes of bench/RESULTS.md.
+Serving runtimes (vLLM, llama.cpp) multiply the pruned zeros like any weight: they run at the speed of the
+`pruned (dense kernels)` row (measured for vLLM CPU in bench/RESULTS.md, section runtimes).
 """
 
 from __future__ import annotations
@@ -56,24 +62,27 @@ class SpeedConfig:
     """The pruned model: a `prunetune prune` output (or a `prunetune export` directory)."""
     dense: str | None = None
     """The dense model to compare with (alias, hub id, directory, .gguf); default: the base model in prune.json."""
-    batch: tuple[int, ...] = (1, 8)
-    """Batch sizes to measure, comma separated."""
-    seqlen: int = 512
-    """Tokens per sequence of the forward-pass measurement."""
-    prompt: int = 32
+    batch: tuple[int, ...] = (1,)
+    """Batch sizes to measure, comma separated (e.g. 1,8; each batch adds a round of every measurement)."""
+    seqlen: int = 128
+    """Tokens per sequence of the forward-pass measurement (512 for the README's table; a 2-core CPU takes
+    seconds per pass of a 135M model at 512, minutes with CSR kernels)."""
+    prompt: int = 16
     """Prompt tokens of the generation measurement."""
-    new_tokens: int = 32
+    new_tokens: int = 16
     """Tokens generated (greedy, KV cache) per sequence in the generation measurement."""
     device: str | None = None
     """cpu | cuda (default: cuda when available)."""
     dtype: str | None = None
     """float32 | bfloat16 | float16; default float32 on CPU, bfloat16 on CUDA (2:4 kernels need fp16/bf16)."""
-    repeats: int = 3
+    repeats: int = 2
     """Timed rounds per measurement after one warm-up; the variants take turns in each round and the fastest
     round of each is reported (on a shared machine the least disturbed one)."""
     breakeven: bool = True
     """Also sweep the sparsity of one 16x16-BSR matmul per SmolLM2 shape, on seqlen tokens and on 1 (decoding), to
     find where it beats dense."""
+    sweep_rounds: int = 5
+    """Timed rounds of each matmul of the break-even sweep (10 for bench/RESULTS.md)."""
     out: str | None = None
     """Write the results JSON here."""
 
@@ -81,7 +90,7 @@ class SpeedConfig:
         self.batch = int_tuple(self.batch)
         if not self.batch or min(self.batch) < 1:
             raise UserError(f"--batch {self.batch} must be positive integers, e.g. 1,8")
-        for name in ("seqlen", "prompt", "new_tokens", "repeats"):
+        for name in ("seqlen", "prompt", "new_tokens", "repeats", "sweep_rounds"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -217,19 +226,30 @@ def block_sparse_weight(out_f: int, in_f: int, sparsity: float, block: tuple[int
     return (torch.randn(out_f, in_f, generator=gen) * mask).to(dtype)
 
 
-def _best_interleaved(fns: list[Callable[[], Any]], rounds: int, device: str) -> list[float]:
+def _best_interleaved(fns: list[Callable[[], Any]], rounds: int, device: str,
+                      on_round: Callable[[int, list[float]], None] | None = None) -> list[float]:
     """Fastest of `rounds` runs of each fn, the fns taking turns: on a shared machine the minimum is the run least
-    disturbed by other processes, and taking turns exposes every fn to the same background load."""
+    disturbed by other processes, and taking turns exposes every fn to the same background load.
+    `on_round(r, seconds)` gets each round's times (round 0: the warm-up), for a progress line."""
+    warm = []
     for fn in fns:
+        start = time.perf_counter()
         fn()  # warm-up
+        warm.append(time.perf_counter() - start)
+    if on_round is not None:
+        on_round(0, warm)
     best = [float("inf")] * len(fns)
-    for _ in range(rounds):
+    for r in range(rounds):
+        times = []
         for i, fn in enumerate(fns):
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
-            best[i] = min(best[i], time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
+            best[i] = min(best[i], times[-1])
+        if on_round is not None:
+            on_round(r + 1, times)
     return best
 
 
@@ -300,6 +320,13 @@ def _load(spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
     return model
 
 
+def _timed_load(what: str, spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
+    start = time.perf_counter()
+    model = _load(spec, dtype, device, log)
+    log(f"Loaded {what} in {time.perf_counter() - start:.1f} s")
+    return model
+
+
 def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     from prunetune.runinfo import machine, write_json
 
@@ -310,23 +337,29 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     dense_spec = cfg.dense or read_pruned(model_dir).base_model
     variants: list[tuple[str, nn.Module, str]] = []
     if dense_spec:
-        log(f"Dense model {dense_spec}")
-        variants.append(("dense", _load(dense_spec, dtype, device, log), ""))
+        variants.append(("dense", _timed_load(f"dense model {dense_spec}", dense_spec, dtype, device, log), ""))
     else:
         log("No dense model (give --dense; prune.json names none): the dense row is left out")
-    variants.append(("pruned (dense kernels)", _load(str(model_dir), dtype, device, log), ""))
-    sparse = _load(str(model_dir), dtype, device, log)
+    variants.append(("pruned (dense kernels)", _timed_load("pruned model", str(model_dir), dtype, device, log), ""))
+    sparse = _timed_load("pruned model for sparse kernels", str(model_dir), dtype, device, log)
     kernel, replaced = sparsify(sparse, pattern, device, dtype)
+    log(f"  {replaced} linears now {kernel}")
     variants.append(("pruned (sparse kernels)", sparse, f"{replaced} linears: {kernel}"))
     rows = [row for b in cfg.batch for row in _measure_batch(variants, b, cfg, device, log)]
 
     sweeps = []
     if cfg.breakeven:
-        log("Break-even sweep: 16x16 BSR vs dense matmul at SmolLM2 shapes")
-        for tokens in dict.fromkeys((cfg.seqlen, 1)):  # a prompt's worth (prefill) and one token (decoding)
-            for shape in SMOLLM2_SHAPES.values():
+        shapes = list(SMOLLM2_SHAPES.values())
+        token_counts = list(dict.fromkeys((cfg.seqlen, 1)))  # a prompt's worth (prefill) and one token (decoding)
+        log(f"Break-even sweep: 16x16 BSR vs dense matmul, {len(shapes)} SmolLM2 shapes x {token_counts} tokens, "
+            f"sparsity {SWEEP_SPARSITIES[0]:.0%}-{SWEEP_SPARSITIES[-1]:.0%}, {cfg.sweep_rounds} rounds")
+        for tokens in token_counts:
+            for shape in shapes:
                 sweeps.append(breakeven_sweep(shape, tokens, SWEEP_SPARSITIES, (16, 16), device, dtype,
-                                              rounds=max(10, 3 * cfg.repeats)))
+                                              rounds=cfg.sweep_rounds))
+                even = sweeps[-1]["breakeven_sparsity"]
+                log(f"  {shape[0]}x{shape[1]} x {tokens} tokens: "
+                    + (f"break-even at {even:.0%}" if even is not None else "BSR slower at every swept sparsity"))
     result = SpeedResult(rows, pattern.name, kernel, device, dtype_name(dtype), sweeps, machine())
     if cfg.out:
         write_json(cfg.out, {**result.to_json(), "config": asdict(cfg)})
@@ -348,10 +381,18 @@ def _measure_batch(variants: list[tuple[str, nn.Module, str]], batch: int, cfg: 
             working.append((name, model))
         except (RuntimeError, NotImplementedError) as err:  # a sparse layout without a kernel for this op
             notes[name] = f"no kernel: {str(err).splitlines()[0][:120]}"
-    log(f"  batch {batch}: forward passes ...")
-    fwd = _best_interleaved([_forward(m, ids) for _, m in working], cfg.repeats, device)
-    log(f"  batch {batch}: generation ...")
-    gen_s = _best_interleaved([_generate(m, prompt, cfg.new_tokens) for _, m in working], cfg.repeats, device)
+    names = [name for name, _ in working]
+
+    def progress(what: str) -> Callable[[int, list[float]], None]:
+        def line(r: int, seconds: list[float]) -> None:
+            label = "warm-up" if r == 0 else f"round {r}/{cfg.repeats}"
+            log(f"  batch {batch}, {what}, {label}: " + ", ".join(f"{n} {s:.2f} s" for n, s in zip(names, seconds, strict=True)))
+        return line
+
+    fwd = _best_interleaved([_forward(m, ids) for _, m in working], cfg.repeats, device,
+                            progress(f"forward of {cfg.seqlen} tokens"))
+    gen_s = _best_interleaved([_generate(m, prompt, cfg.new_tokens) for _, m in working], cfg.repeats, device,
+                              progress(f"generating {cfg.new_tokens} tokens"))
     measured = {name: (f, g) for (name, _), f, g in zip(working, fwd, gen_s, strict=True)}
     rows = []
     for name, model, _ in variants:

@@ -12,18 +12,22 @@ from prunetune.commands import flags
 from prunetune.commands.flags import Flag
 from prunetune.export import registry
 from prunetune.export.compressed_tensors import COMPRESSORS
+from prunetune.export.gguf import GGUF_TYPES
 from prunetune.export.run import ExportConfig, run_export
 
 FLAGS = {
     "model_dir": Flag(names=("model_dir",), metavar="MODEL_DIR"),
     "out": Flag(metavar="DIR"),
-    "format": Flag(choices=registry.names()),
     "compressor": Flag(choices=COMPRESSORS),
+    "gguf_type": Flag(choices=GGUF_TYPES),
 }
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    flags.add_config_flags(parser, ExportConfig, flags=FLAGS, greedy=False)
+    # The format choices are read when the parser is built, not when this module is imported: a format
+    # registered later (a plugin, a test) is a valid --format.
+    formats = {"format": Flag(choices=registry.names())}
+    flags.add_config_flags(parser, ExportConfig, flags={**FLAGS, **formats}, greedy=False)
 
 
 def main(args: argparse.Namespace) -> int:

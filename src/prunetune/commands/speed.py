@@ -1,4 +1,4 @@
-"""`prunetune speed MODEL_DIR [--dense MODEL] [--batch 1,8] [--seqlen 512] [--device cpu|cuda]`: flags from
+"""`prunetune speed MODEL_DIR [--dense MODEL] [--batch 1] [--seqlen 128] [--device cpu|cuda]`: flags from
 `SpeedConfig`, then `speed.run_speed`; prints tokens/s and weight memory of each variant and the break-even."""
 
 from __future__ import annotations
@@ -43,4 +43,7 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"16x16 BSR vs dense matmul, {shape} weight x {point.get('tokens')} tokens: "
                       + (f"break-even at {even:.0%} sparsity" if isinstance(even, (int, float))
                          else "no break-even in the measured range (BSR slower at every sparsity)"))
+    console.print("Serving runtimes (vLLM, llama.cpp) multiply the pruned zeros like any other weight: expect the "
+                  "speed of the `pruned (dense kernels)` row there (vLLM CPU measured dense vs pruned: "
+                  "bench/RESULTS.md, section runtimes).")
     return 0

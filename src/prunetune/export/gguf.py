@@ -91,6 +91,18 @@ def encode(values: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
     return gguf.quants.quantize(data, ggml_type(kind)), ggml_type(kind)
 
 
+F16_MAX = 65504.0
+"""The largest finite float16: a weight beyond it would be stored as infinity."""
+
+
+def check_f16_range(state: dict[str, torch.Tensor]) -> None:
+    """Refuse f16 for a model with a weight outside float16's range (it would be written as infinity)."""
+    for name, tensor in state.items():
+        if tensor.dim() >= 2 and float(tensor.detach().abs().max()) > F16_MAX:
+            raise UserError(f"--gguf-type f16: {name} holds a weight beyond float16's range (+-{F16_MAX:.0f}); "
+                            "use --gguf-type bf16, which keeps float32's range")
+
+
 def expected(values: torch.Tensor, kind: str) -> torch.Tensor | None:
     """What a lossless-by-definition read back must equal bit for bit (the source cast), None for q8_0."""
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(kind)
@@ -388,9 +400,10 @@ class Gguf:
     its metadata."""
 
     name = "gguf"
-    runtimes = ("llama.cpp and what embeds it (ollama, LM Studio, llama-cpp-python), Transformers "
-                "(`from_pretrained(DIR, gguf_file=...)`, de-quantised on load), vLLM's GGUF loader (experimental "
-                "in vLLM's docs); checked as of 2026-12 in bench/RESULTS.md, section runtimes")
+    runtimes = ("Transformers (`from_pretrained(DIR, gguf_file=...)`, de-quantised on load: measured). Written for "
+                "llama.cpp, ollama and LM Studio (llama.cpp's format), not yet loaded by llama.cpp in prunetune's "
+                "checks. Not vLLM 0.32 (GGUF left vLLM's core for a plugin, vllm-project/vllm issue 39583): serve "
+                "the model directory there. As of 2026-12-02, bench/RESULTS.md sections runtimes, exports")
 
     def check(self, cfg: Any) -> None:
         if cfg.gguf_type not in GGUF_TYPES:
@@ -411,6 +424,8 @@ class Gguf:
         vocab = read_vocab(source.tokenizer, source.model_dir, int(config.vocab_size), _base_gguf(source))
         path = staging / FILE_NAME.format(type=kind)
         state = {k: v for k, v in source.model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+        if kind == "f16":
+            check_f16_range(state)
         log(f"Writing {path.name}: {len(state)} tensors, matrices as {kind}, tokenizer {vocab.model}"
             f" (pre-tokenizer {vocab.pre})")
         written = write_gguf(path, state, config, source.tokenizer, vocab, kind, source.model_dir.name)
