@@ -135,4 +135,4 @@ def test_auto_method_falls_back_to_masked_lora_when_sparse_ft_state_would_not_fi
     assert cfg.method == "masked-lora" and "~36.2 GiB of optimizer state and gradients per GPU across 2" in why
     # Not sharded, but 8 GPUs visible: masked LoRA, and the way to run sparse-ft across them.
     cfg, why = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json, free_bytes=40 * 2**30, devices=8)
-    assert cfg.method == "masked-lora" and "configs/accelerate-fsdp2-8gpu.yaml" in why
+    assert cfg.method == "masked-lora" and "configs/accelerate/fsdp2-8gpu.yaml" in why

@@ -40,14 +40,14 @@ def digests(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in PER_RUN}
 
 
-def prune_both(model: str | Path, tmp_path: Path, shared_data: Path, **kw) -> tuple[dict, dict]:
+def prune_both(model: str | Path, tmp_path: Path, shared_data: Path, device: str = "cpu", **kw) -> tuple[dict, dict]:
     """The same prune streamed and whole; their prune.json records, after asserting their files are identical."""
     records = []
     files = []
     for stream in (True, False):
         out = tmp_path / f"stream-{stream}"
         cfg = PruneConfig(model=str(model), out=str(out), calib_dataset="wikitext2", data_dir=str(shared_data),
-                          nsamples=4, seqlen=32, device="cpu", stream=stream, **kw)
+                          nsamples=4, seqlen=32, device=device, stream=stream, **kw)
         run_prune(cfg, console=Console(quiet=True))
         files.append(digests(out))
         records.append(json.loads((out / PRUNE_JSON).read_text()))
@@ -78,6 +78,13 @@ def test_every_walk_option_streams_to_the_same_bytes(tmp_path, tiny_model_dir, s
     dense model's own activations beside the pruned ones: each visits layers again; none may change a byte."""
     prune_both(tiny_model_dir, tmp_path, shared_data, method="sparsegpt", pattern="block16x16", sparsity=0.5,
                reconstruct=True, owl=True, block_reconstruct_epochs=1)
+
+
+@pytest.mark.gpu
+def test_streamed_prune_on_a_gpu_writes_the_same_bytes(tmp_path, tiny_model_dir, shared_data):
+    """On CUDA each tensor goes from the shard to the GPU and back on its own (bf16 storage, as `auto` keeps it)."""
+    prune_both(tiny_model_dir, tmp_path, shared_data, device="cuda", method="sparsegpt", pattern="2:4",
+               reconstruct=True, eval=True, eval_seqlen=32, eval_max_windows=3)
 
 
 def test_sharded_checkpoint_streams_and_a_sharded_layout_is_save_pretrained_s(tmp_path, tokenizer_dir, shared_data):

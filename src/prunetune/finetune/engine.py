@@ -128,7 +128,7 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
               cfg.teacher or pruned.base_model, method_reason=method_reason)
     if fsdp_launched() and fsdp_version() != 2 and run.method.trains_base:
         raise UserError(f"--method {cfg.method} under FSDP needs fsdp_version: 2 in the accelerate config (FSDP1 "
-                        "flattens the weights its masks must follow); use configs/accelerate-fsdp2-8gpu.yaml")
+                        "flattens the weights its masks must follow); use configs/accelerate/fsdp2-8gpu.yaml")
     _banner(run)
     checks, run.texts, existing = preflight_checks(cfg, out, resume, run.teacher_spec, is_main)
     runlog.emit("preflight", None, persist=False, checks=checks)

@@ -50,7 +50,7 @@ def choose(prune_json: Any, free_bytes: int | None = None, shards: int = 1, devi
         hint = ""
         if shards == 1 and devices > 1 and need / devices <= SPARSE_FT_MEMORY_SHARE * free_bytes:
             hint = (f"; it would fit across the {devices} visible GPUs under FSDP2: accelerate launch --config_file "
-                    f"configs/accelerate-fsdp2-{devices}gpu.yaml -m prunetune finetune ...")
+                    f"configs/accelerate/fsdp2-{devices}gpu.yaml -m prunetune finetune ...")
         return ("masked-lora",
                 f"masked-lora: auto for a {pattern} model; sparse-ft would need ~{per_device / 2**30:.1f} GiB of "
                 f"optimizer state and gradients per GPU{across}, {free_bytes / 2**30:.1f} GiB free{hint} "
