@@ -52,6 +52,8 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What from_pretrained raises for unreadable files; struct.error/EOFError come from a cut GGUF file.
@@ -130,9 +132,14 @@ def _check_hub(repo_id: str) -> None:
         )
 
 
+def local_files_only(ref: ModelRef) -> bool:
+    """Whether loaders must stay off the network for `ref` (a hub model while the hub does not answer)."""
+    return ref.kind == "hub" and not hub_reachable()
+
+
 def _local_only(ref: ModelRef) -> dict[str, bool]:
     """from_pretrained kwargs: a hub model served from the local cache is not looked up online when offline."""
-    return {"local_files_only": True} if ref.kind == "hub" and not hub_reachable() else {}
+    return {"local_files_only": True} if local_files_only(ref) else {}
 
 
 def _load_error(ref: ModelRef, err: BaseException, what: str) -> UserError:
@@ -253,6 +260,17 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer. Never `trust_remote_code`: only architectures Transformers ships."""
     ref = resolve_model(spec) if isinstance(spec, str) else spec
+    return load_weights(ref, dtype, device, log), load_tokenizer(ref)
+
+
+def load_weights(
+    spec: str | ModelRef,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    log=print,
+) -> PreTrainedModel:
+    """The causal LM alone (`load_model` without the tokenizer), in eval mode."""
+    ref = resolve_model(spec) if isinstance(spec, str) else spec
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     location = materialize(ref, log=log)
@@ -263,13 +281,43 @@ def load_model(
     model.eval()
     if device is not None:
         model.to(device)
-    return model, load_tokenizer(ref)
+    return model
 
 
 def _from_pretrained(ref: ModelRef, location: str, dtype: torch.dtype) -> PreTrainedModel:
     if ref.kind == "dir" and is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors
         return load_exported(location).to(dtype)
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
+
+
+def weight_files(ref: ModelRef, location: str) -> tuple[list[Path], str]:
+    """The safetensors files holding the weights of `ref` (materialized at `location`), or ([], why there are
+    none to read one tensor at a time): what `prune` streams its layers from. Hub files come from the local
+    cache (downloaded first where the hub answers, as `from_pretrained` would)."""
+    if ref.kind == "dir" and is_sparse_export(location):
+        return [], "a compressed-tensors export (its weights are decompressed whole)"
+    try:
+        if ref.kind == "hub":
+            from transformers.utils import cached_file
+            from transformers.utils.hub import get_checkpoint_shard_files
+
+            index = cached_file(location, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False,
+                                **_local_only(ref))
+            if index is not None:
+                files, _ = get_checkpoint_shard_files(location, index, **_local_only(ref))
+                return [Path(f) for f in files], ""
+            single = cached_file(location, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
+                                 **_local_only(ref))
+            return ([Path(single)], "") if single is not None else ([], f"no {SAFE_WEIGHTS_NAME} in the hub repository")
+        root = Path(location)
+        if (root / SAFE_WEIGHTS_INDEX_NAME).is_file():
+            weight_map = json.loads((root / SAFE_WEIGHTS_INDEX_NAME).read_text()).get("weight_map") or {}
+            return [root / name for name in sorted(set(weight_map.values()))], ""
+        if (root / SAFE_WEIGHTS_NAME).is_file():
+            return [root / SAFE_WEIGHTS_NAME], ""
+    except (OSError, ValueError, AttributeError) as err:
+        return [], f"its weight files could not be located ({first_line(err)[:160]})"
+    return [], f"no {SAFE_WEIGHTS_NAME} (only safetensors weights are read one layer at a time)"
 
 
 def load_config(spec: str | ModelRef, log=print) -> PretrainedConfig:

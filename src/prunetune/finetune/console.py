@@ -244,8 +244,16 @@ def _stopped(r: Mapping[str, Any]) -> list[str]:
 
 
 def _train_end(r: Mapping[str, Any]) -> list[str]:
-    return ["", f"Training completed in {hms(r.get('runtime_s'))} ({r.get('step')} steps, "
-                f"train loss {fmt_num(r.get('train_loss'))})."]
+    lines = ["", f"Training completed in {hms(r.get('runtime_s'))} ({r.get('step')} steps, "
+                 f"train loss {fmt_num(r.get('train_loss'))})."]
+    ranks = r.get("rank_memory") or []
+    if len(ranks) > 1:
+        per_rank = [sum(v for v in rank.values() if isinstance(v, (int, float))) for rank in ranks]
+        how = "sharded (FSDP2)" if r.get("sharded") else "replicated"
+        lines.append(f"Trained state per process, {how} over {len(ranks)} ranks (weights, optimizer state, masks): "
+                     + ", ".join(f"{b / 2**20:.2f} MiB" for b in per_rank)
+                     + f" (all ranks together: {sum(per_rank) / 2**20:.2f} MiB)")
+    return lines
 
 
 def _best_loaded(r: Mapping[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
-from prunetune import __version__, phases, rundir
+from prunetune import __version__, phases, rundir, sharded
 from prunetune.analysis import fixes
 from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import LiveDiagnosis
@@ -58,6 +58,8 @@ from prunetune.finetune.trainer import (
     OOM_ERRORS,
     PrunetuneTrainer,
     build_loss,
+    fsdp_launched,
+    fsdp_version,
     is_main_process,
     load_device,
     probe_seconds,
@@ -127,7 +129,7 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     data = _setup_data(run, tokenizer)
     trainer, monitor, guard = _setup_trainer(run, prepared, teacher, data, tokenizer)
     baseline = _baseline(run, trainer, monitor, data)
-    train_metrics = _train(run, trainer, monitor, guard)
+    train_metrics = _train(run, trainer, monitor, guard, prepared)
     phases.boundary("trained")
     stopped = _stopped(run, trainer, monitor, baseline, train_metrics)
     if stopped is not None:
@@ -143,11 +145,17 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; drop --device or use --device cpu")
     pruned = rundir.read_pruned(cfg.pruned)
-    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device))  # before cfg.method is read
+    shards = world_size() if fsdp_launched() else 1
+    devices = torch.cuda.device_count() if device == "cuda" else 1
+    # before cfg.method is read
+    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device), shards, devices)
     precision = resolve_precision(cfg, device)
     resume = select_checkpoint(cfg, out)
     run = Run(cfg, out, runlog, is_main, time.perf_counter(), device, precision, pruned, resume,
               cfg.teacher or pruned.base_model, method_reason=method_reason)
+    if fsdp_launched() and fsdp_version() != 2 and run.method.trains_base:
+        raise UserError(f"--method {cfg.method} under FSDP needs fsdp_version: 2 in the accelerate config (FSDP1 "
+                        "flattens the weights its masks must follow); use configs/accelerate/fsdp2-8gpu.yaml")
     _banner(run)
     checks, run.texts, existing = preflight_checks(cfg, out, resume, run.teacher_spec, is_main)
     runlog.emit("preflight", None, persist=False, checks=checks)
@@ -204,7 +212,8 @@ def _setup_model(run: Run) -> tuple[Any, Prepared, nn.Module | None]:
     model, tokenizer = load_model(str(run.pruned.path), dtype=run.precision.load_dtype, device=where,
                                   log=runlog.print_text)
     run.masks, run.mask_source = rundir.load_keep_masks(run.pruned.path, model)
-    run.base_digest = rundir.base_digest(model, run.masks)
+    # The adapter's record of its base: the main process writes it
+    run.base_digest = rundir.base_digest(model, run.masks) if run.is_main else ""
     kept = sum(int(m.sum()) for m in run.masks.values())
     total = sum(m.numel() for m in run.masks.values())
     runlog.emit("model", None, path=str(run.pruned.path), seconds=time.perf_counter() - t0,
@@ -269,6 +278,7 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     # Our step lines replace the Trainer's printed dicts and progress bars.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.shard()  # FSDP2: sharded before the baseline evaluation and the probe (a no-op otherwise)
     if teacher is not None:
         teacher.to(args.device)
     return trainer, monitor, guard
@@ -360,7 +370,8 @@ def _time_budget(run: Run, planned: int, s_per_step: float | None, eval_s: float
 # ---------------------------------------------------------------------------------------------------
 # Training, and the runs that stop before the end
 # ---------------------------------------------------------------------------------------------------
-def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard) -> dict[str, Any]:
+def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard,
+           prepared: Prepared) -> dict[str, Any]:
     if run.resume is not None and run.planned_steps is not None and run.resume_step >= run.planned_steps:
         return _trained_already(run, trainer, monitor)
     try:
@@ -372,7 +383,8 @@ def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard:
     state = monitor.state
     run.runlog.emit("train_end", trainer.state.global_step, runtime_s=metrics.get("train_runtime"),
                     train_loss=metrics.get("train_loss"), last_loss=state.last_train_loss,
-                    stop_reason=state.stop_reason)
+                    stop_reason=state.stop_reason, rank_memory=_rank_memory(trainer, prepared),
+                    sharded=trainer.is_fsdp_enabled)
     if run.is_main:
         trainer.save_state()
     return metrics
@@ -393,6 +405,17 @@ def _trained_already(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallba
     run.runlog.emit("train_end", trainer.state.global_step, runtime_s=0.0, train_loss=None,
                     last_loss=monitor.state.last_train_loss, stop_reason=None)
     return {}
+
+
+def _rank_memory(trainer: PrunetuneTrainer, prepared: Prepared) -> list[dict[str, int]]:
+    """Bytes of the trained state each process holds (trainable weights, optimizer state, the method's own, e.g.
+    masks), one entry per rank: under FSDP2 each is 1/N of one process's, under DDP each is all of it."""
+    held = sharded.held_bytes(trainer.model, trainer.optimizer) | (prepared.held_bytes() if prepared.held_bytes else {})
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [held]
+    ranks: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(ranks, held)
+    return ranks
 
 
 def _stopped(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],

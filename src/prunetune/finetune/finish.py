@@ -18,6 +18,7 @@ from typing import Any
 from prunetune import phases, rundir
 from prunetune.analysis import fixes
 from prunetune.errors import UserError
+from prunetune.finetune import checkpoint_layout
 from prunetune.finetune.callbacks import MonitorCallback
 from prunetune.finetune.run import Run
 from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
@@ -85,12 +86,25 @@ def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> 
     best_ckpt = state.best_checkpoint or trainer.state.best_model_checkpoint
     if not run.cfg.load_best_model_at_end:
         return best_ckpt, None
-    if not (best_ckpt and run.method.load_checkpoint(trainer.model, Path(best_ckpt))):
+    if not (best_ckpt and _load_weights(run, trainer, Path(best_ckpt))):
         run.runlog.emit("best_loaded", None, checkpoint=None)
         return best_ckpt, None
     run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
                     best_step=state.best_step)
     return best_ckpt, state.best_step
+
+
+def _load_weights(run: Run, trainer: PrunetuneTrainer, checkpoint: Path) -> bool:
+    """The trained weights of `checkpoint` into the model: FSDP's sharded checkpoint by accelerate (every rank
+    reads its own shards), a whole one by the method."""
+    if checkpoint_layout.is_sharded(checkpoint) and trainer.is_fsdp_enabled:
+        from accelerate.utils import load_fsdp_model
+
+        # adapter_only: what the Trainer saved for a PEFT model (the adapter); ignored for a plain model
+        load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.model, str(checkpoint),
+                        adapter_only=True)
+        return True
+    return run.method.load_checkpoint(trainer.model, checkpoint)
 
 
 def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],

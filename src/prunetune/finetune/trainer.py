@@ -3,8 +3,14 @@ its `TrainingArguments` built from a `FinetuneConfig`, the measured probe step, 
 
 Extension points for recovery methods:
 - the loss: `PrunetuneTrainer(loss=...)` takes any `TrainingLoss` (`build_loss` picks CE or logit KD today);
+- after every micro-batch's backward, before gradients are clipped: a callback's `on_backward_end(args, state,
+  control)` (`BackwardCallback`; the Trainer has no such event, this Trainer adds it);
 - after every optimizer step: a `TrainerCallback.on_optimizer_step` (the method's callbacks, see
   `prunetune.recovery.base.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
+
+Under FSDP2 (`accelerate launch` with `fsdp_version: 2`) the model is sharded before the first evaluation
+(`shard`): accelerate shards a model only together with its optimizer, and the baseline evaluation and the probe
+step run before `train()`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -62,6 +68,14 @@ def build_loss(cfg: FinetuneConfig, teacher: nn.Module | None) -> TrainingLoss |
     return None
 
 
+@runtime_checkable
+class BackwardCallback(Protocol):
+    """A callback that acts on the gradients of each micro-batch, before they are accumulated into a step and
+    clipped (sparse-ft masks the gradient shards FSDP2 reduce-scattered)."""
+
+    def on_backward_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any: ...
+
+
 class PrunetuneTrainer(Trainer):
     """The Trainer with two changes: the training loss is pluggable, and checkpoints are complete-or-absent."""
 
@@ -94,6 +108,23 @@ class PrunetuneTrainer(Trainer):
         return {"from_step": first, "to_step": self.state.global_step, "seconds": time.perf_counter() - self.started,
                 "loss_sum": loss_sum}
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, BackwardCallback):
+                callback.on_backward_end(self.args, self.state, self.control)
+        return loss
+
+    def shard(self) -> None:
+        """Shard the model now, with its optimizer (FSDP2 through accelerate; nothing otherwise): evaluation and
+        the probe then run on the sharded model, and `train()` finds it prepared (accelerate returns a model that
+        is already sharded as it is, and an optimizer it prepared unchanged)."""
+        if not (self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2):
+            return
+        self.create_optimizer()
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model_wrapped = self.model
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.training_loss is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -110,6 +141,7 @@ class PrunetuneTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)
+        self._barrier()  # every rank writes its shards there (FSDP): none may start before the old one is gone
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
@@ -182,9 +214,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def fsdp_launched() -> bool:
+    """Whether `accelerate launch` asked for FSDP (its config's `distributed_type: FSDP`)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def fsdp_version() -> int:
+    """The FSDP version `accelerate launch` asked for (its config's `fsdp_version`; accelerate's default is 1)."""
+    return int(os.environ.get("FSDP_VERSION", "1") or 1)
+
+
 def load_device(device: str) -> torch.device:
     """Where this process loads its models: under torchrun/accelerate each rank its own GPU, so eight ranks
-    never stack eight copies of a 7B model on GPU 0 before the Trainer places them."""
+    never stack eight copies of a 7B model on GPU 0 before the Trainer places them. Under FSDP the CPU: sharding
+    moves each rank's shards to its GPU, and no GPU ever holds the whole model."""
+    if fsdp_launched():
+        return torch.device("cpu")
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)

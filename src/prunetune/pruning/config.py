@@ -109,6 +109,11 @@ class PruneConfig:
     weights stay float32 and bf16 runs under autocast. Statistics, Hessians and least squares are float32 always."""
     device: str | None = None
     """Where each layer is computed (cuda if available, else cpu). The model stays on CPU; one layer at a time moves."""
+    stream: bool = True
+    """Read each decoder layer's weights from the model's safetensors shards when the walk reaches it and write it
+    pruned into the output shards, so host memory holds one layer, not the model (same output bytes). Models that
+    cannot be streamed exactly (no safetensors, renamed weights) are loaded whole, and the console says why.
+    --no-stream loads the whole model first (the behaviour before streaming)."""
     owl: bool = False
     """OWL: non-uniform per-layer sparsity for the same overall target; layers with more activation outliers keep
     more weights. One extra calibration pass over the dense layers; per-layer targets are rounded to what the
@@ -256,6 +261,7 @@ class PruneConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that decide the pruned weights (what makes two outputs "the same model")."""
         data = self.to_dict()
-        for key in ("out", "overwrite", "eval", "eval_dataset", "eval_split", "eval_seqlen", "eval_max_windows", "device"):
+        for key in ("out", "overwrite", "eval", "eval_dataset", "eval_split", "eval_seqlen", "eval_max_windows", "device",
+                    "stream"):
             data.pop(key)
         return data

@@ -42,6 +42,7 @@ from prunetune.rundir.masks_io import (
     masks_file,
     masks_target,
     read_mask_meta,
+    save_encoded_masks,
     save_masks,
 )
 from prunetune.rundir.names import (
@@ -100,6 +101,6 @@ __all__ = [
     "check_writable_file", "claim", "incomplete", "owned_files", "remove_ours",
     "copy_masks", "is_ours", "load_keep_masks", "load_masks", "mark_ours", "mask_digest", "masks_file", "masks_target",
     "pid_alive", "prune_config", "publish_dir", "read_adapter_meta", "read_bytes", "read_json", "read_mask_meta",
-    "read_pruned", "reading", "recovery_result", "run_lock", "save_masks",
+    "read_pruned", "reading", "recovery_result", "run_lock", "save_encoded_masks", "save_masks",
     "staged_output", "weights_bytes", "write_adapter_meta",
 ]
