@@ -13,7 +13,7 @@ from typing import Any
 from prunetune.architecture import module_type
 from prunetune.budget import check_minutes
 from prunetune.errors import UserError
-from prunetune.pruning.precision import check_dtype_name
+from prunetune.pruning.precision import CalibrationRecipe, check_dtype_name
 from prunetune.sparsity.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
@@ -222,6 +222,13 @@ class PruneConfig:
     @property
     def needs_hessian(self) -> bool:
         return self.method == "sparsegpt" or self.reconstruct
+
+    @property
+    def calibration_recipe(self) -> CalibrationRecipe:
+        """What `--dtype auto` looks up bf16's measured cost by (`pruning.precision`)."""
+        extras = tuple(name for name, on in (("reconstruct", self.reconstruct), ("owl", self.owl),
+                                             ("block-wise", self.block_reconstruct_epochs > 0)) if on)
+        return CalibrationRecipe(self.method, self.pattern_spec.kind, extras)
 
     def is_skipped(self, name: str) -> bool:
         return any(module_type(name) == key or fnmatch.fnmatchcase(name, key) for key in self.skip)

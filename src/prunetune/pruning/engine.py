@@ -84,7 +84,7 @@ def setup(cfg: PruneConfig, console: Console) -> PruneSession:
     """Load the model on CPU, find its decoder layers and prunable matrices, validate the config against it."""
     t = time.perf_counter()
     device = default_device(cfg.device)
-    precision = resolve_precision(cfg.dtype, device)
+    precision = resolve_precision(cfg.dtype, device, cfg.calibration_recipe)
     model, tokenizer = load_model(cfg.model, dtype=precision.storage, device=None, log=console.print)
     model.config.use_cache = False
     prefix, layers = find_decoder_layers(model)
