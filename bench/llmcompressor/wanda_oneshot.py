@@ -35,17 +35,20 @@ def main() -> int:
     args = parser.parse_args()
 
     import compressed_tensors
-    import llmcompressor
     import transformers
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+    import llmcompressor
+    from llmcompressor import oneshot
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     windows = torch.load(args.windows)  # (nsamples, seqlen)
     rows = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows]
     loader = DataLoader(rows, batch_size=1, shuffle=False)  # default collate: (1, seqlen) tensors
-    recipe = WandaPruningModifier(sparsity=args.sparsity, mask_structure=args.mask_structure, ignore=["lm_head"])
+    # lm_head left dense, as prunetune leaves it. A plain "lm_head" matches nothing in 0.14 (it names the module
+    # "lm_head.") and SmolLM2's lm_head is tied to the embeddings: pruning it zeroed half of them (perplexity 535).
+    recipe = WandaPruningModifier(sparsity=args.sparsity, mask_structure=args.mask_structure, ignore=["re:.*lm_head"])
     t = time.perf_counter()
     oneshot(model=model, dataset=loader, recipe=recipe, num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], pipeline="sequential")
