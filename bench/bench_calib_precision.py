@@ -127,7 +127,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) -> str:
+def _table(rows: list[dict], args: argparse.Namespace, wall: float) -> str:
     lines = [
         machine_line(),
         "",
@@ -139,8 +139,10 @@ def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) 
         f"Perplexity: WikiText-2 test, the first N windows of {args.eval_seqlen} tokens (N in the row: 64 as in the "
         f"issue, 32 where the machine's load left no time for 64), evaluated in float32, the same windows for both "
         f"arms of a row. Prune s = calibration capture + layer walk, each arm's own; the two arms of a row ran back to "
-        f"back (the first named in the row), with `nice -n 10` on 2 cores shared with other developers' jobs (load "
-        f"average before each arm given): compare times only within a row. Mask agreement: fraction of weights "
+        f"back (the first named in the row), with `nice -n 10` and one thread (`OMP_NUM_THREADS=1`: with ~15 runnable "
+        f"processes on the 2 cores, two threads per process ran a layer ~4x slower) beside other developers' jobs "
+        f"(load average before each arm given): compare times only within a row; on 2 quiet cores the issue measured "
+        f"19 s (bf16) vs 49 s (float32) for the Wanda 2:4 prune. Mask agreement: fraction of weights "
         f"whose kept/pruned state is the same in the two arms (all matrices; layer 0 alone).",
         "",
         "| pattern | method | seed | test windows | ppl float32 | ppl bf16 | bf16 cost | prune s float32 | prune s bf16 "
@@ -168,14 +170,15 @@ def _table(rows: list[dict], args: argparse.Namespace, wall: float, done: bool) 
     return "\n".join(lines)
 
 
-def publish(rows: list[dict], args: argparse.Namespace, done: bool) -> None:
+def publish(rows: list[dict], args: argparse.Namespace) -> None:
     """bench/RESULTS.md's section and bench/calib_precision.json, from all the rows so far."""
     from prunetune.runinfo import machine, versions, write_json
 
     rows.sort(key=lambda r: (r["pattern"], r["method"], r["seed"]))
     wall = sum(r.get("wall_s", 0.0) for r in rows)
-    write_section(*SECTION, _table(rows, args, wall, done))
-    config = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "eval_seqlen", "eval_windows")}
+    write_section(*SECTION, _table(rows, args, wall))
+    config = {k: getattr(args, k) for k in ("model", "nsamples", "seqlen", "eval_seqlen")}
+    config["eval_windows"] = sorted({r.get("eval_windows", 64) for r in rows})  # per row: see each row
     write_json(JSON_OUT, {"config": config | {"calib_dataset": "wikitext2 train head", "sparsity": 0.5},
                           "machine": machine(), "versions": versions(), "summary": summarise(rows), "rows": rows})
 
@@ -245,7 +248,7 @@ def main() -> int:
     elif Path(args.jsonl).is_file():
         Path(args.jsonl).unlink()
     if args.render:
-        publish(rows, args, done=True)
+        publish(rows, args)
         return 0
     from prunetune.models import materialize, resolve_model
 
@@ -269,7 +272,7 @@ def main() -> int:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         if not args.no_write:
-            publish(rows, args, done=False)
+            publish(rows, args)
     return 0
 
 
