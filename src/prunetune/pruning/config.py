@@ -14,7 +14,7 @@ from prunetune.architecture import module_type
 from prunetune.budget import check_minutes
 from prunetune.errors import UserError
 from prunetune.pruning.owl import target_range
-from prunetune.pruning.precision import check_dtype_name
+from prunetune.pruning.precision import CalibrationRecipe, check_dtype_name
 from prunetune.sparsity.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
@@ -104,9 +104,11 @@ class PruneConfig:
     eval_max_windows: int | None = None
     """Evaluate only the first N windows (None: all)."""
     dtype: str | None = None
-    """auto (default) | float32 | bfloat16 | float16: precision of the calibration forward passes. auto: bf16 where
-    the device computes it natively (CUDA with bf16, CPUs with avx512_bf16/amx_bf16), else float32; on CPU the
-    weights stay float32 and bf16 runs under autocast. Statistics, Hessians and least squares are float32 always."""
+    """auto (default) | float32 | bfloat16 | float16: precision of the calibration forward passes. auto: float32,
+    unless the device computes bf16 natively (CUDA with bf16, CPUs with avx512_bf16/amx_bf16) and bf16 calibration
+    was measured to cost this method and pattern at most 0.5% perplexity (the banner and prune.json say which, and
+    what the other choice costs). On CPU the weights stay float32 whatever is chosen (bf16 runs under autocast).
+    Statistics, Hessians and least squares are float32 always."""
     device: str | None = None
     """Where each layer is computed (cuda if available, else cpu). The model stays on CPU; one layer at a time moves."""
     stream: bool = True
@@ -241,6 +243,13 @@ class PruneConfig:
     @property
     def needs_hessian(self) -> bool:
         return self.method == "sparsegpt" or self.reconstruct
+
+    @property
+    def calibration_recipe(self) -> CalibrationRecipe:
+        """What `--dtype auto` looks up bf16's measured cost by (`pruning.precision`)."""
+        extras = tuple(name for name, on in (("reconstruct", self.reconstruct), ("owl", self.owl),
+                                             ("block-wise", self.block_reconstruct_epochs > 0)) if on)
+        return CalibrationRecipe(self.method, self.pattern_spec.kind, extras)
 
     def is_skipped(self, name: str) -> bool:
         return any(module_type(name) == key or fnmatch.fnmatchcase(name, key) for key in self.skip)

@@ -107,7 +107,7 @@ def setup(cfg: PruneConfig, console: Console) -> PruneSession:
     layers and prunable matrices, and validate the config against it."""
     t = time.perf_counter()
     device = default_device(cfg.device)
-    precision = resolve_precision(cfg.dtype, device)
+    precision = resolve_precision(cfg.dtype, device, cfg.calibration_recipe)
     ref = resolve_model(cfg.model)
     location = materialize(ref, log=console.print)  # a GGUF is converted into its cache here, once
     validate_context(cfg, load_config(ref, log=console.print))
