@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
+from prunetune.errors import UserError
 from prunetune.perplexity import perplexity
 from prunetune.pruning import layer_store
 from prunetune.pruning.config import PruneConfig
@@ -196,6 +197,6 @@ def test_a_run_that_fails_mid_walk_leaves_nothing(tmp_path, tiny_model_dir, shar
     monkeypatch.setattr(layers, "finish_layer", fail_at_second_layer)
     cfg = PruneConfig(model=str(tiny_model_dir), out=str(tmp_path / "out"), method="wanda", pattern="2:4",
                       calib_dataset="wikitext2", data_dir=str(shared_data), nsamples=2, seqlen=32, device="cpu")
-    with pytest.raises(MemoryError):
+    with pytest.raises(UserError, match="out of memory.*nothing was published"):  # one line, named
         run_prune(cfg, console=Console(quiet=True))
     assert done and list(tmp_path.iterdir()) == []
