@@ -17,6 +17,8 @@ from prunetune.pruning.precision import check_dtype_name
 from prunetune.sparsity.patterns import COMPARE_CHOICES, Pattern, parse_pattern
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
+PERMUTE_BY_DEFAULT = ()
+"""Pattern kinds pruned with --permute unless --no-permute is given (see `PruneConfig.permute`)."""
 
 
 def parse_sparsity_map(text: str | dict[str, float] | None) -> dict[str, float]:
@@ -125,6 +127,15 @@ class PruneConfig:
     block_reconstruct_minutes: float | None = None
     """Time budget for the block-wise stage's training over all layers: one step is timed on the first layer,
     and every layer then trains the steps that fit (at most epochs x nsamples). None: no budget."""
+    permute: bool | None = None
+    """Relabel the model's channels before choosing tiles (block patterns), so that the important weights share
+    tiles: the residual stream, each layer's MLP units and the v/o dimensions within each KV head are permuted to
+    maximise the Wanda score mass the tile masks keep (searched on the dense model's scores, one extra calibration
+    pass). The model computes the same function (checked on its logits; prune.json "permutation") and saves as an
+    ordinary checkpoint with relabelled channels. Default: on for block patterns. Unstructured and N:M masks are
+    not helped by this relabelling and refuse it."""
+    permute_rounds: int = 2
+    """Rounds of the permutation search (each re-assigns every channel space once; the first gives most of it)."""
     percdamp: float = 0.01
     """Hessian dampening as a fraction of its mean diagonal (SparseGPT: 1%)."""
     blocksize: int = 128
@@ -165,6 +176,11 @@ class PruneConfig:
                 f"--compare {self.compare} does not apply to --method {self.method} --pattern {pattern.name}; "
                 + (f"choose one of: {', '.join(allowed)}" if allowed else "N:M compares within each group of M; drop --compare")
             )
+        if self.permute is None:
+            self.permute = pattern.kind in PERMUTE_BY_DEFAULT
+        elif self.permute and pattern.kind != "block":
+            raise UserError(f"--permute relabels channels so that whole tiles keep more of the scores; --pattern "
+                            f"{pattern.name} has no tiles to gain from it. Drop --permute or use a block pattern")
         self._check_numbers()
         if not self.out:
             raise UserError("--out is required: the directory for the pruned model")
@@ -183,6 +199,8 @@ class PruneConfig:
         if self.block_reconstruct_minutes is not None and not self.block_reconstruct_epochs:
             raise UserError("--block-reconstruct-minutes is the time budget of the block-wise stage, which is off; "
                             "add --block-reconstruct-epochs N (e.g. 3) or drop the budget")
+        if self.permute_rounds < 1:
+            raise UserError(f"--permute-rounds {self.permute_rounds} must be at least 1 (2 is typical)")
         if self.nsamples < 1:
             raise UserError(f"--nsamples {self.nsamples} must be at least 1 (Wanda uses 128)")
         if self.seqlen < 2:

@@ -22,6 +22,7 @@ from prunetune.architecture import find_decoder_layers, prunable_linears
 from prunetune.devices import default_device
 from prunetune.fmt import fmt_ppl, hms
 from prunetune.models import load_model
+from prunetune.pruning.channels import permute_channels, save_permutation
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.console import progress_bar, sparsity_table
 from prunetune.pruning.layers import capture_inputs, owl_targets, prune_layers
@@ -56,6 +57,8 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
             inputs = capture_inputs(session, progress) if cfg.needs_calibration else None
             if cfg.owl:
                 owl_targets(session, inputs, progress)
+            if cfg.permute:  # after OWL: the search uses each matrix's own target
+                permute_channels(session, inputs, progress)
             prune_layers(session, inputs, progress)
             check_pattern(session)
             if cfg.eval:
@@ -159,6 +162,8 @@ def save(s: PruneSession, out: Path, replace: bool, t_start: float) -> None:
         if pattern.kind == "block":
             pattern_meta["tile"] = [pattern.h, pattern.w]
         save_masks(s.masks, staging, pattern_meta)
+        if s.permutation is not None:
+            save_permutation(s.permutation, staging)
         s.timings["save_s"] = time.perf_counter() - t
         s.timings["total_s"] = time.perf_counter() - t_start
         write_json(staging / PRUNE_JSON, _final_record(s, sorted({p.name for p in staging.iterdir()} | {PRUNE_JSON})))

@@ -47,6 +47,8 @@ class PruneSession:
     timings: dict[str, float] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    permutation: Any = None
+    """The channel permutation applied before the walk (`channels.permute_channels`), saved with the masks."""
 
 
 def input_paths(cfg: PruneConfig) -> list[Path]:
