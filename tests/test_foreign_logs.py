@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from prunetune.analysis import plots
+from prunetune.analysis.context import fix_context
 from prunetune.analysis.report import ReportConfig, analyse, run_report
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.rules_doc import RULES
+from prunetune.analysis.series import curves
 from prunetune.analysis.sources import load_source
 from prunetune.cli import main as cli_main
 
@@ -127,8 +129,8 @@ def test_dpo_loss_is_not_a_perplexity():
 
 def test_prunetune_runs_get_prunetune_flags_and_foreign_runs_trainer_flags(tmp_path):
     records = [{"event": "log", "step": 10 * (i + 1), "loss": 6.0 - 0.004 * i, "lr": 1e-4} for i in range(40)]
-    live = diagnose(records, context={"lr": 1e-4})
-    foreign = diagnose(records, context={"lr": 1e-4, "flavour": "trainer"})
+    live = diagnose(records, context=fix_context([("run_config.json", {"lr": 1e-4})]))
+    foreign = diagnose(records, context=fix_context([("the log", {"learning_rate": 1e-4})], flavour="trainer"))
     assert "raise --lr from 1e-4" in live[0].fix and "raise --learning_rate from 1e-4" in foreign[0].fix
 
 
@@ -144,9 +146,9 @@ def test_eval_plot_starts_at_the_pruned_baseline(tmp_path):
     records = [{"event": "baseline_eval", "step": 0, "eval_loss": math.log(8207.52)},
                {"event": "eval", "step": 200, "eval_loss": math.log(10.44)},
                {"event": "eval", "step": 400, "eval_loss": math.log(8.36)}]
-    assert plots.baseline_loss(records, None) == pytest.approx(math.log(8207.52))
-    assert plots.baseline_loss(records[1:], 8207.52) == pytest.approx(math.log(8207.52))
-    assert plots.plot_eval(records, tmp_path / "e.png", dense_ppl=5.47).read_bytes()[:4] == b"\x89PNG"
+    assert plots.baseline_loss(curves(records), None) == pytest.approx(math.log(8207.52))
+    assert plots.baseline_loss(curves(records[1:]), 8207.52) == pytest.approx(math.log(8207.52))
+    assert plots.plot_eval(curves(records), tmp_path / "e.png", dense_ppl=5.47).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_whole_report_files_for_a_foreign_dir(tmp_path):

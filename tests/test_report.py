@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from prunetune.analysis.anomaly import ANOMALY_KINDS
-from prunetune.analysis.report import ReportConfig, analyse, fix_context, run_report
+from prunetune.analysis.context import fix_context
+from prunetune.analysis.report import ReportConfig, analyse, run_report
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
 from prunetune.cli import main as cli_main
@@ -156,7 +157,7 @@ def test_prunetune_run_dir_rating_improvement_and_concrete_fix(tmp_path):
     assert "raise --lr from 1e-4 to 3e-4" in slow["fix"]
     md = (run / "report" / "report.md").read_text(encoding="utf-8")
     assert "pruned 8208 → 7.39, reduction 99.91%" in md
-    assert data["context"]["block_size"] == 1024
+    assert data["context"]["block_size"] == {"value": 1024, "origin": "run_config.json"}
 
 
 def test_llama2_bands_and_pruned_ppl_flag(tmp_path):
@@ -168,9 +169,11 @@ def test_llama2_bands_and_pruned_ppl_flag(tmp_path):
 
 
 def test_fix_context_reads_flat_and_nested_configs():
-    assert fix_context({"run_config": {"learning_rate": 2e-4, "lora": {"lora_dropout": 0.1}}}) == {
-        "lr": 2e-4, "lora_dropout": 0.1}
-    assert fix_context({}) == {}
+    context = fix_context([("run_config.json", {"run": {"learning_rate": 2e-4}, "lora": {"lora_dropout": 0.1}})])
+    assert context.to_dict() == {"lr": {"value": 2e-4, "origin": "run_config.json"},
+                                 "adapter": {"value": True, "origin": "run_config.json"},
+                                 "lora_dropout": {"value": 0.1, "origin": "run_config.json"}, "flavour": "prunetune"}
+    assert fix_context([]).to_dict() == {"flavour": "prunetune"}
 
 
 def test_cli_report_default_out_and_user_errors(tmp_path, capsys):

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
+from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.series import oscillation_stats, trend_stats, warmup_end_index
 from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
@@ -31,6 +32,12 @@ def healthy_curve(n=60, noise=0.03, seed=0):
     return [4.0 * math.exp(-i / 12) + 2.0 + rng.gauss(0, noise) for i in range(n)]
 
 
+def ctx(settings):
+    """The FixContext of settings given as a mapping (a run_config-style dict)."""
+    return fix_context([("the test's settings", settings)], flavour=settings.get("flavour", "prunetune"),
+                       resume_command=settings.get("resume_command"))
+
+
 def kinds(records, **kw):
     return [a.kind for a in diagnose(records, **kw)]
 
@@ -39,9 +46,9 @@ def test_vocabulary_and_record_shape():
     for k in ("loss_flat", "loss_slow", "loss_oscillating", "overfitting", "eval_far_above_train", "nan_inf",
               "out_of_memory", "no_eval"):
         assert k in ANOMALY_KINDS
-    rec = Anomaly("nan_inf", "error", "m", {"a": 1}, "f", 7).to_record()
+    rec = Anomaly("nan_inf", "error", "m", {"a": 1}, "f", 7, ("lr 1e-4 (run_config.json)",)).to_record()
     assert rec == {"event": "alert", "step": 7, "kind": "nan_inf", "severity": "error", "message": "m",
-                   "evidence": {"a": 1}, "fix": "f"}
+                   "evidence": {"a": 1}, "fix": "f", "basis": ["lr 1e-4 (run_config.json)"]}
     json.dumps(rec)
     with pytest.raises(ValueError):
         Anomaly("made_up", "error", "m")
@@ -100,7 +107,7 @@ def test_exactly_constant_loss_is_flat():
 def test_slow_linear_decline_names_a_higher_lr():
     rng = random.Random(2)
     records = logs([6.0 - 0.004 * i + rng.gauss(0, 0.004) for i in range(40)])
-    found = diagnose(records, context={"lr": 1e-4})
+    found = diagnose(records, context=ctx({"lr": 1e-4}))
     assert [a.kind for a in found] == ["loss_slow"]
     assert "raise --lr from 1e-4 to 3e-4" in found[0].fix
     assert found[0].evidence["rel_drop"] > 0
@@ -116,7 +123,7 @@ def test_small_drop_that_plateaued_is_not_slow():
 def test_oscillating_loss_names_lower_lr_or_more_accumulation():
     rng = random.Random(3)
     values = [4.0 + (0.8 if i % 2 else -0.8) * rng.uniform(0.6, 1.0) for i in range(30)]
-    found = diagnose(logs(values), context={"lr": 3e-4, "gradient_accumulation_steps": 2})
+    found = diagnose(logs(values), context=ctx({"lr": 3e-4, "gradient_accumulation_steps": 2}))
     assert [a.kind for a in found] == ["loss_oscillating"]
     assert "lower --lr from 3e-4 to 1e-4" in found[0].fix
     assert "--gradient_accumulation_steps from 2 to 8" in found[0].fix
@@ -129,7 +136,7 @@ def test_noisy_but_decreasing_is_not_oscillating():
 
 def test_diverging_loss():
     values = [6.0 - 0.05 * i for i in range(10)] + [5.5 + 0.5 * i for i in range(15)]
-    found = diagnose(logs(values), context={"lr": 1e-3})
+    found = diagnose(logs(values), context=ctx({"lr": 1e-3}))
     assert found[0].kind == "loss_diverging"
     assert "lower --lr from 1e-3" in found[0].fix
     assert "loss_slow" not in kinds(logs(values))
@@ -145,11 +152,13 @@ def test_spike_then_plateau_far_above_start_is_diverging():
 def test_nan_loss_is_an_error_with_step_and_last_good_value():
     values = healthy_curve(20)
     records = logs(values) + [{"event": "log", "step": 300, "loss": "nan", "lr": 1e-4, "grad_norm": "nan"}]
-    found = diagnose(records, context={"lr": 1e-4})
+    found = diagnose(records, context=ctx({"lr": 1e-4}))
     assert found[0].kind == "nan_inf" and found[0].severity == "error"
     assert found[0].step == 300
     assert found[0].evidence["last_finite_loss_step"] == records[19]["step"]
-    assert "1e-5" in found[0].fix and "logging_nan_inf_filter" in found[0].fix
+    assert "--lr 1e-5" in found[0].fix and "learning rate 1e-4 (the test's settings)" in found[0].basis
+    foreign = diagnose(records, context=ctx({"learning_rate": 1e-4, "flavour": "trainer"}))[0]
+    assert "--learning_rate 1e-5" in foreign.fix and "logging_nan_inf_filter false" in foreign.fix
 
 
 def test_inf_grad_norm_alone_is_caught():
@@ -163,23 +172,32 @@ def test_nan_as_first_record_does_not_crash():
 
 
 def test_out_of_memory_fix_names_flags_and_resume():
-    ctx = {"block_size": 1024, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-           "resume_command": "prunetune finetune --resume_from_checkpoint auto --out run"}
-    records = logs(healthy_curve(3)) + [{"event": "error", "step": 25, "kind": "out_of_memory", "message": "CUDA"}]
-    found = diagnose(records, context=ctx)
+    settings = {"block_size": 1024, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                "resume_command": "prunetune finetune --resume_from_checkpoint auto --out run"}
+    # at its first step nothing fits: the memory levers, from the run's own values
+    at_start = [{"event": "error", "step": None, "kind": "out_of_memory", "message": "CUDA"}]
+    found = diagnose(at_start, context=ctx(settings))
     assert found[0].kind == "out_of_memory"
     fix = found[0].fix
     assert "--block-size 512" in fix and "--gradient_checkpointing" in fix
     assert "--per_device_train_batch_size 2 with --gradient_accumulation_steps 4" in fix
-    assert ctx["resume_command"] in fix
-    bare = diagnose(records)[0].fix
+    assert settings["resume_command"] in fix
+    assert "block size 1024 (the test's settings)" in found[0].basis
+    bare = diagnose(at_start)[0].fix
     assert "--per_device_train_batch_size 1" in bare
+    # after 25 steps that fit: not "the model does not fit", but what grows during a run
+    later = logs(healthy_curve(3)) + [{"event": "error", "step": 25, "kind": "out_of_memory", "message": "CUDA"}]
+    (oom,) = diagnose(later, context=ctx(settings))
+    assert oom.step == 25 and "the first 25 steps fit" in oom.fix and "expandable_segments" in oom.fix
+    assert "now 1024" in oom.fix
+    during_eval = later[:-1] + [{**later[-1], "during": "evaluation"}]
+    assert "--per_device_eval_batch_size 1" in diagnose(during_eval)[0].fix
 
 
 def test_overfitting_eval_rising_while_train_falls():
     train = logs([3.0 - 0.04 * i for i in range(40)])
     ev = evals([(100, 2.9), (200, 2.7), (300, 2.75), (400, 2.85)])
-    found = diagnose(train + ev, context={"lora_dropout": 0.05, "epochs": 4})
+    found = diagnose(train + ev, context=ctx({"lora_dropout": 0.05, "epochs": 4}))
     assert "overfitting" in [a.kind for a in found]
     a = next(a for a in found if a.kind == "overfitting")
     assert a.evidence["best_eval_step"] == 200
@@ -212,7 +230,10 @@ def test_eval_far_above_train_needs_two_evals():
 def test_no_eval_only_at_the_end():
     records = logs(healthy_curve(30))
     assert kinds(records) == []
-    found = diagnose(records, final=True)
+    # an excerpt, or a run that stopped before its first evaluation was due: nothing to say about evaluation
+    assert diagnose(records, final=True) == []
+    finished = records + [{"event": "train_end", "step": 291}]
+    found = diagnose(finished, final=True)
     assert [a.kind for a in found] == ["no_eval"]
     assert "--eval_strategy steps" in found[0].fix
 
@@ -227,7 +248,7 @@ def test_too_few_steps_say_nothing():
 def test_frozen_model_is_flat_at_once():
     # what lr=1e30 does: a saturated network, the same loss to the last digit and a zero gradient
     records = logs([6.27] + [6.2383] * 6, every=1)
-    found = diagnose(records, context={"lr": 1e30})
+    found = diagnose(records, context=ctx({"lr": 1e30}))
     assert [a.kind for a in found] == ["loss_flat"]
     assert found[0].evidence["identical_losses"] == 6 and "an absurd LR" in found[0].fix
     zero = logs([6.3, 6.2, 6.25, 6.22], every=1)
@@ -264,7 +285,7 @@ def test_warmup_defers_flat_and_slow():
 
 
 def test_string_values_and_unknown_events_are_tolerated():
-    records = [{"event": "config", "lr": "x"}, {"event": "log", "step": "5", "loss": "3.2"}, {"event": "log"}]
+    records = [{"event": "config", "lr": "x"}, {"event": "log", "step": "5", "loss": "6.2"}, {"event": "log"}]
     records += logs(healthy_curve(20), start=10)
     assert kinds(records) == []
 
@@ -351,16 +372,16 @@ def test_live_diagnosis_matches_diagnose_record_by_record():
 
     records = logs(healthy_curve(30)) + evals([(100, 4.0), (200, 3.0)])
     records.append({"event": "log", "step": 999, "loss": "nan", "lr": 1e-4})
-    live = LiveDiagnosis(context={"lr": 1e-4})
+    live = LiveDiagnosis(context=ctx({"lr": 1e-4}))
     for n, rec in enumerate(records, 1):
-        assert live([rec]) == diagnose(records[:n], context={"lr": 1e-4})
+        assert live([rec]) == diagnose(records[:n], context=ctx({"lr": 1e-4}))
     assert [a.kind for a in live([], final=True)] == ["nan_inf"]
 
 
 def test_noisy_evaluations_that_stay_above_their_best_are_overfitting():
     train = logs([3.0 - 0.04 * i for i in range(40)])
     noisy = evals([(100, 2.9), (150, 2.7), (200, 2.86), (250, 2.84), (300, 2.95), (350, 2.93), (400, 3.0)])
-    found = diagnose(train + noisy, context={"flavour": "trainer"})
+    found = diagnose(train + noisy, context=ctx({"flavour": "trainer"}))
     over = next(a for a in found if a.kind == "overfitting")
     assert over.evidence["best_eval_step"] == 150 and "stayed above its best" in over.message
     assert "--lora_dropout (LoraConfig)" in over.fix

@@ -245,6 +245,7 @@ def test_announced_total_steps_and_named_eval_loss():
     text = textwrap.dedent("""\
         ***** Running training *****
           Num examples = 1,000
+          Num Epochs = 1
           Total optimization steps = 1,000
         {'loss': 3.0, 'epoch': 0.5}
         {'eval_wiki_loss': 2.9, 'eval_wiki_runtime': 1.0, 'epoch': 0.5}

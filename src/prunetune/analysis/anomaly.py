@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prunetune.analysis import fixes
+from prunetune.analysis.context import FixContext
 from prunetune.analysis.series import record_step
 
 ANOMALY_KINDS: tuple[str, ...] = (
@@ -23,24 +24,27 @@ ANOMALY_KINDS: tuple[str, ...] = (
 
 SEVERITIES: tuple[str, ...] = ("warning", "error")
 
+_GENERIC = FixContext()
 KIND_DOCS: dict[str, str] = {  # what each kind means; the fix is `prunetune.analysis.fixes`' one text of it
     "loss_flat": "error: train loss does not move (or repeats exactly / zero gradients): data or configuration "
-                 f"broken. Fix: {fixes.flat(None)}",
-    "loss_slow": f"warning: train loss falls, too little and still at its initial pace: LR too low. Fix: "
-                 f"{fixes.raise_lr(None)}.",
+                 f"broken. Fix: {fixes.flat(_GENERIC).text}",
+    "loss_slow": "warning: train loss falls too little, still at its LR-limited pace after warm-up, the eval loss "
+                 f"not bottomed: LR too low. Fix: {fixes.raise_lr(_GENERIC).text}.",
     "loss_oscillating": "warning: train loss jumps by a large fraction of its level: LR too high or batch too "
-                        f"small. Fix: {fixes.lower_lr(None)}.",
-    "loss_diverging": "error: train loss ends clearly above its start or its best: LR too high. Fix: "
-                      f"{fixes.diverging(None)}",
-    "overfitting": "warning: eval loss rises at consecutive evaluations while train loss falls, or the train loss "
-                   f"converged near zero (memorised). Fix: {fixes.overfitting(None, None, None)}",
+                        f"small. Fix: {fixes.lower_lr(_GENERIC).text}.",
+    "loss_diverging": "error: train loss blew up above its first value (however it drifts later), or ends clearly "
+                      f"above its best: LR too high. Fix: {fixes.diverging(_GENERIC).text}",
+    "overfitting": "warning: eval loss rises at consecutive evaluations after its minimum while train loss does not "
+                   f"rise, or the train loss converged near zero (memorised). Fix: {fixes.overfitting(_GENERIC).text}",
     "eval_far_above_train": f"warning: eval loss far above the train loss at the same step. Fix: "
-                            f"{fixes.eval_far_above_train(None)}",
-    "nan_inf": "error: a NaN/Inf loss, grad norm or eval loss (or non-finite weights, alerted by finetune). "
-               f"Fix: {fixes.nan_inf(None, None)}",
-    "out_of_memory": f"error: the run died of an out-of-memory error. Fix: {fixes.out_of_memory()}",
+                            f"{fixes.eval_far_above_train(_GENERIC).text}",
+    "nan_inf": "error: a NaN/Inf loss, grad norm or eval loss (or non-finite weights, alerted by finetune); a loss "
+               "of 0.0 beside NaN gradients or fp16 precision names the precision first. "
+               f"Fix: {fixes.nan_inf(_GENERIC).text}",
+    "out_of_memory": "error: the run died of an out-of-memory error (at its start: the memory levers; after steps "
+                     f"that fit: what grows during a run). Fix: {fixes.out_of_memory(_GENERIC).text}",
     "no_eval": "warning (end of run only): no evaluation at all. Fix: "
-               + fixes.no_eval(100).replace("--eval_steps 10 ", "--eval_steps N "),
+               + fixes.no_eval(_GENERIC, 100).text.replace("--eval_steps 10 ", "--eval_steps N "),
 }
 
 
@@ -60,12 +64,15 @@ class Anomaly:
     """What to change: flags and values."""
     step: int | None = None
     """The step at which the evidence was conclusive (or where the problem began)."""
+    basis: tuple[str, ...] = ()
+    """The facts the fix rests on, each with where it came from (`fixes.Fix.basis`)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ANOMALY_KINDS:
             raise ValueError(f"Anomaly.kind={self.kind!r}; choose one of {ANOMALY_KINDS}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"Anomaly.severity={self.severity!r}; choose one of {SEVERITIES}")
+        object.__setattr__(self, "basis", tuple(self.basis))
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -76,10 +83,13 @@ class Anomaly:
             "message": self.message,
             "evidence": self.evidence,
             "fix": self.fix,
+            "basis": list(self.basis),
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["basis"] = list(self.basis)
+        return out
 
 
 def anomalies_from_alerts(records: Sequence[Mapping[str, Any]], known: Sequence[Anomaly] = ()) -> list[Anomaly]:
@@ -97,5 +107,6 @@ def anomalies_from_alerts(records: Sequence[Mapping[str, Any]], known: Sequence[
             kind, severity if severity in SEVERITIES else "warning", str(rec.get("message", "")),
             dict(evidence) if isinstance(evidence, Mapping) else {"recorded": evidence} if evidence else {},
             str(rec.get("fix", "")), record_step(rec),
+            tuple(str(b) for b in rec.get("basis") or () if isinstance(rec.get("basis"), list)),
         ))
     return out

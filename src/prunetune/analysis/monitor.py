@@ -19,10 +19,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
+from prunetune.analysis.sources.base import clean_record, step_value
 from prunetune.analysis.sources.jsonl import read_jsonl
-from prunetune.analysis.summary import summarize
+from prunetune.analysis.sources.loader import settings_beside
+from prunetune.analysis.summary import Summary, summarize
 from prunetune.errors import UserError
 from prunetune.fmt import fmt_lr, fmt_sig, hms
 from prunetune.rundir.records import to_float
@@ -58,7 +61,7 @@ def read_records(run_dir: Path) -> tuple[list[dict[str, Any]], str]:
         raise UserError(f"{run_dir} does not exist; pass the --out directory of a `prunetune finetune` run")
     metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if metrics.name == "metrics.jsonl" and metrics.is_file():
-        return read_jsonl(metrics, "metrics.jsonl")[0], str(metrics)
+        return [clean_record(r) for r in read_jsonl(metrics, "metrics.jsonl")[0]], str(metrics)
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         return [], "waiting for the run to write metrics.jsonl"
     try:
@@ -132,8 +135,8 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
     logs = [r for r in records if r.get("event") == "log"]
     evals = [r for r in records if r.get("event") == "eval"]
     last = logs[-1] if logs else {}
-    step = to_float(last.get("step"))
-    max_steps = to_float(last.get("max_steps"))
+    step = step_value(last.get("step"))
+    max_steps = step_value(last.get("max_steps"))
     losses = [v for r in logs if (v := to_float(r.get("loss"))) is not None]
     best = None
     for r in evals:
@@ -146,14 +149,15 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
     origin_path = Path(origin)
     age = time.time() - origin_path.stat().st_mtime if origin_path.is_file() else None
     flavour = "prunetune" if origin_path.name == "metrics.jsonl" else "trainer"  # fixes in the reader's flags
-    for a in diagnose(records, final=finished, context={"flavour": flavour}):
+    settings, _ = settings_beside(origin_path.parent)  # run_config.json: what the fixes may quote
+    for a in diagnose(records, final=finished, context=fix_context(settings, flavour)):
         alerts.setdefault(a.kind, a.to_record())
     errors = [r for r in records if r.get("event") == "error"]
     return {
         "origin": origin,
         "records": len(records),
-        "step": int(step) if step is not None else None,
-        "max_steps": int(max_steps) if max_steps else None,
+        "step": step,
+        "max_steps": max_steps or None,
         "elapsed": to_float(last.get("elapsed")),
         "eta_s": to_float(last.get("eta_s")),
         "loss": to_float(last.get("loss")),
@@ -177,7 +181,7 @@ def snapshot(run_dir: Path, curve_width: int = 60, load: bool = True) -> dict[st
 
 
 def _bar(frac: float, width: int = 30) -> str:
-    filled = int(frac * width)
+    filled = int(min(max(frac, 0.0), 1.0) * width)
     return "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
 
 
@@ -237,7 +241,7 @@ def render(snap: Mapping[str, Any]) -> Group:
         parts.append(Panel(Text(
             f"Training {'failed' if snap.get('ending') == 'error' else 'stopped' if snap.get('ending') == 'stopped' else 'finished'}: {s['steps']} steps in {hms(s['time_s'], '-')} | final train loss "
             f"{fmt_sig(s['final_train_loss'])} | final eval loss {fmt_sig(s['final_eval_loss'])} | best "
-            f"{fmt_sig(s['best_eval_loss'])} at step {s['best_step']} | perplexity {fmt_sig(s['final_perplexity'])}"
+            f"{Summary(**s).best_text()} | perplexity {fmt_sig(s['final_perplexity'])}"
         ), title="summary", style="green"))
     return Group(*parts)
 

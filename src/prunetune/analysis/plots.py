@@ -1,7 +1,8 @@
 """PNG plots of a run (matplotlib Agg canvas: no display, no global pyplot state).
 
-Each function takes records and an output path, writes one PNG and returns its path, or None when the
-records carry nothing to plot.
+Each function takes the curves of a run (`series.curves`: what report.json carries, so a plot never shows a
+number the JSON lacks) and an output path, writes one PNG and returns its path, or None when there is nothing
+to plot.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from prunetune.analysis.series import noise_sigma
 from prunetune.rundir.records import to_float
@@ -76,9 +79,23 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_train_loss(records: Sequence[Mapping[str, Any]], path: Path,
-                    alerts: Sequence[Mapping[str, Any]] = ()) -> Path | None:
-    xs, ys = series(records, "log", "loss")
+def _alert_lines(ax: Any, alerts: Sequence[Mapping[str, Any]]) -> None:
+    for a in alerts:
+        step = to_float(a.get("step"))
+        if step is not None and math.isfinite(step):
+            ax.axvline(step, color="tab:red", ls=":", lw=1)
+
+
+def _final_label(final: Mapping[str, Any]) -> str:
+    of = final.get("of") or "after training"
+    of = of.removeprefix("the ")
+    return f"final eval ({final['eval_set']}): {final['eval_loss']:.4g}, {of}" if final["eval_set"] != "eval" else \
+        f"final eval {final['eval_loss']:.4g}: {of}"
+
+
+def plot_train_loss(curves: Mapping[str, Any], path: Path, alerts: Sequence[Mapping[str, Any]] = ()) -> Path | None:
+    """The train loss (raw and smoothed) with every evaluation, the final one included, on the same axis."""
+    xs, ys = curves["train_loss"]["step"], curves["train_loss"]["loss"]
     if not xs:
         return None
     fig, ax = _figure("Training loss", "loss")
@@ -86,80 +103,84 @@ def plot_train_loss(records: Sequence[Mapping[str, Any]], path: Path,
     if (smooth := smoothed(ys)) is not None:
         curve, window = smooth
         ax.plot(xs, curve, color="tab:blue", lw=2, label=f"smoothed (EMA over ~{window} points)")
-    for name, (ex, ey) in eval_series(records).items():
-        ax.plot(ex, ey, "o-", ms=4, lw=1, label=f"eval loss ({name})" if name else "eval loss")
-    for a in alerts:
-        step = to_float(a.get("step"))
-        if step is not None:
-            ax.axvline(step, color="tab:red", ls=":", lw=1)
-    ax.legend(loc="upper right", fontsize=8)
+    for name, col in curves["eval"].items():
+        ax.plot(col["step"], col["eval_loss"], "o-", ms=4, lw=1,
+                label=f"eval loss ({name})" if name != "eval" else "eval loss")
+    for final in curves["final_eval"]:
+        if final["step"] is not None:
+            ax.plot([final["step"]], [final["eval_loss"]], "D", ms=7, mfc="none", mew=1.5, label=_final_label(final))
+    _alert_lines(ax, alerts)
+    ax.legend(loc="upper right", fontsize=7)
     return _save(fig, path)
 
 
-def eval_series(records: Sequence[Mapping[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
-    """(steps, eval losses) per eval set ("" for the plain eval loss), finite values only."""
-    out: dict[str, tuple[list[int], list[float]]] = {}
-    for r in records:
-        step, value = to_float(r.get("step")), to_float(r.get("eval_loss"))
-        if r.get("event") != "eval" or step is None or value is None or not math.isfinite(value):
-            continue
-        xs, ys = out.setdefault(str(r.get("eval_set") or ""), ([], []))
-        xs.append(int(step))
-        ys.append(value)
-    return out
-
-
-def baseline_loss(records: Sequence[Mapping[str, Any]], pruned_ppl: float | None) -> float | None:
+def baseline_loss(curves: Mapping[str, Any], pruned_ppl: float | None) -> float | None:
     """The pruned model's eval loss before training (step 0): the baseline_eval record's, else log(pruned
     perplexity)."""
-    for r in records:
-        if r.get("event") == "baseline_eval" and (v := to_float(r.get("eval_loss"))) is not None and math.isfinite(v):
-            return v
+    if curves.get("baseline"):
+        return curves["baseline"]["eval_loss"]
     return math.log(pruned_ppl) if pruned_ppl and pruned_ppl > 0 and math.isfinite(pruned_ppl) else None
 
 
-def plot_eval(records: Sequence[Mapping[str, Any]], path: Path, dense_ppl: float | None = None,
+def _perplexity_axis(ax: Any) -> Any:
+    """A right-hand perplexity axis on the loss axis's own scale: perplexity = exp(loss), so every tick of it
+    sits exactly at the loss whose exponential it is (one scale, aligned by construction)."""
+    sec = ax.secondary_yaxis("right", functions=(lambda x: np.exp(np.clip(x, -60.0, 60.0)),
+                                                 lambda y: np.log(np.clip(y, 1e-26, None))))
+    sec.set_ylabel("perplexity = exp(loss)")
+    sec.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    sec.yaxis.set_minor_locator(NullLocator())
+    sec.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))
+    return sec
+
+
+def plot_eval(curves: Mapping[str, Any], path: Path, dense_ppl: float | None = None,
               pruned_ppl: float | None = None, lm: bool = True) -> Path | None:
-    """Eval loss per eval set from the pruned model's baseline (step 0) on; with a language-model loss, the
-    perplexity too, with the dense model's as a reference line (log scale when it spans more than 10x)."""
-    sets = eval_series(records)
-    if not sets:
+    """Eval loss per eval set from the pruned model's baseline (step 0) on, every evaluation and the final one
+    drawn; with a language-model loss a perplexity axis on the same scale (exp of the loss axis) and the dense
+    model as a line at its loss, log(perplexity): every reference sits at the height of its quantity on both axes."""
+    sets = curves["eval"]
+    finals = [f for f in curves["final_eval"] if f["step"] is not None]
+    if not sets and not finals:
         return None
-    base = baseline_loss(records, pruned_ppl)
+    base = baseline_loss(curves, pruned_ppl)
     fig, ax = _figure("Evaluation" + (": recovery from the pruned model" if base is not None else ""), "eval loss")
-    main = next(iter(sets))
-    for name, (xs, ys) in sets.items():
+    main = next(iter(sets), "eval")
+    points: list[tuple[int, float]] = []
+    for name, col in sets.items():
+        xs, ys = list(col["step"]), list(col["eval_loss"])
         if name == main and base is not None and xs and xs[0] > 0:
             xs, ys = [0, *xs], [base, *ys]
-        ax.plot(xs, ys, "o-", ms=4, label=f"eval loss ({name})" if name else "eval loss")
+        ax.plot(xs, ys, "o-", ms=4, label=f"eval loss ({name})" if name != "eval" else "eval loss")
         if name == main:
-            main_xy = (xs, ys)
-    xs, ys = main_xy
-    best = min(range(len(ys)), key=ys.__getitem__)
-    ax.plot([xs[best]], [ys[best]], "*", color="tab:green", ms=14, label=f"best {ys[best]:.4g} at step {xs[best]}")
+            points += list(zip(xs, ys, strict=True))
+    for final in finals:
+        ax.plot([final["step"]], [final["eval_loss"]], "D", ms=7, mfc="none", mew=1.5, color="tab:red",
+                label=_final_label(final))
+        if final["eval_set"] == main:
+            points.append((final["step"], final["eval_loss"]))
+    if points:
+        bx, by = min(points, key=lambda p: p[1])
+        ax.plot([bx], [by], "*", color="tab:green", ms=14, label=f"best {by:.4g} at step {bx}")
     if base is not None:
         ax.annotate("pruned (before training)", (0, base), textcoords="offset points", xytext=(8, -4), fontsize=8)
-    handles, labels = ax.get_legend_handles_labels()
     if lm:
-        ppl = [math.exp(min(v, 700)) for v in ys]
-        ppl_ax = ax.twinx()
-        ppl_ax.plot(xs, ppl, "--", color="tab:purple", lw=1, label="perplexity")
-        span = [*ppl, *([dense_ppl] if dense_ppl else [])]
         if dense_ppl and dense_ppl > 0 and math.isfinite(dense_ppl):
-            ppl_ax.axhline(dense_ppl, color="tab:gray", ls=":", lw=1.5, label=f"dense model {dense_ppl:.2f}")
-        ppl_ax.set_ylabel("perplexity")
-        if min(span) > 0 and max(span) / min(span) > 10:
-            ppl_ax.set_yscale("log")
-            ax.set_ylabel("eval loss (= log perplexity)")
-        h2, l2 = ppl_ax.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best", fontsize=8)
+            dense = math.log(dense_ppl)
+            ax.axhline(dense, color="tab:gray", ls=":", lw=1.5,
+                       label=f"dense model: perplexity {dense_ppl:.2f} (loss {dense:.3f})")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi)
+        _perplexity_axis(ax)
+        ax.set_ylabel("eval loss (= log perplexity)")
+    fig.set_figheight(3.6 + 0.16 * len(ax.get_legend_handles_labels()[0]))
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=1, fontsize=7, frameon=False)
     return _save(fig, path)
 
 
-def plot_simple(records: Sequence[Mapping[str, Any]], path: Path, key: str, title: str, ylabel: str,
+def plot_simple(col: Mapping[str, list], path: Path, key: str, title: str, ylabel: str,
                 log_y: bool = False) -> Path | None:
-    xs, ys = series(records, "log", key)
+    xs, ys = col["step"], col[key]
     if not xs:
         return None
     fig, ax = _figure(title, ylabel)
@@ -169,11 +190,10 @@ def plot_simple(records: Sequence[Mapping[str, Any]], path: Path, key: str, titl
     return _save(fig, path)
 
 
-def plot_throughput(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    for key, label in (("tokens_per_s", "tokens/s"), ("steps_per_s", "steps/s")):
-        if series(records, "log", key)[0]:
-            return plot_simple(records, path, key, "Throughput", label)
-    return None
+def plot_throughput(curves: Mapping[str, Any], path: Path) -> Path | None:
+    col = curves["throughput"]
+    key = next(k for k in col if k != "step")
+    return plot_simple(col, path, key, "Throughput", "tokens/s" if key == "tokens_per_s" else "steps/s")
 
 
 def plot_compare(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path) -> Path | None:
@@ -203,16 +223,16 @@ def plot_compare(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: 
     return _save(fig, path)
 
 
-def write_plots(records: Sequence[Mapping[str, Any]], out: Path, alerts: Sequence[Mapping[str, Any]] = (),
+def write_plots(curves: Mapping[str, Any], out: Path, alerts: Sequence[Mapping[str, Any]] = (),
                 dense_ppl: float | None = None, pruned_ppl: float | None = None, lm: bool = True) -> dict[str, Path]:
-    """All run plots into `out`; {name: path} of those written."""
+    """All run plots of `curves` (`series.curves`, what report.json carries) into `out`; {name: path} written."""
     out.mkdir(parents=True, exist_ok=True)
     made = {
-        "train_loss": plot_train_loss(records, out / "train_loss.png", alerts),
-        "eval": plot_eval(records, out / "eval_loss_perplexity.png", dense_ppl, pruned_ppl, lm),
-        "lr": plot_simple(records, out / "learning_rate.png", "lr", "Learning rate", "lr"),
-        "grad_norm": plot_simple(records, out / "grad_norm.png", "grad_norm", "Gradient norm", "grad norm",
-                                 log_y=True),
-        "throughput": plot_throughput(records, out / "throughput.png"),
+        "train_loss": plot_train_loss(curves, out / "train_loss.png", alerts),
+        "eval": plot_eval(curves, out / "eval_loss_perplexity.png", dense_ppl, pruned_ppl, lm),
+        "lr": plot_simple(curves["lr"], out / "learning_rate.png", "lr", "Learning rate", "lr"),
+        "grad_norm": plot_simple(curves["grad_norm"], out / "grad_norm.png", "grad_norm", "Gradient norm",
+                                 "grad norm", log_y=True),
+        "throughput": plot_throughput(curves, out / "throughput.png"),
     }
     return {k: v for k, v in made.items() if v is not None}

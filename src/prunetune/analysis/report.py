@@ -18,7 +18,9 @@ from typing import Any
 from prunetune import rundir
 from prunetune.analysis import plots
 from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
+from prunetune.analysis.context import FixContext, fix_context
 from prunetune.analysis.rules import diagnose
+from prunetune.analysis.series import curves
 from prunetune.analysis.sources import Source, load_source
 from prunetune.analysis.summary import Summary, summarize
 from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
@@ -71,42 +73,27 @@ def default_out(source: Path) -> Path:
     return (source if source.is_dir() else source.parent) / "report"
 
 
-CONTEXT_KEYS = {
-    "lr": ("lr", "learning_rate"),
-    "block_size": ("block_size",),
-    "per_device_train_batch_size": ("per_device_train_batch_size", "batch_size", "train_batch_size"),
-    "gradient_accumulation_steps": ("gradient_accumulation_steps",),
-    "lora_dropout": ("lora_dropout",),
-    "epochs": ("epochs", "num_train_epochs"),
-    "resume_command": ("resume_command",),
-}
+def run_context(source: Source) -> FixContext:
+    """The FixContext of a source: the settings its reader found (argument dumps, the training header,
+    trainer_state.json) and the files beside it (run_config.json first), then the epochs the log reaches."""
+    settings = list(source.meta.get("settings") or [])
+    epochs = [e for r in source.records if (e := to_float(r.get("epoch"))) is not None and math.isfinite(e)]
+    if epochs and max(epochs) >= 1.5:
+        settings.append((f"the epochs the log reaches ({max(epochs):g})", {"epochs": math.ceil(max(epochs) - 1e-6)}))
+    flavour = source.meta.get("flavour") or ("prunetune" if source.kind == "metrics_jsonl" else "trainer")
+    return fix_context(settings, flavour=flavour)
 
 
-def fix_context(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Run settings for concrete fixes, from run_config.json (flat or one level nested) and trainer_state."""
-    flat: dict[str, Any] = {}
-    sources = [meta.get("run_config"), meta]
-    for src in sources:
-        if not isinstance(src, Mapping):
-            continue
-        for key, value in src.items():
-            if isinstance(value, Mapping):
-                for k2, v2 in value.items():
-                    flat.setdefault(k2, v2)
-            else:
-                flat.setdefault(key, value)
-    context: dict[str, Any] = {}
-    for name, keys in CONTEXT_KEYS.items():
-        for key in keys:
-            if flat.get(key) is not None and not isinstance(flat[key], (Mapping, list)):
-                context[name] = flat[key]
-                break
-    return context
+STEP_SOURCES = {"epoch": "estimated from the epoch each line reports (the log's progress bar does not place them)",
+                "bar": "of some lines estimated between progress-bar redraws (printed together, out of step with the "
+                       "bar)",
+                "ordinal": "estimated from the order of the log lines (the log states no step and no epoch)"}
+"""How a source's steps were found, when they are estimates; every other step source states its steps."""
 
 
 def reader_notes(source: Source, summary: Summary, anomalies: Sequence[Anomaly]) -> list[str]:
     """What the reader must know before trusting the verdicts: nothing to judge, only end-of-run numbers, an
-    interrupted run."""
+    interrupted run, steps that are estimates, what the reader found in the log (a crash after training)."""
     notes = []
     events = {r.get("event") for r in source.records}
     if summary.log_points == 0:
@@ -118,7 +105,12 @@ def reader_notes(source: Source, summary: Summary, anomalies: Sequence[Anomaly])
                      + (f" of {summary.max_steps}" if summary.max_steps else "")
                      + (f" ({summary.stopped_reason})" if summary.stopped_reason else ""))
     elif summary.status == "failed":
-        notes.append(f"the run failed at step {summary.steps} ({summary.stopped_reason})")
+        where = f"at step {summary.steps}" if summary.steps is not None else "at an unknown step"
+        notes.append(f"the run failed {where} ({summary.stopped_reason})")
+    if summary.steps_estimated and source.meta.get("step_source") in STEP_SOURCES:
+        notes.append(f"steps {STEP_SOURCES[source.meta['step_source']]}: a step shown as 'about step N' is an "
+                     "estimate")
+    notes += [str(n) for n in source.meta.get("notes") or [] if "traceback came after training" in str(n)]
     return notes
 
 
@@ -129,13 +121,7 @@ def _alerts(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
     """The content of report.json (no files written)."""
     records = source.records
-    context = fix_context(source.meta)
-    if "epochs" not in context:
-        # a console log or trainer_state does not state its epochs, but its records reach them
-        epochs = [e for r in records if (e := to_float(r.get("epoch"))) is not None and math.isfinite(e)]
-        if epochs and max(epochs) >= 1.5:
-            context["epochs"] = math.ceil(max(epochs) - 1e-6)
-    context["flavour"] = source.meta.get("flavour") or ("prunetune" if source.kind == "metrics_jsonl" else "trainer")
+    context = run_context(source)
     anomalies = diagnose(records, cfg.thresholds, final=True, context=context, recorded=True)
     verdict = verdicts(records, cfg.thresholds, anomalies=anomalies)
     summary = summarize(records, dense_ppl=cfg.dense_ppl, pruned_ppl=cfg.pruned_ppl)
@@ -151,9 +137,11 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
     live = [
         {k: a.get(k) for k in ("step", "kind", "severity", "message", "evidence", "fix")} for a in _alerts(records)
     ]
+    step_source = source.meta.get("step_source")
     return {
         "source": {"path": str(source.path), "kind": source.kind, "format": source.meta.get("format"),
-                   "step_source": source.meta.get("step_source"), "records": len(records),
+                   "step_source": step_source, "steps_estimated": summary.steps_estimated,
+                   "records": len(records),
                    "best_checkpoint": source.meta.get("best_checkpoint") or source.meta.get("best_model_checkpoint"),
                    "notes": list(source.meta.get("notes") or [])},
         "notes": reader_notes(source, summary, anomalies),
@@ -164,7 +152,8 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
         "anomalies": [a.to_dict() for a in anomalies],
         "anomaly_kinds": list(ANOMALY_KINDS),
         "live_alerts": live,
-        "context": context,
+        "context": context.to_dict(),
+        "series": curves(records, summary.final_eval_step, summary.final_eval_of),
     }
 
 
@@ -191,28 +180,29 @@ def build_blocks(data: Mapping[str, Any], images: Mapping[str, Path]) -> list[Bl
 def _source_blocks(data: Mapping[str, Any]) -> list[Block]:
     src = data["source"]
     how = f"{src['kind']} `{src['path']}`, {src['records']} records"
-    if src.get("step_source") and src["step_source"] != "bar":
-        how += f" (steps estimated from {src['step_source']}s: the log has no usable progress bar)"
     return [("p", f"Source: {how}."), *(("p", f"⚠ {note}.") for note in data.get("notes", []))]
 
 
 def _summary_rows(s: Summary, src: Mapping[str, Any]) -> list[list[str]]:
     steps = f"{s.steps}" + (f" / {s.max_steps}" if s.max_steps else "") if s.steps is not None else "-"
-    best = f"{fmt_sig(s.best_eval_loss)} at step {s.best_step}" if s.best_eval_loss is not None else "-"
+    of = f" ({s.final_eval_of})" if s.final_eval_of else ""
     rows = [
         ["Run", s.status + (f" ({s.stopped_reason})" if s.stopped_reason else "")],
         ["Steps", steps],
         ["Training time", hms(s.time_s, "-")],
         ["Final train loss", fmt_sig(s.final_train_loss)],
         [f"Final eval loss ({s.final_eval_set})" if s.final_eval_set else "Final eval loss",
-         fmt_sig(s.final_eval_loss)],
-        ["Best eval loss", best],
-        *([["Final perplexity", fmt_sig(s.final_perplexity)], ["Best perplexity", fmt_sig(s.best_perplexity)]]
-          if s.loss_kind == "lm" else
-          [["Perplexity", f"not a perplexity: the loss is not a language-model cross-entropy "
-                          f"({s.loss_kind_evidence})"]]),
-        ["Evaluations", str(s.eval_points)],
+         fmt_sig(s.final_eval_loss) + of],
     ]
+    if s.last_eval_loss is not None and s.last_eval_step != s.final_eval_step:
+        rows.append(["Last evaluation during training", f"{fmt_sig(s.last_eval_loss)} at step {s.last_eval_step}"
+                     + (f" (perplexity {fmt_sig(math.exp(min(s.last_eval_loss, 700)))})" if s.loss_kind == "lm" else "")])
+    rows.append(["Best eval loss", s.best_text()])
+    rows += ([["Final perplexity", fmt_sig(s.final_perplexity) + of], ["Best perplexity", fmt_sig(s.best_perplexity)]]
+             if s.loss_kind == "lm" else
+             [["Perplexity", f"not a perplexity: the loss is not a language-model cross-entropy "
+                             f"({s.loss_kind_evidence})"]])
+    rows.append(["Evaluations", str(s.eval_points)])
     for name, numbers in (s.eval_sets or {}).items():
         rows.append([f"Eval set {name}", f"final {fmt_sig(numbers['final_eval_loss'])}, best "
                      f"{fmt_sig(numbers['best_eval_loss'])} at step {numbers['best_step']}"])
@@ -245,7 +235,8 @@ def _anomaly_blocks(s: Summary, data: Mapping[str, Any]) -> list[Block]:
         at = f" at step {a['step']}" if a["step"] is not None else ""
         blocks.append(("h3", f"{mark} {a['kind']} ({a['severity']}){at}"))
         evidence = ", ".join(f"{k}={json.dumps(val)}" for k, val in a["evidence"].items())
-        blocks.append(("list", [a["message"], f"Evidence: {evidence}", f"Fix: {a['fix']}"]))
+        basis = "; ".join(a.get("basis") or []) or "the curve shown above (no setting of the run is quoted)"
+        blocks.append(("list", [a["message"], f"Evidence: {evidence}", f"Fix: {a['fix']}", f"Fix based on: {basis}"]))
     if data["live_alerts"]:
         blocks.append(("h2", "Alerts raised during training"))
         blocks.append(("table", ["Step", "Kind", "Message"],
@@ -323,12 +314,17 @@ def render_console(data: Mapping[str, Any]) -> str:
     v = data["verdicts"]
     eval_name = f" ({s['final_eval_set']})" if s.get("final_eval_set") else ""
     lines = [f"⚠ {note}" for note in data.get("notes", [])]
+    summary = Summary(**s)
     lines += [
         f"Steps {s['steps']} | time {hms(s['time_s'], '-')} | final train loss {fmt_sig(s['final_train_loss'])}"
-        f" | final eval loss{eval_name} {fmt_sig(s['final_eval_loss'])} | best {fmt_sig(s['best_eval_loss'])}"
-        f" at step {s['best_step']} | perplexity "
+        f" | final eval loss{eval_name} {fmt_sig(s['final_eval_loss'])} | best {summary.best_text()} | perplexity "
         + (fmt_ppl(s["final_perplexity"], "-") if s.get("loss_kind", "lm") == "lm" else "n/a (not an LM loss)"),
     ]
+    if s.get("final_eval_of") and s.get("final_eval_loss") is not None:
+        lines.append(f"Final numbers: {s['final_eval_of']}"
+                     + (f"; last evaluation during training {fmt_sig(s['last_eval_loss'])} at step "
+                        f"{s['last_eval_step']}" if s.get("last_eval_loss") is not None
+                        and s.get("last_eval_step") != s.get("final_eval_step") else ""))
     if data["source"].get("best_checkpoint"):
         lines.append(f"Best checkpoint: {data['source']['best_checkpoint']}")
     lines += [f"{_metric_title(k) + ':':<11} {x['symbol']} {x['label']} ({x['reason']})" for k, x in v.items()]
@@ -343,6 +339,8 @@ def render_console(data: Mapping[str, Any]) -> str:
         mark = "❌" if a["severity"] == "error" else "⚠"
         lines.append(f"{mark} {a['kind']}: {a['message']}")
         lines.append(f"   fix: {a['fix']}")
+        if a.get("basis"):
+            lines.append(f"   based on: {'; '.join(a['basis'])}")
     return "\n".join(lines)
 
 
@@ -370,7 +368,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     data = analyse(source, cfg)
     s = data["summary"]
     with rundir.staged_output(out, overwrite=True, command="report") as stage:
-        images = plots.write_plots(source.records, stage, alerts=[a.to_record() for a in _anomalies(data)],
+        images = plots.write_plots(data["series"], stage, alerts=[a.to_record() for a in _anomalies(data)],
                                    dense_ppl=s["dense_perplexity"], pruned_ppl=s["pruned_perplexity"],
                                    lm=s["loss_kind"] == "lm")
         blocks = build_blocks(data, images)
@@ -384,7 +382,7 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
 
 
 def _anomalies(data: Mapping[str, Any]) -> list[Anomaly]:
-    return [Anomaly(**a) for a in data["anomalies"]]
+    return [Anomaly(**{**a, "basis": tuple(a.get("basis") or ())}) for a in data["anomalies"]]
 
 
 def load_report(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Diagnosis rules: pure functions over a sequence of `prunetune.records` dicts.
+"""Diagnosis rules: pure functions over a sequence of `prunetune.rundir.records` dicts.
 
 The same code judges a run live (`finetune` calls `diagnose(records_so_far)` after every log/eval record and
 prints each alert kind once) and after the fact (`prunetune report`). Hence two design constraints:
@@ -7,16 +7,23 @@ prints each alert kind once) and after the fact (`prunetune report`). Hence two 
   an alert, once raised, does not vanish at the next log line;
 - minimum evidence (points, evals, steps) before any trend rule speaks.
 
+The trend rules read the shape of the curve, not two windows: the train curve is judged after its warm-up
+(from the logged LR, else the configured warm-up), against its own noise; a blow-up after the first updates is
+a divergence however the curve drifts later; "too slow" compares the pace after warm-up per unit of LR and
+stays quiet once the eval loss has bottomed.
+
 Anomaly kinds (`ANOMALY_KINDS`, the vocabulary of `report.json` and of `alert` records):
 
 - `loss_flat`           (error)   train loss does not move at all: data or configuration broken (labels
                                   masked, LR 0, frozen parameters, the same batch repeated...).
-- `loss_slow`           (warning) train loss falls, but too little and still at the same pace at the end
-                                  (no plateau reached): the LR is too low.
+- `loss_slow`           (warning) train loss falls, but too little and still at its LR-limited pace at the end
+                                  (no plateau reached, the eval loss not bottomed): the LR is too low.
 - `loss_oscillating`    (warning) train loss jumps up and down by a large fraction of its level without
                                   progress: the LR is too high or the batch too small.
-- `loss_diverging`      (error)   train loss ends clearly above where it started: the LR is far too high.
-- `overfitting`         (warning) eval loss rises over consecutive evaluations while train loss keeps falling.
+- `loss_diverging`      (error)   train loss blew up above where it started, or ends clearly above its best:
+                                  the LR is far too high.
+- `overfitting`         (warning) eval loss rises over consecutive evaluations after its minimum while train
+                                  loss does not, or the train loss converged near zero.
 - `eval_far_above_train` (warning) eval loss stays far above the train loss at the same step.
 - `nan_inf`             (error)   a NaN/Inf loss, grad norm or eval loss: training diverged numerically.
 - `out_of_memory`       (error)   the run died of an out-of-memory error (an `error` record of that kind).
@@ -27,104 +34,213 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from prunetune.analysis import fixes
 from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly, anomalies_from_alerts
+from prunetune.analysis.context import Fact, FixContext
 from prunetune.analysis.series import (
     Series,
     SeriesBuilder,
     TrendStats,
     extract_series,
+    head_level,
+    lr_exposure,
     noise_sigma,
     oscillation_stats,
     record_step,
     running_medians,
     train_loss_near,
     trend_stats,
-    warmup_end_index,
+    warmup_end,
     windows,
 )
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
-from prunetune.fmt import fmt_sig
-from prunetune.rundir.records import to_float
+from prunetune.fmt import fmt_lr, fmt_sig
+
+Rule = Callable[[Series, Thresholds, FixContext], Anomaly | None]
+"""A rule: the run's series, the thresholds and what is known of its settings -> an anomaly or None."""
 
 
-def _ctx(context: Mapping[str, Any] | None, key: str) -> Any:
-    return None if context is None else context.get(key)
+def _anomaly(kind: str, severity: str, message: str, evidence: dict[str, Any], fix: fixes.Fix,
+             step: int | None) -> Anomaly:
+    return Anomaly(kind, severity, message, evidence, fix.text, step, fix.basis)
 
 
-def _flavour(context: Mapping[str, Any] | None) -> str:
-    """Whose flags the fixes name: prunetune's (its own runs, live alerts) or the Trainer's (foreign logs)."""
-    return _ctx(context, "flavour") or "prunetune"
+def _lr(series: Series, ctx: FixContext) -> Fact | None:
+    """The run's LR: configured where a source states it, else the peak the log reports."""
+    if ctx.lr is not None:
+        return ctx.lr
+    if not series.lr:
+        return None
+    step, peak = max(series.lr, key=lambda p: p[1])
+    return Fact(peak, f"the peak learning rate the log reports, step {step}") if peak > 0 else None
 
 
-def _current_lr(series: Series, context: Mapping[str, Any] | None) -> float | None:
-    lr = to_float(_ctx(context, "lr"))
-    if lr is None and series.lr:
-        lr = max(v for _, v in series.lr)
-    return lr if lr is not None and lr > 0 and math.isfinite(lr) else None
+def _at(series: Series, step: int | None) -> str:
+    """`step 80`, `about step 4687 (estimated from the log, which states no step)`, or `an unknown step`."""
+    if step is None:
+        return "an unknown step"
+    return f"about step {step} (estimated: the log states no step)" if step in series.estimated else f"step {step}"
+
+
+def _warmup(series: Series, ctx: FixContext) -> int | None:
+    """Index of the first train point after the warm-up (None while the logged LR still rises)."""
+    configured = ctx.value("warmup_steps")
+    if not configured and ctx.value("warmup_ratio") and ctx.value("max_steps"):
+        configured = ctx.value("warmup_ratio") * ctx.value("max_steps")
+    return warmup_end(series.train, series.lr, int(configured) if configured else None)
+
+
+def _warmup_seen(series: Series) -> str | None:
+    """The basis line for a warm-up the log shows (a rising LR at the start)."""
+    if len(series.lr) >= 2 and series.lr[1][1] > series.lr[0][1]:
+        i = 1
+        while i + 1 < len(series.lr) and series.lr[i + 1][1] > series.lr[i][1]:
+            i += 1
+        return f"a warm-up the log shows (LR rising until step {series.lr[i][0]})"
+    return None
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Rules. Each takes the extracted series and returns an Anomaly or None.
 
 
-def rule_nan_inf(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+def rule_nan_inf(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
     if not series.nonfinite:
         return None
     step, key, value = series.nonfinite[0]
     good = [(s, v) for s, v in series.train if step is None or s < step]
-    evidence: dict[str, Any] = {
-        "first_bad_step": step,
-        "key": key,
-        "value": value,
-        "count": len(series.nonfinite),
-    }
+    evidence: dict[str, Any] = {"first_bad_step": step, "key": key, "value": value, "count": len(series.nonfinite)}
+    if step in series.estimated:
+        evidence["step_estimated"] = True
     if good:
         evidence["last_finite_loss_step"], evidence["last_finite_loss"] = good[-1]
-    fix = fixes.nan_inf(step, _current_lr(series, context), _flavour(context), _ctx(context, "resume_command"))
-    return Anomaly(
-        "nan_inf", "error",
-        f"{key} became {value} at step {step}: training diverged numerically.",
-        evidence, fix, step,
-    )
+    signs: list[str] = []
+    if series.zero_loss_bad_grad:
+        zero = series.zero_loss_bad_grad[0]
+        signs.append(f"a loss of exactly 0.0 beside a non-finite grad norm at {_at(series, zero)} (the log)")
+        evidence["zero_loss_with_nonfinite_grad"] = len(series.zero_loss_bad_grad)
+    if ctx.value("precision") == "fp16":
+        signs.append(fixes.stated("precision fp16:", ctx.precision) or "")
+    fix = fixes.nan_inf(ctx, step, _lr(series, ctx), tuple(s for s in signs if s))
+    cause = " (the fp16 overflow signature)" if series.zero_loss_bad_grad else ""
+    return _anomaly("nan_inf", "error", f"{key} became {value} at {_at(series, step)}{cause}: training diverged "
+                    "numerically.", evidence, fix, step)
 
 
-def rule_out_of_memory(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+def rule_out_of_memory(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
     ooms = [e for e in series.errors if e.get("kind") == "out_of_memory"]
     if not ooms:
         return None
     rec = ooms[0]
     step = record_step(rec)
-    evidence = {"step": step, "message": str(rec.get("message", ""))[:300]}
-    fix = fixes.out_of_memory(
-        to_float(_ctx(context, "block_size")), to_float(_ctx(context, "per_device_train_batch_size")),
-        to_float(_ctx(context, "gradient_accumulation_steps")), flavour=_flavour(context),
-        resume_command=_ctx(context, "resume_command"),
-    )
-    return Anomaly("out_of_memory", "error", f"out of memory at step {step}.", evidence, fix, step)
+    ran = step is not None and any(s <= step for s, _ in series.train) and step > 0
+    during_eval = rec.get("during") == "evaluation"
+    evidence = {"step": step, "message": str(rec.get("message", ""))[:300], "steps_ran_before": ran}
+    if rec.get("step_basis"):
+        evidence["step_basis"] = rec["step_basis"]
+    if during_eval:
+        evidence["during"] = "evaluation"
+    max_steps = series.max_steps or ctx.value("max_steps")
+    where = (f"at step {step}" + (f" of {max_steps}" if max_steps else "") if step is not None else
+             "at an unknown step (the log shows no progress before the error)")
+    what = " during an evaluation" if during_eval else ""
+    if rec.get("after_training"):
+        evidence["after_training"] = True
+        msg = (f"out of memory after training had ended ({where.removeprefix('at ')}): what ran next (an "
+               "evaluation, generation, the next notebook cell) did not fit; the training itself finished.")
+    else:
+        msg = f"out of memory {where}{what}" + (": the steps before it fit." if ran else ".")
+    fix = fixes.out_of_memory(ctx, step, ran, during_eval)
+    return _anomaly("out_of_memory", "error", msg, evidence, fix, step)
 
 
-def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
-    tr = trend_stats(series.train, th)
+def _blowup(series: Series, th: Thresholds) -> tuple[int, float, float] | None:
+    """(step, peak, level before) when the loss climbed far above where it was: the median of `blowup_points`
+    consecutive points above `blowup_factor` x the level before them (the first log, the model before any
+    update, while the climb starts within the first points; else the median of the points before it, since one
+    low first batch of a noisy run is no level), by a factor beyond the run's relative noise."""
+    values = [v for _, v in series.train]
+    k = th.blowup_points
+    if len(values) < k + 1 or values[0] <= 0 or max(values) < values[0] * th.blowup_factor:
+        return None
+    # the noise on the log scale: a blow-up is a rise by a factor, judged against the run's relative jitter
+    sigma = noise_sigma([math.log(max(v, 1e-12)) for v in values])
+    for i in range(1, len(values) - k + 1):
+        climbed = statistics.median(values[i : i + k])
+        if climbed < values[0] * th.blowup_factor:
+            continue  # the level before is at least the first log: no climb from it either
+        before = values[0] if i < k else max(values[0], statistics.median(values[:i]))
+        if before > 0 and climbed >= before * th.blowup_factor \
+                and math.log(climbed / before) > th.blowup_noise_multiple * sigma:
+            stretch = range(i, min(len(values), i + max(k, len(values) // 4)))
+            top = max(stretch, key=values.__getitem__)
+            return series.train[top][0], values[top], before
+    return None
+
+
+def _steps_known(series: Series) -> bool:
+    """Whether the train steps are the log's own (not the ordinal of a line that states none)."""
+    return not series.train or series.train[-1][0] not in series.estimated
+
+
+def _both_rose(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """Train and eval loss both ended `blowup_factor` above their first values: a divergence however few the
+    points (per-epoch tables log two or three)."""
+    if len(series.train) < 2 or len(series.evals) < 2 or len(series.train) >= th.min_train_points:
+        return None
+    (s0, t0), (s1, t1) = series.train[0], series.train[-1]
+    e0, e1 = series.evals[0][1], series.evals[-1][1]
+    if min(t0, e0) <= 0 or t1 < t0 * th.blowup_factor or e1 < e0 * th.blowup_factor:
+        return None
+    evidence = {"first_train_loss": t0, "last_train_loss": t1, "first_eval_loss": e0, "last_eval_loss": e1}
+    msg = (f"train loss {fmt_sig(t0)} -> {fmt_sig(t1)} and eval loss {fmt_sig(e0)} -> {fmt_sig(e1)} between step {s0} "
+           f"and step {s1}: both rose x{min(t1 / t0, e1 / e0):.1f}, the run diverged: the LR is too high.")
+    return _anomaly("loss_diverging", "error", msg, evidence, fixes.diverging(ctx, _lr(series, ctx),
+                                                                             _warmup_seen(series)), s1)
+
+
+def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    blown = _blowup(series, th) if len(series.train) >= th.min_window * 2 else None
+    if blown is not None:
+        step, peak, first = blown
+        last_step, last = series.train[-1]
+        evidence = {"first_loss": round(first, 4), "peak_loss": round(peak, 4), "peak_step": step,
+                    "factor": round(peak / first, 2), "last_loss": round(last, 4), "last_step": last_step}
+        big_grads = [g for s, g in series.grad_norm if s <= step + 1]
+        if big_grads:
+            evidence["max_grad_norm_until_peak"] = round(max(big_grads), 4)
+        msg = (f"train loss blew up: {fmt_sig(first)} at the first log -> {fmt_sig(peak)} at step {step} "
+               f"(x{peak / first:.1f}); it ended at {fmt_sig(last)} at step {last_step}, but a drift down from a "
+               "blow-up is the optimizer recovering from damage, not a healthy fall: the LR is too high.")
+        fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
+        return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
+    both = _both_rose(series, th, ctx)
+    if both is not None:
+        return both
+    tr = trend_stats(series.train, th, _steps_known(series))
     if tr is None:
         return None
     values = [v for _, v in series.train]
-    first, last = windows(values, th)
+    first, _ = windows(values, th)
     w = len(first)
-    # at most ~100 window positions: the minimum of a smooth running median does not need every offset
+    medians = running_medians(values, w)
     stride = max(1, (len(values) - w + 1) // 100)
     starts = [*range(0, len(values) - w + 1, stride), len(values) - w]
-    medians = [statistics.median(values[i : i + w]) for i in starts]
     best = min(medians)
     best_step = series.train[starts[medians.index(best)] + w // 2][0]
-    if values[0] < best:
-        best, best_step = values[0], series.train[0][0]
+    start = head_level(values, th)  # the untrained model's loss, to the precision the noise allows
+    if start < best:
+        best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
-    if tr.last_median - best <= th.diverge_noise_multiple * tr.noise:
+    # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
+    # oscillation or of batch-1 noise are not read as a rise
+    se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
+    if tr.last_median - best <= th.diverge_noise_multiple * se:
         return None
     evidence = {
         "best_window_median": round(best, 4),
@@ -133,16 +249,15 @@ def rule_diverging(series: Series, th: Thresholds, context: Mapping[str, Any] | 
         "rel_rise": round(tr.last_median / best - 1, 4),
         "last_step": tr.last_step,
     }
-    lr = _current_lr(series, context)
-    fix = fixes.diverging(lr, to_float(_ctx(context, "gradient_accumulation_steps")), _flavour(context))
+    fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
     msg = (
         f"train loss is rising: median {fmt_sig(tr.last_median)} over the last logs vs {fmt_sig(best)} "
         f"around step {best_step} (+{(tr.last_median / best - 1) * 100:.0f}%): the LR is too high."
     )
-    return Anomaly("loss_diverging", "error", msg, evidence, fix, tr.last_step)
+    return _anomaly("loss_diverging", "error", msg, evidence, fix, tr.last_step)
 
 
-def rule_oscillating(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+def rule_oscillating(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
     os_ = oscillation_stats(series.train, th)
     if os_ is None or os_.level < th.osc_min_level:
         return None
@@ -162,7 +277,6 @@ def rule_oscillating(series: Series, th: Thresholds, context: Mapping[str, Any] 
         "sign_change_fraction": round(os_.sign_change_fraction, 3),
         "progress": round(os_.progress, 4),
     }
-    lr = _current_lr(series, context)
     swing = (math.exp(os_.log_jump) - 1) * 100
     msg = (
         f"train loss oscillates between steps {os_.steps[0]} and {os_.steps[1]}: a quarter of the log points "
@@ -170,8 +284,8 @@ def rule_oscillating(series: Series, th: Thresholds, context: Mapping[str, Any] 
         f"level, direction flips {os_.sign_change_fraction * 100:.0f}% of the time): the LR is too high or the "
         "batch too small."
     )
-    fix = fixes.lower_lr(lr, to_float(_ctx(context, "gradient_accumulation_steps")), _flavour(context)) + "."
-    return Anomaly("loss_oscillating", "warning", msg, evidence, fix, os_.steps[1])
+    fix = fixes.lower_lr(ctx, _lr(series, ctx))
+    return _anomaly("loss_oscillating", "warning", msg, evidence, replace(fix, text=fix.text + "."), os_.steps[1])
 
 
 def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
@@ -184,24 +298,56 @@ def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
     return best, best_end
 
 
-def _converged(series: Series, th: Thresholds) -> bool:
-    """The train loss ends near zero after a much higher start: a memorised training set (printed with 4
-    decimals, its last losses repeat exactly), which no flat or oscillation verdict describes."""
-    if len(series.train) < th.min_window * 2:
-        return False
-    head = [v for _, v in series.train[: th.min_window]]
-    tail = [v for _, v in series.train[-th.min_window :]]
-    end = statistics.median(tail)
-    return end <= th.flat_converged_loss and statistics.median(head) >= th.overfit_memorise_drop * max(end, 1e-4)
+def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
+    """(step, loss) where the train loss reached near zero after a much higher start: a memorised training set
+    (printed with 4 decimals, its losses then repeat exactly), which no flat or oscillation verdict describes.
+    Judged on the lowest running median of `min_window` points, so a run that memorised and then crept back up
+    at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
+    values = [v for _, v in series.train]
+    w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
+    if len(values) < w * 2 or min(values) < 0 or min(values) > th.flat_converged_loss:
+        return None  # a negative loss is no cross-entropy; no window's median lies below the run's minimum
+    head = statistics.median(values[:w])
+    stride = max(1, (len(values) - 2 * w) // 200)  # at most ~200 windows: the low of a smooth curve needs no more
+    lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1, stride)]
+    low, i = min(lows)
+    if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
+        return series.train[i + w // 2][0], low
+    return None
 
 
-def rule_frozen(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+def _repeated_block(train: Sequence[tuple[int, float]], length: int) -> tuple[tuple[int, int], int] | None:
+    """((first index, repeat index), length) of the longest stretch of `length` or more train losses that an
+    earlier stretch repeats exactly, value for value (a later epoch that replays an earlier one: frozen
+    weights on the same batches), or None. Stretches of few distinct values or of losses printed with fewer
+    than 3 significant digits never count (a converged 0.0002, 0.0002 is not a replay)."""
+    values = [v for _, v in train]
+    first_seen: dict[float, int] = {}
+    best = None
+    for i, v in enumerate(values):
+        j = first_seen.setdefault(v, i)
+        if j == i or (values[i - 1] == values[j - 1] and j > 0):
+            continue  # first sight of the value, or inside a stretch already measured from its start
+        n = 0
+        while i + n < len(values) and j + n < i and values[j + n] == values[i + n]:
+            n += 1
+        block = values[i : i + n]
+        if n >= length and (best is None or n > best[1]) and len(set(block)) >= length // 2 \
+                and all(len(f"{x:g}".replace(".", "").lstrip("0-")) >= 3 for x in block):
+            best = ((j, i), n)
+    return best
+
+
+def rule_frozen(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
     """Exactly repeated losses or exactly zero gradients: no statistics needed, the model does not change."""
     n_same, end = _longest_run([v for _, v in series.train], lambda a, b: a == b)
-    zero = [(s, v) for s, v in series.grad_norm]
+    zero = list(series.grad_norm)
     n_zero, zend = _longest_run([v for _, v in zero], lambda a, b: a == 0.0 and b == 0.0)
-    if _converged(series, th):
+    if _converged(series, th) is not None:
         return None  # 0.0002 repeated: memorised, not frozen (rule_overfitting says so)
+    evals = [v for _, v in series.evals]
+    n_eval, eend = _longest_run(evals, lambda a, b: a == b)
+    repeat = _repeated_block(series.train, th.flat_identical_points)
     if n_same >= th.flat_identical_points:
         step, value = series.train[end]
         evidence = {"identical_losses": n_same, "value": value, "until_step": step}
@@ -210,23 +356,34 @@ def rule_frozen(series: Series, th: Thresholds, context: Mapping[str, Any] | Non
         step = zero[zend][0]
         evidence = {"zero_grad_norms": n_zero, "until_step": step}
         what = f"the gradient norm is exactly 0 at {n_zero} log lines in a row (until step {step})"
+    elif evals and n_eval >= max(3, th.flat_identical_points // 2):
+        step, value = series.evals[eend]
+        evidence = {"identical_eval_losses": n_eval, "value": value, "until_step": step}
+        what = f"the eval loss is exactly {fmt_sig(value)} at {n_eval} evaluations in a row (until step {step})"
+    elif repeat is not None:
+        (a, b), length = repeat
+        step = series.train[b + length - 1][0]
+        evidence = {"repeated_losses": length, "first_from_step": series.train[a][0],
+                    "repeat_from_step": series.train[b][0]}
+        what = (f"the {length} train losses from step {series.train[b][0]} repeat those from step "
+                f"{series.train[a][0]} exactly: the same batches give the same losses, the weights do not change")
     else:
         return None
-    fix = fixes.frozen(_current_lr(series, context), _flavour(context))
-    return Anomaly("loss_flat", "error", f"{what}: the model is not learning.", evidence, fix, step)
+    fix = fixes.frozen(ctx, _lr(series, ctx))
+    return _anomaly("loss_flat", "error", f"{what}: the model is not learning.", evidence, fix, step)
 
 
-def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
-    """The train loss does not move beyond its noise (`loss_flat`), or falls too little and still at the same
-    pace at the end (`loss_slow`)."""
-    frozen = rule_frozen(series, th, context)
+def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """The train loss does not move beyond its noise (`loss_flat`), or falls too little and still at its
+    LR-limited pace at the end (`loss_slow`)."""
+    frozen = rule_frozen(series, th, ctx)
     if frozen is not None:
         return frozen
-    warm = warmup_end_index(series.lr) if series.lr else 0
+    warm = _warmup(series, ctx)
     if warm is None:
         return None  # still warming up: a flat loss is expected while the LR climbs
     tr = trend_stats(series.train, th)
-    if tr is None or len(series.train) - warm < th.min_train_points // 2:
+    if tr is None or len(series.train) - warm < th.min_train_points // 2 or _converged(series, th) is not None:
         return None
     evidence = {
         "first_window_median": round(tr.first_median, 4),
@@ -234,10 +391,8 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
         "rel_drop": round(tr.rel_change, 4),
         "steps": [tr.first_step, tr.last_step],
         "points": tr.n,
+        "noise": round(tr.noise, 5),
     }
-    evidence["noise"] = round(tr.noise, 5)
-    if _converged(series, th):
-        return None
     values = [v for _, v in series.train]
     sigma = noise_sigma(values)
     # standard error of the difference of two window medians (a median's SE is 1.25 sigma / sqrt(w))
@@ -247,67 +402,107 @@ def rule_flat_or_slow(series: Series, th: Thresholds, context: Mapping[str, Any]
     # compared: the widest of them strays further by chance alone)
     within = abs(tr.first_median - tr.last_median) < band and all(
         abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
-    if abs(tr.rel_change) < th.flat_max_rel_change or within:
+    # the first logged losses (the model before the updates) too: a fall at the very start, then a plateau in
+    # wide noise, is learning that levelled off, not a model that never moved
+    head = statistics.median(values[: th.min_window])
+    moved = abs(head - tr.last_median) >= 1.5 * band and abs(head - tr.last_median) >= th.flat_max_rel_change * abs(head)
+    if (abs(tr.rel_change) < th.flat_max_rel_change or within) and not moved:
         msg = (
             f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over "
-            f"steps {tr.first_step}-{tr.last_step} ({tr.rel_change * 100:+.2f}%, within the noise of its first "
+            f"steps {tr.first_step}-{tr.last_step} ({-tr.rel_change * 100:+.2f}%, within the noise of its first "
             "value all run): the model is not learning."
         )
-        fix = fixes.flat(_current_lr(series, context), _flavour(context))
-        return Anomaly("loss_flat", "error", msg, evidence, fix, tr.last_step)
-    return _slow(series, th, context, tr, warm, band, evidence)
+        return _anomaly("loss_flat", "error", msg, evidence, fixes.flat(ctx, _lr(series, ctx)), tr.last_step)
+    return _slow(series, th, ctx, warm, band, evidence)
 
 
-def _slow(series: Series, th: Thresholds, context: Mapping[str, Any] | None, tr: TrendStats, warm: int,
-          band: float, evidence: dict[str, Any]) -> Anomaly | None:
-    """`loss_slow` of a train loss that moves beyond its noise `band` (`rule_flat_or_slow`)."""
-    late_share = tr.second_half_drop / tr.first_half_drop if tr.first_half_drop > 0 else math.inf
+def _eval_bottomed(series: Series, th: Thresholds) -> tuple[int, float] | None:
+    """(step, loss) of the eval minimum when the eval loss has bottomed: its minimum lies before the last
+    evaluation and the evaluations since stayed clearly above it."""
+    evals = series.evals
+    if len(evals) < 3:
+        return None
+    best_i = min(range(len(evals)), key=lambda i: evals[i][1])
+    after = evals[best_i + 1 :]
+    if not after or min(v for _, v in after) < evals[best_i][1] * (1 + th.overfit_min_rel_rise / 2):
+        return None
+    return evals[best_i]
+
+
+def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: float,
+          evidence: dict[str, Any]) -> Anomaly | None:
+    """`loss_slow` of a train loss that moves beyond its noise `band` (`rule_flat_or_slow`): a small total drop
+    from the first logged loss, still falling after warm-up at its LR-limited initial pace."""
+    post = series.train[warm:]
+    tr = trend_stats(post, th)
+    if tr is None:
+        return None
+    head = head_level([v for _, v in series.train], th)
+    total = (head - tr.last_median) / abs(head) if head else 0.0
+    evidence.update(first_loss=round(head, 4), total_rel_drop=round(total, 4), warmup_points=warm)
+    # the fall per unit of LR in the second half vs the first half of the post-warm-up curve
+    mid_step = post[len(post) // 2][0]
+    exposure_early = lr_exposure(series.lr, tr.first_step, mid_step)
+    exposure_late = lr_exposure(series.lr, mid_step, tr.last_step)
+    early, late = tr.first_half_drop, tr.second_half_drop
+    if exposure_early and exposure_late:
+        early, late = early / exposure_early, late / exposure_late
+    late_share = late / early if early > 0 else math.inf
     evidence["late_share"] = round(late_share, 3) if math.isfinite(late_share) else None
-    significant = tr.first_median - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
+    significant = head - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
     evals = series.evals
     eval_drop = (evals[0][1] - evals[-1][1]) / abs(evals[0][1]) if len(evals) >= 2 and evals[0][1] else None
-    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop
-    lrs = [v for _, v in series.lr[warm:]]
-    lr_constant = len(lrs) >= 2 and min(lrs) > 0 and max(lrs) / min(lrs) <= 1.05
+    # an eval that barely moves says the LR is low only when it measures the training distribution: an eval
+    # loss far above the train loss (another corpus) barely moves whatever the LR
+    near = (train := train_loss_near(series.train, evals[-1][0])) is not None and evals[-1][1] - train < th.far_min_gap \
+        if evals else False
+    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop and near
+    lrs = [v for step, v in series.lr if step >= post[0][0] and v > 0]
+    lr_constant = len(lrs) >= 2 and max(lrs) / min(lrs) <= 1.05
     limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still or lr_constant else 1.0)
     if not (
-        0 < tr.rel_change < limit
+        0 < total < limit
         and significant
         and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
         and late_share >= th.slow_min_late_share
+        and _eval_bottomed(series, th) is None
     ):
         return None
-    per100 = tr.rel_change / max(1, tr.last_step - tr.first_step) * 100
+    per100 = total / max(1, tr.last_step - series.train[0][0]) * 100
     evidence["rel_drop_per_100_steps"] = round(per100, 5)
     if eval_drop is not None:
         evidence["eval_rel_drop"] = round(eval_drop, 4)
+    lr = _lr(series, ctx)
     msg = (
-        f"train loss falls too slowly: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over steps "
-        f"{tr.first_step}-{tr.last_step} (-{tr.rel_change * 100:.1f}%, {per100 * 100:.2f}% per 100 steps) and "
-        "still falling at the same pace" + (" at a constant LR" if lr_constant else "")
+        f"train loss falls too slowly: {fmt_sig(head)} -> {fmt_sig(tr.last_median)} by step {tr.last_step} "
+        f"(-{total * 100:.1f}% in all) and still falling at its pace after warm-up"
+        + (" at a constant LR" if lr_constant else " per unit of LR")
         + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
-        + ": the LR is too low."
+        + (f": the LR ({fmt_lr(lr.value)}) is too low." if lr else ": the LR is too low.")
     )
-    fix = fixes.raise_lr(_current_lr(series, context), _flavour(context)) + "."
-    return Anomaly("loss_slow", "warning", msg, evidence, fix, tr.last_step)
+    fix = fixes.raise_lr(ctx, lr)
+    return _anomaly("loss_slow", "warning", msg, evidence, replace(fix, text=fix.text + "."), tr.last_step)
 
 
-def rule_memorised(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
-    """Train loss converged near zero (0.89 -> 0.0002): the model memorised its training text."""
-    if not _converged(series, th):
+def rule_memorised(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """Train loss converged near zero (0.89 -> 0.0002): the model memorised its training text. Only for a
+    language-model loss: a preference loss (DPO) near zero is a separated pair, not memorised text."""
+    if not series.lm or _converged(series, th) is None:
         return None
+    low_step, low = _converged(series, th)
     start = statistics.median(v for _, v in series.train[: th.min_window])
     step, end = series.train[-1]
-    evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "last_step": step,
-                "points": len(series.train)}
-    msg = (f"train loss fell from {fmt_sig(start)} to {fmt_sig(end)} by step {step}: near zero, the model has memorised "
-           "its training text (overfitting), whatever the eval loss says.")
-    fix = fixes.overfitting(to_float(_ctx(context, "lora_dropout")), to_float(_ctx(context, "epochs")), None,
-                            _flavour(context))
-    return Anomaly("overfitting", "warning", msg, evidence, fix, step)
+    evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "train_loss_low": round(low, 6),
+                "low_step": low_step, "last_step": step, "points": len(series.train)}
+    msg = (f"train loss fell from {fmt_sig(start)} to {fmt_sig(low)} by step {low_step}"
+           + (f" (and ended at {fmt_sig(end)})" if abs(end - low) > 0.5 * th.flat_converged_loss else "")
+           + ": near zero, the model has memorised its training text (overfitting), whatever the eval loss says.")
+    return _anomaly("overfitting", "warning", msg, evidence, fixes.overfitting(ctx, None), step)
 
 
-def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+def rule_overfitting(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """The eval loss rose at consecutive evaluations after its minimum (or stayed clearly above it) while the
+    train loss did not rise."""
     evals = series.evals
     k = th.overfit_consecutive_rises
     if len(evals) < max(th.overfit_min_evals, k + 1):
@@ -315,16 +510,16 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
     best_i = min(range(len(evals)), key=lambda i: evals[i][1])
     best_step, best = evals[best_i]
     last_step, last = evals[-1]
+    since = evals[best_i:]
     tail = evals[-(k + 1) :]
-    rising = all(b[1] > a[1] for a, b in zip(tail, tail[1:], strict=False))
+    rising = best_i <= len(evals) - k - 1 and all(b[1] > a[1] for a, b in zip(tail, tail[1:], strict=False))
     if not rising:
         # noisy evaluations: the best lies `k` or more evaluations back, none since came back near it, and the
         # last is clearly above it (a transient bump recovers to a new best and stays quiet)
-        since = evals[best_i + 1 :]
-        if len(since) < k or last < best * (1 + th.overfit_sustained_rel_rise) or \
-                min(v for _, v in since) < best * (1 + th.overfit_min_rel_rise):
-            return None
-        tail = evals[best_i:]
+        if len(since) - 1 < k or last < best * (1 + th.overfit_sustained_rel_rise) or \
+                min(v for _, v in since[1:]) < best * (1 + th.overfit_min_rel_rise):
+            return None  # every evaluation since the best stayed clearly above it, the last too
+        tail = since
     if best <= 0 or last < best * (1 + th.overfit_min_rel_rise):
         return None
     train_start = train_loss_near(series.train, tail[0][0])
@@ -342,17 +537,18 @@ def rule_overfitting(series: Series, th: Thresholds, context: Mapping[str, Any] 
         "train_loss_start": round(train_start, 4),
         "train_loss_end": round(train_end, 4),
     }
-    fix = fixes.overfitting(to_float(_ctx(context, "lora_dropout")), to_float(_ctx(context, "epochs")), best_step,
-                            _flavour(context))
+    rises = sum(1 for a, b in zip(since, since[1:], strict=False) if b[1] > a[1])
     msg = (
         (f"eval loss rose {k} evaluations in a row to {fmt_sig(last)} at step {last_step} " if rising else
          f"eval loss stayed above its best for {len(tail) - 1} evaluations, up to {fmt_sig(last)} at step {last_step} ")
-        + f"(best {fmt_sig(best)} at step {best_step}) while train loss went {fmt_sig(train_start)} -> {fmt_sig(train_end)}."
+        + f"(best {fmt_sig(best)} at step {best_step}, {rises} rises since) while train loss went "
+        f"{fmt_sig(train_start)} -> {fmt_sig(train_end)}: the model is overfitting; its best checkpoint is step "
+        f"{best_step}."
     )
-    return Anomaly("overfitting", "warning", msg, evidence, fix, last_step)
+    return _anomaly("overfitting", "warning", msg, evidence, fixes.overfitting(ctx, best_step), last_step)
 
 
-def rule_far_above(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
+def rule_far_above(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
     k = th.far_consecutive_evals
     if len(series.evals) < k or not series.train:
         return None
@@ -373,22 +569,23 @@ def rule_far_above(series: Series, th: Thresholds, context: Mapping[str, Any] | 
         f"eval loss {fmt_sig(ev)} is far above train loss {fmt_sig(tr)} at step {step} "
         f"(gap {ev - tr:.2f} nats, perplexity x{math.exp(min(ev - tr, 50.0)):.2f})."
     )
-    fix = fixes.eval_far_above_train(to_float(_ctx(context, "lora_dropout")), _flavour(context))
-    return Anomaly("eval_far_above_train", "warning", msg, evidence, fix, step)
+    return _anomaly("eval_far_above_train", "warning", msg, evidence, fixes.eval_far_above_train(ctx), step)
 
 
-def rule_no_eval(series: Series, th: Thresholds, context: Mapping[str, Any] | None) -> Anomaly | None:
-    if series.evals or not series.train:
+def rule_no_eval(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """A run that finished without a single evaluation (an interrupted one may simply not have reached its first;
+    an excerpt of a log may have cut its evaluations: only a run whose end the records show is judged)."""
+    if series.evals or not series.train or series.stopped or series.errors or not series.ended:
         return None
     if any(k == "eval_loss" for _, k, _ in series.nonfinite):
         return None
     last = series.train[-1][0]
     msg = f"the run finished at step {last} without a single evaluation: overfitting cannot be seen."
-    fix = fixes.no_eval(last, _flavour(context))
-    return Anomaly("no_eval", "warning", msg, {"last_step": last, "train_points": len(series.train)}, fix, last)
+    return _anomaly("no_eval", "warning", msg, {"last_step": last, "train_points": len(series.train)},
+                    fixes.no_eval(ctx, last), last)
 
 
-LIVE_RULES = (
+LIVE_RULES: tuple[Rule, ...] = (
     rule_out_of_memory,
     rule_nan_inf,
     rule_diverging,
@@ -398,48 +595,55 @@ LIVE_RULES = (
     rule_overfitting,
     rule_far_above,
 )
-EVAL_RULES = (rule_overfitting, rule_far_above)
+EVAL_RULES: tuple[Rule, ...] = (rule_overfitting, rule_far_above)
 """Rules that judge one eval series: with several eval sets they run once per set."""
+FINAL_RULES: tuple[Rule, ...] = (rule_no_eval,)
+
+SUPPRESSES: dict[str, tuple[str, ...]] = {
+    # after a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them would
+    # only repeat the NaN story with a weaker word
+    "nan_inf": ("loss_flat", "loss_slow", "no_eval"),
+    "out_of_memory": ("no_eval",),  # the run died; the missing eval is not the story
+    # a window median of a jumping series says nothing about progress; the LR story is the one to tell
+    "loss_diverging": ("loss_slow", "loss_flat"),
+    "loss_oscillating": ("loss_slow", "loss_flat"),
+    # an overfitting run has learnt too much, not too little: never advise a higher LR beside it
+    "overfitting": ("loss_slow",),
+}
+"""kind -> the kinds it explains away when both fire."""
 
 
 def _for_eval_set(anomaly: Anomaly, name: str) -> Anomaly:
     return replace(anomaly, message=f"eval set `{name}`: {anomaly.message}",
                    evidence={**anomaly.evidence, "eval_set": name})
-FINAL_RULES = (rule_no_eval,)
 
 
 def judge(
     series: Series,
     thresholds: Thresholds = DEFAULTS,
     final: bool = False,
-    context: Mapping[str, Any] | None = None,
+    context: FixContext | None = None,
     recorded: Sequence[Anomaly] = (),
 ) -> list[Anomaly]:
     """Every anomaly `series` shows, with the `recorded` ones (alerts the run raised itself) of kinds no rule
     found, most severe first; the stories that explain others are kept, the weaker echoes dropped."""
+    ctx = context or FixContext()
     found: list[Anomaly] = []
     rules = LIVE_RULES + (FINAL_RULES if final else ())
     named_sets = [name for name in series.eval_sets if name] if len(series.eval_sets) > 1 else []
     for rule in rules:
         if rule in EVAL_RULES and named_sets:
             found += [_for_eval_set(a, name) for name in series.eval_sets
-                      if (a := rule(series.for_eval_set(name), thresholds, context)) is not None]
+                      if (a := rule(series.for_eval_set(name), thresholds, ctx)) is not None]
             continue
-        anomaly = rule(series, thresholds, context)
+        anomaly = rule(series, thresholds, ctx)
         if anomaly is not None:
             found.append(anomaly)
     seen = {a.kind for a in found}
     found += [a for a in recorded if a.kind not in seen]
     kinds = {a.kind for a in found}
-    if "nan_inf" in kinds:
-        # After a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them
-        # would only repeat the NaN story with a weaker word.
-        found = [a for a in found if a.kind not in ("loss_flat", "loss_slow")]
-    if kinds & {"nan_inf", "out_of_memory"}:
-        found = [a for a in found if a.kind != "no_eval"]  # the run died; the missing eval is not the story
-    if kinds & {"loss_diverging", "loss_oscillating"}:
-        # A window median of a jumping series says nothing about progress; the LR story is the one to tell.
-        found = [a for a in found if a.kind not in ("loss_slow", "loss_flat")]
+    dropped = {k for kind in kinds for k in SUPPRESSES.get(kind, ())}
+    found = [a for a in found if a.kind not in dropped]
     found.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
     return found
 
@@ -448,16 +652,15 @@ def diagnose(
     records: Sequence[Mapping[str, Any]],
     thresholds: Thresholds = DEFAULTS,
     final: bool = False,
-    context: Mapping[str, Any] | None = None,
+    context: FixContext | None = None,
     recorded: bool = False,
 ) -> list[Anomaly]:
     """Every anomaly the records show, most severe first. `final=True` adds end-of-run rules (`no_eval`);
     `recorded=True` adds the `alert` records of kinds no rule found (what the run itself saw live, e.g.
     non-finite weights caught before a NaN loss was ever logged).
 
-    `context` (optional) carries the run's settings so fixes name values: lr, block_size,
-    per_device_train_batch_size, gradient_accumulation_steps, lora_dropout, epochs, resume_command, and
-    `flavour` (whose flags the fixes name, see `prunetune.analysis.fixes`).
+    `context` (`analysis.context.fix_context`) is what is known of the run's settings, each with its origin:
+    the fixes quote those values and nothing else.
     """
     alerts = anomalies_from_alerts(records) if recorded else []
     return judge(extract_series(records), thresholds, final, context, alerts)
@@ -467,7 +670,7 @@ class LiveDiagnosis:
     """The same rules over a run in progress: call it with each new batch of records (`live(new)`); every
     record is scanned once, so judging after every log line stays cheap on a long run."""
 
-    def __init__(self, thresholds: Thresholds = DEFAULTS, context: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, thresholds: Thresholds = DEFAULTS, context: FixContext | None = None) -> None:
         self.thresholds = thresholds
         self.context = context
         self._builder = SeriesBuilder()
@@ -475,3 +678,6 @@ class LiveDiagnosis:
     def __call__(self, new_records: Sequence[Mapping[str, Any]], final: bool = False) -> list[Anomaly]:
         self._builder.add(new_records)
         return judge(self._builder.series(), self.thresholds, final, self.context)
+
+
+__all__ = ["LIVE_RULES", "LiveDiagnosis", "Rule", "TrendStats", "diagnose", "judge"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 from dataclasses import dataclass
 
 from prunetune.analysis.anomaly import ANOMALY_KINDS, KIND_DOCS
+from prunetune.analysis.corpus import SCORES, markdown
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
 
 
@@ -28,52 +30,81 @@ RULES: dict[str, RuleDoc] = {
     "loss_flat": RuleDoc(
         ("min_train_points", "min_train_steps", "flat_max_rel_change", "flat_noise_multiple",
          "flat_identical_points", "flat_converged_loss"),
-        "Judged against the run's own noise (standard error of window medians), so a noisy flat run is flat and a "
-        "quiet one that moved 1% is not; exact repeats are a frozen model unless they sit near zero after a much "
-        "higher start (memorisation printed with 4 decimals).",
-        ("foreign/flat_quiet/console.log", "foreign/flat_noisy/trainer_state.json", "logs/flat/console.log"),
-        ("foreign/converged_rounded/trainer_state.json", "foreign/noisy_healthy_batch1/trainer_state.json")),
+        "Judged against the run's own noise (standard error of window medians, the noise read at lag 1 and 2 so a "
+        "high/low alternation of batches is not noise), and against the first logged losses too (a fall at the very "
+        "start then a plateau is learning that levelled off); exact repeats (losses, zero grad norms, identical "
+        "evaluations, a later epoch replaying an earlier one value for value) are a frozen model unless they sit near "
+        "zero after a much higher start.",
+        ("foreign/flat_quiet/console.log", "foreign/flat_noisy/trainer_state.json", "logs/flat/console.log",
+         "real/trace_llama3_identical_epochs_issue/console.log", "real/qwen05b_frozen_tiers_flat_jsonl",
+         "real/olmo20m_zero_grad_flat_console/train_fresh.log"),
+        ("foreign/converged_rounded/trainer_state.json", "foreign/noisy_healthy_batch1/trainer_state.json",
+         "real/llama2_qlora_sawtooth_then_oom_notebook/output.txt")),
     "loss_slow": RuleDoc(
         ("slow_max_rel_drop", "slow_eval_still_factor", "slow_eval_max_rel_drop", "slow_min_late_share",
          "slow_min_significance"),
-        "A small drop is only 'LR too low' while the curve is still falling at its initial pace (no plateau); "
-        "up to 16% when the eval loss barely moves either.",
-        ("foreign/slow_constant_lr/trainer_log.jsonl", "logs/lr_low/trainer_state.json"),
-        ("foreign/llamafactory_sft/trainer_log.jsonl", "foreign/eval_bump/trainer_state.json")),
+        "A small fall from the run's first losses (read to the precision its noise allows, so a warm-up drop counts) "
+        "is only 'LR too low' while the curve after warm-up still falls at its initial pace per unit of LR (a "
+        "decaying LR slows the fall without a plateau) and the eval loss has not bottomed; never beside overfitting.",
+        ("foreign/slow_constant_lr/trainer_log.jsonl", "logs/lr_low/trainer_state.json",
+         "real/mistral7b_dolly_batch1_slow_state/trainer_state.json",
+         "real/rugpt3small_lora_lr1e-4_slow_notebook/output.txt"),
+        ("foreign/llamafactory_sft/trainer_log.jsonl", "foreign/eval_bump/trainer_state.json",
+         "real/lorapruner_5b_lr1e-4_maybewrong_recovery_console/finetune_log_5B_1e-4_maybewrong.txt")),
     "loss_oscillating": RuleDoc(
         ("osc_min_log_jump", "osc_min_rel_amplitude", "osc_min_sign_changes", "osc_max_progress", "osc_min_level",
          "osc_recent_points"),
         "Decided on the log scale of the data itself (75th percentile of detrended log-loss jumps), so the "
         "lr 5e-3 run jumping 1.3 <-> 3.4 fires and batch-1 noise of +-10-20% does not; a regular saw-tooth "
         "without progress fires at smaller amplitude.",
-        ("foreign/oscillating_lr5e-3/console.log",),
+        ("foreign/oscillating_lr5e-3/console.log", "real/llama3_cita_grit_per_step_noise_notebook/output.txt",
+         "real/bert_squad_dllogger_step_loss_issue/console.log"),
         ("foreign/noisy_healthy_batch1/trainer_state.json", "foreign/converged_rounded/trainer_state.json")),
     "loss_diverging": RuleDoc(
-        ("diverge_min_rel_rise", "diverge_noise_multiple"),
-        "The last window's median against the best window median (or the untrained first loss), beyond the "
-        "noise, so the low points of an oscillation are not read as a rise.",
-        ("logs/lr_high/console.log",),
-        ("foreign/noisy_healthy_batch1/trainer_state.json", "foreign/eval_bump/trainer_state.json")),
+        ("diverge_min_rel_rise", "diverge_noise_multiple", "blowup_factor", "blowup_points", "blowup_noise_multiple"),
+        "A blow-up (three consecutive losses 1.5x above the level before them, beyond the relative noise) is a "
+        "divergence however the curve drifts afterwards; otherwise the last window's median against the best window "
+        "median or the first losses, beyond the standard error of the difference, so the low points of an "
+        "oscillation are not read as a rise; with two or three points (per-epoch tables), train and eval loss both "
+        "1.5x above their first values.",
+        ("logs/lr_high/console.log", "real/mlx_lora_blowup_then_drift_issue/console.log",
+         "real/llama2_custom_batch1_rising_state/trainer_state.json",
+         "real/fastai_transformerxl_epoch2_blowup_issue/console.log"),
+        ("foreign/noisy_healthy_batch1/trainer_state.json", "foreign/eval_bump/trainer_state.json",
+         "real/qwen05b_frozen_tiers_flat_jsonl")),
     "overfitting": RuleDoc(
-        ("overfit_min_evals", "overfit_consecutive_rises", "overfit_min_rel_rise", "overfit_train_max_rel_change",
-         "overfit_memorise_loss", "overfit_memorise_drop"),
-        "Consecutive eval rises while the train loss does not rise (both rising is divergence); one transient "
-        "bump is not enough. Judged per eval set. A train loss converged near zero is memorisation.",
+        ("overfit_min_evals", "overfit_consecutive_rises", "overfit_min_rel_rise", "overfit_sustained_rel_rise",
+         "overfit_train_max_rel_change", "overfit_memorise_loss", "overfit_memorise_drop"),
+        "After the eval minimum: consecutive rises, or every evaluation since staying clearly above it, while the "
+        "train loss does not rise (both rising is divergence); a transient bump that comes back to a new best is "
+        "not enough. Judged per eval set; the best step is named. A language-model train loss that reached near zero "
+        "(its lowest running median) is memorisation, also when it creeps back up.",
         ("foreign/llamafactory_overfit", "foreign/eval_sets/trainer_state.json",
-         "foreign/converged_rounded/trainer_state.json", "logs/overfitting/console.log"),
-        ("foreign/eval_bump/trainer_state.json", "foreign/wanda_block/lora_training.log")),
+         "foreign/converged_rounded/trainer_state.json", "logs/overfitting/console.log",
+         "real/qwen7b_medical_llamafactory_dir", "real/mistral7b_chatdoctor_epoch2_overfit_notebook/output.txt",
+         "real/phi4_lora_20epochs_llamafactory_console/training_v3.log"),
+        ("foreign/eval_bump/trainer_state.json", "foreign/wanda_block/lora_training.log",
+         "real/llama3_unsloth_dpo_per_step_notebook/output.txt")),
     "eval_far_above_train": RuleDoc(
         ("far_min_gap", "far_min_ratio", "far_consecutive_evals"),
         "A gap of more than 2x in perplexity at consecutive evaluations: a healthy LoRA run's held-out loss sits "
         "0.3-0.6 nats above its train loss.",
-        ("foreign/far_above/trainer_state.json",),
+        ("foreign/far_above/trainer_state.json",
+         "real/lorapruner_4.5b_lr1e-4_recovery_console/finetune_log_4.5B_1e-4.txt"),
         ("foreign/wanda_block/lora_training.log", "foreign/eval_sets/trainer_state.json")),
     "nan_inf": RuleDoc(
-        (), "Any non-finite loss, grad norm or eval loss, in step logs or in the end-of-run metrics.",
-        ("foreign/trainer_blocks_nan/train.log", "logs/nan/console.log"), ("foreign/trainer_blocks_only/train.log",)),
-    "out_of_memory": RuleDoc((), "An error record or an out-of-memory traceback in the console.",
-                             ("logs/oom/console.log",), ("foreign/interrupted_traceback/console.log",)),
-    "no_eval": RuleDoc((), "End of run only: a finished run that never evaluated cannot show overfitting.",
+        (), "Any non-finite loss, grad norm or eval loss, in step logs or in the end-of-run metrics; a loss of 0.0 "
+            "beside a NaN grad norm (the fp16 overflow signature) or fp16 precision names the precision first.",
+        ("foreign/trainer_blocks_nan/train.log", "logs/nan/console.log",
+         "real/timemoe_loss_zero_gradnorm_nan_issue/console.log"), ("foreign/trainer_blocks_only/train.log",)),
+    "out_of_memory": RuleDoc((), "An error record or an out-of-memory traceback in the console, at the last step the "
+                                 "progress bar showed (0 when training was announced and no step ran); after steps "
+                                 "that fit, the fixes are for what grows during a run.",
+                             ("logs/oom/console.log", "real/unsloth_gemma_oom_first_step_issue/console.log"),
+                             ("foreign/interrupted_traceback/console.log",)),
+    "no_eval": RuleDoc((), "End of run only, and only for a run whose end the log shows: a finished run that never "
+                           "evaluated cannot show overfitting (an excerpt or an interrupted run may simply not show "
+                           "its evaluations).",
                        ("logs/no_eval/console.log",), ("foreign/trainer_blocks_only/train.log",)),
 }
 
@@ -87,8 +118,9 @@ def describe() -> str:
     lines += [f"| `{k}` | {KIND_DOCS[k]} |" for k in ANOMALY_KINDS]
     lines += ["", "## How each rule decides, and the fixtures that pin it", "",
               "Fixtures are under `tests/fixtures` (`foreign/` is written by `make_foreign_logs.py` from the "
-              "formats' published descriptions; `logs/` by real tiny Trainer runs, `make_logs.py`); "
-              "`tests/test_foreign_logs.py` checks every row.", "",
+              "formats' published descriptions; `logs/` by real tiny Trainer runs, `make_logs.py`; `real/` is the "
+              "corpus of real logs written by other people, labelled by hand before any rule ran on them, and "
+              "only its dev half is pinned here); `tests/test_foreign_logs.py` checks every row.", "",
               "| kind | thresholds (default) | reason | fires on | stays quiet on |", "|---|---|---|---|---|"]
     for kind in ANOMALY_KINDS:
         rule = RULES[kind]
@@ -96,6 +128,7 @@ def describe() -> str:
         pins = "<br>".join(f"`{p}`" for p in rule.fires_on)
         quiet = "<br>".join(f"`{p}`" for p in rule.quiet_on) or "-"
         lines.append(f"| `{kind}` | {names} | {rule.reason} | {pins} | {quiet} |")
+    lines += _corpus_section()
     lines += ["", "## Thresholds (`Thresholds` fields; override with `--threshold NAME=VALUE` in report, "
               "`--alert-threshold NAME=VALUE` in finetune)", "", "| name | default | meaning |", "|---|---|---|"]
     body = ast.parse(inspect.getsource(Thresholds)).body[0].body
@@ -106,6 +139,21 @@ def describe() -> str:
             text = " ".join(str(text).split()).replace("|", "\\|")
             lines.append(f"| `{node.target.id}` | {ast.unparse(node.value)} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def _corpus_section() -> list[str]:
+    """Per-kind precision and recall over the real-log corpus, as `corpus_scores.json` recorded them."""
+    if not SCORES.is_file():
+        return []
+    recorded = json.loads(SCORES.read_text(encoding="utf-8"))
+    return ["", "## Precision and recall on the real-log corpus (`tests/fixtures/real`)", "",
+            f"{recorded['cases']} real logs written by other people, labelled by hand before any rule ran on them; "
+            "split into a dev half (the rules were tuned on it) and a test half (never looked at while tuning) by a "
+            "fixed hash of each log's name (`analysis.corpus.split`). A kind is a true positive where the label "
+            "requires it and the report says it, a false positive where the report says it and the label neither "
+            "requires nor allows it. Recorded by `python -m prunetune.analysis.corpus --record`; "
+            "`tests/test_corpus_scores.py` fails when any number drops below it.", "",
+            markdown(recorded).rstrip()]
 
 
 if __name__ == "__main__":

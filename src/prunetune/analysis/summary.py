@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prunetune.fmt import perplexity_from_loss
+from prunetune.analysis.series import NOT_LM
+from prunetune.fmt import fmt_sig, perplexity_from_loss
 from prunetune.rundir.records import to_float
 
 
@@ -28,10 +28,13 @@ class Summary:
     final_train_loss: float | None
     """Last finite train loss."""
     final_eval_loss: float | None
-    """The `final_eval` record's eval loss, else the last finite eval loss during training."""
+    """The `final_eval` record's eval loss (the evaluation after training), else the last finite eval loss
+    during training; `final_eval_of` says which."""
     best_eval_loss: float | None
+    """The lowest of every evaluation, the final one included."""
     best_step: int | None
-    """Step of the lowest eval loss."""
+    """Step of the lowest eval loss (for the final evaluation: the step of the checkpoint it evaluated, when
+    known)."""
     final_perplexity: float | None
     """Perplexity after training: the `final_eval` record's, else exp(final eval loss)."""
     best_perplexity: float | None
@@ -57,9 +60,28 @@ class Summary:
     accuracy / rewards / generation metrics: the loss is not a perplexity's log)."""
     loss_kind_evidence: str | None = None
     """The log keys that made the loss `other`."""
+    final_eval_of: str | None = None
+    """What the final numbers describe: `the final evaluation of the reloaded best checkpoint (checkpoint-1800,
+    step 1800)`, `the evaluation after training`, `the last evaluation during training (step 2000)`."""
+    final_eval_step: int | None = None
+    """The step of the model the final numbers describe, when known."""
+    last_eval_loss: float | None = None
+    """The last evaluation during training (before any reload of the best checkpoint)."""
+    last_eval_step: int | None = None
+    best_is_final: bool = False
+    """The lowest eval loss is the final evaluation's."""
+    steps_estimated: bool = False
+    """Some steps are estimates (the log states none for them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def best_text(self) -> str:
+        """`1.988 at step 1800 (the final evaluation)`, or `no evaluation`."""
+        if self.best_eval_loss is None:
+            return "no evaluation"
+        where = f" at step {self.best_step}" if self.best_step is not None else ""
+        return f"{fmt_sig(self.best_eval_loss)}{where}" + (" (the final evaluation)" if self.best_is_final else "")
 
 
 def _finite(value: Any) -> float | None:
@@ -67,10 +89,6 @@ def _finite(value: Any) -> float | None:
     return f if f is not None and math.isfinite(f) else None
 
 
-# keys a Trainer log carries only when its loss is not a language-model cross-entropy: preference training
-# (TRL DPO/ORPO/KTO: rewards/*, logps/*), generation metrics (ROUGE, BLEU), classification scores
-_NOT_LM = re.compile(r"(?:^|[_/])(?:rewards?|logps|chosen|rejected|margins|rouge\w*|bleu|sacrebleu|f1|precision|"
-                     r"recall|matthews_correlation|exact_match|gen_len|mse|mae|r2)(?:$|[_/])", re.IGNORECASE)
 
 
 def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
@@ -81,7 +99,7 @@ def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     scored = [r for r in records if r.get("event") in ("log", "eval", "final_eval")]
     if any("perplexity" in r and not r.get("perplexity_derived") for r in scored if r.get("event") == "final_eval"):
         return "lm", None
-    keys = sorted({k for r in scored for k in r if _NOT_LM.search(k)})
+    keys = sorted({k for r in scored for k in r if NOT_LM.search(k)})
     if keys:
         return "other", ", ".join(keys[:4])
     for r in scored:
@@ -94,8 +112,9 @@ def loss_kind(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
 def run_status(records: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """(status, reason) of a run from its records (see `Summary.status`)."""
     events = [r.get("event") for r in records]
-    if "error" in events:
-        err = next(r for r in records if r.get("event") == "error")
+    errors = [r for r in records if r.get("event") == "error" and not r.get("after_training")]
+    if errors:
+        err = errors[0]
         return "failed", str(err.get("kind") or err.get("message") or "error")
     stopped = next((r for r in reversed(records) if r.get("event") == "stopped"), None)
     if stopped is not None:
@@ -118,14 +137,18 @@ def summarize(
     train = [v for r in logs if (v := _finite(r.get("loss"))) is not None]
     time_s = _training_time(records, logs)
 
-    final_eval, best_eval, best_step = None, None, None
-    if evals:
-        final_eval = evals[-1][1]
-        best_step, best_eval, _ = min(evals, key=lambda e: e[1])
     final_rec = next((r for r in reversed(records) if r.get("event") == "final_eval"
                       and str(r.get("eval_set") or "") == main_set), None)
-    final_eval, final_ppl = _final_result(final_rec, final_eval)
+    last_eval = evals[-1] if evals else None
+    final_eval, final_ppl = _final_result(final_rec, last_eval[1] if last_eval else None)
     dense_ppl, pruned_ppl = _reference_perplexities(records, final_rec, dense_ppl, pruned_ppl)
+    final_of, final_step = _final_of(records, final_rec, evals)
+    best_eval, best_step, best_is_final = None, None, False
+    if evals:
+        best_step, best_eval, _ = min(evals, key=lambda e: e[1])
+    fin = _finite(final_rec.get("eval_loss")) if final_rec is not None else None
+    if fin is not None and (best_eval is None or fin <= best_eval):
+        best_eval, best_step, best_is_final = fin, final_step, True
 
     throughput = [v for r in logs if (v := _finite(r.get("tokens_per_s"))) is not None]
     improvement = None
@@ -158,7 +181,44 @@ def summarize(
         eval_sets=_eval_sets(records, per_set) if len(per_set) > 1 else None,
         loss_kind=kind,
         loss_kind_evidence=kind_evidence,
+        final_eval_of=final_of,
+        final_eval_step=final_step,
+        last_eval_loss=last_eval[1] if last_eval else None,
+        last_eval_step=last_eval[0] if last_eval else None,
+        best_is_final=best_is_final,
+        steps_estimated=any(r.get("step_estimated") for r in records),
     )
+
+
+def _final_of(records: Sequence[Mapping[str, Any]], final_rec: Mapping[str, Any] | None,
+              evals: Sequence[tuple[int, float, Any]]) -> tuple[str | None, int | None]:
+    """(what the final numbers describe, the step of that model). A `best_loaded` record before the final
+    evaluation (the log printed the reload or names the checkpoint), or a final loss equal to an earlier evaluation's (the checkpoint
+    of that step was reloaded, load_best_model_at_end), makes it the final evaluation of the reloaded best
+    checkpoint."""
+    if final_rec is None:
+        if not evals:
+            return None, None
+        return f"the last evaluation during training (step {evals[-1][0]})", evals[-1][0]
+    # the reload is printed before the final evaluation (the Trainer, prunetune) or named in a summary after it
+    loaded = next((r for r in reversed(records) if r.get("event") == "best_loaded" and r.get("checkpoint")), None)
+    if loaded is not None:
+        step = record_step_of(loaded)
+        where = str(loaded["checkpoint"]) + (f", step {step}" if step is not None else "")
+        return f"the final evaluation of the reloaded best checkpoint ({where})", step
+    final = _finite(final_rec.get("eval_loss"))
+    if final is not None and len(evals) >= 2:
+        best_step, best, _ = min(evals, key=lambda e: e[1])
+        if best_step != evals[-1][0] and abs(final - best) <= 1e-4 * max(1.0, abs(best)):
+            return (f"the final evaluation of the best checkpoint (step {best_step}: its eval loss equals that "
+                    "evaluation's, so the best checkpoint was reloaded)"), best_step
+    step = record_step_of(final_rec)
+    return "the evaluation after training" + (f" (step {step})" if step is not None else ""), step
+
+
+def record_step_of(record: Mapping[str, Any]) -> int | None:
+    step = _finite(record.get("step"))
+    return int(step) if step is not None and step >= 0 else None
 
 
 def _step_counts(
@@ -167,7 +227,7 @@ def _step_counts(
     """(the last step a log, eval, train_end or stopped record names; the planned steps, if a record says)."""
     steps = [int(s) for r in records
              if r.get("event") in ("log", "eval", "train_end", "stopped") and (s := _finite(r.get("step"))) is not None]
-    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") == "stopped")])
+    max_steps = next((int(m) for r in reversed([*logs, *(r for r in records if r.get("event") in ("stopped", "error"))])
                       if (m := _finite(r.get("max_steps")))), None)
     return (max(steps) if steps else None), max_steps
 

@@ -13,11 +13,13 @@ from prunetune.errors import UserError
 class Thresholds:
     """Every number a rule compares against. Defaults are tuned on the labelled logs in `tests/fixtures/logs`."""
 
-    min_train_points: int = 10
+    min_train_points: int = 8
     """Finite train-loss log points needed before any train-loss trend rule (flat, slow, oscillating,
-    diverging) may fire; with logging every 10 steps that is 100 steps ..."""
-    min_train_steps: int = 50
-    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge)."""
+    diverging) may fire (each is also tested against the run's own noise); with logging every 10 steps that is
+    80 steps ..."""
+    min_train_steps: int = 40
+    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge; a log
+    that states no step, read by its line order, is judged on its points)."""
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
@@ -32,30 +34,36 @@ class Thresholds:
     (sqrt(2) x 1.25 sigma / sqrt(window), sigma the robust point-to-point noise) while no window on the way
     strayed more than 1.5 times that band: nothing stands out of the noise, whatever the noise level."""
     flat_identical_points: int = 6
-    """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, or
-    half as many consecutive grad norms are exactly 0: a model that no batch changes is frozen or dead ..."""
+    """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, half
+    as many consecutive grad norms are exactly 0 or evaluations exactly equal (at least 3), or a stretch of this
+    many train losses repeats an earlier one value for value (a later epoch replaying an earlier one): a model
+    that no batch changes is frozen or dead ..."""
     flat_converged_loss: float = 0.05
     """... unless the repeated value is at or below this loss (nats) after a much higher start: a run
     converged near zero and printed with 4 decimals (0.0002, 0.0002, ...) has memorised its data; the
     overfitting rule reports it."""
     slow_max_rel_drop: float = 0.1
-    """`loss_slow` when the loss fell by less than this fraction (first vs last window medians) ..."""
+    """`loss_slow` when the loss fell by less than this fraction from its first logged value (the median of
+    the first `min_window` points, warm-up included: the drop a warm-up makes is progress) to the median of
+    the last window ..."""
     slow_eval_still_factor: float = 1.6
     """... or by less than this many times `slow_max_rel_drop` (16%: a run ending 10-15% below its start)
     at a constant LR or when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
     slow_eval_max_rel_drop: float = 0.05
     """... (first vs last evaluation, at least two) ..."""
     slow_min_late_share: float = 0.5
-    """... the second half of the run still fell by at least this share of the first half's drop:
-    the curve is still going down at its initial pace (no plateau), so a larger LR would help ..."""
+    """... after its warm-up, the second half of the run still fell by at least this share of the first
+    half's drop per unit of learning rate (a decaying LR slows the fall without the curve levelling off):
+    the curve is still going down at its initial, LR-limited pace (no plateau), so a larger LR would help,
+    unless the eval loss has already bottomed ..."""
     slow_min_significance: float = 2.0
     """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window)), its
     second half this many standard errors of a difference of two window medians (a late fall that is only
     noise does not count as still falling)."""
     verdict_min_rel_drop: float = 0.1
-    """The train verdict says "decreasing steadily (the LR suits the run)" only when the loss fell at least
-    this fraction (median of the first vs the last tenth of the points); a smaller drop with no anomaly
-    reads "decreasing a little"."""
+    """The train verdict says "decreasing" (and states the evidence that no other LR is called for) only when
+    the loss fell at least this fraction from its first points to its last window; a smaller drop beyond the
+    noise with no anomaly reads "decreasing a little"; no drop beyond the noise reads "not decreasing"."""
     osc_min_log_jump: float = 0.55
     """`loss_oscillating` when the 75th percentile of |change of log loss| between consecutive log points
     (the trend, their median change, taken out) reaches this: a quarter of the points jump by x1.73 or more
@@ -77,13 +85,26 @@ class Thresholds:
     up to 500 points, once the run has twice this many)."""
     diverge_min_rel_rise: float = 0.1
     """`loss_diverging` when the last window's median exceeds by more than this fraction the lower of the
-    first logged loss (the untrained model) and the minimum of the running window medians."""
-    diverge_noise_multiple: float = 2.0
-    """... and by more than this many times the noise (median |step-to-step change|), so the low points of an
-    oscillation are not read as a rise."""
+    first logged losses (the untrained model, read to the precision the noise allows) and the minimum of the
+    running window medians ..."""
+    diverge_noise_multiple: float = 3.0
+    """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
+    sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2)."""
+    blowup_factor: float = 1.5
+    """`loss_diverging` (a blow-up) when, at any point after the first log, the median of `blowup_points`
+    consecutive train losses exceeds the level before them by this factor (the first logged loss, the model
+    before the updates, while the climb starts within the first points; else the median of the points before
+    it), however the curve drifts afterwards: a fine-tuning loss never climbs 50% above where it was ..."""
+    blowup_points: int = 3
+    """... sustained over this many consecutive log points (one bad batch is a spike, not a blow-up) ..."""
+    blowup_noise_multiple: float = 4.0
+    """... and by a factor beyond this many robust standard deviations of the point-to-point noise of the log
+    loss (batch-1 noise of +-20% needs a rise of x2.2)."""
     overfit_memorise_loss: float = 0.05
-    """`overfitting` (memorisation) when the train loss ends below this (nats) ...: a language model's
-    cross-entropy on new text never gets near zero ..."""
+    """`overfitting` (memorisation) when a language-model train loss reaches below this (nats; its lowest running
+    median over a twentieth of the points) ...: a language model's cross-entropy on new text never gets near
+    zero ..."""
     overfit_memorise_drop: float = 10.0
     """... after starting at least this many times higher (0.89 -> 0.0002)."""
     overfit_min_evals: int = 3
@@ -92,10 +113,10 @@ class Thresholds:
     """`overfitting` when the eval loss rose at this many consecutive evaluations ..."""
     overfit_min_rel_rise: float = 0.01
     """... ends at least this fraction above its best value ..."""
-    overfit_sustained_rel_rise: float = 0.03
+    overfit_sustained_rel_rise: float = 0.01
     """... or, with noisy evaluations, when every evaluation since the best (at least
     `overfit_consecutive_rises` of them) stayed above it by `overfit_min_rel_rise` and the last ends this
-    fraction above it ..."""
+    fraction above it (a transient bump comes back to a new best and stays quiet) ..."""
     overfit_train_max_rel_change: float = 0.0
     """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
     far_min_gap: float = 0.7
@@ -130,6 +151,8 @@ class Thresholds:
                 raise ValueError(f"Thresholds.{f.name}={value!r} must not be negative")
         if not 0 < self.window_fraction <= 0.5:
             raise ValueError(f"Thresholds.window_fraction={self.window_fraction} must be in (0, 0.5]")
+        if self.blowup_points < 1:
+            raise ValueError("Thresholds.blowup_points must be >= 1")
         if self.min_window < 1 or self.min_train_points < 2 * self.min_window:
             raise ValueError("Thresholds.min_train_points must be at least 2 * min_window and min_window >= 1")
         if self.overfit_consecutive_rises < 1 or self.far_consecutive_evals < 1:

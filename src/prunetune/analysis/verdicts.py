@@ -11,7 +11,7 @@ from typing import Any
 
 from prunetune.analysis.anomaly import Anomaly
 from prunetune.analysis.rules import diagnose
-from prunetune.analysis.series import Series, extract_series
+from prunetune.analysis.series import Series, extract_series, noise_sigma
 from prunetune.analysis.thresholds import DEFAULTS, Thresholds
 from prunetune.rundir.records import to_float
 
@@ -50,34 +50,45 @@ def _train_verdict(series: Series, found: Sequence[Anomaly], th: Thresholds) -> 
     kinds = {a.kind for a in found}
     memorised = any(a.kind == "overfitting" and "train_loss_end" in a.evidence and "eval_steps" not in a.evidence
                     for a in found)
-    if "nan_inf" in kinds:
-        return _verdict("train_loss", "error", "NaN/Inf", "training diverged numerically (LR far too high)",
-                        ("nan_inf",))
-    if "loss_diverging" in kinds:
-        return _verdict("train_loss", "warning", "rising", "LR too high", ("loss_diverging",))
-    if "loss_oscillating" in kinds:
-        return _verdict("train_loss", "warning", "oscillating", "LR too high", ("loss_oscillating",))
-    if "loss_flat" in kinds:
-        return _verdict("train_loss", "error", "flat", "data or configuration broken", ("loss_flat",))
-    if "loss_slow" in kinds:
-        return _verdict("train_loss", "warning", "falling too slowly", "LR too low", ("loss_slow",))
+    for kind, (status, label, reason) in _TRAIN_LABELS.items():
+        if kind in kinds:
+            return _verdict("train_loss", status, label, reason, (kind,))
     if memorised:
         return _verdict("train_loss", "warning", "converged near zero", "the model memorised its training text",
                         ("overfitting",))
     if not series.train:
         return _verdict("train_loss", "unknown", "nothing to judge", "0 train-loss points found")
-    if len(series.train) < th.min_train_points:
-        return _verdict("train_loss", "unknown", "too few points",
-                        f"{len(series.train)} finite train-loss logs, {th.min_train_points} needed")
     values = [v for _, v in series.train]
     w = max(th.min_window, len(values) // 10)
-    head, tail = statistics.median(values[:w]), statistics.median(values[-w:])
+    head = statistics.median(values[: th.min_window]) if len(values) >= 2 * th.min_window else values[0]
+    tail = statistics.median(values[-w:]) if len(values) >= 2 * w else values[-1]
     fell = (head - tail) / abs(head) if head else 0.0
+    went = f"{head:.4g} -> {tail:.4g}, {-fell * 100:+.1f}%"
+    if len(values) < th.min_train_points:
+        need = f"{len(values)} finite train-loss logs, {th.min_train_points} needed"
+        return _verdict("train_loss", "unknown", "too few points", f"{need} (it went {went})")
+    sigma = noise_sigma(values)
+    noise = 2 * 1.2533 * sigma * math.sqrt(2 / w)  # two standard errors of a difference of window medians
+    if head - tail <= noise or fell <= 0:
+        return _verdict("train_loss", "warning", "not decreasing",
+                        f"it went {went}, within its noise or up; no rule's pattern matched")
     if fell >= th.verdict_min_rel_drop:
-        return _verdict("train_loss", "ok", "decreasing steadily", "the LR suits the run")
+        evals = "" if not series.evals else (
+            ", and the eval loss fell too" if series.evals[-1][1] < series.evals[0][1] else "")
+        return _verdict("train_loss", "ok", "decreasing steadily",
+                        f"it fell {fell * 100:.0f}% ({went[:went.rindex(',')]}) without blowing up, oscillating "
+                        f"or stalling{evals}: nothing calls for another LR")
     return _verdict("train_loss", "ok", "decreasing a little",
-                    f"fell {fell * 100:.1f}% over the run ({head:.4g} -> {tail:.4g}); no rule fired, but the LR "
-                    "is not shown to suit the run")
+                    f"it went {went}; no rule fired, but the LR is not shown to suit the run")
+
+
+_TRAIN_LABELS: dict[str, tuple[str, str, str]] = {  # the anomaly that decides the train verdict, first match
+    "nan_inf": ("error", "NaN/Inf", "training diverged numerically"),
+    "loss_diverging": ("warning", "rising", "LR too high"),
+    "loss_oscillating": ("warning", "oscillating", "LR too high"),
+    "loss_flat": ("error", "flat", "data or configuration broken"),
+    "loss_slow": ("warning", "falling too slowly", "LR too low"),
+}
 
 
 def _eval_verdict(metric: str, series: Series, found: Sequence[Anomaly], th: Thresholds,
@@ -96,11 +107,17 @@ def _eval_verdict(metric: str, series: Series, found: Sequence[Anomaly], th: Thr
     if len(evals) < 2:
         return _verdict(metric, "unknown", "one evaluation", "a trend needs two or more evaluations")
     first, last = evals[0][1], evals[-1][1]
+    best_step, best = min(evals, key=lambda e: e[1])
     if series.train and last > series.train[0][1] * (1 + th.diverge_min_rel_rise):
         return _verdict(metric, "warning", "worse than the start",
                         f"eval loss {last:.4g} ends above the first train loss {series.train[0][1]:.4g}")
+    if last > best * (1 + th.overfit_min_rel_rise):
+        return _verdict(metric, "warning", "rose after its best",
+                        f"best {best:.4g} at step {best_step}, last {last:.4g} at step {evals[-1][0]}")
     if last < first * (1 - th.flat_max_rel_change):
-        return _verdict(metric, "ok", "improving", "generalises to held-out text")
+        return _verdict(metric, "ok", "improving", f"{first:.4g} -> {last:.4g}" + (
+            "" if last <= best else f", within {th.overfit_min_rel_rise:.0%} of its best {best:.4g} at step "
+                                    f"{best_step}") + ": generalises to held-out text")
     why = ("eval loss ended above its first value" if last > first else
            f"eval loss fell less than {th.flat_max_rel_change:.1%} since the first evaluation")
     return _verdict(metric, "warning", "not improving", f"{why} ({first:.4g} -> {last:.4g})")

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from prunetune.analysis import fixes
+from prunetune.analysis.context import FixContext
 from prunetune.finetune.console import RunLog
 from prunetune.fmt import perplexity_from_loss
 from prunetune.recovery import registry as recovery_methods
@@ -124,7 +125,7 @@ class MonitorCallback(TrainerCallback):
         tokens_per_step: int,
         load_best: bool,
         live: Callable[[list[dict[str, Any]]], list] | None = None,
-        context: dict[str, Any] | None = None,
+        context: FixContext | None = None,
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
         evals: dict[int, dict[str, Any]] | None = None,
@@ -135,7 +136,7 @@ class MonitorCallback(TrainerCallback):
         self.live = live
         """The shared rules (`analysis.rules.LiveDiagnosis`), fed each new record once."""
         self._fed = 0
-        self.context = context or {}
+        self.context = context or FixContext()
         self.guard = guard
         self.state = RunState(evals=dict(evals or {}))
         self._all_finite = True
@@ -219,8 +220,8 @@ class MonitorCallback(TrainerCallback):
         eta = None
         if done > 0:
             eta = (max_steps - step) * train_time / done
-            if self._last_eval_s is not None and self.context.get("eval_steps"):
-                eta += (max_steps // self.context["eval_steps"] - step // self.context["eval_steps"]) * self._last_eval_s
+            if self._last_eval_s is not None and (every := self.context.eval_every):
+                eta += (max_steps // every - step // every) * self._last_eval_s
         self._last_time, self._last_step, self._eval_time_since_log = now, step, 0.0
         return {"elapsed": elapsed, "eta_s": eta, "tokens_per_s": tokens_per_s}
 
@@ -253,7 +254,7 @@ class MonitorCallback(TrainerCallback):
         self.runlog.emit(
             "alert", step, kind="nan_inf", severity="error",
             message=f"{what}: training stopped; the last good checkpoint is kept: {kept}",
-            evidence=evidence, fix=fixes.nan_inf(step, self.context.get("lr"), "prunetune"),
+            evidence=evidence, fix=fixes.nan_inf(self.context, step).text,
         )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -30,6 +30,7 @@ from transformers import PrinterCallback, ProgressCallback, set_seed
 
 from prunetune import __version__, rundir
 from prunetune.analysis import fixes
+from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.thresholds import thresholds_from_mapping
 from prunetune.budget import fit_steps
@@ -223,11 +224,9 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     args = training_args(cfg, run.out, run.device, run.precision.bf16, run.precision.fp16)
     tokens_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size * cfg.block_size
     guard = SignalGuard()
-    context = {"lr": cfg.lr, "eval_steps": cfg.eval_steps if cfg.eval_strategy == "steps" else None,
-               "logging_steps": cfg.logging_steps, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-               "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
-               "lora_dropout": cfg.lora_dropout, "epochs": cfg.epochs, "resume_command": run.resume_command(),
-               "flavour": "prunetune"}
+    # the same settings run_config.json records, read by the same function as `prunetune report`
+    context = fix_context([(rundir.RUN_CONFIG, {"config": cfg.to_dict(), "precision": run.precision.to_record()})],
+                          flavour="prunetune", resume_command=run.resume_command())
     live = LiveDiagnosis(thresholds_from_mapping(cfg.alert_thresholds), context)
     live(run.prior.records)  # the earlier sessions' history; their alerts were raised then
     monitor = MonitorCallback(

@@ -1,18 +1,23 @@
-"""What every log reader returns (`Source`), and the small conversions they share."""
+"""What every log reader is (`LogReader`) and returns (`Source`), and the small conversions they share."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from prunetune.rundir.records import to_float
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-SOURCE_KINDS = ("metrics_jsonl", "trainer_state", "trainer_log_jsonl", "console_log")
+MAX_STEP = 10**12
+"""No training run logs more optimizer steps than this; a larger `step` is corrupt and read as unknown."""
+
+HEAD_BYTES = 65536
+"""How much of a file `detect` sees."""
 
 
 @dataclass
@@ -20,24 +25,84 @@ class Source:
     """Records read from one source, and where they came from."""
 
     kind: str
-    """One of SOURCE_KINDS."""
+    """The family of the file the records came from (`--source-kind`): metrics_jsonl, trainer_state,
+    trainer_log_jsonl or console_log."""
     path: Path
     """The file the records were read from."""
     records: list[dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
-    """Extra facts: run_config, all_results, max_steps, step_source (`bar`, `table`, `epoch`, `ordinal`), notes."""
+    """Extra facts: format (the reader's name), run_config, all_results, max_steps, step_source (`metrics`,
+    `trainer_state`, `trainer_log`, `bar`, `table` are stated by the log; `epoch`, `ordinal` are estimates),
+    settings ((origin, mapping) pairs the run's configuration was read from, most trusted first), notes."""
 
     @property
     def run_dir(self) -> Path:
         return self.path.parent
 
 
+@dataclass(frozen=True)
+class Peek:
+    """What a reader sees of a file to decide whether it is its format: the path and its first bytes as text."""
+
+    path: Path
+    head: str
+    """The first `HEAD_BYTES` decoded as UTF-8 with replacement; '' when unreadable."""
+    binary: bool = False
+    """A NUL byte in the head: no text log."""
+
+    @classmethod
+    def of(cls, path: Path) -> Peek:
+        try:
+            with path.open("rb") as f:
+                raw = f.read(HEAD_BYTES)
+        except OSError:
+            return cls(path, "")
+        return cls(path, raw.decode("utf-8", errors="replace"), b"\x00" in raw)
+
+
+@runtime_checkable
+class LogReader(Protocol):
+    """One log format. A new format is one module with one of these and one line in `sources.registry`."""
+
+    name: str
+    """The format's name (`Source.meta["format"]`), e.g. `trainer_state`."""
+    kind: str
+    """The `Source.kind` family it offers for `--source-kind`."""
+    describes: str
+    """What it reads, for messages: `a Transformers trainer_state.json`."""
+
+    def detect(self, peek: Peek) -> float:
+        """How sure this reader is that the file is its format: 0 (not mine) to 1 (certainly mine)."""
+        ...
+
+    def in_directory(self, directory: Path) -> list[Path]:
+        """The files of this format a run directory offers, best first (may include files it will not detect)."""
+        ...
+
+    def read(self, path: Path) -> Source:
+        """The records of the file; UserError (one line, naming the file and the fix) when it cannot be read."""
+        ...
+
+
 def num(value: Any) -> float | str | None:
-    """A number as float; NaN/Inf kept as the strings the records schema uses; None if not a number."""
-    f = to_float(value)
+    """A number as float; NaN/Inf kept as the strings the records schema uses; None if not a number. Integers
+    too large for a float are infinite, never an exception."""
+    try:
+        f = to_float(value)
+    except OverflowError:
+        f = (math.inf if value > 0 else -math.inf) if isinstance(value, int) else None
     if f is None:
         return None
     return f if math.isfinite(f) else str(f)
+
+
+def step_value(value: Any) -> int | None:
+    """A logged step as int: a whole number from 0 to `MAX_STEP`; None for anything else (absent, negative,
+    fractional, NaN, astronomically large: a corrupt step is unknown, never a number to compute with)."""
+    f = num(value)
+    if not isinstance(f, float) or isinstance(value, bool) or not 0 <= f <= MAX_STEP or not f.is_integer():
+        return None
+    return int(f)
 
 
 def seconds(clock: str | None) -> float | None:
@@ -55,6 +120,28 @@ def split_lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", ANSI.sub("", text))
 
 
+def clean_value(value: Any) -> Any:
+    """`value` with every integer too large for a float made infinite (JSON allows 10**400; no float does), in
+    nested mappings and lists too: what the rules and fixes compute with can always be converted."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > 2**62:
+        return math.inf if value > 0 else -math.inf
+    if isinstance(value, Mapping):
+        return {k: clean_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_value(v) for v in value]
+    return value
+
+
+def clean_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record every rule can compute with: `step` a sane int or None, numbers that overflow a float infinite."""
+    out = {k: clean_value(v) for k, v in record.items()}
+    if "step" in record:
+        out["step"] = step_value(record["step"])
+    return out
+
+
 def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason: str | None = None) -> str | None:
     """Append one `stopped` record at the last step when the run did not finish: the log says why (`reason`:
     a traceback, KeyboardInterrupt) or it has no end-of-run record and ends before `max_steps`. A run that
@@ -69,6 +156,15 @@ def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason
         steps = [0]  # training was announced (its step count printed) but no step was ever logged
     if reason is None:
         if events & {"train_end", "final_eval", "summary"} or not max_steps or max(steps) >= max_steps:
+            return None
+        ordered = sorted(set(steps))
+        gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False))
+        interval = gaps[len(gaps) // 2] if gaps else None
+        if interval and max(steps) + interval > max_steps:
+            # the log reached its last logging point: a run logging every `interval` steps logs no later one
+            records.append({"event": "train_end", "step": max(steps),
+                            "evidence": f"the last log (step {max(steps)}) is within one logging interval ({interval}) "
+                                        f"of max_steps ({max_steps})"})
             return None
         reason = "log ends"
     last = max(steps)

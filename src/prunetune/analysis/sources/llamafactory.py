@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from prunetune.analysis.sources.base import mark_unfinished, num
+from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, num, step_value
+from prunetune.analysis.sources.jsonl import read_jsonl
 from prunetune.fmt import perplexity_from_loss
+
+NAME = "trainer_log.jsonl"
 
 _DURATION = re.compile(r"^(?:(\d+) days?, )?(\d+):(\d{2}):(\d{2})(?:\.\d+)?$")
 
@@ -37,14 +41,15 @@ def records_from_trainer_log(entries: Sequence[Mapping[str, Any]]) -> tuple[list
     """Records and meta (max_steps) of trainer_log.jsonl lines."""
     records: list[dict[str, Any]] = []
     max_steps = None
+    ended = False
     for e in entries:
-        step = num(e.get("current_steps"))
-        if not isinstance(step, float):
+        step = step_value(e.get("current_steps"))
+        if step is None:
             continue
-        total = num(e.get("total_steps"))
-        if isinstance(total, float) and total > 0:
-            max_steps = int(total)
-        common: dict[str, Any] = {"step": int(step)}
+        total = step_value(e.get("total_steps"))
+        if total:
+            max_steps = total
+        common: dict[str, Any] = {"step": step}
         if num(e.get("epoch")) is not None:
             common["epoch"] = num(e.get("epoch"))
         if num(e.get("loss")) is not None:
@@ -62,7 +67,7 @@ def records_from_trainer_log(entries: Sequence[Mapping[str, Any]]) -> tuple[list
             records.append(rec)
         if num(e.get("eval_loss")) is not None:
             loss = num(e["eval_loss"])
-            rec = {"event": "eval", **common, "eval_loss": loss}
+            rec = {"event": "final_eval" if ended else "eval", **common, "eval_loss": loss}
             if isinstance(loss, float):
                 rec["perplexity"] = perplexity_from_loss(loss)
             for key in ("eval_accuracy", "accuracy", "reward"):
@@ -73,6 +78,27 @@ def records_from_trainer_log(entries: Sequence[Mapping[str, Any]]) -> tuple[list
             records.append({"event": "final_eval", **common, "eval_loss": num(e["predict_loss"])})
         elif num(e.get("loss")) is None and max_steps and step >= max_steps:
             # the line of the Trainer's last log (train_runtime, no loss): training ran to its end
-            records.append({"event": "train_end", "step": int(step), "train_runtime": duration(e.get("elapsed_time"))})
+            records.append({"event": "train_end", "step": step, "train_runtime": duration(e.get("elapsed_time"))})
+            ended = True
     mark_unfinished(records, max_steps)
     return records, {"max_steps": max_steps, "step_source": "trainer_log"}
+
+
+class TrainerLog:
+    name = "trainer_log_jsonl"
+    kind = "trainer_log_jsonl"
+    describes = "a LLaMA-Factory trainer_log.jsonl (`current_steps`)"
+
+    def detect(self, peek: Peek) -> float:
+        if peek.path.suffix != ".jsonl":
+            return 0.0
+        return 0.95 if '"current_steps"' in peek.head else 0.5 if peek.path.name == NAME else 0.0
+
+    def in_directory(self, directory: Path) -> list[Path]:
+        return [directory / NAME] if (directory / NAME).is_file() else []
+
+    def read(self, path: Path) -> Source:
+        entries, skipped = read_jsonl(path)
+        records, meta = records_from_trainer_log(entries)
+        notes = [f"{skipped} unreadable line(s) skipped"] if skipped else []
+        return Source(self.kind, path, records, {**meta, "format": self.name, "flavour": "trainer", "notes": notes})

@@ -1,141 +1,133 @@
-"""Which reader a path needs: a run directory (its richest source), a metrics.jsonl, a trainer_state.json or a
-console log."""
+"""Which reader a path needs: for a file, the registered reader most sure it is its format; for a run directory,
+its richest source with usable records. The settings files beside a log (run_config.json, adapter_config.json,
+training_args.yaml, all_results.json) are read the same way for every format."""
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prunetune.analysis.sources.base import SOURCE_KINDS, Source
-from prunetune.analysis.sources.jsonl import read_jsonl, read_log_bytes
-from prunetune.analysis.sources.llamafactory import is_trainer_log, records_from_trainer_log
-from prunetune.analysis.sources.trainer_console import OOM, parse_console_log
-from prunetune.analysis.sources.trainer_state import records_from_trainer_state
+from prunetune.analysis.sources import registry
+from prunetune.analysis.sources.base import LogReader, Peek, Source, clean_record, clean_value
+from prunetune.configfile import read_mapping
 from prunetune.errors import UserError
 
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except PermissionError:
-        raise UserError(f"{path}: permission denied; make it readable (chmod +r) or copy it") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path} as JSON ({err}); pass a trainer_state.json, metrics.jsonl or a log") from err
+# settings files a run directory may hold beside its log, most trusted first (training_args.bin is a pickle:
+# never loaded)
+SETTINGS_FILES = ("run_config.json", "training_args.yaml", "training_args.json", "adapter_config.json")
 
 
-def _latest_checkpoint_state(run_dir: Path) -> Path | None:
-    states = sorted(
-        run_dir.glob("checkpoint-*/trainer_state.json"),
-        key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit() else -1,
-    )
-    return states[-1] if states else None
+def _readers(kind: str | None) -> list[LogReader]:
+    return [r for r in registry.READERS if kind is None or r.kind == kind]
 
 
-def _dir_meta(run_dir: Path, notes: list[str] | None = None) -> dict[str, Any]:
-    """run_config.json / all_results.json beside the log, and the reader's notes so far."""
-    meta: dict[str, Any] = {"notes": list(notes or [])}
-    for name in ("run_config.json", "all_results.json"):
-        path = run_dir / name
-        if path.is_file():
-            try:
-                meta[name.removesuffix(".json")] = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                meta.setdefault("notes", []).append(f"{name} unreadable, ignored")
-    return meta
+def ranked(path: Path, kind: str | None = None) -> list[LogReader]:
+    """The registered readers that recognise `path`, most sure first (registry order on a tie)."""
+    peek = Peek.of(path)
+    if peek.binary:
+        raise UserError(f"{path} is a binary file: no training records found in it; pass the run's metrics.jsonl, "
+                        "trainer_log.jsonl, trainer_state.json or console log")
+    scored = [(reader.detect(peek), -i, reader) for i, reader in enumerate(_readers(kind))]
+    return [reader for score, _, reader in sorted(scored, key=lambda s: s[:2], reverse=True) if score > 0]
 
 
-def candidate_files(path: Path) -> list[tuple[str, Path]]:
-    """(kind, file) a directory offers, best first."""
-    found: list[tuple[str, Path]] = []
-    if (path / "metrics.jsonl").is_file():
-        found.append(("metrics_jsonl", path / "metrics.jsonl"))
-    state = path / "trainer_state.json"
-    if state.is_file():
-        found.append(("trainer_state", state))
-    elif (ckpt := _latest_checkpoint_state(path)) is not None:
-        found.append(("trainer_state", ckpt))
-    if (path / "trainer_log.jsonl").is_file():
-        found.append(("trainer_log_jsonl", path / "trainer_log.jsonl"))
-    for name in ("train.log", "console.log"):
-        if (path / name).is_file():
-            found.append(("console_log", path / name))
-    found.extend(("console_log", p) for p in sorted(path.glob("*.log")) if p.name not in ("train.log", "console.log"))
-    found.extend(("console_log", p) for p in sorted(path.glob("*.txt")))
+def detect(path: Path, kind: str | None = None) -> LogReader | None:
+    """The registered reader most sure `path` is its format, or None."""
+    readers = ranked(path, kind)
+    return readers[0] if readers else None
+
+
+def candidate_files(path: Path, kind: str | None = None) -> list[Path]:
+    """The files a directory offers, richest first: each reader's files in registry order."""
+    found: list[Path] = []
+    for reader in _readers(kind):
+        found += [f for f in reader.in_directory(path) if f not in found and f.is_file()]
     return found
 
 
-def _jsonl_source(path: Path, kind: str | None) -> Source:
-    entries, skipped = read_jsonl(path)
-    notes = [f"{skipped} unreadable line(s) skipped"] if skipped else []
-    if kind == "trainer_log_jsonl" or (kind is None and is_trainer_log(entries)):
-        records, meta = records_from_trainer_log(entries)
-        return Source("trainer_log_jsonl", path, records, {**meta, "flavour": "trainer", "notes": notes})
-    if entries and not any("event" in e for e in entries[:20]) and not is_trainer_log(entries):
-        raise UserError(f"{path} is JSONL but neither a prunetune metrics.jsonl (records with `event`) nor a "
-                        "LLaMA-Factory trainer_log.jsonl (`current_steps`); pass the run's log")
-    return Source("metrics_jsonl", path, entries, {"flavour": "prunetune", "step_source": "metrics",
-                                                   "notes": notes})
+def settings_beside(run_dir: Path, notes: list[str] | None = None) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                                           dict[str, Any] | None]:
+    """([(file name, settings)] of the settings files in `run_dir`, most trusted first; all_results.json or
+    None). Unreadable ones are skipped with a note."""
+    settings: list[tuple[str, dict[str, Any]]] = []
+    results = None
+    for name in ("all_results.json", *SETTINGS_FILES):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            value = read_mapping(path, name)  # bounded: huge files and YAML alias bombs are refused
+        except UserError as err:
+            if notes is not None:
+                notes.append(f"{name} ignored: {err}")
+            continue
+        if name == "all_results.json":
+            results = dict(value)
+        else:
+            settings.append((name, dict(value)))
+    return settings, results
 
 
-def _own_console(path: Path) -> Path | None:
-    """The metrics.jsonl a prunetune train.log was rendered from (the one source of truth), if beside it: a
-    train.log with no Trainer log dict in it, next to a metrics.jsonl."""
-    metrics = path.parent / "metrics.jsonl"
-    if path.name != "train.log" or not metrics.is_file():
-        return None
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return None if re.search(r"""\{\s*['"](?:eval_)?loss['"]\s*:""", text) else metrics
-
-
-def load_file(path: Path, kind: str | None = None) -> Source:
-    """Records of one file; kind guessed from its name and content when not given."""
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; pass it as the run directory, not as a file of kind {kind}")
-    if kind is None:
-        if path.suffix == ".jsonl":
-            return _jsonl_source(path, None)
-        kind = "trainer_state" if path.suffix == ".json" else "console_log"
-    if kind in ("metrics_jsonl", "trainer_log_jsonl"):
-        return _jsonl_source(path, kind)
-    if kind == "trainer_state":
-        state = _read_json(path)
-        if not isinstance(state, dict):
-            raise UserError(f"{path} is not a trainer_state.json (a JSON object with `log_history`)")
-        meta = {k: state[k] for k in ("max_steps", "best_metric", "best_model_checkpoint", "best_global_step",
-                                      "logging_steps", "eval_steps", "train_batch_size") if k in state}
-        meta["flavour"] = "trainer"
-        return Source(kind, path, records_from_trainer_state(state), meta)
-    if (metrics := _own_console(path)) is not None:
-        src = _jsonl_source(metrics, "metrics_jsonl")
-        src.meta["notes"].append(f"read {metrics.name}, the record {path.name} is rendered from")
-        return src
-    raw = read_log_bytes(path)
-    records, meta = parse_console_log(raw.decode("utf-8", errors="replace"))
-    meta["flavour"] = "trainer"
-    return Source("console_log", path, records, meta)
+def _dir_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    """Add the files beside the log: all_results.json, and the settings files (after the log's own, which
+    describe this very run: a dump in the log beats a config file that may have been edited since), except
+    prunetune's run_config.json, its exact record of the run, which goes first."""
+    notes = meta.setdefault("notes", [])
+    beside, results = settings_beside(run_dir, notes)
+    if results is not None:
+        meta["all_results"] = results
+    ours = [(o, f) for o, f in beside if o == "run_config.json"]
+    if ours:
+        meta["run_config"] = ours[0][1]
+    meta["settings"] = ours + list(meta.get("settings") or []) + [(o, f) for o, f in beside if o != "run_config.json"]
 
 
 def _usable(records: Iterable[Mapping[str, Any]]) -> bool:
     return any(r.get("event") in ("log", "eval", "error", "final_eval", "train_end", "stopped") for r in records)
 
 
-def load_source(source: str | Path, prefer: str | None = None) -> Source:
-    """Records of SOURCE: a run directory, a metrics.jsonl, a trainer_state.json or a console log.
+def _finish(src: Source, run_dir: Path) -> Source:
+    src.records = [clean_record(r) for r in src.records]
+    src.meta.setdefault("notes", [])
+    _dir_meta(run_dir, src.meta)
+    src.meta["settings"] = [(origin, clean_value(dict(fields))) for origin, fields in src.meta["settings"]]
+    return src
 
-    In a directory the richest source with usable records wins (metrics.jsonl > trainer_state.json >
-    train.log); `prefer` (a SOURCE_KINDS value) picks one explicitly.
+
+def load_file(path: Path, kind: str | None = None) -> Source:
+    """Records of one file, read by the readers that recognise it, most sure first: the first that finds a
+    curve (log or eval records) wins (a console that only looks like a Trainer's is read by the next format
+    that fits); else the first with any end-of-run record."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass it as the run directory, not as a file of kind {kind}")
+    readers = ranked(path, kind)
+    if not readers:
+        known = "; ".join(r.describes for r in _readers(kind))
+        raise UserError(f"{path}: no training records found: not a log format prunetune reads ({known}); pass the "
+                        "console log, trainer_state.json or metrics.jsonl of a training run")
+    fallback = None
+    for reader in readers:
+        src = reader.read(path)
+        if any(r.get("event") in ("log", "eval") for r in src.records):
+            return src  # a curve to judge
+        if fallback is None or (_usable(src.records) and not _usable(fallback.records)):
+            fallback = src  # only end-of-run records (a crash before the first log): kept unless a curve is found
+    return fallback
+
+
+def load_source(source: str | Path, prefer: str | None = None) -> Source:
+    """Records of SOURCE: a run directory or one log file of a registered format.
+
+    In a directory the richest source with usable records wins (registry order: metrics.jsonl >
+    trainer_state.json > trainer_log.jsonl > console logs); `prefer` (a `--source-kind`) picks one family.
     """
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run directory, metrics.jsonl, trainer_state.json or a log file")
-    if prefer is not None and prefer not in SOURCE_KINDS:
-        raise UserError(f"unknown source kind {prefer!r}; choose one of {', '.join(SOURCE_KINDS)}")
+    kinds = registry.source_kinds()
+    if prefer is not None and prefer not in kinds:
+        raise UserError(f"unknown source kind {prefer!r}; choose one of {', '.join(kinds)}")
     if path.is_file():
         src = load_file(path, prefer)
         if not _usable(src.records):
@@ -143,19 +135,14 @@ def load_source(source: str | Path, prefer: str | None = None) -> Source:
                 f"{path}: no training records found (no Trainer log dicts like {{'loss': ...}}, no log_history, no "
                 "metrics records); pass the console log, trainer_state.json or metrics.jsonl of a training run"
             )
-        src.meta.update(_dir_meta(path.parent, src.meta.get("notes")))
-        return src
-    candidates = candidate_files(path)
-    if prefer is not None:
-        candidates = [c for c in candidates if c[0] == prefer]
-    tried = []
-    for kind, file in candidates:
-        src = load_file(file, kind)
+        return _finish(src, path.parent)
+    tried: list[str] = []
+    for file in candidate_files(path, prefer):
+        if not ranked(file, prefer):
+            continue
+        src = load_file(file, prefer)
         if _usable(src.records):
-            src.meta.update(_dir_meta(path, src.meta.get("notes")))
-            if kind == "metrics_jsonl":
-                _merge_console_oom(src, path)
-            return src
+            return _finish(src, path)
         tried.append(file.name)
     what = f" (tried {', '.join(tried)})" if tried else ""
     raise UserError(
@@ -164,16 +151,6 @@ def load_source(source: str | Path, prefer: str | None = None) -> Source:
     )
 
 
-def _merge_console_oom(src: Source, run_dir: Path) -> None:
-    """A crash kills the writer before it can record the error; the console log still shows the traceback."""
-    if any(r.get("event") == "error" for r in src.records):
-        return
-    log = run_dir / "train.log"
-    if not log.is_file():
-        return
-    text = log.read_text(encoding="utf-8", errors="replace")
-    match = next((line for line in text.splitlines() if OOM.search(line)), None)
-    if match:
-        steps = [r.get("step") for r in src.records if isinstance(r.get("step"), int)]
-        src.records.append({"event": "error", "step": max(steps) if steps else None, "kind": "out_of_memory",
-                            "message": match.strip()})
+def formats() -> Sequence[str]:
+    """The names of the registered formats, for messages and documentation."""
+    return [r.name for r in registry.READERS]

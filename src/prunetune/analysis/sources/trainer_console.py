@@ -4,7 +4,9 @@ The Trainer prints each log as a Python dict repr (`{'loss': 3.4521, ...}`; Tran
 as strings, `{'loss': '3.452', ...}`), between tqdm bar redraws separated by `\\r`, sometimes wrapped across
 lines by a terminal or a logger, with bare `nan`/`inf` that no literal parser accepts. The dicts carry no
 step: it is read from the training bar (`12/60 [`) that tqdm redraws right after each `tqdm.write`, and
-estimated from the epoch when there is no bar. Unknown lines are skipped.
+estimated from the epoch when there is no usable bar (such records say `step_estimated`). The run's end is
+read from the strongest evidence the console has: the end-of-training dict and metrics blocks, "Training
+completed.", a bar at its total, a traceback and where it sits relative to them. Unknown lines are skipped.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prunetune.analysis.sources import wanda_console
-from prunetune.analysis.sources.base import mark_unfinished, split_lines
+from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, split_lines
 from prunetune.analysis.sources.base import num as _num
 from prunetune.analysis.sources.base import seconds as _seconds
+from prunetune.analysis.sources.jsonl import read_log_bytes
+from prunetune.analysis.sources.settings import settings_from_lines
 from prunetune.analysis.sources.trainer_state import record_from_trainer_dict, records_from_trainer_dict
 from prunetune.rundir.records import to_float
 
@@ -40,11 +45,39 @@ _METRICS_HEADER = re.compile(r"\*{3,}\s*(?:(\w+) metrics|Final (eval) results)\s
 _METRIC_LINE = re.compile(r"^(?:\[[^\]]*\][^>]*>>|[A-Z]+:[\w.]+:)?\s+(\w+)\s*=\s*(\S+)\s*$")
 _TOTAL_STEPS = re.compile(r"Total optimization steps = ([\d,]+)")
 # how a run that did not finish ends its console
-_INTERRUPT = re.compile(r"^\s*(?:\^C\s*)?(KeyboardInterrupt)\b|^(Traceback) \(most recent call last\)|\b(KeyboardInterrupt)\b")
-# Jupyter's NotebookProgressCallback table, as copied out of a notebook: "Step  Training Loss  Validation Loss"
-_TABLE_HEADER = re.compile(r"\b(Step|Epoch)\b.*\bTraining Loss\b")
+_INTERRUPT = re.compile(r"^\s*(?:\^C\s*)?(KeyboardInterrupt)\b|^(?:\^C)?(Traceback) \(most recent call last\)|"
+                        r"\b(KeyboardInterrupt)\b")
+# the exception line that closes a traceback: "torch.OutOfMemoryError: CUDA out of memory ..."
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
+# the Trainer's end of training (logger.info) and its reload of the best checkpoint (load_best_model_at_end)
+_COMPLETED = re.compile(r"^(?:\[[^\]]*\][^>]*>>\s*|[A-Z]+:[\w.]+:\s*)?\s*Training completed\.")
+_BEST_LOADED = re.compile(r"Loading best (?:model|adapter)[^\n]*? from (\S+?)\s*\(score:\s*([^)]+)\)")
+# Jupyter's NotebookProgressCallback table, as copied out of a notebook ("Step  Training Loss  Validation Loss",
+# also its HTML: <th>Step</th><th>Training Loss</th>...), and fastai's ("epoch  train_loss  valid_loss  accuracy")
+_TABLE_HEADER = re.compile(r"\b(step|epoch)\b.*\b(training loss|train_loss|train loss)\b", re.IGNORECASE)
 _TABLE_SPLIT = re.compile(r"\t+|\s{2,}|\s*\|\s*")
-TABLE_COLUMNS = {"Step": "step", "Epoch": "epoch", "Training Loss": "loss", "Validation Loss": "eval_loss"}
+TABLE_COLUMNS = {"step": "step", "epoch": "epoch", "training loss": "loss", "train_loss": "loss",
+                 "train loss": "loss", "validation loss": "eval_loss", "valid_loss": "eval_loss",
+                 "val_loss": "eval_loss", "eval_loss": "eval_loss", "eval loss": "eval_loss"}
+# the notebook's progress line: "[411/500 8:59:24 < 3:05:21, 0.01 it/s, Epoch 1.45/2]" (a bar at step 411 of 500)
+_NOTEBOOK_BAR = re.compile(r"\[(?P<n>\d+)/(?P<total>\d+) (?P<elapsed>[\d:]+)(?: < (?P<remaining>[\d:]+))?"
+                           r"(?:, (?P<rate>[\d.]+) (?P<unit>it/s|s/it))?(?:, Epoch [\d.]+/\d+)?\]")
+_HTML_TABLE = re.compile(r"<table\b.*?</table>", re.IGNORECASE | re.DOTALL)
+_HTML_ROW = re.compile(r"<tr\b.*?</tr>", re.IGNORECASE | re.DOTALL)
+_HTML_CELL = re.compile(r"<t[hd]\b[^>]*>(.*?)</t[hd]>", re.IGNORECASE | re.DOTALL)
+
+
+def html_tables_as_text(text: str) -> str:
+    """Every HTML table of a notebook output as tab-separated lines (header first), so a table printed as HTML
+    reads like one printed as text."""
+    def rows(match: re.Match[str]) -> str:
+        lines = []
+        for row in _HTML_ROW.findall(match.group(0)):
+            cells = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", c)).strip() for c in _HTML_CELL.findall(row)]
+            lines.append("\t".join(cells))
+        return "\n" + "\n".join(lines) + "\n"
+
+    return _HTML_TABLE.sub(rows, text) if "<table" in text.lower() else text
 
 
 def parse_python_dict(text: str) -> dict[str, Any] | None:
@@ -54,13 +87,13 @@ def parse_python_dict(text: str) -> dict[str, Any] | None:
         return value if isinstance(value, dict) else None
     except json.JSONDecodeError:
         pass
-    cleaned = _TENSOR.sub(r"\1", text)
-    cleaned = _BARE_NONFINITE.sub(r"\1'\2'", cleaned)
-    try:
-        value = ast.literal_eval(cleaned)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+    for candidate in (text, _BARE_NONFINITE.sub(r"\1'\2'", _TENSOR.sub(r"\1", text))):
+        try:
+            value = ast.literal_eval(candidate)  # the text as printed first: a string may hold "nan" or "tensor("
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        return value if isinstance(value, dict) else None
+    return None
 
 
 def _brace_delta(text: str, depth: int, quote: str | None) -> tuple[int, str | None, int]:
@@ -81,11 +114,21 @@ def _brace_delta(text: str, depth: int, quote: str | None) -> tuple[int, str | N
     return depth, quote, -1
 
 
+
 @dataclass
 class _Event:
-    kind: str  # bar | dict | oom | block
+    kind: str  # bar | dict | oom | total | row | interrupt | block | completed | best
     pos: int
     data: Any
+
+
+def _exception_after(lines: list[str], i: int) -> str | None:
+    """The exception line closing the traceback that starts at line i ("RuntimeError: ..."), if any."""
+    for k in range(i + 1, min(len(lines), i + 400)):
+        line = lines[k].rstrip()
+        if (m := _EXCEPTION.match(line)) is not None:
+            return (m.group(1) + (f": {m.group(2)}" if m.group(2) else ""))[:300]
+    return None
 
 
 def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
@@ -95,13 +138,19 @@ def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
     while i < len(lines):
         line = lines[i]
         for m in _BAR.finditer(line):
-            events.append(_Event("bar", i, m.groupdict()))
+            events.append(_Event("bar", i, {**m.groupdict(), "desc": _bar_desc(line, m.start())}))
+        for m in _NOTEBOOK_BAR.finditer(line):
+            events.append(_Event("bar", i, {**m.groupdict(), "notebook": True}))
         if OOM.search(line):
-            events.append(_Event("oom", i, line.strip()))
+            events.append(_Event("oom", i, line.strip()[:500]))
         if (total := _TOTAL_STEPS.search(line)) is not None:
             events.append(_Event("total", i, int(total.group(1).replace(",", ""))))
+        if _COMPLETED.search(line):
+            events.append(_Event("completed", i, None))
+        if (best := _BEST_LOADED.search(line)) is not None:
+            events.append(_Event("best", i, {"checkpoint": best.group(1).rstrip(".,"), "score": _num(best.group(2))}))
         if _TABLE_HEADER.search(line):
-            columns = [c for c in _TABLE_SPLIT.split(line.strip()) if c]
+            columns = [c.lower() for c in _TABLE_SPLIT.split(line.strip()) if c]
             i += 1
             while i < len(lines):
                 cells = [c for c in _TABLE_SPLIT.split(lines[i].strip()) if c]
@@ -111,7 +160,11 @@ def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
                 i += 1
             continue
         if (stop := _INTERRUPT.search(line)) is not None:
-            events.append(_Event("interrupt", i, next(g for g in stop.groups() if g)))
+            what = next(g for g in stop.groups() if g)
+            exception = _exception_after(lines, i) if what == "Traceback" else "KeyboardInterrupt"
+            reason = "KeyboardInterrupt" if exception and exception.startswith("KeyboardInterrupt") else (
+                "crash (traceback)" if what == "Traceback" else what)
+            events.append(_Event("interrupt", i, {"reason": reason, "exception": exception}))
         header = _METRICS_HEADER.search(line)
         if header:
             block = ((header.group(1) or header.group(2)).lower(), {})
@@ -159,17 +212,39 @@ def _read_dict(lines: list[str], i: int, start: int, max_lines: int) -> tuple[di
     return None, 1
 
 
+# tqdm descriptions of bars that are not the training loop: loading, tokenising, mapping a dataset, evaluating
+_NOT_TRAINING = re.compile(r"load|map|token|download|generat|evaluat|shard|filter|convert|sav|upload|pack|fetch|"
+                           r"extract|process|compil|merg|quantiz|writ|read|dataset|example|batch(?:es)? of",
+                           re.IGNORECASE)
+
+
+_TRAINING = re.compile(r"train|epoch|step|iter|fine-?tun", re.IGNORECASE)
+
+
+def _bar_desc(line: str, start: int) -> str:
+    """The description tqdm prints before a bar (`Loading weights:   3%|...`), '' for none."""
+    head = re.split(r"\[A|\r", line[:start])[-1]
+    match = re.search(r"([A-Za-z][^|%]*?):?\s*\d+%\|[^|]*\|\s*$", head)
+    return match.group(1).strip() if match else ""
+
+
 def _train_bar_total(bars: list[_Event]) -> str | None:
-    """The training bar's total: the bar whose count goes back least often (eval bars restart at every
+    """The training bar's total: among the bars whose description does not name other work (loading weights,
+    tokenising, evaluating), the one whose count goes back least often (eval bars restart at every
     evaluation; the training bar only at a resume), the first to appear on a tie."""
     seen: dict[str, list[int]] = {}
+    named: dict[str, bool] = {}  # a bar described as something else than training (the Trainer's has no description)
     for ev in bars:
+        desc = ev.data.get("desc") or ""
+        if _NOT_TRAINING.search(desc):
+            continue
         seen.setdefault(ev.data["total"], []).append(int(ev.data["n"]))
+        named[ev.data["total"]] = named.get(ev.data["total"], False) or bool(desc and not _TRAINING.search(desc))
     if not seen:
         return None
     drops = {t: sum(1 for a, b in zip(ns, ns[1:], strict=False) if b < a) for t, ns in seen.items()}
     order = list(seen)
-    return min(order, key=lambda t: (drops[t], order.index(t)))
+    return min(order, key=lambda t: (named[t], drops[t], order.index(t)))
 
 
 def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,62 +294,82 @@ def _wanda_bars(wanda: list[wanda_console.Event]) -> list[_Event]:
 
 def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Records from a raw Trainer console log (plain, Wanda-fork, notebook table), and meta (max_steps,
-    step_source, interrupted, best_checkpoint)."""
-    lines = split_lines(text)
+    step_source, interrupted, best_checkpoint, settings, notes)."""
+    lines = split_lines(html_tables_as_text(text))
     events = _console_events(lines)
     wanda = wanda_console.scan(lines)
     own_bars = _wanda_bars(wanda)
     bars = own_bars or [e for e in events if e.kind == "bar"]
     total = _train_bar_total(bars)
     train_bars = [e for e in bars if e.data["total"] == total]
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"settings": settings_from_lines(lines), "notes": []}
     announced = [e.data for e in events if e.kind == "total"]
+    header = next((f for o, f in meta["settings"] if "header" in o), {})
     if announced:
         meta["max_steps"] = announced[-1]
     elif total is not None:
         meta["max_steps"] = int(total)
+    elif isinstance(header.get("max_steps"), int) and header["max_steps"] > 0:
+        meta["max_steps"] = header["max_steps"]  # a banner's "Total steps = 300"
+    meta["_announced"] = bool(announced or header)
     if own_bars:
         meta["format"] = "wanda_console"
 
-    fold = _Fold(meta)
+    fold = _Fold(meta, total)
     # a dict on the same line as a bar redraw is printed before it (tqdm.write): it takes that bar's step
     rank = {"dict": 0, "bar": 1}
-    stream = sorted([*(e for e in events if e.kind != "bar"), *(e for e in wanda if e.kind != "step"), *train_bars],
+    stream = sorted([*(e for e in events if e.kind != "bar"), *(e for e in wanda if e.kind != "step"),
+                     *(e for e in bars if e.kind == "bar" and e.data["total"] != total and not own_bars),
+                     *train_bars],
                     key=lambda e: (e.pos, rank.get(e.kind, 2)))
     for ev in stream:
         fold.add(ev)
     fold.close()
+    if fold.last_bar is not None:
+        meta["_last_bar_n"] = int(fold.last_bar["n"])
     records = _settle_steps(fold.records, meta, fold.fixed, bar_steps=bool(train_bars), own_bars=bool(own_bars))
     return records, meta
 
 
 class _Fold:
-    """Console events folded into records in print order: a record takes its step from the next bar redraw."""
+    """Console events folded into records in print order: a record takes its step from the next redraw of the
+    training bar; an error takes the step of the last one drawn before it (a fact: the steps up to it ran)."""
 
-    def __init__(self, meta: dict[str, Any]) -> None:
+    def __init__(self, meta: dict[str, Any], train_total: str | None) -> None:
         self.meta = meta
+        self.train_total = train_total
         self.records: list[dict[str, Any]] = []
         self.pending: list[dict[str, Any]] = []  # records waiting for the next bar redraw to learn their step
-        self.fixed: set[int] = set()  # ids of records whose step the log states (table rows, Wanda lines)
+        self.fixed: set[int] = set()  # ids of records whose step the log states (table rows, Wanda lines, errors)
         self.last_bar: dict[str, Any] | None = None
+        self.last_any_bar: dict[str, Any] | None = None
+        self.ended = False  # the end of training was printed (train dict / block, "Training completed.")
 
     def add(self, ev: _Event | wanda_console.Event) -> None:
         if isinstance(ev, wanda_console.Event):
             _wanda_event(ev, self.records, self.pending, self.fixed, self.meta, self.final_eval, self.last_bar)
+            self.ended = self.ended or ev.kind == "completed"
         elif ev.kind == "bar":
-            self.last_bar = ev.data
-            self.on_bar(ev.data)
+            self.last_any_bar = ev.data
+            if ev.data["total"] == self.train_total:
+                self.last_bar = ev.data
+                self.on_bar(ev.data)
         elif ev.kind == "dict":
             for rec in records_from_trainer_dict(ev.data, None):
                 if rec["event"] == "eval" and _merge_into_block_eval(rec, self.records):
                     continue
+                if rec["event"] == "eval" and self.ended:
+                    rec["event"] = "final_eval"  # trainer.evaluate() after train(): the model as it ended
+                self.ended = self.ended or rec["event"] == "train_end"
                 self.append(rec)
         elif ev.kind == "oom":
-            if not any(r["event"] == "error" for r in self.records):
-                self.append({"event": "error", "step": None, "kind": "out_of_memory", "message": ev.data})
+            self.on_oom(ev.data)
         elif ev.kind == "interrupt":
-            self.meta["interrupted"] = "crash (traceback)" if ev.data == "Traceback" else ev.data
+            self.meta["interrupted"] = ev.data["reason"]
             self.meta["_interrupted_at"] = len(self.records)
+            self.meta["_ended_before_interrupt"] = self.ended or self._bar_complete()
+            if ev.data.get("exception"):
+                self.meta["exception"] = ev.data["exception"]
         elif ev.kind == "row":
             for rec in _records_from_row(ev.data):
                 self.records.append(rec)
@@ -282,6 +377,21 @@ class _Fold:
                     self.fixed.add(id(rec))
         elif ev.kind == "block":
             self.on_block(*ev.data)
+        elif ev.kind == "completed":
+            self.ended = True
+            if not any(r["event"] == "train_end" for r in self.records):
+                self.append({"event": "train_end", "step": None, "evidence": "'Training completed.' in the log"})
+        elif ev.kind == "best":
+            self.meta["best_checkpoint"] = ev.data["checkpoint"]
+            step = _checkpoint_step(ev.data["checkpoint"])
+            rec = {"event": "best_loaded", "step": step, "checkpoint": ev.data["checkpoint"],
+                   "score": ev.data["score"], "evidence": "'Loading best model from' in the log"}
+            self.records.append(rec)
+            self.fixed.add(id(rec))
+
+    def _bar_complete(self) -> bool:
+        bar = self.last_bar
+        return bar is not None and int(bar["total"]) > 0 and int(bar["n"]) >= int(bar["total"])
 
     def append(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
@@ -293,6 +403,23 @@ class _Fold:
             rec = {"event": "final_eval", "step": None}
             self.append(rec)
         return rec
+
+    def on_oom(self, line: str) -> None:
+        if any(r["event"] == "error" for r in self.records):
+            return
+        rec: dict[str, Any] = {"event": "error", "kind": "out_of_memory", "message": line,
+                               "step": int(self.last_bar["n"]) if self.last_bar else None}
+        if rec["step"] is None and self.meta.get("_announced") and not any(
+                r["event"] in ("log", "eval") for r in self.records):
+            rec["step"], rec["step_basis"] = 0, "training was announced and no step had completed"
+        if self.ended or self._bar_complete():
+            rec["after_training"] = True  # training had ended: what ran after it (an evaluation, a next cell)
+        if self.last_any_bar is not None and self.last_any_bar is not self.last_bar:
+            rec["during"] = "evaluation"  # the last bar drawn before the error was an evaluation's
+        if rec["step"] is not None:
+            rec.setdefault("step_basis", "the last training progress bar before the error")
+        self.records.append(rec)
+        self.fixed.add(id(rec))
 
     def on_bar(self, bar: dict[str, Any]) -> None:
         step = int(bar["n"])
@@ -318,6 +445,12 @@ class _Fold:
                 if current is not None and current.get("eval_set") == rec.get("eval_set"):
                     current.update({k: v for k, v in rec.items() if k != "step"})
                     continue
+            if rec["event"] == "train_end":
+                self.ended = True
+                current = next((r for r in self.records if r["event"] == "train_end"), None)
+                if current is not None:
+                    current.update({k: v for k, v in rec.items() if k != "step"})
+                    continue
             self.append(rec)
 
     def close(self) -> None:
@@ -325,24 +458,39 @@ class _Fold:
             rec["step"] = int(self.last_bar["n"]) if self.last_bar else None
             if self.last_bar:
                 _bar_extras(rec, self.last_bar)
+        self.pending = []
+        if not any(r["event"] == "train_end" or (r["event"] == "error" and not r.get("after_training"))
+                   for r in self.records) and self._bar_complete() \
+                and "_interrupted_at" not in self.meta:
+            self.records.append({"event": "train_end", "step": int(self.last_bar["n"]),
+                                 "evidence": "the training progress bar reached its total"})
+
+
+def _checkpoint_step(path: str) -> int | None:
+    match = re.search(r"checkpoint-(\d+)", path)
+    return int(match.group(1)) if match else None
 
 
 def _settle_steps(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int], bar_steps: bool,
                   own_bars: bool) -> list[dict[str, Any]]:
-    """The records with resumed stretches dropped, steps re-estimated where the bar cannot be trusted, the run's
-    end marked and max_steps on every log; meta says how."""
+    """The records with resumed stretches dropped, steps re-estimated where the bar cannot be trusted (those
+    records say `step_estimated`), the run's end marked and max_steps on every log; meta says how."""
     if bar_steps and not own_bars:
         kept = _drop_superseded(records)
         if len(kept) < len(records):
             meta["superseded"] = len(records) - len(kept)
             records = kept
-    meta["step_source"] = "bar" if bar_steps else "table"
+    stated = all(id(r) in fixed for r in records if r["event"] in ("log", "eval"))  # table rows, Step lines
+    meta["step_source"] = "table" if stated and not own_bars else "bar" if bar_steps else "table"
+    if bar_steps and not _steps_monotonic(records):
+        _repair_clusters(records, meta, fixed)
     if not _steps_monotonic(records) or (not bar_steps and len(fixed) < len(records)):
         meta["step_source"] = _steps_from_epochs(records, meta, fixed)
     _mark_unfinished(records, meta)
+    meta.pop("_announced", None)
     if meta.get("max_steps"):
         for rec in records:
-            if rec["event"] == "log":
+            if rec["event"] in ("log", "error"):
                 rec.setdefault("max_steps", meta["max_steps"])
     return records
 
@@ -394,6 +542,11 @@ def _wanda_event(ev: wanda_console.Event, records: list[dict[str, Any]], pending
     elif ev.kind == "summary":
         if data.get("best checkpoint"):
             meta["best_checkpoint"] = data["best checkpoint"]
+            if not any(r["event"] == "best_loaded" for r in records):
+                # the summary names the checkpoint the final evaluation was run on (load_best_model_at_end)
+                records.append({"event": "best_loaded", "step": _checkpoint_step(data["best checkpoint"]),
+                                "checkpoint": data["best checkpoint"],
+                                "evidence": "the training summary's 'Best checkpoint' line"})
         meta["training_summary"] = dict(data)
 
 
@@ -402,23 +555,44 @@ def _mark_unfinished(records: list[dict[str, Any]], meta: dict[str, Any]) -> Non
         rec.pop("_block", None)
         rec.pop("_dict", None)
     at = meta.pop("_interrupted_at", None)
-    if at is not None and any(r["event"] in ("log", "train_end", "final_eval") for r in records[at:]):
+    ended_before = meta.pop("_ended_before_interrupt", False)
+    exception = meta.get("exception")
+    if at is not None and any(r["event"] in ("log", "train_end", "final_eval") for r in records[at:]) \
+            and not ended_before:
         meta.pop("interrupted")  # resumed after the interrupt: the later lines tell how it ended
+    elif at is not None and (ended_before or any(r["event"] in ("train_end", "final_eval") for r in records[:at])):
+        # training had ended when the traceback came (saving, pushing, a later evaluation failed): finished
+        meta.pop("interrupted")
+        meta["notes"].append("a traceback came after training had ended" + (f" ({exception})" if exception else "")
+                             + ": training finished; what ran after it failed")
+        if not any(r["event"] == "train_end" for r in records):
+            last = [r["step"] for r in records if r["event"] in ("log", "eval") and isinstance(r.get("step"), int)]
+            records.append({"event": "train_end", "step": max(last) if last else None,
+                            "evidence": "the training progress bar reached its total before the traceback"})
     reason = mark_unfinished(records, meta.get("max_steps"), meta.get("interrupted"))
+    last_bar = meta.pop("_last_bar_n", None)
     if reason is not None:
         meta["interrupted"] = reason
+        if last_bar is not None and last_bar > (records[-1].get("step") or 0):
+            records[-1]["step"] = last_bar  # the progress bar went on after the last logged step
+        if exception and reason != "KeyboardInterrupt":
+            records[-1]["exception"] = exception
     else:
         meta.pop("interrupted", None)
 
 
 def _records_from_row(row: Mapping[str, str]) -> list[dict[str, Any]]:
     values = {TABLE_COLUMNS[k]: _num(v) for k, v in row.items() if k in TABLE_COLUMNS}
+    # the table's other columns ("Rewards / chosen", "Accuracy") travel with the train log: they tell what the
+    # loss is (a preference loss, a classifier's)
+    others = {re.sub(r"\s*/\s*", "/", k).replace(" ", "_"): v for k, raw in row.items()
+              if k not in TABLE_COLUMNS and (v := _num(raw)) is not None}
     step = values.get("step")
-    step = int(step) if isinstance(step, float) else None
+    step = int(step) if isinstance(step, float) and step.is_integer() and 0 <= step <= 10**12 else None
     extra = {"epoch": values["epoch"]} if values.get("epoch") is not None else {}
     out = []
     if values.get("loss") is not None:
-        out.append({"event": "log", "step": step, "loss": values["loss"], **extra})
+        out.append({"event": "log", "step": step, "loss": values["loss"], **extra, **others})
     if values.get("eval_loss") is not None:
         rec = record_from_trainer_dict({"eval_loss": values["eval_loss"], **extra}, step)
         if rec is not None:
@@ -452,27 +626,132 @@ def _steps_monotonic(records: list[dict[str, Any]]) -> bool:
     )
 
 
+def _logging_steps(meta: Mapping[str, Any]) -> int | None:
+    """The logging interval the log's settings state (a TrainingArguments dump, a banner)."""
+    for _, fields in meta.get("settings", []):
+        value = to_float(fields.get("logging_steps"))
+        if value and value >= 1 and value.is_integer():
+            return int(value)
+    return None
+
+
+def _repair_clusters(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int]) -> None:
+    """Train logs that read the same bar step were printed together (stdout flushed in chunks apart from the
+    bars on stderr): the bar step is where the last of them was logged, the others came before it. Each such
+    cluster is spread back from its bar step: by the epoch each line reports where the log states the steps
+    per epoch, else by the stated logging interval, else evenly since the previous cluster. Records re-stepped
+    say `step_estimated`; evaluations take the step of the train log before them."""
+    per_epoch = _steps_per_epoch(records, meta)
+    interval = _logging_steps(meta)
+    logs = [r for r in records if r["event"] == "log" and id(r) not in fixed and r.get("step") is not None]
+    clusters: list[list[dict[str, Any]]] = []
+    for rec in logs:
+        if clusters and clusters[-1][0]["step"] == rec["step"]:
+            clusters[-1].append(rec)
+        else:
+            clusters.append([rec])
+    previous = 0
+    for cluster in clusters:
+        top = cluster[0]["step"]
+        k = len(cluster)
+        if k > 1:
+            epochs = [to_float(r.get("epoch")) for r in cluster]
+            for j, rec in enumerate(cluster):
+                if per_epoch and all(e is not None for e in epochs):
+                    step, how = max(1, round(epochs[j] * per_epoch)), "epoch"
+                elif interval:
+                    step, how = top - (k - 1 - j) * interval, "bar"
+                else:
+                    step, how = round(previous + (top - previous) * (j + 1) / k), "bar"
+                if step != rec["step"] or how == "epoch":
+                    rec["step"], rec["step_estimated"] = max(1, min(step, top)), how
+        previous = top
+    last_log = None
+    for rec in records:
+        if rec["event"] == "log":
+            last_log = rec
+        elif rec["event"] == "eval" and last_log is not None and last_log.get("step_estimated") \
+                and id(rec) not in fixed and rec.get("step") is not None and rec["step"] > last_log["step"]:
+            rec["step"], rec["step_estimated"] = last_log["step"], last_log["step_estimated"]
+    if any(r.get("step_estimated") == "epoch" for r in records):
+        meta["step_source"] = "epoch"
+
+
+def _steps_per_epoch(records: list[dict[str, Any]], meta: dict[str, Any]) -> float | None:
+    """Optimizer steps per epoch from what the log states: the header's total steps over its epochs, else the
+    end-of-training record's runtime x steps/s (or max_steps) over its epoch. Never from the last epoch a log
+    reached: a run that stopped early did not reach max_steps there."""
+    max_steps = meta.get("max_steps")
+    header = next((fields for origin, fields in meta.get("settings", []) if "training header" in origin), {})
+    epochs = to_float(header.get("num_train_epochs"))
+    if max_steps and epochs and epochs > 0 and (to_float(header.get("max_steps")) or max_steps) == max_steps:
+        return max_steps / epochs
+    end = next((r for r in records if r["event"] == "train_end"), None)
+    if end is None:
+        return None
+    runtime, rate = to_float(end.get("train_runtime")), to_float(end.get("train_steps_per_second"))
+    total = round(runtime * rate) if runtime and rate else max_steps
+    final_epoch = to_float(end.get("epoch"))
+    if final_epoch is None:
+        final_epoch = max((e for r in records if r["event"] == "log" and (e := to_float(r.get("epoch")))), default=None)
+    if not total or not final_epoch:
+        return None
+    meta.setdefault("max_steps", total)
+    return total / final_epoch
+
+
 def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int]) -> str:
     """Steps when the bar is missing or out of order (stdout buffered apart from stderr): epoch x steps per
-    epoch when the total step count is known, else the log ordinal."""
-    end = next((r for r in records if r["event"] == "train_end"), None)
-    max_steps = meta.get("max_steps")
-    if max_steps is None and end is not None:
-        runtime, rate = to_float(end.get("train_runtime")), to_float(end.get("train_steps_per_second"))
-        if runtime and rate:
-            max_steps = round(runtime * rate)
-    epochs = [to_float(r.get("epoch")) for r in records if r["event"] == "log"]
-    final_epoch = to_float(end.get("epoch")) if end else (max((e for e in epochs if e), default=None))
-    use_epoch = bool(max_steps and final_epoch and all(e is not None for e in epochs))
+    epoch when the log states both, else the log ordinal. Every record re-stepped says `step_estimated`."""
+    per_epoch = _steps_per_epoch(records, meta)
+    logs = [r for r in records if r["event"] == "log" and id(r) not in fixed]
+    use_epoch = bool(per_epoch and all(to_float(r.get("epoch")) is not None for r in logs))
     ordinal = 0
     for rec in records:
-        if id(rec) in fixed:
+        if id(rec) in fixed or rec["event"] not in ("log", "eval", "final_eval", "train_end"):
+            continue
+        if rec["event"] in ("final_eval", "train_end") and rec.get("step") is None:
             continue
         if use_epoch and to_float(rec.get("epoch")) is not None:
-            rec["step"] = max(1, round(to_float(rec["epoch"]) / final_epoch * max_steps))
+            rec["step"] = max(1, round(to_float(rec["epoch"]) * per_epoch))
+            rec["step_estimated"] = "epoch"
         elif rec["event"] == "log":
             ordinal += 1
             rec["step"] = ordinal
-        else:
+            rec["step_estimated"] = "ordinal"
+        elif rec["event"] == "eval":
             rec["step"] = ordinal
+            rec["step_estimated"] = "ordinal"
     return "epoch" if use_epoch else "ordinal"
+
+
+def read_console(path: Path, name: str) -> Source:
+    """A console log file as a Source (`name`: the format that detected it)."""
+    raw = read_log_bytes(path)
+    records, meta = parse_console_log(raw.decode("utf-8", errors="replace"))
+    meta.setdefault("format", name)
+    meta["flavour"] = "trainer"
+    return Source("console_log", path, records, meta)
+
+
+class TrainerConsole:
+    name = "trainer_console"
+    kind = "console_log"
+    describes = "the console log of a Transformers Trainer run (dicts, tqdm bars, metrics blocks)"
+    _SIGNS = re.compile(r"""\{\s*['"](?:eval_)?loss['"]\s*:|\*{5} (?:Running training|\w+ metrics) \*{5}|"""
+                        r"""Training Loss\s|\d+/\d+ \[\d""")
+
+    def detect(self, peek: Peek) -> float:
+        if peek.path.suffix in (".json", ".jsonl") or peek.binary:
+            return 0.0
+        return 0.5 if self._SIGNS.search(peek.head) else 0.1  # any text may hold a training log further down
+
+    def in_directory(self, directory: Path) -> list[Path]:
+        names = ["train.log", "console.log"]
+        found = [directory / n for n in names if (directory / n).is_file()]
+        found += [p for p in sorted(directory.glob("*.log")) if p.name not in names]
+        found += sorted(directory.glob("*.txt"))
+        return found
+
+    def read(self, path: Path) -> Source:
+        return read_console(path, self.name)

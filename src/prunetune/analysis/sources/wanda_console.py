@@ -24,10 +24,12 @@ just before it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from prunetune.analysis.sources.base import num, seconds
+from prunetune.analysis.sources.base import Peek, Source, num, seconds
 
 STEP_LINE = re.compile(
     r"^\s*Step\s+(?P<n>\d+)\s*/\s*(?P<total>\d+)\b.*?\|\s*Loss:\s*(?P<loss>[^\s|]+)"
@@ -104,3 +106,28 @@ def scan(lines: list[str]) -> list[Event]:
             continue
         i += 1
     return events
+
+
+class WandaConsole:
+    """The reader of this console. Its lines are folded with the Trainer dicts it also prints by the console
+    reader it is given (`trainer_console.read_console`, whose fold calls `scan`)."""
+
+    name = "wanda_console"
+    kind = "console_log"
+    describes = "the Wanda-fork LoRA console (`Step N/M ... | Loss:` lines, `Eval at step N:` blocks)"
+
+    def detect(self, peek: Peek) -> float:
+        if peek.binary or peek.path.suffix in (".json", ".jsonl"):
+            return 0.0
+        lines = peek.head.splitlines()
+        hits = sum(1 for line in lines if STEP_LINE.match(line) or EVAL_HEADER.match(line) or FINAL_PPL.search(line))
+        return 0.9 if hits >= 2 else 0.0
+
+    def in_directory(self, directory: Path) -> list[Path]:
+        return sorted(directory.glob("*.log"))
+
+    def __init__(self, read_console: Callable[[Path, str], Source]) -> None:
+        self._read_console = read_console
+
+    def read(self, path: Path) -> Source:
+        return self._read_console(path, self.name)

@@ -1,0 +1,47 @@
+"""The rules on the real-log corpus (tests/fixtures/real: logs written by other people, labelled by hand before
+any rule ran on them): no kind's precision or recall, on either half, may drop below what
+`src/prunetune/analysis/corpus_scores.json` recorded, and no log may be read worse than it was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prunetune.analysis import corpus
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+
+
+@pytest.fixture(scope="module")
+def now():
+    cases, outcomes = corpus.evaluate(REAL)
+    return corpus.scores(cases, outcomes)
+
+
+def test_no_kind_drops_below_its_recorded_precision_and_recall(now):
+    recorded = json.loads(corpus.SCORES.read_text(encoding="utf-8"))
+    assert now["cases"] == recorded["cases"]
+    drops = []
+    for half in corpus.HALVES:
+        for group in ("kinds", "status"):
+            for kind, was in recorded[half][group].items():
+                for metric in ("precision", "recall"):
+                    before, after = was[metric], now[half][group][kind][metric]
+                    if before is not None and (after is None or after < before - 1e-9):
+                        drops.append(f"{half} {kind} {metric}: {before:.2f} -> {after}")
+        if now[half]["healthy_false_alarms"] > recorded[half]["healthy_false_alarms"]:
+            drops.append(f"{half}: false alarms on healthy runs {recorded[half]['healthy_false_alarms']} -> "
+                         f"{now[half]['healthy_false_alarms']}")
+        if now[half]["correct"] < recorded[half]["correct"]:
+            drops.append(f"{half}: logs read right {recorded[half]['correct']} -> {now[half]['correct']}")
+    assert not drops, "\n".join(drops)
+
+
+def test_the_split_is_fixed_by_the_name():
+    """The halves never move: a changed split would let the test half's logs into the tuning."""
+    names = json.loads((REAL / "labels.json").read_text(encoding="utf-8"))
+    dev = [n for n in names if corpus.split(n) == "dev"]
+    assert 0.35 < len(dev) / len(names) < 0.65
+    assert corpus.split("llama3_8b_lora_3epochs_dir") == "test" and corpus.split("qwen7b_medical_llamafactory_dir") == "dev"
