@@ -132,6 +132,10 @@ def test_search_never_lowers_the_kept_mass_and_reports_it_truly(compare, tile, s
     assert is_valid(result.permutation, d)
     assert h[0] == pytest.approx(_kept_by_block_mask(scores, Permutation.identity(d), d, plan), rel=1e-5)
     assert h[-1] == pytest.approx(_kept_by_block_mask(scores, result.permutation, d, plan), rel=1e-5)
+    threaded = search(scores, d, plan, rounds=4, min_gain=0.0, workers=2)  # layers in parallel: the same result
+    assert threaded.history == h and threaded.permutation.tensors().keys() == result.permutation.tensors().keys()
+    assert all(torch.equal(a, b) for a, b in zip(threaded.permutation.tensors().values(),
+                                                 result.permutation.tensors().values(), strict=True))
 
 
 def test_search_leaves_a_model_without_gain_where_it_is():

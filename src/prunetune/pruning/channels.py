@@ -189,7 +189,8 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
                for i in range(len(s.layers))]
     plan = TilePlan(pattern.h, pattern.w, s.recipe.compare, targets)
     t_search = time.perf_counter()
-    result = search(scores, d, plan, s.cfg.permute_rounds, log=progress.console.print)
+    result = search(scores, d, plan, s.cfg.permute_rounds, log=progress.console.print,
+                    workers=torch.get_num_threads())
     del scores
     search_s = time.perf_counter() - t_search
     perm = result.permutation

@@ -27,6 +27,7 @@ re-selection may trade a little mass).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -246,17 +247,29 @@ def _step_residual(st: _State) -> None:
         st.perm.residual = st.perm.residual[assign(val)]
 
 
+def _step_layer(st: _State, i: int) -> None:
+    _step_mlp(st, i)
+    _step_vo(st, i)
+
+
 def search(scores: Sequence[Mapping[str, torch.Tensor]], d: Dims, plan: TilePlan, rounds: int,
-           min_gain: float = 1e-4, log: Callable[[str], None] | None = None) -> SearchResult:
+           min_gain: float = 1e-4, log: Callable[[str], None] | None = None, workers: int = 1) -> SearchResult:
     """The permutation that (locally) maximises the kept score mass. `scores[i][role]` is layer i's (out, in)
     score matrix of `role` in the model's own channel order (Wanda |W| * ||x||, or |W|). Stops after `rounds`
-    rounds, or earlier when a round gains less than `min_gain`."""
+    rounds, or earlier when a round gains less than `min_gain`.
+
+    The per-layer steps touch disjoint matrices and indices (the residual index is fixed meanwhile), so they run
+    on `workers` threads; the assignments (scipy, which releases the GIL) are most of the time, and the result does
+    not depend on the order."""
     st = _State(scores, d, plan)
     result = SearchResult(st.perm, [st.objective()])
     for r in range(rounds):
-        for i in range(d.layers):
-            _step_mlp(st, i)
-            _step_vo(st, i)
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda i: _step_layer(st, i), range(d.layers)))
+        else:
+            for i in range(d.layers):
+                _step_layer(st, i)
         _step_residual(st)
         result.history.append(st.objective())
         result.permutation = st.perm
