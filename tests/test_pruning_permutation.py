@@ -32,7 +32,7 @@ from prunetune.pruning.permutation import (
 from prunetune.pruning.verify import verify_dir
 from prunetune.rundir import load_masks
 from prunetune.sparsity.patterns import block_mask, parse_pattern, pattern_violations
-from tiny import tiny_config
+from tiny import make_tiny_model, tiny_config
 
 QUIET = Console(quiet=True)
 
@@ -201,7 +201,9 @@ def test_permuted_prune_keeps_more_of_the_scores_than_the_plain_one(tmp_path, ti
 def test_permute_refused_where_it_cannot_help(tmp_path, pattern):
     with pytest.raises(UserError, match="--permute"):
         PruneConfig(model="m", out=str(tmp_path / "o"), pattern=pattern, permute=True)
-    assert PruneConfig(model="m", out=str(tmp_path / "o"), pattern=pattern).permute is False
+    assert PruneConfig(model="m", out=str(tmp_path / "o"), pattern=pattern).permutes is False
+    assert PruneConfig(model="m", out=str(tmp_path / "o"), pattern="block16x16").permutes is True  # the default
+    assert PruneConfig(model="m", out=str(tmp_path / "o"), pattern="block16x16", permute=False).permutes is False
 
 
 def test_teacher_and_trained_models_keep_the_channel_order(permuted, tiny_model_dir, tmp_path):
@@ -221,3 +223,17 @@ def test_teacher_and_trained_models_keep_the_channel_order(permuted, tiny_model_
     copy_masks(permuted, tmp_path / "model")
     assert torch.equal(channels.load_permutation(tmp_path / "model").residual, residual)
     assert not channels.relabel_teacher(teacher, tiny_model_dir)  # a model pruned without --permute
+
+
+def test_default_skips_a_layout_it_cannot_relabel_and_an_explicit_permute_refuses(tmp_path, tokenizer_dir,
+                                                                                   shared_data):
+    """Phi-3 fuses q/k/v and gate/up into one matrix each: no known relabelling. The default for blocks prunes it
+    without the permutation and says why; --permute asked for is a one-line error."""
+    model_dir = make_tiny_model(tmp_path / "phi3", tokenizer_dir, "phi3", pad_token_id=0, eos_token_id=0,
+                                bos_token_id=0)
+    out = run_prune(_cfg(model_dir, tmp_path / "p", shared_data, permute=None), console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    assert "Llama-layout" in info["permutation"]["skipped"] and info["pattern_check"]["ok"]
+    assert not (out / "prunetune" / "permutation.safetensors").exists()
+    with pytest.raises(UserError, match="Llama-layout"):
+        run_prune(_cfg(model_dir, tmp_path / "q", shared_data), console=QUIET)

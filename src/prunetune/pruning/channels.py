@@ -179,7 +179,14 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
     """Search the permutation on the dense model, apply it to the model and to `inputs`, check the function,
     record it (`prune.json` "permutation") and keep it for the save."""
     t = time.perf_counter()
-    d = check_permutable(s.model, s.prefix, s.layers)
+    try:
+        d = check_permutable(s.model, s.prefix, s.layers)
+    except UserError as err:
+        if s.cfg.permute:  # asked for: the user learns why it cannot run
+            raise
+        s.record["permutation"] = {"skipped": str(err)}  # the default for blocks, on a model it does not fit
+        progress.console.print(f"Channel permutation skipped: {err}")
+        return
     ids = check_ids(vocab_size(s.model), s.cfg.seqlen, s.cfg.seed)
     before = logits_of(s.model, ids)
     scores = layer_scores(s, inputs, progress)
@@ -188,11 +195,12 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
     targets = [{ROLE_OF[module_type(n)]: s.targets[n] for n in s.targets if n.startswith(f"{s.prefix}.{i}.")}
                for i in range(len(s.layers))]
     plan = TilePlan(pattern.h, pattern.w, s.recipe.compare, targets)
-    t_search = time.perf_counter()
+    t_search, cpu_search = time.perf_counter(), time.process_time()
     result = search(scores, d, plan, s.cfg.permute_rounds, log=progress.console.print,
                     workers=torch.get_num_threads())
     del scores
     search_s = time.perf_counter() - t_search
+    search_cpu_s = time.process_time() - cpu_search  # what a busy machine does not inflate (all threads)
     perm = result.permutation
     assert is_valid(perm, d), "the search returned an invalid permutation (a bug in prunetune)"
     apply(s.model, s.layers, perm, d)
@@ -209,7 +217,8 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
         "kept_mass_before": result.history[0], "kept_mass_after": result.history[-1],
         "kept_mass_history": result.history, "function_check": check,
         "spaces": {"residual": d.hidden, "mlp": [d.intermediate, d.layers], "vo": [d.kv_heads * d.head_dim, d.layers]},
-        "scores_s": round(scores_s, 3), "search_s": round(search_s, 3)}
+        "scores_s": round(scores_s, 3), "search_s": round(search_s, 3),
+        "search_cpu_s": round(search_cpu_s, 3)}
     s.timings["permute_s"] = time.perf_counter() - t
     progress.console.print(
         f"Channel permutation: kept score mass {result.history[0]:.4f} -> {result.history[-1]:.4f} in "

@@ -57,7 +57,7 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
             inputs = capture_inputs(session, progress) if cfg.needs_calibration else None
             if cfg.owl:
                 owl_targets(session, inputs, progress)
-            if cfg.permute:  # after OWL: the search uses each matrix's own target
+            if cfg.permutes:  # after OWL: the search uses each matrix's own target
                 permute_channels(session, inputs, progress)
             prune_layers(session, inputs, progress)
             check_pattern(session)
