@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from prunetune import rundir
 from prunetune.architecture import prunable_linears
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
@@ -67,6 +68,18 @@ def small_config(pruned: Path, out: Path, shared_data: Path, **overrides) -> Fin
     )
     base.update(overrides)
     return FinetuneConfig(**base)
+
+
+def killed_copy(finished: Path, out: Path, *dropped: str) -> Path:
+    """A copy of a finished run as a run killed after its last training step: its result (adapter/ or model/),
+    the directories in `dropped` and the records of its ending (train_end ... summary) are not there. "Finished"
+    is what the records say, so deleting the result alone would not make a run unfinished."""
+    from prunetune.finetune.resume import ENDING_EVENTS
+
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "model", *dropped))
+    kept = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] not in ENDING_EVENTS]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return out
 
 
 def run(cfg: FinetuneConfig) -> tuple[dict, str]:
@@ -150,8 +163,7 @@ def test_resume_equals_uninterrupted(pruned_dir, shared_data, tmp_path):
                        lr=3e-3, warmup_steps=2)
     run(cfg)
     # A run killed after its step-4 checkpoint: its directory as it was (records past step 4 included).
-    killed = tmp_path / "killed"
-    shutil.copytree(full, killed, ignore=shutil.ignore_patterns("checkpoint-8", "adapter"))
+    killed = killed_copy(full, tmp_path / "killed", "checkpoint-8")
     resumed_cfg = small_config(pruned_dir, killed, shared_data, max_steps=8, logging_steps=1, eval_steps=4,
                                save_steps=4, lr=3e-3, warmup_steps=2, resume_from_checkpoint="auto")
     result, _ = run(resumed_cfg)
@@ -199,6 +211,10 @@ def test_preflight_refuses_missing_model_and_existing_run(pruned_dir, shared_dat
     existing = tmp_path / "old"
     existing.mkdir()
     (existing / "metrics.jsonl").write_text('{"event": "log", "step": 1, "time": 0, "loss": 1.0}\n')
+    # Without prunetune's file list the directory is the user's, whatever its files are called.
+    with pytest.raises(UserError, match="holds no prunetune output"):
+        run(small_config(pruned_dir, existing, shared_data, overwrite=True))
+    rundir.claim(existing, ["metrics.jsonl"], "prunetune finetune")  # now a run of prunetune's
     with pytest.raises(UserError, match="overwrite"):
         run(small_config(pruned_dir, existing, shared_data))
     assert (existing / "metrics.jsonl").read_text().startswith('{"event": "log"')  # untouched
@@ -340,6 +356,7 @@ def test_resume_auto_without_checkpoint_starts_over(pruned_dir, shared_data, tmp
     out = tmp_path / "early"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"event": "log", "step": 1, "time": 0, "loss": 99.0}\n')
+    rundir.claim(out, ["metrics.jsonl"], "prunetune finetune")  # a run of prunetune's that never saved a checkpoint
     cfg = small_config(pruned_dir, out, shared_data, max_steps=1, eval_strategy="no", load_best_model_at_end=False,
                        resume_from_checkpoint="auto", probe_steps=0)
     result, console = run(cfg)
@@ -398,8 +415,7 @@ def test_time_budget_cuts_the_steps_before_training_and_a_resume_keeps_them(prun
 
     # Resumed from an earlier checkpoint on a machine whose probe would fit all 12 steps: still n.
     monkeypatch.setattr(engine, "probe_seconds", lambda *a, **k: 0.01)
-    killed = tmp_path / "killed"
-    shutil.copytree(out, killed, ignore=shutil.ignore_patterns(f"checkpoint-{n}", "adapter"))
+    killed = killed_copy(out, tmp_path / "killed", f"checkpoint-{n}")
     result, console = run(dataclasses.replace(cfg, out=str(killed), resume_from_checkpoint="auto"))
     assert result["status"] == "completed"
     records = read_jsonl(killed / "metrics.jsonl")

@@ -127,3 +127,12 @@ def test_auto_method_falls_back_to_masked_lora_when_sparse_ft_state_would_not_fi
     assert cfg.method == "sparse-ft"
     small = {"config": {"pattern": "block16x16"}, "matrices": {"a": {"shape": [576, 576]}}}
     assert resolve_method(FinetuneConfig(pruned="p", out="o"), small, free_bytes=2**30)[0].method == "sparse-ft"
+
+    # Under FSDP2 each of N GPUs holds 1/N of the ~72 GiB: on 40 GB GPUs (24 GiB for it) 8 fit it, 2 do not.
+    cfg, why = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json, free_bytes=40 * 2**30, shards=8)
+    assert cfg.method == "sparse-ft" and "~9.0 GiB of its state per GPU across 8 GPUs under FSDP2" in why
+    cfg, why = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json, free_bytes=40 * 2**30, shards=2)
+    assert cfg.method == "masked-lora" and "~36.2 GiB of optimizer state and gradients per GPU across 2" in why
+    # Not sharded, but 8 GPUs visible: masked LoRA, and the way to run sparse-ft across them.
+    cfg, why = resolve_method(FinetuneConfig(pruned="p", out="o"), prune_json, free_bytes=40 * 2**30, devices=8)
+    assert cfg.method == "masked-lora" and "configs/accelerate/fsdp2-8gpu.yaml" in why

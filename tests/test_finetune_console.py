@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from prunetune.finetune.console import RunLog, progress_bar, render
-from prunetune.fmt import hms
+from prunetune.fmt import fmt_num, hms, to_float
 from prunetune.rundir.records import make_record, read_jsonl
 
 
@@ -35,8 +35,24 @@ def test_final_eval_improvement_line():
     assert "Improved from 8207.52 → 7.30, reduction 99.91%" in render(record)
 
 
+def test_alert_lines_name_the_evidence_the_fix_rests_on():
+    record = make_record("alert", 120, kind="loss_slow", severity="warning", message="train loss falls too slowly.",
+                         evidence={"total_rel_drop": 0.04}, fix="raise --lr from 1e-05 to 3e-05",
+                         basis=["lr 1e-05 (run_config.json)", "max_steps 200 (run_config.json)"])
+    assert render(record).splitlines() == [
+        "⚠️ ALERT [loss_slow] at step 120: train loss falls too slowly.",
+        "   evidence: {'total_rel_drop': 0.04}",
+        "   fix: raise --lr from 1e-05 to 3e-05",
+        "   based on: lr 1e-05 (run_config.json); max_steps 200 (run_config.json)",
+    ]
+    assert "based on" not in render(make_record("alert", 1, kind="nan_inf", severity="error", message="m", fix="f"))
+
+
 def test_helpers():
     assert hms(3725) == "1:02:05" and hms(None) == "?"
+    # an integer too large for a float (a corrupt JSON line) is infinite, never an OverflowError
+    assert to_float(10**400) == float("inf") and to_float(-(10**400)) == float("-inf")
+    assert fmt_num(10**400) == "inf" and to_float("x") is None and to_float("1e999") == float("inf")
     assert progress_bar(0, 10, 10) == "[>         ]" and progress_bar(10, 10, 10) == "[==========]"
 
 

@@ -47,7 +47,8 @@ def test_labelled_foreign_logs(case):
                          [(k, p, True) for k, r in RULES.items() for p in r.fires_on]
                          + [(k, p, False) for k, r in RULES.items() for p in r.quiet_on])
 def test_rules_md_pins(kind, path, fires):
-    kinds = {a["kind"] for a in _report(FIXTURES / path)["anomalies"]}
+    data = _report(FIXTURES / path)
+    kinds = {a["kind"] for a in data["anomalies"] + data["information"]}  # alarms and notes alike
     assert (kind in kinds) == fires, (kind, path, kinds)
 
 
@@ -91,6 +92,18 @@ def test_llamafactory_alone_and_in_its_output_dir():
     directory = load_source(FOREIGN / "llamafactory_overfit")
     assert directory.kind == "trainer_log_jsonl"
     assert directory.meta["all_results"]["eval_loss"] == 1.61
+
+
+def test_the_end_of_run_evaluation_in_all_results_json_is_the_final_eval(tmp_path):
+    # LLaMA-Factory's output dir: trainer_log.jsonl runs to its end, the final evaluation is only in all_results.json
+    lines = [{"current_steps": 10 * i, "total_steps": 300, "loss": 2.0 - 0.004 * i, "epoch": i / 10}
+             for i in range(1, 31)] + [{"current_steps": 300, "total_steps": 300, "epoch": 3.0}]
+    (tmp_path / "trainer_log.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (tmp_path / "all_results.json").write_text(json.dumps({"epoch": 3.0, "eval_loss": 0.4695, "train_loss": 0.62}))
+    assert _report(tmp_path)["summary"]["final_eval_loss"] == 0.4695
+    # a run that stopped early: the directory's results may be an older run's, never this one's final eval
+    (tmp_path / "trainer_log.jsonl").write_text("\n".join(json.dumps(line) for line in lines[:10]) + "\n")
+    assert _report(tmp_path)["summary"]["final_eval_loss"] is None
 
 
 def test_eval_sets_are_separate_series_with_their_own_verdicts():

@@ -3,6 +3,7 @@ adapters give one-line user errors naming the file and the fix; concurrent GGUF 
 
 import gzip
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -290,3 +291,75 @@ def test_evaluate_out_that_cannot_be_written_is_refused_before_work(tmp_path, ti
                          (tmp_path, "is a directory, expected a file path")):
         with pytest.raises(UserError, match=message):
             run_evaluate(EvalConfig(model=str(tiny_model_dir), out=str(out), quiet=True))
+
+
+# ---- issue 24 ----------------------------------------------------------------------------------------------------
+
+
+def test_a_wikitext_format_text_file_is_read_as_its_paragraphs(tmp_path):
+    """WikiText's blank lines are " \\n": the file is many rows (before: one row, "too small to hold rows for every
+    split")."""
+    raw = "".join(f" = Heading {i} = \n \n Paragraph {i} of the text , with @-@ tokens . \n \n" for i in range(200))
+    f = tmp_path / "wiki.txt"
+    f.write_text(raw)
+    splits = {s: data.load_text(str(f), s) for s in ("train", "validation", "test")}
+    assert sum(len(t.rows) for t in splits.values()) == 400
+    assert all(len(t.rows) > 0 for t in splits.values())
+    assert "Paragraph 3 of the text , with @-@ tokens .\n" in [r for t in splits.values() for r in t.rows]
+
+
+def test_a_text_file_too_small_for_every_split_says_how_many_paragraphs_it_has(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("one paragraph only,\nover two lines\n")
+    missing = [s for s in ("train", "validation", "test") if not _loads(f, s)]
+    with pytest.raises(UserError, match=r"holds 1 paragraphs \(text between blank lines\), and its split into "
+                                        r"train/validation/test \(90/5/5 by a hash of each\) leaves none for"):
+        data.load_text(str(f), missing[0])
+
+
+def _loads(f: Path, split: str) -> bool:
+    try:
+        data.load_text(str(f), split)
+        return True
+    except UserError:
+        return False
+
+
+def test_export_of_a_truncated_model_is_one_line(tmp_path, tiny_model_dir, capsys):
+    from prunetune.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["export", str(model), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("prunetune export: error: MODEL_DIR")
+    assert "model.safetensors" in err and "truncated" in err and not (tmp_path / "export").exists()
+
+
+def test_a_model_behind_a_symlink_loop_or_a_dangling_link_is_named(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UserError, match=r"symbolic link loop"):
+        resolve_model(str(tmp_path / "a"))
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"symbolic link to .*nowhere.*, which does not exist"):
+        resolve_model(str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"symbolic link loop"):
+        data.load_text(str(tmp_path / "a"), "train")
+
+
+def test_a_full_disk_for_the_token_cache_costs_only_the_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """The token cache saves time; a cache disk that is full or read-only must not fail the command."""
+    import errno
+
+    from transformers import AutoTokenizer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "save_file", full)
+    text = data.TextSplit("x", "test", ["some text"] * 50, "x", "fingerprint-full-disk")
+    tokens = data.tokenize(text, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert tokens.input_ids.numel() > 0 and not tokens.cache_hit and not tokens.cache_path.exists()

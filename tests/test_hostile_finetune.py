@@ -28,7 +28,7 @@ from prunetune.finetune.trainer import CHECKPOINT_STAGING
 from prunetune.merge import MergeConfig, run_merge
 from prunetune.models import load_model
 from prunetune.rundir.records import read_jsonl
-from test_finetune import REPO, make_pruned_dir, run, small_config
+from test_finetune import REPO, killed_copy, make_pruned_dir, run, small_config
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,10 @@ def finished(pruned_dir, shared_data, tmp_path_factory) -> Path:
                                  save_steps=4, warmup_steps=2))
     assert result["status"] == "completed"
     return out
+
+
+def _interrupted(finished: Path, out: Path, *dropped: str) -> Path:
+    return killed_copy(finished, out, *dropped)
 
 
 def _events(out: Path) -> list[str]:
@@ -87,9 +91,7 @@ def _foreign_lock(directory: Path) -> subprocess.Popen:
 
 def test_second_writer_is_refused_and_a_dead_lock_taken_over(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    for ckpt in ("checkpoint-8", "adapter"):
-        shutil.rmtree(out / ckpt)
+    _interrupted(finished, out, "checkpoint-8")
     before = (out / "metrics.jsonl").read_text()
     holder = _foreign_lock(out)
     try:
@@ -137,7 +139,7 @@ def test_checkpoints_are_staged_then_renamed(finished):
 @pytest.mark.parametrize("damage", ["interrupted_save", "truncated_adapter", "truncated_optimizer"])
 def test_auto_resumes_from_the_newest_complete_checkpoint(finished, pruned_dir, shared_data, tmp_path, damage):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter"))
+    _interrupted(finished, out)
     newest = out / "checkpoint-8"
     if damage == "interrupted_save":  # kill -9 mid-save: the staging dir, and a checkpoint-8 of an old version
         shutil.copytree(newest, out / CHECKPOINT_STAGING / "checkpoint-8")
@@ -157,7 +159,7 @@ def test_auto_resumes_from_the_newest_complete_checkpoint(finished, pruned_dir, 
 def test_explicit_damaged_checkpoint_is_one_line_error_and_touches_nothing(finished, pruned_dir, shared_data,
                                                                            tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter"))
+    _interrupted(finished, out)
     (out / "checkpoint-8/optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(UserError, match=r"cannot be resumed: optimizer.pt is unreadable") as err:
@@ -190,7 +192,7 @@ def test_refused_preflight_leaves_no_directory(pruned_dir, shared_data, tmp_path
 # -- 15: a new --lr on resume is what trains -----------------------------------------------------------------
 def test_resume_with_a_new_lr_applies_it(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    _interrupted(finished, out, "checkpoint-8")
     result, console = run(_resume_cfg(pruned_dir, out, shared_data, lr=3e-4))
     assert result["status"] == "completed"
     records = read_jsonl(out / "metrics.jsonl")
@@ -251,7 +253,7 @@ def test_block_size_above_context_is_refused(pruned_dir, shared_data, tmp_path):
 # -- 19: after a resume the summary covers the whole run ------------------------------------------------------
 def test_summary_after_resume_covers_the_whole_run(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    _interrupted(finished, out, "checkpoint-8")
     result, console = run(_resume_cfg(pruned_dir, out, shared_data))
     want = next(r for r in read_jsonl(finished / "metrics.jsonl") if r["event"] == "summary")
     got = next(r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "summary")
@@ -319,7 +321,7 @@ def test_unwritable_out_is_refused_before_work(pruned_dir, shared_data, tmp_path
     blocker = tmp_path / "file.txt"
     blocker.write_text("mine")
     out = blocker if where == "a_file" else blocker / "run"
-    with pytest.raises(UserError, match="is a file"):
+    with pytest.raises(UserError, match="is a file|under the file"):
         run(small_config(pruned_dir, out, shared_data))
     assert blocker.read_text() == "mine"
 
@@ -331,14 +333,135 @@ def test_a_finished_sparse_ft_run_is_not_restarted(pruned_dir, shared_data, tmp_
     assert result["status"] == "completed" and (out / "model/model.safetensors").is_file()
     with pytest.raises(UserError, match="finished run"):
         run(small_config(pruned_dir, out, shared_data, resume_from_checkpoint="auto", **cfg))
+    shutil.rmtree(out / "model")  # issue 24: with its result deleted it is still finished (was: "Step 5/4")
+    with pytest.raises(UserError, match=r"finished run \(step 4, its result is no longer in the directory\)"):
+        run(small_config(pruned_dir, out, shared_data, resume_from_checkpoint="auto", **cfg))
     result, _ = run(small_config(pruned_dir, out, shared_data, overwrite=True, **cfg))
     assert result["status"] == "completed"
 
 
 def test_resume_with_settings_that_change_the_run_is_refused(finished, pruned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("adapter", "checkpoint-8"))
+    _interrupted(finished, out, "checkpoint-8")
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(UserError, match=r"--block-size is 64 but the run .* trains with 32.*--config .*run_config"):
         run(_resume_cfg(pruned_dir, out, shared_data, block_size=64))
     assert (out / "metrics.jsonl").read_text() == before
+
+
+# -- issue 24 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("result", ["adapter", "checkpoints-and-adapter"])
+def test_a_finished_run_whose_result_was_deleted_is_never_restarted(finished, pruned_dir, shared_data, tmp_path,
+                                                                    result):
+    """"Finished" is what the run's records say: deleting RUN/adapter (or RUN/model) does not make a finished run
+    resumable (it trained "Step 31/30 ... 103.3%" and replaced the run's final records)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "adapter")
+    if result == "checkpoints-and-adapter":
+        for ckpt in out.glob("checkpoint-*"):
+            shutil.rmtree(ckpt)
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match=r"finished run \(step 8, its result is no longer in the directory\).*"
+                                        r"--overwrite"):
+        run(_resume_cfg(pruned_dir, out, shared_data))
+    with pytest.raises(UserError, match=r"holds a finished run \(step 8\).*--overwrite"):
+        run(small_config(pruned_dir, out, shared_data, max_steps=8))  # without `auto`: not "add auto" either
+    assert (out / "metrics.jsonl").read_bytes() == before
+    result, _ = run(_resume_cfg(pruned_dir, out, shared_data, resume_from_checkpoint=None, overwrite=True))
+    assert result["status"] == "completed" and (out / "adapter").is_dir()
+
+
+def test_a_resume_from_the_last_steps_checkpoint_finishes_without_training(finished, pruned_dir, shared_data,
+                                                                            tmp_path):
+    """Killed after its last checkpoint but before its records said it finished: the resume trains no step past
+    the end ("Step 9/8, 112.5%" before), and the result is the uninterrupted run's."""
+    out = _interrupted(finished, tmp_path / "run")
+    result, console = run(_resume_cfg(pruned_dir, out, shared_data))
+    assert result["status"] == "completed" and result["total_steps"] == 8
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "log") == 8
+    assert "Step 9/8" not in console
+    final = {r["event"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    reference = {r["event"]: r for r in read_jsonl(finished / "metrics.jsonl")}
+    assert final["final_eval"]["perplexity"] == pytest.approx(reference["final_eval"]["perplexity"])
+    assert load_file(out / "adapter/adapter_model.safetensors").keys() == load_file(
+        finished / "adapter/adapter_model.safetensors").keys()
+
+
+def test_a_resumed_run_that_diverges_keeps_the_checkpoint_it_resumed_from(pruned_dir, shared_data, tmp_path):
+    """After resuming a diverged run with the printed command, the alert names the last good checkpoint (the one
+    resumed from), never "none" while checkpoints exist."""
+    out = tmp_path / "nan"
+    cfg = dict(warmup_steps=3, max_steps=8, logging_steps=1, eval_steps=1, save_steps=1)
+    result, _ = run(small_config(pruned_dir, out, shared_data, lr=3e38, **cfg))
+    assert result["status"] == "diverged"
+    result, _ = run(small_config(pruned_dir, out, shared_data, lr=3e38, resume_from_checkpoint="auto", **cfg))
+    assert result["status"] == "diverged"
+    alert = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "alert" and r["kind"] == "nan_inf"][-1]
+    assert alert["message"].endswith(f"the last good checkpoint is kept: {out / 'checkpoint-1'}")
+    assert result["last_good_checkpoint"] == str(out / "checkpoint-1")
+
+
+def test_an_unknown_dataset_message_is_whole(pruned_dir, shared_data, tmp_path):
+    """The pre-flight keeps the data error whole: its "did you mean" and its list of choices are not cut by an
+    added "; fix:"."""
+    with pytest.raises(UserError) as info:
+        run(small_config(pruned_dir, tmp_path / "run", shared_data, dataset="wikitext"))
+    text = str(info.value)
+    assert "(did you mean 'wikitext2'?); choose one of: wikitext2, c4, wikipedia-vital" in text
+    assert "fix:" not in text and not (tmp_path / "run").exists()
+
+
+def _teacher(tmp_path: Path, tokenizer_dir: Path, name: str, vocab_size: int | None = None, **overrides) -> Path:
+    """A dense model of another shape with the test tokenizer (a larger embedding when `vocab_size` is given)."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from tiny import tiny_config
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size or len(tokenizer), **overrides))
+    model.save_pretrained(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(("distill", "overrides", "message"), [
+    ("layerwise", {"num_hidden_layers": 3}, r"decoder layers 3 vs the student's 2"),
+    ("layerwise", {"hidden_size": 32, "intermediate_size": 64}, r"hidden size 32 vs the student's 64"),
+    ("logits", {"vocab_size": 600}, r"its vocabulary has 600 tokens, the student's \d+"),
+    ("logits", {"max_position_embeddings": 16}, r"its context is 16 tokens, shorter than --block-size 32"),
+])
+def test_a_teacher_that_does_not_fit_is_refused_before_any_file(pruned_dir, shared_data, tokenizer_dir, tmp_path,
+                                                                distill, overrides, message):
+    """Depth, width, vocabulary and context of the teacher are compared in the pre-flight, from its config: one
+    line naming both numbers, before anything is written (before, the first training step failed)."""
+    teacher = _teacher(tmp_path, tokenizer_dir, "teacher", **overrides)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"teacher: {teacher} does not fit the student: {message}"):
+        run(small_config(pruned_dir, out, shared_data, distill=distill, teacher=str(teacher)))
+    assert not out.exists()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_for_logit_distillation(pruned_dir, shared_data, tmp_path):
+    """Same vocabulary size, other token ids: logit distillation would compare unrelated tokens."""
+    from tiny import make_tiny_model, train_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    fast = train_tokenizer(other, vocab_size=512)
+    vocab = fast.get_vocab()
+    swapped = dict(vocab)
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    swapped[first], swapped[second] = vocab[second], vocab[first]
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["model"]["vocab"] = swapped
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    teacher = make_tiny_model(tmp_path / "teacher", other)
+    with pytest.raises(UserError, match=r"its tokenizer differs from the student's \(2 of \d+ tokens have another id"):
+        run(small_config(pruned_dir, tmp_path / "run", shared_data, distill="logits", teacher=str(teacher)))
+
+
+def test_a_teacher_that_fits_is_listed_with_its_shape(pruned_dir, shared_data, tiny_model_dir, tmp_path):
+    result, console = run(small_config(pruned_dir, tmp_path / "run", shared_data, distill="both",
+                                       teacher=str(tiny_model_dir), max_steps=1, eval_steps=1, save_steps=1))
+    assert result["status"] == "completed"
+    assert f"✅ teacher: {tiny_model_dir} (2 layers, hidden 64, vocabulary" in console

@@ -171,6 +171,49 @@ def test_a_traceback_after_training_completed_is_a_finished_run_with_a_note(tmp_
     assert any("traceback came after training had ended" in n and "ConnectionError" in n for n in data["notes"])
 
 
+def test_training_completed_far_before_its_plan_without_early_stopping_was_stopped_on_request(tmp_path):
+    # a web UI's Abort sets should_training_stop: the Trainer prints "Training completed." at step ~2100 of 17000
+    entries = [{"loss": round(2.3 * math.exp(-i / 30) + 0.01, 4), "learning_rate": 5e-5, "epoch": i / 17,
+                "step": 5 * i} for i in range(1, 421)]
+    tail = "Training completed. Do not forget to share your model on huggingface.co/models =)\n"
+    log = tmp_path / "console.log"
+    log.write_text(console(entries, 17000, tail=tail))
+    data = report(log)
+    assert data["summary"]["status"] == "interrupted" and data["summary"]["stopped_reason"] == "stopped on request"
+    # the same end after evaluations that stopped improving is early stopping: a finished run
+    evals = [{"eval_loss": v, "epoch": i / 4, "step": 500 * i} for i, v in enumerate([1.9, 1.7, 1.75, 1.8], 1)]
+    ordered = sorted(entries + evals, key=lambda e: (e["step"], "eval_loss" in e))
+    log.write_text(console(ordered, 17000, tail=tail))
+    assert report(log)["summary"]["status"] == "finished"
+    # a run that ends a few steps short of its printed total (a last, partial accumulation dropped) finished
+    short = [{"loss": round(2.0 - 0.001 * i, 4), "learning_rate": 5e-5, "epoch": i / 100, "step": i}
+             for i in range(1, 99)]
+    log.write_text(console(short, 100, tail=tail))
+    assert report(log)["summary"]["status"] == "finished"
+
+
+def test_a_notebook_trainer_progress_line_is_the_training_bar(tmp_path):
+    rows = "".join(f"<tr><td>{10 * i}</td><td>{2.8 - 0.04 * i:.6f}</td></tr>" for i in range(1, 31))
+    table = f"<table><thead><tr><th>Step</th><th>Training Loss</th></tr></thead><tbody>{rows}</tbody></table>"
+    outer = "Training characters:   0%|          | 0/1 [00:00<?, ?it/s]\n"  # the user's loop around train()
+    log = tmp_path / "output.txt"
+    log.write_text(outer + "<progress value='300' max='300'></progress>\n[300/300 2:26:36, Epoch 3/3]\n" + table)
+    data = report(log)
+    assert data["summary"]["max_steps"] == 300 and data["summary"]["status"] == "finished"
+    # tqdm pads the count to the width of the total: a notebook saved at 90 of 495 steps
+    log.write_text("[ 90/495 07:24 < 34:04, 0.20 it/s, Epoch 0.18/1]\n" + table.replace("<td>300</td>", "<td>90</td>"))
+    data = report(log)
+    assert data["summary"]["max_steps"] == 495 and data["summary"]["status"] == "interrupted"
+
+
+def test_fastai_total_time_closes_the_fit(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_text("Total time: 110:29:25\nepoch\ttrain_loss\tvalid_loss\taccuracy\n1\t2.760716\t2.756633\t0.442434\n"
+                   "2\t6.228361\t6.220452\t0.076458\n")
+    data = report(log)
+    assert data["summary"]["status"] == "finished" and kinds(data) == {"loss_diverging"}
+
+
 def test_nan_is_placed_at_its_progress_bar_step_not_an_epoch_guess(tmp_path):
     header = ("***** Running training *****\n  Num examples = 49,992\n  Num Epochs = 3\n"
               "  Instantaneous batch size per device = 8\n  Gradient Accumulation steps = 1\n"

@@ -1,10 +1,11 @@
 """The package's import graph: imports point down, never up or in a cycle, lazy (in-function) imports included.
 
 Layers, bottom to top (a module may import its own package's modules and anything in a lower layer):
-0 foundation (errors, fmt, home, devices, runinfo, architecture, budget, configfile, hub); 1 sparsity (patterns,
-mask encoding, measurement); 2 the on-disk contract (rundir) and the export reader; 3 models, data; 4 the
-perplexity measurement; 5 the engines (pruning, recovery methods, analysis, zero-shot); 6 the commands'
-libraries (evaluate, speed, export, merge); 7 fine-tuning; 8 the pipeline; 9 commands and the CLI.
+0 foundation (errors, oserrors, phases, fmt, home, devices, runinfo, architecture, budget, configfile, hub,
+sharded); 1 sparsity (patterns, mask encoding, measurement); 2 the on-disk contract (rundir), safetensors files
+tensor by tensor (shards) and the export reader; 3 models, data; 4 the perplexity measurement; 5 the engines
+(pruning, recovery methods, analysis, zero-shot); 6 the commands' libraries (evaluate, speed, export, merge);
+7 fine-tuning; 8 the pipeline; 9 commands and the CLI.
 A new module must be placed in a layer here, so where it sits is a decision, not an accident.
 """
 
@@ -17,11 +18,11 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("prunetune", "prunetune.errors", "prunetune.fmt", "prunetune.home", "prunetune.devices", "prunetune.runinfo",
-     "prunetune.registry",
+    ("prunetune", "prunetune.errors", "prunetune.oserrors", "prunetune.phases", "prunetune.fmt", "prunetune.home",
+     "prunetune.devices", "prunetune.runinfo", "prunetune.registry", "prunetune.sharded",
      "prunetune.architecture", "prunetune.budget", "prunetune.configfile", "prunetune.hub"),
     ("prunetune.sparsity",),
-    ("prunetune.rundir",),
+    ("prunetune.rundir", "prunetune.shards"),
     ("prunetune.exported",),
     ("prunetune.models", "prunetune.data"),
     ("prunetune.perplexity",),

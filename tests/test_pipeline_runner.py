@@ -140,3 +140,45 @@ def test_missing_outputs_rerun_and_foreign_directories_are_refused(tmp_path):
     with pytest.raises(UserError, match="not a prunetune run directory"):
         check_run_dir(foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# ---- issue 24: ownership by the marker; a result the records name but that is gone --------------------------
+
+
+def test_a_directory_with_files_named_as_the_pipeline_names_its_own_is_the_users(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("pipeline.json", "pipeline.yaml", "stage.json"):
+        (mine / name).write_text("{}")
+    (mine / "prune").mkdir()
+    with pytest.raises(UserError, match="not a prunetune run directory .*yours"):
+        check_run_dir(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["pipeline.json", "pipeline.yaml", "prune", "stage.json"]
+
+
+def test_a_rerun_stage_removes_what_its_marker_lists_and_keeps_the_users_files(tmp_path):
+    from prunetune import rundir
+
+    rec = Recorder()
+    values = {"a": 1, "b": 2, "c": 3}
+    execute(tmp_path, rec, values)
+    rundir.claim(tmp_path / "b", ["out.txt", "checkpoint-1"], "run")  # what the stage wrote, as engines list it
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    execute(tmp_path, rec, {**values, "b": 20})
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "b" / "out.txt").read_text().startswith("b 20")
+
+
+def test_a_complete_stage_whose_records_name_a_missing_result_runs_again(tmp_path):
+    rec = Recorder()
+    values = {"a": 1, "b": 2, "c": 3}
+    stages = make_stages(tmp_path, rec, values)
+    stages[1].usable = lambda d: None if (d / "result").is_dir() else "its result (as its records name it) is missing"
+    run = PipelineRun(stages, RunLayout(tmp_path), Console(quiet=True))
+    (tmp_path / "b").mkdir(parents=True)
+    run.execute()
+    rec.calls.clear()
+    run = PipelineRun(stages, RunLayout(tmp_path), Console(quiet=True))
+    assert run.plan()["b"].reason == "its result (as its records name it) is missing"
+    run.execute()
+    assert rec.calls == [("b", False), ("c", False)]  # started over, not resumed from its checkpoint

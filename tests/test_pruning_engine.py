@@ -330,12 +330,13 @@ def test_dtype_auto_is_recorded_with_its_reason(tmp_path, tiny_model_dir, shared
 
 def test_bf16_autocast_calibration_keeps_float32_weights_and_exact_pattern(tmp_path, tiny_model_dir, shared_data,
                                                                            monkeypatch):
-    """A CPU with native bf16: forward passes under bf16 autocast, weights and statistics stay float32."""
+    """--dtype bfloat16 on a CPU with native bf16: forward passes under bf16 autocast, weights and statistics stay
+    float32 (the weights are never rounded to bf16 on CPU, explicit or not)."""
     import prunetune.pruning.precision as precision
 
     monkeypatch.setattr(precision, "resolve_dtype", lambda req, dev, purpose: (torch.bfloat16, "bf16: native (test)"))
-    out = run_prune(_cfg(tiny_model_dir, tmp_path / "bf16", shared_data, pattern="block16x16", reconstruct=True),
-                    console=QUIET)
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "bf16", shared_data, pattern="block16x16", reconstruct=True,
+                         dtype="bfloat16"), console=QUIET)
     info = json.loads((out / "prune.json").read_text())
     assert info["dtype"] == {"storage": "float32", "compute": "bfloat16", "reason": "bf16: native (test)"}
     assert info["pattern_check"]["ok"]

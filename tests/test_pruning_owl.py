@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from prunetune.pruning.config import PruneConfig
@@ -89,3 +91,45 @@ def test_owl_config_errors(tmp_path):
         PruneConfig(model="m", out=str(tmp_path), owl=True, owl_lambda=0.7)
     with pytest.raises(UserError, match="--owl-m"):
         PruneConfig(model="m", out=str(tmp_path), owl=True, owl_m=0)
+
+
+# ---- issue 24: a lambda that pushes a layer past what the pattern holds --------------------------------------
+
+
+def test_a_lambda_that_would_push_a_layer_past_the_cap_keeps_the_overall_target(tmp_path, tiny_model_dir,
+                                                                                shared_data):
+    """--sparsity 0.9 with lambda 0.45 asks some layer for ~1.35: it stops at 0.99 and the other layers take up the
+    difference (before: an assertion after calibration). prune.json says which layers stopped at a bound."""
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "o", shared_data, sparsity=0.9, owl_lambda=0.45), console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    layers = info["owl"]["layers"]
+    assert abs(info["overall"]["target"] - 0.9) <= 256 / 36_864 + 1e-9
+    assert all(0.0 <= layer["target"] <= 0.99 + 1e-9 for layer in layers.values())
+    assert any(layer["at_bound"] for layer in layers.values()) and verify_dir(out).ok
+
+
+def test_a_target_owl_cannot_hold_is_refused_before_any_work(tmp_path):
+    from prunetune.errors import UserError
+
+    with pytest.raises(UserError, match=r"--sparsity 0.995 with --owl: OWL keeps every layer's target within "
+                                        r"\[0, 0.99\]"):
+        PruneConfig(model="m", out=str(tmp_path), owl=True, sparsity=0.995)
+    with pytest.raises(UserError, match=r"--sparsity-map down_proj 0.999 with --owl"):
+        PruneConfig(model="m", out=str(tmp_path), owl=True, sparsity_map="down_proj=0.999")
+    PruneConfig(model="m", out=str(tmp_path), sparsity=0.995)  # without OWL it is a valid (if odd) target
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 10_000), st.sampled_from([1e-4, 1 / 64, 1 / 16, 0.25])),
+                min_size=1, max_size=12),
+       st.floats(0, 0.49), st.floats(0, 0.99))
+def test_offsets_stay_in_bounds_and_keep_the_overall_target(layers, lam, target):
+    """For any outlier ratios, sizes, steps, lambda and target: every layer's target stays within [0, 0.99], each
+    offset is a multiple of its step, and the weighted overall moves by at most one step of one layer."""
+    ratios, params, steps = (list(x) for x in zip(*layers, strict=True))
+    bounds = [(-target, 0.99 - target)] * len(layers)
+    offsets = layer_offsets(ratios, params, steps, lam, bounds)
+    assert all(lo - 1e-9 <= o <= hi + 1e-9 for o, (lo, hi) in zip(offsets, bounds, strict=True))
+    assert all(abs(o / s - round(o / s)) < 1e-6 for o, s in zip(offsets, steps, strict=True))
+    moved = abs(sum(o * p for o, p in zip(offsets, params, strict=True))) / sum(params)
+    assert moved <= max(s * p for s, p in zip(steps, params, strict=True)) / sum(params) + 1e-9

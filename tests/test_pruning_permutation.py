@@ -93,7 +93,7 @@ def test_a_wrong_relabelling_is_caught_by_the_function_check():
     ids = channels.check_ids(256, 64, 0)
     before = channels.logits_of(model, ids)
     perm = _random_permutation(d, 5)
-    channels.apply_to_outer(model, list(layers), perm, d)  # the layers forgotten
+    channels.apply_to_outer(model, list(layers), perm)  # the layers forgotten
     assert not channels.function_check(before, channels.logits_of(model, ids), torch.float32)["ok"]
 
 

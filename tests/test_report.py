@@ -13,7 +13,7 @@ import pytest
 
 from prunetune.analysis.anomaly import ANOMALY_KINDS
 from prunetune.analysis.context import fix_context
-from prunetune.analysis.report import ReportConfig, analyse, run_report
+from prunetune.analysis.report import ReportConfig, analyse, render_console, run_report
 from prunetune.analysis.rules import diagnose
 from prunetune.analysis.sources import load_source
 from prunetune.cli import main as cli_main
@@ -31,8 +31,10 @@ LABELS = {
     "overfitting": ({"overfitting"}, {"eval_far_above_train"}, "decreasing steadily"),
     "nan": ({"nan_inf"}, set(), "NaN/Inf"),
     "oom": ({"out_of_memory"}, set(), "decreasing steadily"),
-    "no_eval": ({"no_eval"}, set(), "decreasing steadily"),
+    "no_eval": (set(), set(), "decreasing steadily"),
 }
+NOTES = {"no_eval": {"no_eval"}}
+"""case -> the notes (information, not alarms) its report must give; every other case gives none."""
 
 
 def _cases():
@@ -51,6 +53,11 @@ def test_labelled_logs_name_the_right_condition(case, file):
     assert required <= kinds, (case, kinds)
     assert kinds <= required | allowed, (case, kinds)
     assert all(k in ANOMALY_KINDS for k in kinds)
+    assert {a["kind"] for a in data["information"]} == NOTES.get(case, set()), case
+    assert all(a["severity"] == "info" for a in data["information"])
+    if case == "no_eval":  # a note, shown as information beside "no anomalies", never as an alarm
+        text = render_console(data)
+        assert "Anomalies: none" in text and "ℹ no_eval (note): no evaluation in this run" in text
     v = data["verdicts"]["train_loss"]
     assert train_label in (v["label"], v["reason"])
     if case == "overfitting":

@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly
+from prunetune.analysis.anomaly import ANOMALY_KINDS, NOTE_KINDS, Anomaly
 from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import diagnose
-from prunetune.analysis.series import oscillation_stats, trend_stats, warmup_end_index
+from prunetune.analysis.series import oscillation_stats, trend_stats, trend_z, warmup_end_index, windows
 from prunetune.analysis.thresholds import Thresholds, thresholds_from_mapping
 from prunetune.analysis.verdicts import rate_perplexity, verdicts
 from prunetune.fmt import fmt_lr
@@ -54,6 +54,11 @@ def test_vocabulary_and_record_shape():
         Anomaly("made_up", "error", "m")
     with pytest.raises(ValueError):
         Anomaly("nan_inf", "fatal", "m")
+    # `info` is the severity of the notes and of them only: a note is never an alarm, an alarm never a note
+    assert NOTE_KINDS == ("no_eval",) and not Anomaly("no_eval", "info", "m").alarm
+    for kind, severity in (("no_eval", "warning"), ("nan_inf", "info")):
+        with pytest.raises(ValueError):
+            Anomaly(kind, severity, "m")
 
 
 def test_thresholds_from_flags_and_yaml():
@@ -234,8 +239,11 @@ def test_no_eval_only_at_the_end():
     assert diagnose(records, final=True) == []
     finished = records + [{"event": "train_end", "step": 291}]
     found = diagnose(finished, final=True)
-    assert [a.kind for a in found] == ["no_eval"]
-    assert "--eval_strategy steps" in found[0].fix
+    assert [(a.kind, a.severity) for a in found] == [("no_eval", "info")]
+    assert "set eval_steps" in found[0].message and "--eval_strategy steps" in found[0].fix
+    # an older run that recorded the note as a warning alert reads back as the note it is
+    old = [*finished, {"event": "alert", "step": 291, "kind": "no_eval", "severity": "warning", "message": "m"}]
+    assert [(a.kind, a.severity) for a in diagnose(old, recorded=True)] == [("no_eval", "info")]
 
 
 def test_too_few_steps_say_nothing():
@@ -298,6 +306,13 @@ def test_statistics_helpers():
     osc = oscillation_stats([(i * 10, 5.0 + (1 if i % 2 else -1)) for i in range(20)], th)
     assert osc is not None and osc.sign_change_fraction == 1.0 and osc.rel_amplitude == pytest.approx(0.4, rel=0.05)
     assert trend_stats(pts[:3], th) is None
+    # Mann-Kendall by hand: n=5 strictly rising has S=10 and variance 5*4*15/18; continuity-corrected z=9/sd
+    assert trend_z([1, 2, 3, 4, 5]) == pytest.approx(9 / math.sqrt(5 * 4 * 15 / 18))
+    assert trend_z([3, 2, 1]) < 0 and trend_z([2.5] * 20) == 0.0
+    # ties carry no order: 1,1,2,2,3,3 has S=12 and variance (6*5*17 - 3*(2*1*9)) / 18
+    assert trend_z([1, 1, 2, 2, 3, 3]) == pytest.approx(11 / math.sqrt((6 * 5 * 17 - 3 * 18) / 18))
+    windows_even = windows([1.0] * 9, th)
+    assert len(windows_even[0]) == 4  # rounded up to an even count: an alternation never swings a median
 
 
 def test_fmt_lr():
@@ -395,3 +410,128 @@ def test_slow_at_a_constant_lr_up_to_16_percent():
     assert kinds(logs(values, lr=1e-6)) == ["loss_slow"]
     decaying = [{**r, "lr": 1e-6 * (1 - i / 100)} for i, r in enumerate(logs(values))]
     assert kinds(decaying) == []  # a decaying LR gives the 13% run the benefit of the doubt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Round 2 (issue 20): each rule's class, not the logs it was found on
+
+
+def test_per_step_jumps_are_an_oscillation_however_few_the_steps():
+    # a tqdm "Running loss" every step: 13 points over 12 steps, jumps of 50-250% around a level of ~0.8
+    values = [0.50, 0.61, 0.98, 0.56, 0.81, 0.50, 0.88, 0.94, 1.03, 0.40, 1.00, 1.74, 0.49]
+    assert "loss_oscillating" in kinds(logs(values, every=1, start=1321))
+
+
+def test_one_outlying_batch_is_never_an_oscillation():
+    # a frozen model's per-step losses with one easy batch: the dip makes two x2 jumps, a quarter of 8 jumps
+    values = [2.94, 2.84, 2.75, 2.90, 2.81, 1.34, 2.95, 2.83, 2.74, 2.92]
+    assert oscillation_stats(list(enumerate(values)), Thresholds()).large_jumps == 2
+    assert "loss_oscillating" not in kinds(logs(values, every=1))
+
+
+def test_an_early_oscillation_is_reported_at_the_end_of_the_run():
+    rng = random.Random(11)
+    swinging = [rng.choice((0.3, 1.0, 3.0, 6.0)) for _ in range(60)]
+    calm = [2.0 - 0.002 * i + rng.gauss(0, 0.01) for i in range(240)]
+    records = logs(swinging + calm, every=1) + [{"event": "train_end", "step": 300}]
+    assert "loss_oscillating" not in kinds(records)  # the latest points are calm: the live rule is quiet now
+    found = [a for a in diagnose(records, final=True) if a.kind == "loss_oscillating"]
+    assert found and "oscillated between steps" in found[0].message and found[0].step <= 100
+    assert found[0].evidence["until_step_then_calm"] == found[0].step
+
+
+def test_a_loss_below_zero_has_no_log_scale():
+    # a custom objective that runs away below zero: ratios of losses mean nothing, no x-fold "jump" is read
+    values = [-10.0 * i - 5 + (3 if i % 3 else -3) for i in range(40)]
+    assert oscillation_stats([(i, v) for i, v in enumerate(values)], Thresholds()).log_jump == 0.0
+
+
+def test_a_confident_classifier_near_zero_does_not_oscillate():
+    rng = random.Random(12)
+    values = [0.07 * math.exp(rng.gauss(0, 0.5)) for _ in range(200)]  # +-50% batch to batch around 0.07
+    assert "loss_oscillating" not in kinds(logs(values))
+
+
+def test_a_loss_that_goes_to_inf_and_never_comes_back_diverged():
+    records = logs([240023.775]) + [{"event": "log", "step": 11, "loss": "inf", "lr": 1e-4},
+                                    {"event": "log", "step": 21, "loss": "nan", "lr": 1e-4}]
+    found = {a.kind: a for a in diagnose(records)}
+    assert {"nan_inf", "loss_diverging"} <= set(found)
+    assert "went from 2.4e+05 at step 1 to inf at step 11" in found["loss_diverging"].message
+    # one overflowing batch the run came back from is a numerical event, not a divergence
+    back = logs(healthy_curve(20)) + [{"event": "log", "step": 205, "loss": "inf", "lr": 1e-4}] \
+        + logs(healthy_curve(20)[-5:], start=211)
+    assert "loss_diverging" not in kinds(back)
+
+
+def test_a_climb_back_above_the_best_with_exploding_gradients_is_a_divergence():
+    values = [1.36, 0.48, 0.58, 0.70, 0.66, 1.04, 0.66, 0.68, 0.86, 0.82]
+    quiet = [0.24, 0.27, 0.31, 0.28, 0.25, 0.3, 0.26, 0.27, 0.29, 0.28]
+    exploding = [0.24, 0.27, 1.36, 1.28, 17.2, 7.1, 21.8, 23.0, 3.8, 14.4]
+
+    def run(norms):
+        return [{**r, "grad_norm": g} for r, g in zip(logs(values, every=10), norms, strict=True)]
+    assert "loss_diverging" not in kinds(run(quiet))  # within the noise of a jumpy 10-point curve
+    found = [a for a in diagnose(run(exploding)) if a.kind == "loss_diverging"]
+    assert found and found[0].evidence["grad_norm_growth"] >= 10 and "gradient norm grew" in found[0].message
+
+
+def test_a_memorised_loss_creeping_near_zero_is_not_a_divergence():
+    rng = random.Random(13)
+    values = [2.0 * math.exp(-i / 5) + 0.005 for i in range(40)] + [0.009 + 0.0002 * i + rng.gauss(0, 0.001)
+                                                                   for i in range(40)]
+    assert "loss_diverging" not in kinds(logs(values))
+
+
+def test_flat_needs_no_steady_trend_and_the_noise_to_resolve_a_healthy_fall():
+    rng = random.Random(14)
+    flat = [2.14 + rng.gauss(0, 0.1) for _ in range(100)]
+    assert kinds(logs(flat)) == ["loss_flat"]
+    # a slow steady fall inside wide noise: the windows cannot tell, every pair of points can (Mann-Kendall)
+    falling = [2.4 - 0.004 * i + rng.gauss(0, 0.1) for i in range(100)]
+    assert "loss_flat" not in kinds(logs(falling))
+    # 3% into a planned run, +-5% noise cannot show the 0.3% a healthy run has made of its fall by then
+    planned = [{**r, "max_steps": 30000} for r in logs(flat)]
+    assert "loss_flat" not in kinds(planned)
+
+
+def test_flat_is_judged_after_the_warm_up():
+    rng = random.Random(15)
+    records = [{"event": "log", "step": 10 * (i + 1), "loss": 1.2 + rng.gauss(0, 0.05),
+                "lr": 1e-5 * min(1.0, (i + 1) / 10)} for i in range(16)]
+    assert "loss_flat" not in kinds(records)  # 6 points after a 10-log warm-up are too few
+
+
+def test_slow_is_judged_on_what_the_run_reaches_by_its_planned_end():
+    rng = random.Random(16)
+    values = [2.8 - 0.004 * i + rng.gauss(0, 0.01) for i in range(40)]  # -6% over 400 steps
+    assert kinds(logs(values)) == ["loss_slow"]  # the run ended there: too slow
+    early = [{**r, "max_steps": 3000} for r in logs(values)]
+    assert kinds(early) == []  # at this pace it reaches -40% by step 3000
+
+
+def test_an_eval_loss_that_levelled_off_is_a_plateau_not_an_lr_limited_fall():
+    rng = random.Random(17)
+    # train -13% at a decaying LR (falling as fast per unit of LR all along), the eval -3%: slow (up to 16%)
+    # while the eval loss still falls at its pace ...
+    lrs = [1e-4 * (1 - 0.8 * i / 400) for i in range(400)]
+    exposure = [sum(lrs[:i]) for i in range(400)]
+    train = [{**r, "lr": lr} for r, lr in zip(logs([1.95 - 0.25 * e / exposure[-1] + rng.gauss(0, 0.01)
+                                                    for e in exposure]), lrs, strict=True)]
+    still = evals([(500 * (k + 1), 1.60 - 0.007 * k) for k in range(8)])
+    assert "loss_slow" in kinds(sorted(train + still, key=lambda r: r["step"]))
+    # ... not once the eval loss levelled off at its floor on this data
+    levelled = evals([(500 * (k + 1), 1.55 + 0.05 * math.exp(-k / 1.2)) for k in range(8)])
+    assert "loss_slow" not in kinds(sorted(train + levelled, key=lambda r: r["step"]))
+
+
+def test_memorised_with_a_log_every_500_steps():
+    records = logs([0.474, 0.0261, 0.0141, 0.0109, 0.0089, 0.0081], every=500, start=500)
+    found = [a for a in diagnose(records) if a.kind == "overfitting"]
+    assert found and found[0].evidence["train_loss_start"] == 0.474
+
+
+def test_window_medians_do_not_swing_with_an_alternation():
+    # batches of two kinds taking turns (a saw-tooth), falling slowly: never "rising"
+    values = [2.25, 1.09, 1.45, 0.98, 1.29, 0.99, 1.29, 1.02, 1.25]
+    assert "loss_diverging" not in kinds(logs(values, every=25, start=25))

@@ -80,14 +80,16 @@ def test_refuses_foreign_dirs_overlapping_inputs_and_files(tmp_path):
         check_output(tmp_path / "f")
     with pytest.raises(UserError, match="under the file"):
         check_output(tmp_path / "f" / "out")
-    # an older prunetune dir without a marker is recognised by its record file
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "prune.json").write_text("{}")
-    (old / "notes.txt").write_text("mine")
-    with staged_output(old, overwrite=True, owned=["prune.json"]) as stage:
-        (stage / "prune.json").write_text('{"new": 1}')
-    assert (old / "notes.txt").read_text() == "mine" and json.loads((old / "prune.json").read_text()) == {"new": 1}
+    # Ownership is the marker and nothing else: files named as prunetune names its own are still the user's.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("prune.json", "config.json", "merge.json", "export.json", "metrics.jsonl", "pipeline.json"):
+        (mine / name).write_text("{}")
+    with pytest.raises(UserError, match="holds no prunetune output"), staged_output(mine, overwrite=True) as stage:
+        (stage / "config.json").write_text('{"new": 1}')
+    assert all((mine / name).read_text() == "{}" for name in ("prune.json", "config.json"))
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["prune.json", "config.json", "merge.json",
+                                                              "export.json", "metrics.jsonl", "pipeline.json"])
 
 
 def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch):
@@ -99,7 +101,7 @@ def test_unwritable_out_is_refused_before_work(tmp_path, monkeypatch):
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", denied)
-    with pytest.raises(UserError, match="not writable .*Permission denied"):
+    with pytest.raises(UserError, match="not writable: permission denied"):
         check_output(tmp_path / "out")
 
 
@@ -242,3 +244,21 @@ def test_a_marked_dir_without_results_is_written_without_overwrite_and_keeps_its
     assert json.loads((stage / MARKER).read_text())["files"] == ["prune.json"]
     with pytest.raises(UserError, match="--overwrite"):  # now it holds a result
         check_output(stage)
+
+
+def test_an_empty_out_whose_parent_cannot_be_written_is_refused_before_work(tmp_path, monkeypatch):
+    """A new result is staged beside --out and renamed into place: the parent is written too."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only_parent(path, flags, *args):
+        if os.path.dirname(os.path.abspath(path)) == str(tmp_path) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_parent)
+    with pytest.raises(UserError, match=r"the directory holding --out .*out: .* is not writable: read-only file"):
+        check_output(out)

@@ -182,3 +182,42 @@ def test_2_4_check_of_the_semi_structured_path():
     w[0, 1] = 5.0  # three non-zeros in the first group of 4
     assert not _is_2_4(w)
     assert not _is_2_4(torch.zeros(2, 6))  # 6 columns do not form groups of 4
+
+
+# ---- issue 24: measurements the model or the machine cannot hold are refused before any weight loads ----------
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    ({"seqlen": 2048}, r"--seqlen 2048 exceeds the model's context of 1024 tokens"),
+    ({"prompt": 1000, "new_tokens": 100}, r"--prompt 1000 \+ --new-tokens 100 exceeds the model's context of 1024"),
+])
+def test_a_measurement_beyond_the_context_is_refused(pruned_block, tiny_model_dir, monkeypatch, sizes, message):
+    """Before: speed measured positions the model never handles, without a word."""
+    from prunetune import speed
+
+    monkeypatch.setattr(speed, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(UserError, match=message):
+        run_speed(SpeedConfig(model_dir=str(pruned_block), dense=str(tiny_model_dir), batch=1, device="cpu",
+                              breakeven=False, **sizes), log=lambda _: None)
+
+
+def test_a_batch_that_cannot_be_allocated_is_refused_before_loading(pruned_block, tiny_model_dir, monkeypatch):
+    from prunetune import speed
+
+    monkeypatch.setattr(speed, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(UserError, match=r"--batch 100000000 x --seqlen 128 needs at least [\d,.]+ GiB on cpu .* "
+                                        r"GiB are free; lower --batch or --seqlen"):
+        run_speed(SpeedConfig(model_dir=str(pruned_block), dense=str(tiny_model_dir), batch=100_000_000,
+                              device="cpu", breakeven=False), log=lambda _: None)
+
+
+def test_out_of_memory_while_measuring_is_one_line(pruned_block, tiny_model_dir, monkeypatch):
+    from prunetune import speed
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] . DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(speed, "_best_interleaved", no_memory)
+    with pytest.raises(UserError, match=r"out of memory measuring --batch 1 x --seqlen 16 on cpu; lower --batch"):
+        run_speed(SpeedConfig(model_dir=str(pruned_block), dense=str(tiny_model_dir), batch=1, seqlen=16, prompt=2,
+                              new_tokens=2, repeats=1, device="cpu", breakeven=False), log=lambda _: None)

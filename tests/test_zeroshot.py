@@ -108,3 +108,53 @@ def test_unknown_task_and_bad_values(tmp_path):
         ZeroShotConfig(tasks=("x",), task_dir=str(tmp_path / "nope"))
     assert parse_tasks("boolq, rte,boolq") == ("boolq", "rte")
     assert parse_tasks("paper") == PAPER_TASKS
+
+
+# ---- issue 24: a local task's YAML and data are checked before any model loads, and named ----------------------
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("task: bad\n  dataset_path: [json\n: :\n", r"is not valid YAML at line 2, column \d+: mapping values"),
+    ("- a\n- b\n", r"holds a list, not an lm-eval task"),
+    ("dataset_path: json\n", r"names no task \(no `task:` key; it has dataset_path\)"),
+    ("task: t\n\x07\n", r"is not valid YAML at character \d+: character '\\x07' is not allowed"),
+])
+def test_a_malformed_task_file_is_named_with_its_line(tmp_path, text, message):
+    """Before: a traceback (ScannerError) for a file, "unknown task" for a YAML in --task-dir."""
+    task = tmp_path / "bad.yaml"
+    task.write_text(text)
+    with pytest.raises(UserError, match=rf"task file '{task}' {message}"):
+        ZeroShotConfig(tasks=(str(task),))
+
+
+@pytest.mark.slow
+def test_a_malformed_yaml_in_the_task_dir_is_named_for_the_task_it_should_define(tmp_path, tiny_model_dir):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text("task: mine\n  dataset_path: [json\n")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = ZeroShotConfig(tasks=("mine",), task_dir=str(tmp_path / "tasks"))
+    with pytest.raises(UserError, match=r"'mine' is not an lm-eval task and no readable YAML in --task-dir .* does not "
+                                        r"read: task file .*mine.yaml' is not valid YAML at line 2"):
+        run_zeroshot(model, tokenizer, cfg, log=lambda _: None)
+
+
+@pytest.mark.parametrize("where", ["file", "task_dir"])
+def test_a_local_task_whose_data_file_is_missing_names_it_without_the_hub(tmp_path, where):
+    """Before: "hub tasks need the Hugging Face hub" for a task that never reads the hub."""
+    task = write_task(tmp_path)
+    (tmp_path / "mc.jsonl").unlink()
+    kwargs = {"tasks": (str(task),)} if where == "file" else {"tasks": ("prunetune_mc",), "task_dir": str(tmp_path)}
+    with pytest.raises(UserError) as info:
+        ZeroShotConfig(**kwargs)
+    text = str(info.value)
+    assert f"reads its data from '{tmp_path / 'mc.jsonl'}', which does not exist" in text and "hub" not in text.replace(
+        "needs no hub", "")
+
+
+def test_task_yamls_with_lm_eval_tags_and_includes_are_read(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"q": "a"}\n')
+    (tmp_path / "base.yaml").write_text("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+                                        "process_docs: !function utils.process\n")
+    (tmp_path / "child.yaml").write_text("include: base.yaml\ntask: child\n")
+    ZeroShotConfig(tasks=(str(tmp_path / "child.yaml"),))  # relative data file, !function tag, include: all fine

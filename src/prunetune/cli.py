@@ -12,6 +12,7 @@ import sys
 
 from prunetune import __version__
 from prunetune.errors import UserError
+from prunetune.oserrors import user_error
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,6 +44,11 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The message on one line (a path or a library's text may carry newlines)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(rest)
         return int(module.main(args) or 0)
     except UserError as err:
-        print(f"prunetune {name}: error: {err}", file=sys.stderr)
+        print(f"prunetune {name}: error: {_one_line(err)}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt:
         print(f"prunetune {name}: interrupted", file=sys.stderr)
@@ -69,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         # `prunetune report ... | head` closes stdout early; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as err:
+        # A cause the OS names (a full disk, a symlink loop, a read-only place, memory) that reached us untranslated:
+        # still one line with its fix. Anything else is a bug and keeps its traceback.
+        translated = user_error(err)
+        if translated is None:
+            raise
+        print(f"prunetune {name}: error: {_one_line(translated)}", file=sys.stderr)
+        return UserError.exit_code
 
 
 if __name__ == "__main__":

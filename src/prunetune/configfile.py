@@ -23,6 +23,8 @@ from prunetune.errors import UserError
 
 MAX_FILE_BYTES = 1 << 20
 """A settings file is a page of YAML; anything over 1 MiB is not one."""
+PIPELINE_SWITCH = "enabled"
+"""The key of a pipeline section that turns the stage on or off (not a setting of the stage's command)."""
 MAX_NODES = 20_000
 """Values a settings file may expand to once its aliases are followed (a real config has a few hundred);
 bounds a YAML alias bomb before any value is built."""
@@ -98,24 +100,32 @@ def _check_expansion(node: yaml.Node, source: str) -> None:
     size(node)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """` at line L, column C: what is wrong` for a YAML error (where the parser says it stopped)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f" at character {err.position + 1}: character {chr(err.character)!r} is not allowed in YAML text"
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}"
+
+
 def parse_text(text: str, source: str) -> Any:
     """A YAML (or JSON, a subset of YAML) document, its alias expansion bounded before values are built."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # reads the whole text: a control character fails here
         node = loader.get_single_node()
         if node is None:
             return None
         _check_expansion(node, source)
         return loader.construct_document(node)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{source}: invalid YAML{where}: {problem}; fix the syntax") from None
+        raise UserError(f"{source}: invalid YAML{yaml_problem(err)}; fix the syntax") from None
     except RecursionError:
         raise UserError(f"{source}: nested too deeply to be a settings file") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text(path: str | Path, what: str = "--config") -> str:
@@ -161,7 +171,8 @@ def settings_of(data: dict[str, Any], section: str) -> dict[str, Any]:
     if isinstance(data.get("config"), dict) and "provenance" in data:
         return data["config"]
     if isinstance(data.get(section), dict):
-        return data[section]
+        # `enabled:` turns a pipeline's stage on or off; it is no setting of the command itself.
+        return {k: v for k, v in data[section].items() if k != PIPELINE_SWITCH}
     return data
 
 

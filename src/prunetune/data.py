@@ -7,23 +7,27 @@ Names: `wikitext2`, `c4`, `wikipedia-vital`, or a path to a `.txt`/`.jsonl`/`.js
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gzip
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prunetune.errors import UserError
 from prunetune.home import prunetune_home
 from prunetune.hub import hub_reachable
+from prunetune.oserrors import error_number, link_problem
 from prunetune.rundir import read_bytes
 
 DATASETS = ("wikitext2", "c4", "wikipedia-vital")
@@ -79,6 +83,9 @@ def data_dirs(data_dir: str | Path | Sequence[str | Path] | None = None) -> list
             if not part:
                 continue
             path = Path(part).expanduser()
+            problem = link_problem(path)
+            if problem:
+                raise UserError(f"data directory {problem}; fix --data-dir or PRUNETUNE_DATA_DIR")
             if not path.is_dir():
                 raise UserError(f"data directory {part!r} does not exist; fix --data-dir or PRUNETUNE_DATA_DIR")
             dirs.append(path)
@@ -266,6 +273,9 @@ def _load_wikipedia_vital(split: str) -> TextSplit:
 
 def _load_file(path: Path, split: str) -> TextSplit:
     name = path.name
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"data file {problem}; remove or fix the link, or give another file")
     if not path.exists():
         raise UserError(f"data file {str(path)!r} does not exist; check the path")
     if not name.endswith(FILE_SUFFIXES):
@@ -284,14 +294,26 @@ def _load_file(path: Path, split: str) -> TextSplit:
             raise UserError(f"{path}: needs a 'text' column (has {', '.join(table.column_names)})")
         records = [str(t) for t in table.column("text").to_pylist()]
     elif name.endswith((".txt", ".raw")):
-        # Paragraphs (blank-line separated) are the unit a split keeps together.
-        records = [p.strip() + "\n" for p in read_text_file(path).split("\n\n") if p.strip()]
+        records = text_paragraphs(read_text_file(path))
     else:
         records = _read_json_texts(path)
     rows = [r for r in records if _hash_split(r.strip()) == split]
     if not rows:
-        raise _no_data(str(path), split, "the file is too small to hold rows for every split (90/5/5 by row hash)")
-    return TextSplit(str(path), split, rows, str(path), _fingerprint([path]))
+        unit = "paragraphs (text between blank lines)" if name.endswith((".txt", ".raw")) else "records"
+        raise _no_data(str(path), split, f"the file holds {len(records)} {unit}, and its split into train/validation/"
+                       f"test (90/5/5 by a hash of each) leaves none for {split!r}; give a file of more {unit}")
+    # The rows' own hash: the token cache follows what was read, also when how a file is read changes.
+    return TextSplit(str(path), split, rows, str(path), _rows_hash(rows))
+
+
+_BLANK_LINES = re.compile(r"\n[^\S\n]*(?:\n[^\S\n]*)+")
+
+
+def text_paragraphs(text: str) -> list[str]:
+    """The paragraphs of a text file, the unit a split keeps together: text between blank lines, where a blank
+    line may hold spaces or tabs (WikiText's are `" \\n"`) and line ends may be `\\r\\n`."""
+    text = text.replace("\r\n", "\n")
+    return [p.strip() + "\n" for p in _BLANK_LINES.split(text) if p.strip()]
 
 
 def load_text(dataset: str, split: str, data_dir: str | Path | Sequence[str | Path] | None = None) -> TextSplit:
@@ -342,8 +364,15 @@ def tokenize(text: TextSplit, tokenizer, joiner: str = "\n\n") -> TokenizedSplit
     if path.is_file():
         return TokenizedSplit(load_file(path)["input_ids"].long(), True, path)
     ids = tokenizer(joiner.join(text.rows), return_tensors="pt", verbose=False).input_ids[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file({"input_ids": ids.to(torch.int32).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"input_ids": ids.to(torch.int32).contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        # The cache only saves time: a full or read-only cache disk costs the next run a re-tokenisation, not this one.
+        if error_number(err, path.parent) is None:
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return TokenizedSplit(ids.long(), False, path)

@@ -8,7 +8,6 @@ negative log-likelihood, perplexity = exp(mean).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,12 @@ from rich.progress import (
 from rich.table import Table
 from torch import nn
 
+from prunetune import phases
 from prunetune.data import load_text, tokenize, windows_of
 from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, resolve_dtype
 from prunetune.errors import UserError
 from prunetune.models import ModelRef, apply_adapter, context_length, load_config, load_model, resolve_model
+from prunetune.oserrors import user_error
 from prunetune.perplexity import BatchTuner, PerplexityResult, auto_batch_size, perplexity
 from prunetune.recovery import registry as recovery_methods
 from prunetune.recovery.base import RecoveryMethod
@@ -96,16 +97,14 @@ class EvalConfig:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of: auto, float32, bfloat16, float16")
 
 
+FORMAT = "prunetune-eval/1"
+"""Written into every results file: the file's own statement that prunetune wrote it (what makes it ours)."""
+
+
 def _check_out(out: Path) -> None:
-    """An existing results file of ours may be refreshed; anything else is the user's and is kept."""
-    check_writable_file(out, "--out")
-    if out.exists():
-        try:
-            ours = "perplexity" in json.loads(out.read_text()) and out.suffix == ".json"
-        except (ValueError, OSError):
-            ours = False
-        if not ours:
-            raise UserError(f"--out {str(out)!r} exists and is not a prunetune eval file; choose another path")
+    """An existing results file of ours (it says so: `format`) may be refreshed; anything else is the user's and
+    is kept, whatever it holds."""
+    check_writable_file(out, "--out", form=FORMAT)
 
 
 @dataclass
@@ -141,7 +140,8 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, A
             tasks=cfg.tasks, limit=cfg.limit, task_dir=cfg.task_dir, batch_size=cfg.batch_size or 1),
             log=console.print)
     results |= {
-        "dtype": dtype_name(loaded.dtype), "dtype_reason": loaded.dtype_reason, "sparsity": loaded.sparsity,
+        "format": FORMAT, "dtype": dtype_name(loaded.dtype), "dtype_reason": loaded.dtype_reason,
+        "sparsity": loaded.sparsity,
         "evaluated": {**asdict(cfg), "model": loaded.spec, "device": loaded.device,
                       **({"origin": text.origin, "data_note": text.note,
                           "total_tokens": results.pop("total_tokens")} if text else {})},
@@ -149,7 +149,12 @@ def run_evaluate(cfg: EvalConfig, console: Console | None = None) -> dict[str, A
     }
     _print_results(console, results)
     if out is not None:
-        write_json(out, results)
+        phases.boundary("measured")
+        try:
+            write_json(out, results)
+        except OSError as err:
+            raise user_error(err, f"writing {out}", out, f"{out} is unchanged (written whole or not at all)") \
+                or err from None
         console.print(f"Wrote {out}")
     return results
 

@@ -13,11 +13,15 @@ from typing import Any
 
 
 def to_float(value: Any) -> float | None:
-    """A value as float (`"nan"`/`"inf"` strings from JSONL included); None when it is not a number."""
+    """A value as float (`"nan"`/`"inf"` strings from JSONL included); None when it is not a number. An
+    integer too large for a float (`10**400` from a corrupt JSON line) is infinite with its sign, as IEEE
+    arithmetic rounds it, never an OverflowError."""
     if value is None or isinstance(value, bool):
         return None
     try:
         return float(value)
+    except OverflowError:
+        return (math.inf if value > 0 else -math.inf) if isinstance(value, int) else None
     except (TypeError, ValueError):
         return None
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from prunetune import rundir
+from prunetune import phases, rundir
 from prunetune.architecture import module_type
 from prunetune.data import TextSplit, load_text, tokenize
 from prunetune.devices import default_device
@@ -183,8 +183,8 @@ def _inputs(cfg: MergeConfig) -> _Loaded:
     """Every input checked before any weight is loaded."""
     adapter = check_adapter(cfg.adapter)
     pruned = pruned_dir(cfg, adapter)
-    out = rundir.check_output(cfg.out, inputs=[adapter, pruned], overwrite=cfg.overwrite,
-                              owned=[rundir.MERGE_JSON, "config.json"])
+    out = rundir.check_output(cfg.out, inputs=[adapter, pruned], overwrite=cfg.overwrite)
+    rundir.check_space(out, rundir.weights_bytes(pruned) // 2, doing="the merged model")  # at least half: bf16
     method = adapter_method(adapter)
     if method.exact_merge and not cfg.keep_sparsity:
         raise UserError(f"adapter {cfg.adapter!r} is a {method.name} adapter (it never trained the pruned "
@@ -245,7 +245,7 @@ def _merge(cfg: MergeConfig, run: _Loaded, console: Console) -> tuple[Any, dict[
 def _save(cfg: MergeConfig, run: _Loaded, merged, record: dict[str, Any]) -> None:
     """Everything staged, then swapped in: never half a merged model, never a user's file removed."""
     with rundir.staged_output(run.out, inputs=[run.adapter, run.pruned], overwrite=cfg.overwrite,
-                              owned=[rundir.MERGE_JSON, "config.json"], command="prunetune merge") as staging:
+                              command="prunetune merge", what="the merged model") as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         run.tokenizer.save_pretrained(staging)
         rundir.copy_masks(run.pruned, staging)
@@ -293,6 +293,7 @@ def _run(cfg: MergeConfig, run: _Loaded, console: Console, start: float) -> dict
             perplexities["unmerged"] = _perplexity(run.peft_model, ids, cfg, seqlen)
         console.print(f"  perplexity unmerged (base + adapter): {perplexities['unmerged']['perplexity']:.4f}")
     merged, sparsity = _merge(cfg, run, console)
+    phases.boundary("merged")
     if ids is not None:
         perplexities |= _eval_merged(cfg, merged, ids, seqlen, perplexities["unmerged"], console)
     record = _record(cfg, run, lora_cfg, targets, sparsity, perplexities, seqlen) | {

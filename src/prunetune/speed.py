@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from prunetune.architecture import prunable_linears
-from prunetune.devices import DTYPE_NAMES, default_device, dtype_name
+from prunetune.devices import DTYPE_NAMES, default_device, dtype_name, free_memory
 from prunetune.errors import UserError
-from prunetune.models import load_model
-from prunetune.rundir import EXPORT_JSON, PRUNE_JSON, check_readable_dir, read_pruned
+from prunetune.models import context_length, load_config, load_model
+from prunetune.oserrors import is_out_of_memory
+from prunetune.rundir import EXPORT_JSON, PRUNE_JSON, check_readable_dir, check_writable_file, read_pruned
 from prunetune.sparsity.patterns import Pattern, parse_pattern
 
 _Log = Callable[[str], None]
@@ -41,6 +42,8 @@ SMOLLM2_SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gat
                   "down_proj": (576, 1536)}
 """(out, in) of SmolLM2-135M's decoder linears: the shapes of the break-even sweep."""
 SWEEP_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+FORMAT = "prunetune-speed/1"
+"""In every results file: the file's statement that prunetune wrote it (what lets a rerun replace it)."""
 
 
 def int_tuple(value: str | int | tuple[int | str, ...] | list[int | str]) -> tuple[int, ...]:
@@ -315,6 +318,29 @@ def _pruned_pattern(model_dir: Path) -> Pattern:
     return parse_pattern("unstructured")
 
 
+def check_sizes(cfg: SpeedConfig, config: Any, device: str, dtype: torch.dtype) -> None:
+    """Refuse, before any weight is loaded, a measurement beyond the model's context (it would time positions the
+    model was never trained for) or one whose inputs and logits alone cannot be allocated on `device`."""
+    context = context_length(config)
+    longest = max(cfg.seqlen, cfg.prompt + cfg.new_tokens)
+    if context is not None and longest > context:
+        which = f"--seqlen {cfg.seqlen}" if cfg.seqlen >= cfg.prompt + cfg.new_tokens else \
+            f"--prompt {cfg.prompt} + --new-tokens {cfg.new_tokens}"
+        raise UserError(f"{which} exceeds the model's context of {context} tokens: speed would be measured on "
+                        f"positions the model never handles; use at most {context} tokens")
+    batch = max(cfg.batch)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    width = torch.finfo(dtype).bits // 8
+    # A lower bound of one forward pass: the token ids, the logits and two hidden states of the largest batch.
+    need = batch * cfg.seqlen * (8 + vocab * width + 2 * hidden * width)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"--batch {batch} x --seqlen {cfg.seqlen} needs at least {need / 2**30:,.1f} GiB on {device} "
+                        f"for one forward pass (ids, logits of {vocab} tokens, hidden states) but "
+                        f"{free / 2**30:,.1f} GiB are free; lower --batch or --seqlen")
+
+
 def _load(spec: str, dtype: torch.dtype, device: str, log: _Log) -> nn.Module:
     model, _ = load_model(spec, dtype=dtype, device=device, log=log)  # also decompresses a compressed export
     return model
@@ -330,11 +356,15 @@ def _timed_load(what: str, spec: str, dtype: torch.dtype, device: str, log: _Log
 def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     from prunetune.runinfo import machine, write_json
 
+    if cfg.out:
+        # a link loop, a read-only place, a file of the user's: refused before any measurement
+        check_writable_file(cfg.out, "--out", form=FORMAT)
     device = default_device(cfg.device)
     dtype = DTYPE_NAMES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
     pattern = _pruned_pattern(model_dir)
     dense_spec = cfg.dense or read_pruned(model_dir).base_model
+    check_sizes(cfg, load_config(str(model_dir), log=log), device, dtype)  # before any weight is loaded
     variants: list[tuple[str, nn.Module, str]] = []
     if dense_spec:
         variants.append(("dense", _timed_load(f"dense model {dense_spec}", dense_spec, dtype, device, log), ""))
@@ -345,7 +375,13 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
     kernel, replaced = sparsify(sparse, pattern, device, dtype)
     log(f"  {replaced} linears now {kernel}")
     variants.append(("pruned (sparse kernels)", sparse, f"{replaced} linears: {kernel}"))
-    rows = [row for b in cfg.batch for row in _measure_batch(variants, b, cfg, device, log)]
+    try:
+        rows = [row for b in cfg.batch for row in _measure_batch(variants, b, cfg, device, log)]
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise UserError(f"out of memory measuring --batch {','.join(map(str, cfg.batch))} x --seqlen {cfg.seqlen} on "
+                        f"{device}; lower --batch or --seqlen") from None
 
     sweeps = []
     if cfg.breakeven:
@@ -362,7 +398,7 @@ def run_speed(cfg: SpeedConfig, log: _Log = print) -> SpeedResult:
                     + (f"break-even at {even:.0%}" if even is not None else "BSR slower at every swept sparsity"))
     result = SpeedResult(rows, pattern.name, kernel, device, dtype_name(dtype), sweeps, machine())
     if cfg.out:
-        write_json(cfg.out, {**result.to_json(), "config": asdict(cfg)})
+        write_json(cfg.out, {"format": FORMAT, **result.to_json(), "config": asdict(cfg)})
     return result
 
 

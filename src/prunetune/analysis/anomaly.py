@@ -22,7 +22,14 @@ ANOMALY_KINDS: tuple[str, ...] = (
     "no_eval",
 )
 
-SEVERITIES: tuple[str, ...] = ("warning", "error")
+NOTE_KINDS: tuple[str, ...] = ("no_eval",)
+"""Kinds reported as information (severity `info`), never as an alarm: what the reader should know about the
+run (it had no evaluation), not a fault in it."""
+ALARM_KINDS: tuple[str, ...] = tuple(k for k in ANOMALY_KINDS if k not in NOTE_KINDS)
+"""Kinds that are alarms (severity `warning` or `error`): the ones precision and recall are measured on."""
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
+"""`info`: a note (only `NOTE_KINDS`); `warning` and `error`: alarms, `error` the run is broken."""
 
 _GENERIC = FixContext()
 KIND_DOCS: dict[str, str] = {  # what each kind means; the fix is `prunetune.analysis.fixes`' one text of it
@@ -43,7 +50,8 @@ KIND_DOCS: dict[str, str] = {  # what each kind means; the fix is `prunetune.ana
                f"Fix: {fixes.nan_inf(_GENERIC).text}",
     "out_of_memory": "error: the run died of an out-of-memory error (at its start: the memory levers; after steps "
                      f"that fit: what grows during a run). Fix: {fixes.out_of_memory(_GENERIC).text}",
-    "no_eval": "warning (end of run only): no evaluation at all. Fix: "
+    "no_eval": "info, a note and not an alarm (end of run only): no evaluation in this run, so overfitting cannot be "
+               "seen (a run without evaluation is a choice, not a fault). Fix: "
                + fixes.no_eval(_GENERIC, 100).text.replace("--eval_steps 10 ", "--eval_steps N "),
 }
 
@@ -55,7 +63,7 @@ class Anomaly:
     kind: str
     """One of `ANOMALY_KINDS`."""
     severity: str
-    """`warning` or `error`."""
+    """`info` (a note, `NOTE_KINDS`), `warning` or `error`."""
     message: str
     """One sentence a person reads in the console."""
     evidence: dict = field(default_factory=dict)
@@ -72,7 +80,14 @@ class Anomaly:
             raise ValueError(f"Anomaly.kind={self.kind!r}; choose one of {ANOMALY_KINDS}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"Anomaly.severity={self.severity!r}; choose one of {SEVERITIES}")
+        if (self.severity == "info") != (self.kind in NOTE_KINDS):
+            raise ValueError(f"Anomaly {self.kind}: severity 'info' is for the notes {NOTE_KINDS} and only them")
         object.__setattr__(self, "basis", tuple(self.basis))
+
+    @property
+    def alarm(self) -> bool:
+        """An alarm (`warning`/`error`), not a note (`info`)."""
+        return self.severity != "info"
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -103,8 +118,10 @@ def anomalies_from_alerts(records: Sequence[Mapping[str, Any]], known: Sequence[
             continue
         seen.add(kind)
         evidence = rec.get("evidence")
+        # a note recorded as a warning by an older version is still a note; an alarm is never demoted to one
+        severity = "info" if kind in NOTE_KINDS else severity if severity in ("warning", "error") else "warning"
         out.append(Anomaly(
-            kind, severity if severity in SEVERITIES else "warning", str(rec.get("message", "")),
+            kind, severity, str(rec.get("message", "")),
             dict(evidence) if isinstance(evidence, Mapping) else {"recorded": evidence} if evidence else {},
             str(rec.get("fix", "")), record_step(rec),
             tuple(str(b) for b in rec.get("basis") or () if isinstance(rec.get("basis"), list)),

@@ -4,12 +4,17 @@ tune on) and a test half (to check that the tuning generalises), split by a fixe
 chosen before the corpus was seen.
 
 A case is read the way a user runs it (`load_source` + `report.analyse` on the labelled file or directory).
-For each anomaly kind: a case labelled with it and reported is a true positive, labelled and not reported a
-false negative, reported while neither required (`kinds`) nor `allowed` a false positive.
+For each alarm kind: a case labelled with it and reported is a true positive, labelled and not reported a
+false negative, reported while neither required (`kinds`) nor `allowed` a false positive. Notes (`no_eval`,
+information and not an alarm) are counted, never scored as alarms.
 
     python -m prunetune.analysis.corpus tests/fixtures/real              # per-case mismatches and the scores
     python -m prunetune.analysis.corpus tests/fixtures/real --record     # write corpus_scores.json (RULES.md reads it)
     python -m prunetune.analysis.corpus tests/fixtures/real --markdown   # the bench/RESULTS.md section
+
+Each case is also replayed live: the same rules fed its records in order, as `prunetune finetune` judges a run
+while it trains (an alert once raised is kept and printed; a finetune run's report carries it), so an alarm
+the evidence of a partial run raises and the full log would not is counted too.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunetune.analysis.anomaly import ANOMALY_KINDS
-from prunetune.analysis.report import ReportConfig, analyse
+from prunetune.analysis.anomaly import ALARM_KINDS, NOTE_KINDS
+from prunetune.analysis.report import ReportConfig, analyse, run_context
+from prunetune.analysis.rules import LiveDiagnosis
 from prunetune.analysis.sources import load_source
 from prunetune.analysis.thresholds import parse_threshold_flags
 from prunetune.errors import UserError
@@ -63,10 +69,15 @@ class Outcome:
 
     name: str
     reported: set[str] = field(default_factory=set)
+    """The alarm kinds the report raised."""
+    notes: set[str] = field(default_factory=set)
+    """The note kinds it gave (information, not alarms)."""
     status: str = "unknown"
     facts: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     """The one-line UserError when the log was refused."""
+    live: set[str] = field(default_factory=set)
+    """The alarm kinds the live rules raised at some point of the replayed run."""
 
 
 def load_cases(root: Path) -> list[Case]:
@@ -91,12 +102,16 @@ def _status(summary: Mapping[str, Any]) -> str:
 def run_case(case: Case, thresholds: Mapping[str, float] | None = None) -> Outcome:
     """The report's reading of one case, as `prunetune report` reads it (with `thresholds` overridden)."""
     out = Outcome(case.name)
+    cfg = ReportConfig(source=case.path, thresholds=dict(thresholds or {}))
     try:
-        data = analyse(load_source(case.path), ReportConfig(source=case.path, thresholds=dict(thresholds or {})))
+        source = load_source(case.path)
+        data = analyse(source, cfg)
     except UserError as err:
         out.error = str(err)
         return out
+    out.live = replay(source, cfg)
     out.reported = {a["kind"] for a in data["anomalies"]}
+    out.notes = {a["kind"] for a in data["information"]}
     s = data["summary"]
     out.status = _status(s)
     steps = {a["kind"]: a["step"] for a in data["anomalies"]}
@@ -111,6 +126,17 @@ def run_case(case: Case, thresholds: Mapping[str, float] | None = None) -> Outco
         "gradient_accumulation_steps": (context.get("gradient_accumulation_steps") or {}).get("value"),
     }
     return out
+
+
+def replay(source: Any, cfg: ReportConfig, batches: int = 100) -> set[str]:
+    """The alarm kinds the live rules raise on `source` fed in order, in about `batches` slices of its records
+    (finetune judges after every few log lines; each kind, once raised, is kept)."""
+    live = LiveDiagnosis(cfg.thresholds, run_context(source))
+    records, raised = source.records, set()
+    size = max(1, len(records) // batches)
+    for i in range(0, len(records), size):
+        raised |= {a.kind for a in live(records[i : i + size]) if a.alarm}
+    return raised
 
 
 def _peak(values: Sequence[float]) -> float | None:
@@ -136,10 +162,10 @@ class Score:
 
 
 def kind_scores(cases: Sequence[Case], outcomes: Mapping[str, Outcome]) -> dict[str, Score]:
-    """Per anomaly kind: true positives, false positives (reported, neither required nor allowed), false
+    """Per alarm kind: true positives, false positives (reported, neither required nor allowed), false
     negatives (required, not reported)."""
     out = {}
-    for kind in ANOMALY_KINDS:
+    for kind in ALARM_KINDS:
         tp = fp = fn = 0
         for case in cases:
             said = kind in outcomes[case.name].reported
@@ -206,14 +232,18 @@ def scores(cases: Sequence[Case], outcomes: Mapping[str, Outcome]) -> dict[str, 
             "correct": sum(1 for c in mine if correct(c, outcomes[c.name])),
             "healthy": len(healthy),
             "healthy_false_alarms": sum(1 for c in healthy if outcomes[c.name].reported - c.allowed),
+            "live_healthy_false_alarms": sum(1 for c in healthy if outcomes[c.name].live - c.allowed),
+            "live_extra": sum(1 for c in mine if outcomes[c.name].live - c.kinds - c.allowed),
             "kinds": {k: s.to_dict() for k, s in kind_scores(mine, outcomes).items()},
             "status": {k: s.to_dict() for k, s in status_scores(mine, outcomes).items()},
             "facts": {k: list(v) for k, v in fact_checks(mine, outcomes).items()},
+            "notes": {k: sum(1 for c in mine if k in outcomes[c.name].notes) for k in NOTE_KINDS},
         }
     return out
 
 
-def _fmt(value: float | None) -> str:
+def fmt_score(value: float | None) -> str:
+    """A precision or recall as RULES.md and bench/RESULTS.md print it (`-` where nothing was counted)."""
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -222,23 +252,32 @@ def markdown(recorded: Mapping[str, Any]) -> str:
     lines = [
         "| kind | labelled (dev/test) | precision dev | recall dev | precision test | recall test | precision all "
         "| recall all |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for kind in [*ANOMALY_KINDS, *(f"status:{s}" for s in STATUSES)]:
+    for kind in [*ALARM_KINDS, *(f"status:{s}" for s in STATUSES)]:
         group, key = ("status", kind.split(":")[1]) if kind.startswith("status:") else ("kinds", kind)
         cells = {h: recorded[h][group][key] for h in HALVES}
         labelled = f"{cells['dev']['tp'] + cells['dev']['fn']}/{cells['test']['tp'] + cells['test']['fn']}"
         row = [f"`{kind}`", labelled]
         for h in HALVES:
-            row += [_fmt(cells[h]["precision"]), _fmt(cells[h]["recall"])]
+            row += [fmt_score(cells[h]["precision"]), fmt_score(cells[h]["recall"])]
         lines.append("| " + " | ".join(row) + " |")
-    summary = []
+    summary, live = [], []
     for h in HALVES:
         r = recorded[h]
         summary.append(f"{h}: {r['correct']}/{r['cases']} logs read right, {r['healthy_false_alarms']} false alarms "
                        f"on {r['healthy']} healthy runs")
+        if "live_extra" in r:
+            live.append(f"{h}: {r['live_extra']} logs with a live alarm outside their labels, "
+                        f"{r['live_healthy_false_alarms']} of them healthy runs")
     facts = recorded["all"]["facts"]
     fact_line = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in facts.items() if v[1])
+    notes = recorded["all"].get("notes") or {}
+    note_line = ", ".join(f"`{k}` on {n} logs" for k, n in notes.items())
+    live_line = ("\nLive (each log replayed through the rules in order, as `finetune` raises alerts while it trains; "
+                 "an alert once raised stays, and a finetune run's report carries it): " + "; ".join(live) + ".\n"
+                 if live else "")
     return "\n".join(lines) + "\n\n" + "; ".join(summary) + f".\n\nFacts the report states, right of labelled: " \
-        f"{fact_line}.\n"
+        f"{fact_line}.\n" + (f"\nNotes given (information, not alarms; not scored): {note_line}.\n" if note_line else "") \
+        + live_line
 
 
 def _half_table(half: Mapping[str, Any]) -> str:
@@ -246,8 +285,8 @@ def _half_table(half: Mapping[str, Any]) -> str:
     lines = ["| kind | tp | fp | fn | precision | recall |", "|---|---:|---:|---:|---:|---:|"]
     for group in ("kinds", "status"):
         for kind, sc in half[group].items():
-            lines.append(f"| {kind} | {sc['tp']} | {sc['fp']} | {sc['fn']} | {_fmt(sc['precision'])} | "
-                         f"{_fmt(sc['recall'])} |")
+            lines.append(f"| {kind} | {sc['tp']} | {sc['fp']} | {sc['fn']} | {fmt_score(sc['precision'])} | "
+                         f"{fmt_score(sc['recall'])} |")
     return "\n".join(lines) + (f"\n\n{half['correct']}/{half['cases']} read right, {half['healthy_false_alarms']} "
                                f"false alarms on {half['healthy']} healthy runs\n")
 
@@ -258,12 +297,14 @@ def mismatches(cases: Iterable[Case], outcomes: Mapping[str, Outcome]) -> list[s
         o = outcomes[c.name]
         missing, extra = c.kinds - o.reported, o.reported - c.kinds - c.allowed
         status = c.status in STATUSES and c.status != o.status
+        live = o.live - o.reported - c.kinds - c.allowed
         facts = [f"{k}: label {c.facts[k]} got {o.facts.get(k)}" for k in FACTS_CHECKED
                  if c.facts.get(k) is not None and not _same(c.facts[k], o.facts.get(k), k)]
-        if missing or extra or status or facts or o.error:
+        if missing or extra or status or facts or o.error or live:
             out.append(f"[{c.half}] {c.name}: " + "; ".join(filter(None, [
                 f"missing {sorted(missing)}" if missing else "", f"extra {sorted(extra)}" if extra else "",
                 f"status label {c.status} got {o.status}" if status else "", *facts,
+                f"live extra {sorted(live)}" if live else "",
                 f"refused: {o.error}" if o.error else ""])))
     return out
 

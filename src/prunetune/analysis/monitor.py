@@ -222,8 +222,8 @@ def render(snap: Mapping[str, Any]) -> Group:
             parts.append(Text(f"Best so far: eval loss {fmt_sig(snap['best']['eval_loss'])} at step "
                               f"{snap['best']['step']}"))
     for a in snap["alerts"]:
-        style = "red" if a.get("severity") == "error" else "yellow"
-        parts.append(Text(f"{'❌' if style == 'red' else '⚠'} [{a.get('kind')}] step {a.get('step')}: "
+        mark, style = {"error": ("❌", "red"), "info": ("ℹ", "cyan")}.get(str(a.get("severity")), ("⚠", "yellow"))
+        parts.append(Text(f"{mark} [{a.get('kind')}] step {a.get('step')}: "
                           f"{a.get('message')}\n   fix: {a.get('fix')}", style=style))
     for e in snap["errors"]:
         parts.append(Text(f"❌ error {e.get('kind')}: {e.get('message', '')}", style="red"))

@@ -122,8 +122,9 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
     """The content of report.json (no files written)."""
     records = source.records
     context = run_context(source)
-    anomalies = diagnose(records, cfg.thresholds, final=True, context=context, recorded=True)
-    verdict = verdicts(records, cfg.thresholds, anomalies=anomalies)
+    found = diagnose(records, cfg.thresholds, final=True, context=context, recorded=True)
+    anomalies = [a for a in found if a.alarm]
+    verdict = verdicts(records, cfg.thresholds, anomalies=found)
     summary = summarize(records, dense_ppl=cfg.dense_ppl, pruned_ppl=cfg.pruned_ppl)
     rating = rate_perplexity(summary.final_perplexity, summary.dense_perplexity, cfg.bands, cfg.thresholds)
     if summary.loss_kind != "lm":
@@ -150,6 +151,7 @@ def analyse(source: Source, cfg: ReportConfig) -> dict[str, Any]:
         "perplexity_rating": rating.to_dict(),
         "pruned_perplexity_rating": pruned_rating.to_dict() if pruned_rating else None,
         "anomalies": [a.to_dict() for a in anomalies],
+        "information": [a.to_dict() for a in found if not a.alarm],
         "anomaly_kinds": list(ANOMALY_KINDS),
         "live_alerts": live,
         "context": context.to_dict(),
@@ -228,8 +230,8 @@ def _anomaly_blocks(s: Summary, data: Mapping[str, Any]) -> list[Block]:
     blocks: list[Block] = [("h2", "Anomalies")]
     if not data["anomalies"]:
         judged = s.log_points > 0 or s.eval_points > 0
-        blocks.append(("p", "None: no rule fired; the run looks healthy." if judged else
-                        "None found, but there was nothing to judge (no train or eval loss series)."))
+        blocks.append(("p", "No rule fired: the run looks healthy." if judged else
+                        "Nothing found, but there was nothing to judge (no train or eval loss series)."))
     for a in data["anomalies"]:
         mark = "❌" if a["severity"] == "error" else "⚠"
         at = f" at step {a['step']}" if a["step"] is not None else ""
@@ -237,6 +239,12 @@ def _anomaly_blocks(s: Summary, data: Mapping[str, Any]) -> list[Block]:
         evidence = ", ".join(f"{k}={json.dumps(val)}" for k, val in a["evidence"].items())
         basis = "; ".join(a.get("basis") or []) or "the curve shown above (no setting of the run is quoted)"
         blocks.append(("list", [a["message"], f"Evidence: {evidence}", f"Fix: {a['fix']}", f"Fix based on: {basis}"]))
+    if data.get("information"):
+        blocks.append(("h2", "Notes (information, not alarms)"))
+        for a in data["information"]:
+            basis = "; ".join(a.get("basis") or [])
+            blocks.append(("list", [f"ℹ `{a['kind']}`: {a['message']}", f"To change it: {a['fix']}"]
+                           + ([f"Based on: {basis}"] if basis else [])))
     if data["live_alerts"]:
         blocks.append(("h2", "Alerts raised during training"))
         blocks.append(("table", ["Step", "Kind", "Message"],
@@ -341,6 +349,9 @@ def render_console(data: Mapping[str, Any]) -> str:
         lines.append(f"   fix: {a['fix']}")
         if a.get("basis"):
             lines.append(f"   based on: {'; '.join(a['basis'])}")
+    for a in data.get("information", []):
+        lines.append(f"ℹ {a['kind']} (note): {a['message']}")
+        lines.append(f"   to change it: {a['fix']}")
     return "\n".join(lines)
 
 

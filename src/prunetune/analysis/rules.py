@@ -10,7 +10,10 @@ prints each alert kind once) and after the fact (`prunetune report`). Hence two 
 The trend rules read the shape of the curve, not two windows: the train curve is judged after its warm-up
 (from the logged LR, else the configured warm-up), against its own noise; a blow-up after the first updates is
 a divergence however the curve drifts later; "too slow" compares the pace after warm-up per unit of LR and
-stays quiet once the eval loss has bottomed.
+stays quiet once the eval loss has bottomed. A run still going is judged against the steps its plan has left
+(an early stretch of a long run is no evidence of a flat or slow run); a run whose end or stop the records show,
+on what it did. At the end of a run the live oscillation rule is replayed over it, so a report says what the
+live alerts would have said.
 
 Anomaly kinds (`ANOMALY_KINDS`, the vocabulary of `report.json` and of `alert` records):
 
@@ -27,7 +30,8 @@ Anomaly kinds (`ANOMALY_KINDS`, the vocabulary of `report.json` and of `alert` r
 - `eval_far_above_train` (warning) eval loss stays far above the train loss at the same step.
 - `nan_inf`             (error)   a NaN/Inf loss, grad norm or eval loss: training diverged numerically.
 - `out_of_memory`       (error)   the run died of an out-of-memory error (an `error` record of that kind).
-- `no_eval`             (warning) the run finished without a single evaluation (only with `final=True`).
+- `no_eval`             (info)    a note, not an alarm: the run finished without a single evaluation, so
+                                  overfitting cannot be seen (only with `final=True`).
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from dataclasses import replace
 from typing import Any
 
 from prunetune.analysis import fixes
-from prunetune.analysis.anomaly import ANOMALY_KINDS, Anomaly, anomalies_from_alerts
+from prunetune.analysis.anomaly import ANOMALY_KINDS, SEVERITIES, Anomaly, anomalies_from_alerts
 from prunetune.analysis.context import Fact, FixContext
 from prunetune.analysis.series import (
+    OscillationStats,
     Series,
     SeriesBuilder,
     TrendStats,
@@ -54,6 +59,7 @@ from prunetune.analysis.series import (
     running_medians,
     train_loss_near,
     trend_stats,
+    trend_z,
     warmup_end,
     windows,
 )
@@ -92,6 +98,19 @@ def _warmup(series: Series, ctx: FixContext) -> int | None:
     if not configured and ctx.value("warmup_ratio") and ctx.value("max_steps"):
         configured = ctx.value("warmup_ratio") * ctx.value("max_steps")
     return warmup_end(series.train, series.lr, int(configured) if configured else None)
+
+
+def _steps_left(series: Series, ctx: FixContext) -> tuple[int, int] | None:
+    """(last step logged, planned steps) while the run is still going and has steps left by its plan (the
+    records' or the settings' max_steps): a live run is judged against what it has left. None once the records
+    show its end or its stop (what it did is then all there is: a user often stops a run because it looks
+    wrong), for an excerpt that states no plan, a log without steps (a step estimated from the epoch is on the
+    plan's scale; one read from the line order states no plan)."""
+    planned = series.max_steps or ctx.value("max_steps")
+    if not series.train or not planned or series.ended or series.stopped:
+        return None
+    last = series.train[-1][0]
+    return (last, int(planned)) if 0 < last < planned else None
 
 
 def _warmup_seen(series: Series) -> str | None:
@@ -203,8 +222,42 @@ def _both_rose(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | Non
                                                                              _warmup_seen(series)), s1)
 
 
+def _to_infinity(series: Series, ctx: FixContext) -> Anomaly | None:
+    """The train loss became +Inf and no finite loss followed: it diverged to infinity (a NaN alone is not
+    counted: it may be a bad batch or a 0/0; an Inf the run came back from was one overflowing batch)."""
+    inf = next(((step, key) for step, key, value in series.nonfinite if key == "loss" and value == "inf"), None)
+    if inf is None or inf[0] is None or any(s > inf[0] for s, _ in series.train):
+        return None
+    step = inf[0]
+    evidence: dict[str, Any] = {"inf_step": step}
+    came = ""
+    if series.train:
+        (last_step, last), first = series.train[-1], series.train[0][1]
+        evidence.update(last_finite_loss=last, last_finite_step=last_step)
+        came = (f" from {fmt_sig(first)} at the first log over" if len(series.train) > 1 else " from") + \
+            f" {fmt_sig(last)} at {_at(series, last_step)}"
+    msg = (f"train loss went{came} to inf at {_at(series, step)}, and no finite loss came after it: the run diverged: "
+           "the LR is too high.")
+    return _anomaly("loss_diverging", "error", msg, evidence,
+                    fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series)), step)
+
+
+def _grad_growth(series: Series, th: Thresholds) -> float | None:
+    """How many times the grad norm's last window median exceeds its first window median (None without enough
+    grad norms): an order of magnitude says the optimizer has left the stable region."""
+    norms = [g for _, g in series.grad_norm]
+    if len(norms) < 2 * th.min_window:
+        return None
+    first, last = windows(norms, th)
+    base = statistics.median(first)
+    return statistics.median(last) / base if base > 0 else None
+
+
 def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    blown = _blowup(series, th) if len(series.train) >= th.min_window * 2 else None
+    infinite = _to_infinity(series, ctx)
+    if infinite is not None:
+        return infinite
+    blown = _blowup(series, th) if len(series.train) >= th.min_train_points else None
     if blown is not None:
         step, peak, first = blown
         last_step, last = series.train[-1]
@@ -237,10 +290,16 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
+    if tr.last_median <= th.overfit_memorise_loss:
+        return None  # a memorised run's loss creeping 0.009 -> 0.014 is its jitter near zero, not a divergence
     # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
-    # oscillation or of batch-1 noise are not read as a rise
+    # oscillation or of batch-1 noise are not read as a rise; unless the gradients grew by an order of
+    # magnitude: that is independent evidence of the instability, and a loss back above its best says the
+    # optimizer no longer reduces it
     se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
-    if tr.last_median - best <= th.diverge_noise_multiple * se:
+    growth = _grad_growth(series, th)
+    exploding = growth is not None and growth >= th.diverge_grad_growth
+    if not exploding and tr.last_median - best <= th.diverge_noise_multiple * se:
         return None
     evidence = {
         "best_window_median": round(best, 4),
@@ -249,43 +308,78 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         "rel_rise": round(tr.last_median / best - 1, 4),
         "last_step": tr.last_step,
     }
+    if exploding:
+        evidence["grad_norm_growth"] = round(growth, 2)
     fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
     msg = (
         f"train loss is rising: median {fmt_sig(tr.last_median)} over the last logs vs {fmt_sig(best)} "
-        f"around step {best_step} (+{(tr.last_median / best - 1) * 100:.0f}%): the LR is too high."
+        f"around step {best_step} (+{(tr.last_median / best - 1) * 100:.0f}%)"
+        + (f" while the gradient norm grew x{growth:.0f}" if exploding else "") + ": the LR is too high."
     )
     return _anomaly("loss_diverging", "error", msg, evidence, fix, tr.last_step)
 
 
-def rule_oscillating(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    os_ = oscillation_stats(series.train, th)
+def _oscillates(train: Sequence[tuple[int, float]], th: Thresholds) -> OscillationStats | None:
+    """The oscillation statistics of the latest points of `train` when they show one: a quarter of the jumps
+    (and at least `osc_min_large_jumps`) large on the log scale, or a regular saw-tooth without progress."""
+    os_ = oscillation_stats(train, th)
     if os_ is None or os_.level < th.osc_min_level:
         return None
-    swinging = os_.log_jump >= th.osc_min_log_jump
+    swinging = os_.log_jump >= th.osc_min_log_jump and os_.large_jumps >= th.osc_min_large_jumps
     sawtooth = (
         os_.rel_amplitude >= th.osc_min_rel_amplitude
         and os_.sign_change_fraction >= th.osc_min_sign_changes
         and os_.progress <= th.osc_max_progress
     )
-    if not (swinging or sawtooth):
-        return None
+    return os_ if swinging or sawtooth else None
+
+
+def _oscillating(series: Series, os_: OscillationStats, ctx: FixContext, earlier: bool = False) -> Anomaly:
     evidence = {
         "steps": list(os_.steps),
         "points": os_.points,
         "log_jump_p75": round(os_.log_jump, 4),
+        "large_jumps": os_.large_jumps,
         "rel_amplitude": round(os_.rel_amplitude, 4),
         "sign_change_fraction": round(os_.sign_change_fraction, 3),
         "progress": round(os_.progress, 4),
     }
-    swing = (math.exp(os_.log_jump) - 1) * 100
+    if os_.log_jump > 0:
+        swing = (f"a quarter of the log points jump by {(math.exp(os_.log_jump) - 1) * 100:.0f}% or more from the "
+                 "previous one (")
+    else:
+        swing = "the loss reaches zero or below, so its jumps are read against its mean level ("
     msg = (
-        f"train loss oscillates between steps {os_.steps[0]} and {os_.steps[1]}: a quarter of the log points "
-        f"jump by {swing:.0f}% or more from the previous one (median jump {os_.rel_amplitude * 100:.0f}% of its "
-        f"level, direction flips {os_.sign_change_fraction * 100:.0f}% of the time): the LR is too high or the "
-        "batch too small."
+        f"train loss {'oscillated' if earlier else 'oscillates'} between steps {os_.steps[0]} and {os_.steps[1]}: "
+        f"{swing}median jump {os_.rel_amplitude * 100:.0f}% of its level, direction flips "
+        f"{os_.sign_change_fraction * 100:.0f}% of the time)" + ("; the later logs no longer do" if earlier else "")
+        + ": the LR is too high or the batch too small."
     )
+    if earlier:
+        evidence["until_step_then_calm"] = os_.steps[1]
     fix = fixes.lower_lr(ctx, _lr(series, ctx))
     return _anomaly("loss_oscillating", "warning", msg, evidence, replace(fix, text=fix.text + "."), os_.steps[1])
+
+
+def rule_oscillating(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    os_ = _oscillates(series.train, th)
+    return _oscillating(series, os_, ctx) if os_ is not None else None
+
+
+def rule_oscillated(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """End of run: an oscillation the live rule would have raised at an earlier point, though the latest points
+    are calm (a finetune run raised it then; a foreign log's report replays the live rule over the run). The
+    stretch reported spans every window that oscillated; its statistics are those of the widest one."""
+    n = len(series.train)
+    if n <= th.min_train_points or _oscillates(series.train, th) is not None:
+        return None  # the live rule judges the whole run (and says so itself)
+    stride = max(1, (n - th.min_train_points) // 200)  # ~200 points of view: a stretch that oscillates is longer
+    found = [os_ for end in range(th.min_train_points, n, stride) if (os_ := _oscillates(series.train[:end], th))]
+    if not found:
+        return None
+    widest = max(found, key=lambda o: o.points)
+    span = (min(o.steps[0] for o in found), max(o.steps[1] for o in found))
+    return _oscillating(series, replace(widest, steps=span), ctx, earlier=True)
 
 
 def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
@@ -298,8 +392,8 @@ def _longest_run(values: Sequence[float], pred) -> tuple[int, int]:
     return best, best_end
 
 
-def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
-    """(step, loss) where the train loss reached near zero after a much higher start: a memorised training set
+def _converged(series: Series, th: Thresholds) -> tuple[int, float, float] | None:
+    """(step, loss, start) where the train loss reached near zero after a much higher start: a memorised training set
     (printed with 4 decimals, its losses then repeat exactly), which no flat or oscillation verdict describes.
     Judged on the lowest running median of `min_window` points, so a run that memorised and then crept back up
     at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
@@ -307,12 +401,14 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float] | None:
     w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
     if len(values) < w * 2 or min(values) < 0 or min(values) > th.flat_converged_loss:
         return None  # a negative loss is no cross-entropy; no window's median lies below the run's minimum
-    head = statistics.median(values[:w])
+    # where it started: its first logged loss, or its first window's median if higher (with a log every 500
+    # steps the first window already holds the memorised losses: 0.474, 0.026, 0.014, ...)
+    head = max(values[0], statistics.median(values[:w]))
     stride = max(1, (len(values) - 2 * w) // 200)  # at most ~200 windows: the low of a smooth curve needs no more
     lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1, stride)]
     low, i = min(lows)
     if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
-        return series.train[i + w // 2][0], low
+        return series.train[i + w // 2][0], low, head
     return None
 
 
@@ -382,8 +478,9 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     warm = _warmup(series, ctx)
     if warm is None:
         return None  # still warming up: a flat loss is expected while the LR climbs
-    tr = trend_stats(series.train, th)
-    if tr is None or len(series.train) - warm < th.min_train_points // 2 or _converged(series, th) is not None:
+    # judged after the warm-up, on as much evidence as any trend (a warm-up's losses say nothing of the LR)
+    tr = trend_stats(series.train[warm:], th)
+    if tr is None or _converged(series, th) is not None:
         return None
     evidence = {
         "first_window_median": round(tr.first_median, 4),
@@ -394,19 +491,34 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
         "noise": round(tr.noise, 5),
     }
     values = [v for _, v in series.train]
-    sigma = noise_sigma(values)
+    post = values[warm:]
+    sigma = noise_sigma(post)
     # standard error of the difference of two window medians (a median's SE is 1.25 sigma / sqrt(w))
     band = th.flat_noise_multiple * math.sqrt(2) * 1.2533 * sigma / math.sqrt(tr.window)
     evidence["noise_band"] = round(band, 5)
     # the end within `band` of the start, and no window on the way further than 1.5 `band` (many windows are
-    # compared: the widest of them strays further by chance alone)
+    # compared: the widest of them strays further by chance alone) ...
     within = abs(tr.first_median - tr.last_median) < band and all(
-        abs(m - tr.first_median) < 1.5 * band for m in running_medians(values, tr.window))
+        abs(m - tr.first_median) < 1.5 * band for m in running_medians(post, tr.window))
+    # ... and no steady trend either: the rank test of every pair of points sees a slow fall two windows miss
+    z = trend_z(post)
+    evidence["trend_z"] = round(z, 2)
+    within = within and abs(z) < th.flat_noise_multiple
     # the first logged losses (the model before the updates) too: a fall at the very start, then a plateau in
-    # wide noise, is learning that levelled off, not a model that never moved
+    # wide noise, is learning that levelled off, not a model that never moved; judged against the standard
+    # error of the difference of the first `min_window` losses' median and the last window's (1.25 sigma
+    # sqrt(1 / min_window + 1 / w): three noisy first losses are no precise level)
     head = statistics.median(values[: th.min_window])
-    moved = abs(head - tr.last_median) >= 1.5 * band and abs(head - tr.last_median) >= th.flat_max_rel_change * abs(head)
-    if (abs(tr.rel_change) < th.flat_max_rel_change or within) and not moved:
+    head_band = th.flat_noise_multiple * 1.2533 * sigma * math.sqrt(1 / th.min_window + 1 / tr.window)
+    moved = abs(head - tr.last_median) >= head_band and abs(head - tr.last_median) >= th.flat_max_rel_change * abs(head)
+    # and only when the noise would have let a healthy fall be seen: within a band wider than
+    # `slow_max_rel_drop` of the level, a run falling 10% looks the same as one that does not move; a run with
+    # steps left by its plan has made only its share of that fall yet (so early in a run, only a quiet curve)
+    left = _steps_left(series, ctx)
+    share = left[0] / left[1] if left else 1.0
+    resolved = band < th.slow_max_rel_drop * share * abs(tr.first_median)
+    evidence["resolves_rel_change"] = round(band / abs(tr.first_median), 4) if tr.first_median else None
+    if (abs(tr.rel_change) < th.flat_max_rel_change or within) and not moved and resolved:
         msg = (
             f"train loss is flat: {fmt_sig(tr.first_median)} -> {fmt_sig(tr.last_median)} over "
             f"steps {tr.first_step}-{tr.last_step} ({-tr.rel_change * 100:+.2f}%, within the noise of its first "
@@ -427,6 +539,17 @@ def _eval_bottomed(series: Series, th: Thresholds) -> tuple[int, float] | None:
     if not after or min(v for _, v in after) < evals[best_i][1] * (1 + th.overfit_min_rel_rise / 2):
         return None
     return evals[best_i]
+
+
+def _levelled(evals: Sequence[tuple[int, float]], th: Thresholds) -> bool:
+    """The eval loss fell in the first half of its evaluations and, per step, less than `slow_min_late_share` of
+    that in the second half: it has levelled off (three evaluations at least)."""
+    if len(evals) < 3:
+        return False
+    (s0, e0), (sm, em), (s1, e1) = evals[0], evals[len(evals) // 2], evals[-1]
+    early = (e0 - em) / (sm - s0) if sm > s0 else 0.0
+    late = (em - e1) / (s1 - sm) if s1 > sm else 0.0
+    return early > 0 and late < th.slow_min_late_share * early
 
 
 def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: float,
@@ -456,12 +579,22 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     # loss far above the train loss (another corpus) barely moves whatever the LR
     near = (train := train_loss_near(series.train, evals[-1][0])) is not None and evals[-1][1] - train < th.far_min_gap \
         if evals else False
-    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop and near
+    # ... and only while the eval loss still falls at its pace: one that fell, then levelled off, has found its
+    # floor on this data (a plateau, not an LR-limited fall)
+    eval_still = eval_drop is not None and eval_drop < th.slow_eval_max_rel_drop and near and not _levelled(evals, th)
     lrs = [v for step, v in series.lr if step >= post[0][0] and v > 0]
     lr_constant = len(lrs) >= 2 and max(lrs) / min(lrs) <= 1.05
     limit = th.slow_max_rel_drop * (th.slow_eval_still_factor if eval_still or lr_constant else 1.0)
+    # what the run has left to gain: with steps left by its plan, the drop it reaches by its last step if it
+    # keeps its latest pace (at most: a decaying LR slows it), not the drop so far
+    reach = total
+    left = _steps_left(series, ctx)
+    if left and tr.last_step > mid_step and head:
+        pace = tr.second_half_drop / (tr.last_step - mid_step)
+        reach = total + max(0.0, pace) * (left[1] - left[0]) / abs(head)
+        evidence["reach_by_planned_end"] = round(reach, 4)
     if not (
-        0 < total < limit
+        total > 0 and reach < limit
         and significant
         and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
         and late_share >= th.slow_min_late_share
@@ -489,8 +622,7 @@ def rule_memorised(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
     language-model loss: a preference loss (DPO) near zero is a separated pair, not memorised text."""
     if not series.lm or _converged(series, th) is None:
         return None
-    low_step, low = _converged(series, th)
-    start = statistics.median(v for _, v in series.train[: th.min_window])
+    low_step, low, start = _converged(series, th)
     step, end = series.train[-1]
     evidence = {"train_loss_start": round(start, 4), "train_loss_end": end, "train_loss_low": round(low, 6),
                 "low_step": low_step, "last_step": step, "points": len(series.train)}
@@ -580,8 +712,9 @@ def rule_no_eval(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | N
     if any(k == "eval_loss" for _, k, _ in series.nonfinite):
         return None
     last = series.train[-1][0]
-    msg = f"the run finished at step {last} without a single evaluation: overfitting cannot be seen."
-    return _anomaly("no_eval", "warning", msg, {"last_step": last, "train_points": len(series.train)},
+    msg = (f"no evaluation in this run (it finished at step {last}): overfitting cannot be seen; set eval_steps to "
+           "see it.")
+    return _anomaly("no_eval", "info", msg, {"last_step": last, "train_points": len(series.train)},
                     fixes.no_eval(ctx, last), last)
 
 
@@ -597,7 +730,8 @@ LIVE_RULES: tuple[Rule, ...] = (
 )
 EVAL_RULES: tuple[Rule, ...] = (rule_overfitting, rule_far_above)
 """Rules that judge one eval series: with several eval sets they run once per set."""
-FINAL_RULES: tuple[Rule, ...] = (rule_no_eval,)
+FINAL_RULES: tuple[Rule, ...] = (rule_oscillated, rule_no_eval)
+"""End-of-run rules: what the live rules would have raised earlier in the run, and the notes."""
 
 SUPPRESSES: dict[str, tuple[str, ...]] = {
     # after a NaN the finite losses left are the pre-divergence part of the run: trend verdicts on them would
@@ -626,12 +760,12 @@ def judge(
     recorded: Sequence[Anomaly] = (),
 ) -> list[Anomaly]:
     """Every anomaly `series` shows, with the `recorded` ones (alerts the run raised itself) of kinds no rule
-    found, most severe first; the stories that explain others are kept, the weaker echoes dropped."""
+    found, most severe first (errors, warnings, then the `info` notes); the stories that explain others are kept,
+    the weaker echoes dropped."""
     ctx = context or FixContext()
     found: list[Anomaly] = []
-    rules = LIVE_RULES + (FINAL_RULES if final else ())
     named_sets = [name for name in series.eval_sets if name] if len(series.eval_sets) > 1 else []
-    for rule in rules:
+    for rule in LIVE_RULES:
         if rule in EVAL_RULES and named_sets:
             found += [_for_eval_set(a, name) for name in series.eval_sets
                       if (a := rule(series.for_eval_set(name), thresholds, ctx)) is not None]
@@ -644,7 +778,13 @@ def judge(
     kinds = {a.kind for a in found}
     dropped = {k for kind in kinds for k in SUPPRESSES.get(kind, ())}
     found = [a for a in found if a.kind not in dropped]
-    found.sort(key=lambda a: (a.severity != "error", ANOMALY_KINDS.index(a.kind)))
+    # the end-of-run findings come last: what the live rules said earlier (an oscillation that calmed) never
+    # explains away what the curve shows now, and a note never an alarm
+    for rule in FINAL_RULES if final else ():
+        anomaly = rule(series, thresholds, ctx)
+        if anomaly is not None and anomaly.kind not in kinds | dropped:
+            found.append(anomaly)
+    found.sort(key=lambda a: (-SEVERITIES.index(a.severity), ANOMALY_KINDS.index(a.kind)))
     return found
 
 

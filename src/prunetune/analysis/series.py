@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -167,7 +168,9 @@ def extract_series(records: Sequence[Mapping[str, Any]]) -> Series:
 def windows(values: Sequence[float], th: Thresholds) -> tuple[list[float], list[float]]:
     n = len(values)
     w = max(th.min_window, min(th.max_window, int(round(n * th.window_fraction))))
-    w = min(w, n // 2)
+    # an even count where the points allow it: a high/low alternation (batches of two kinds taking turns) then
+    # puts as many highs as lows in every window, and window medians do not swing with the parity of the window
+    w = min(w + w % 2, n // 2)
     return list(values[:w]), list(values[n - w :])
 
 
@@ -221,10 +224,14 @@ class OscillationStats:
     steps: tuple[int, int]
     log_jump: float
     """75th percentile of |change of log loss| between consecutive points, the trend (median change) taken out:
-    how far a typical large swing takes the loss, on the data's own (relative) scale."""
+    how far a typical large swing takes the loss, on the data's own (relative) scale (0 when a loss in the
+    window is not positive: a ratio of losses means nothing there)."""
     level: float
     """Mean loss over the recent points."""
     points: int
+    large_jumps: int = 0
+    """How many of those detrended log jumps reach `osc_min_log_jump`: one outlying point makes two (down and
+    back up), so a single bad batch can never make an oscillation."""
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -236,7 +243,9 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> OscillationStats | None:
-    if not enough_evidence(train, th):
+    """The jitter of the recent train losses. Judged on points, not on the steps they span: a jump is between
+    two consecutive logs whatever the logging interval (ten per-step logs carry nine jumps)."""
+    if len(train) < th.min_train_points:
         return None
     # the recent half of the run (at least `osc_recent_points`): an oscillation that started late still counts
     n = len(train)
@@ -252,11 +261,32 @@ def oscillation_stats(train: Sequence[tuple[int, float]], th: Thresholds) -> Osc
     flip_frac = flips / (len(signs) - 1) if len(signs) > 1 else 0.0
     b_mean = statistics.fmean(before)
     progress = (b_mean - statistics.fmean(recent)) / abs(b_mean) if b_mean != 0 else 0.0
-    logs = [math.log(max(v, 1e-6)) for v in recent]
-    log_diffs = [b - a for a, b in zip(logs, logs[1:], strict=False)]
-    trend = statistics.median(log_diffs)
-    jump = _quantile([abs(d - trend) for d in log_diffs], 0.75)
-    return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k)
+    jump, large = 0.0, 0
+    if min(recent) > 0:  # a loss that reaches zero or below (a custom objective) has no relative scale
+        logs = [math.log(v) for v in recent]
+        log_diffs = [b - a for a, b in zip(logs, logs[1:], strict=False)]
+        trend = statistics.median(log_diffs)
+        swings = [abs(d - trend) for d in log_diffs]
+        jump, large = _quantile(swings, 0.75), sum(1 for d in swings if d >= th.osc_min_log_jump)
+    return OscillationStats(amp, flip_frac, progress, (train[-k][0], train[-1][0]), jump, level, k, large)
+
+
+def trend_z(values: Sequence[float], max_points: int = 400) -> float:
+    """The Mann-Kendall statistic of `values` as a z-score: how far the count of rising minus falling pairs
+    (every pair, not two windows) lies from zero in standard deviations, negative for a fall. Rank-based, so
+    one outlier moves it by little, and it sees a slow steady fall that two window medians in wide noise miss;
+    |z| >= 2 is a trend at ~95%. A long series is thinned evenly to `max_points` (the test is O(n^2))."""
+    v = list(values)
+    if len(v) > max_points:
+        v = [v[i * len(v) // max_points] for i in range(max_points)]
+    n = len(v)
+    if n < 3:
+        return 0.0
+    s = sum((b > a) - (b < a) for i, a in enumerate(v) for b in v[i + 1 :])
+    # tied values (losses printed to 4 decimals repeat) carry no order: the variance without their pairs
+    ties = sum(t * (t - 1) * (2 * t + 5) for t in Counter(v).values() if t > 1)
+    var = (n * (n - 1) * (2 * n + 5) - ties) / 18
+    return (s - (s > 0) + (s < 0)) / math.sqrt(var) if var > 0 else 0.0  # continuity correction: 1 toward zero
 
 
 def _lag_sigma(values: Sequence[float], lag: int) -> float | None:

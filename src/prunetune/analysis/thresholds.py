@@ -18,12 +18,16 @@ class Thresholds:
     diverging) may fire (each is also tested against the run's own noise); with logging every 10 steps that is
     80 steps ..."""
     min_train_steps: int = 40
-    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge; a log
-    that states no step, read by its line order, is judged on its points)."""
+    """... and the steps those points must span (per-step logging: 10 points are too few steps to judge a trend;
+    a log that states no step, read by its line order, is judged on its points). Not for oscillation: a jump is
+    between two consecutive logs whatever steps they span."""
     window_fraction: float = 0.2
     """Size of the first/last comparison windows as a fraction of the train-loss points."""
     min_window: int = 3
-    """Smallest window (points) whose median is trusted."""
+    """Smallest window (points) whose median is trusted; comparison windows are rounded up to an even count
+    where the points allow, so a high/low alternation (batches of two kinds taking turns) puts as many highs as
+    lows in each and window medians do not swing with the window's parity (the noise is read at lag 2 for the
+    same reason)."""
     max_window: int = 100
     """Largest window (points): more adds no robustness, only cost (`diagnose` runs after every log line)."""
     flat_max_rel_change: float = 0.005
@@ -32,7 +36,10 @@ class Thresholds:
     flat_noise_multiple: float = 2.0
     """... or by less than this many standard errors of the difference of two window medians
     (sqrt(2) x 1.25 sigma / sqrt(window), sigma the robust point-to-point noise) while no window on the way
-    strayed more than 1.5 times that band: nothing stands out of the noise, whatever the noise level."""
+    strayed more than 1.5 times that band, the rank test of every pair of points shows no trend (Mann-Kendall
+    |z| below this: a slow steady fall that two windows in wide noise miss) and the first `min_window` losses
+    lie within this many standard errors of the last window (their median's error is the larger): nothing
+    stands out of the noise, whatever the noise level."""
     flat_identical_points: int = 6
     """`loss_flat` at once (no step span needed) when this many consecutive train losses are exactly equal, half
     as many consecutive grad norms are exactly 0 or evaluations exactly equal (at least 3), or a stretch of this
@@ -45,7 +52,9 @@ class Thresholds:
     slow_max_rel_drop: float = 0.1
     """`loss_slow` when the loss fell by less than this fraction from its first logged value (the median of
     the first `min_window` points, warm-up included: the drop a warm-up makes is progress) to the median of
-    the last window ..."""
+    the last window (a run still going: the drop it reaches by its planned last step at its latest pace) ...
+    Also the smallest fall a healthy run makes: `loss_flat` is only claimed when the noise band would have
+    shown a fall of this size (a run still going: its share of it so far)."""
     slow_eval_still_factor: float = 1.6
     """... or by less than this many times `slow_max_rel_drop` (16%: a run ending 10-15% below its start)
     at a constant LR or when the eval loss barely moved as well (less than `slow_eval_max_rel_drop`) ..."""
@@ -77,9 +86,14 @@ class Thresholds:
     the time, a saw-tooth nearly always) ..."""
     osc_max_progress: float = 0.03
     """... and the recent window is not lower than the window before it by more than this fraction."""
-    osc_min_level: float = 0.05
-    """No oscillation is judged on a loss level below this (nats): near zero, 4-decimal rounding turns
-    0.0001 -> 0.0002 into a x2 jump."""
+    osc_min_large_jumps: int = 3
+    """... and at least this many of the jumps are that large: one outlying batch makes two large jumps (down and
+    back up), so no single point can make an oscillation, however few the points (ten per-step logs of a frozen
+    model with one easy batch among them jump x2 twice) ..."""
+    osc_min_level: float = 0.1
+    """No oscillation is judged on a loss level below this (nats): near zero, relative jumps mean nothing:
+    4-decimal rounding turns 0.0001 -> 0.0002 into a x2 jump, and the few examples a confident classifier still
+    gets wrong move its loss 0.05 <-> 0.09 from batch to batch (the ViT run at 0.05-0.09 late in training)."""
     osc_recent_points: int = 20
     """How many of the latest train-loss points the oscillation rule looks at (the latest half of the run,
     up to 500 points, once the run has twice this many)."""
@@ -90,9 +104,17 @@ class Thresholds:
     diverge_noise_multiple: float = 3.0
     """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
     sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
-    noise are not read as a rise (the best window is the lowest of many: 3, not 2)."""
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2); never for a last window at
+    or below `overfit_memorise_loss` (a memorised run's loss creeping 0.009 -> 0.014 is jitter near zero) ..."""
+    diverge_grad_growth: float = 10.0
+    """... or, whatever the noise, while the grad norm's last-window median is this many times its
+    first-window median: gradients grown by an order of magnitude mean the optimizer has left its stable region
+    (independent evidence of the instability), and a loss back above its best says it no longer reduces the
+    loss (on the corpus of real logs, healthy and overfitting runs end within x4 of their first grad norms; the
+    lr 5e-4 run that climbed back from 0.48 to 0.82 went from 0.27 to 14)."""
     blowup_factor: float = 1.5
-    """`loss_diverging` (a blow-up) when, at any point after the first log, the median of `blowup_points`
+    """`loss_diverging` (a blow-up) when, with `min_train_points` logged, at any point after the first log, the
+    median of `blowup_points`
     consecutive train losses exceeds the level before them by this factor (the first logged loss, the model
     before the updates, while the climb starts within the first points; else the median of the points before
     it), however the curve drifts afterwards: a fine-tuning loss never climbs 50% above where it was ..."""

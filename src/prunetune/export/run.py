@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunetune.architecture import prunable_linears
@@ -22,7 +23,17 @@ from prunetune.export import registry
 from prunetune.export.base import ExportSource, Log, pattern_of
 from prunetune.exported import is_sparse_export
 from prunetune.models import first_line
-from prunetune.rundir import EXPORT_JSON, check_output, check_readable_dir, staged_output
+from prunetune.oserrors import check_links
+from prunetune.rundir import (
+    EXPORT_JSON,
+    check_complete,
+    check_output,
+    check_readable_dir,
+    check_readable_files,
+    check_space,
+    staged_output,
+    weights_bytes,
+)
 from prunetune.runinfo import provenance, write_json
 
 
@@ -97,8 +108,8 @@ def run_export(cfg: ExportConfig, log: Log = print) -> ExportResult:
     weights = [m.weight.data for m in source.linears.values()]
     zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
     sparsity = zeros / total if total else 0.0
-    with staged_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, owned=(EXPORT_JSON,),
-                       command="export") as staging:
+    with staged_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, command="export",
+                       what=f"the {fmt.name} export") as staging:
         written = fmt.write(source, cfg, staging, log)
         record = {
             "format": fmt.name, "source": str(model_dir), "pattern": source.pattern, "sparsity": sparsity,
@@ -113,12 +124,16 @@ def run_export(cfg: ExportConfig, log: Log = print) -> ExportResult:
 
 def _check_source(cfg: ExportConfig) -> Path:
     """MODEL_DIR, refused unless it is a model directory (not already an export) and --out can take the export."""
+    check_links(cfg.model_dir, "MODEL_DIR")
     model_dir = check_readable_dir(cfg.model_dir, "MODEL_DIR")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"MODEL_DIR {str(model_dir)!r} has no config.json; give a `prunetune prune` output directory")
     if is_sparse_export(model_dir):
         raise UserError(f"{str(model_dir)!r} is already a compressed-tensors export; give the pruned model directory")
-    check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite, owned=(EXPORT_JSON,))  # before any work
+    check_complete(model_dir, "MODEL_DIR")
+    check_readable_files(model_dir, "MODEL_DIR")  # unreadable or truncated weights: named now, not mid-load
+    out = check_output(cfg.out, inputs=[model_dir], overwrite=cfg.overwrite)  # before any work
+    check_space(out, weights_bytes(model_dir) // 4, doing="the export")  # at least a quarter, whatever the format
     return model_dir
 
 
@@ -128,7 +143,7 @@ def _load_source(model_dir: Path, dtype: str | None) -> ExportSource:
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE_NAMES[dtype] if dtype else "auto")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise UserError(f"cannot load {str(model_dir)!r}: {first_line(err)}; give a `prunetune prune` output") from None
     linears = {n: m for n, m in prunable_linears(model).items() if n not in skipped}
     return ExportSource(model_dir, model, tokenizer, pattern, linears, summary)

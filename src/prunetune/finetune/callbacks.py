@@ -23,13 +23,11 @@ from transformers import TrainerCallback
 
 from prunetune.analysis import fixes
 from prunetune.analysis.context import FixContext
+from prunetune.finetune import checkpoint_layout
 from prunetune.finetune.console import RunLog
 from prunetune.fmt import perplexity_from_loss
 from prunetune.recovery import registry as recovery_methods
 from prunetune.rundir.records import to_float
-
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt")
-
 
 _PROCESS = psutil.Process()
 
@@ -129,6 +127,7 @@ class MonitorCallback(TrainerCallback):
         guard: SignalGuard | None = None,
         best: tuple[float, int, str | None] | None = None,
         evals: dict[int, dict[str, Any]] | None = None,
+        resumed_from: str | None = None,
     ) -> None:
         self.runlog = runlog
         self.tokens_per_step = tokens_per_step
@@ -138,7 +137,9 @@ class MonitorCallback(TrainerCallback):
         self._fed = 0
         self.context = context or FixContext()
         self.guard = guard
-        self.state = RunState(evals=dict(evals or {}))
+        # A resumed session starts from a complete checkpoint of a run whose losses were finite up to it: it is
+        # the last good one until this session saves another.
+        self.state = RunState(evals=dict(evals or {}), last_checkpoint=resumed_from, last_good_checkpoint=resumed_from)
         self._all_finite = True
         if best is not None:
             self.state.best_loss, self.state.best_step, self.state.best_checkpoint = best
@@ -298,10 +299,8 @@ class MonitorCallback(TrainerCallback):
         step = state.global_step
         path = Path(args.output_dir) / f"checkpoint-{step}"
         if state.is_world_process_zero:
-            missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-            weights = recovery_methods.checkpoint_weights()  # whichever method trains
-            if not any((path / name).is_file() for name in weights):
-                missing.append(" or ".join(weights))
+            # whichever method trains, whole files or FSDP's sharded layout
+            missing = checkpoint_layout.missing_files(path, recovery_methods.checkpoint_weights())
             self.runlog.emit("checkpoint", step, path=str(path), ok=not missing, missing=missing,
                              reason=self._save_reason or "schedule")
         self._save_reason = None

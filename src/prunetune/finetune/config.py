@@ -245,12 +245,13 @@ def config_from_mapping(mapping: dict[str, Any], source: str = "config") -> Fine
     return configfile.build_config(FinetuneConfig, values)
 
 
-def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any],
-                   free_bytes: int | None = None) -> tuple[FinetuneConfig, str]:
-    """(cfg with a concrete method, why): `--method auto` asks `prunetune.recovery.auto`."""
+def resolve_method(cfg: FinetuneConfig, prune_json: dict[str, Any], free_bytes: int | None = None,
+                   shards: int = 1, devices: int = 1) -> tuple[FinetuneConfig, str]:
+    """(cfg with a concrete method, why): `--method auto` asks `prunetune.recovery.auto` (`shards`: processes of
+    an FSDP2 run; `devices`: GPUs visible to an unsharded one)."""
     if cfg.method != recovery_methods.AUTO:
         return cfg, f"{cfg.method}: requested (--method {cfg.method})"
     from prunetune.recovery.auto import choose
 
-    method, why = choose(prune_json, free_bytes)
+    method, why = choose(prune_json, free_bytes, shards, devices)
     return dataclasses.replace(cfg, method=method), why

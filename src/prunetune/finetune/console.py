@@ -4,6 +4,7 @@ record goes to `metrics.jsonl`, so the log a script reads and the text a person 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -213,12 +214,14 @@ def _checkpoint(r: Mapping[str, Any]) -> list[str]:
 
 
 def _alert(r: Mapping[str, Any]) -> list[str]:
-    mark = "❌" if r.get("severity") == "error" else "⚠️"
-    lines = [f"{mark} ALERT [{r.get('kind')}] at step {r.get('step')}: {r.get('message')}"]
+    mark, what = {"error": ("❌", "ALERT"), "info": ("ℹ️", "NOTE")}.get(str(r.get("severity")), ("⚠️", "ALERT"))
+    lines = [f"{mark} {what} [{r.get('kind')}] at step {r.get('step')}: {r.get('message')}"]
     if r.get("evidence"):
         lines.append(f"   evidence: {r['evidence']}")
     if r.get("fix"):
         lines.append(f"   fix: {r['fix']}")
+    if r.get("basis"):
+        lines.append(f"   based on: {'; '.join(str(b) for b in r['basis'])}")
     return lines
 
 
@@ -241,8 +244,16 @@ def _stopped(r: Mapping[str, Any]) -> list[str]:
 
 
 def _train_end(r: Mapping[str, Any]) -> list[str]:
-    return ["", f"Training completed in {hms(r.get('runtime_s'))} ({r.get('step')} steps, "
-                f"train loss {fmt_num(r.get('train_loss'))})."]
+    lines = ["", f"Training completed in {hms(r.get('runtime_s'))} ({r.get('step')} steps, "
+                 f"train loss {fmt_num(r.get('train_loss'))})."]
+    ranks = r.get("rank_memory") or []
+    if len(ranks) > 1:
+        per_rank = [sum(v for v in rank.values() if isinstance(v, (int, float))) for rank in ranks]
+        how = "sharded (FSDP2)" if r.get("sharded") else "replicated"
+        lines.append(f"Trained state per process, {how} over {len(ranks)} ranks (weights, optimizer state, masks): "
+                     + ", ".join(f"{b / 2**20:.2f} MiB" for b in per_rank)
+                     + f" (all ranks together: {sum(per_rank) / 2**20:.2f} MiB)")
+    return lines
 
 
 def _best_loaded(r: Mapping[str, Any]) -> list[str]:
@@ -425,15 +436,20 @@ class RunLog:
             return
         record = make_record("error", None, kind="user_error", message=message)
         self.records.append(record)
-        self._metrics.write(record)
-        if self._log is not None:
-            self._log.write(f"Error: {message}\n")
-            self._log.flush()
+        # The error may be the full disk itself: the one-line error reaches the user whatever happens here.
+        with contextlib.suppress(OSError):
+            self._metrics.write(record)
+            if self._log is not None:
+                self._log.write(f"Error: {message}\n")
+                self._log.flush()
 
     def close(self) -> None:
+        """Close the files; a flush that fails (a full disk) loses nothing more than it already lost."""
         if self._metrics is not None:
-            self._metrics.close()
+            with contextlib.suppress(OSError):
+                self._metrics.close()
             self._metrics = None
         if self._log is not None:
-            self._log.close()
+            with contextlib.suppress(OSError):
+                self._log.close()
             self._log = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
-from prunetune import __version__, rundir
+from prunetune import __version__, phases, rundir, sharded
 from prunetune.analysis import fixes
 from prunetune.analysis.context import fix_context
 from prunetune.analysis.rules import LiveDiagnosis
@@ -42,7 +43,14 @@ from prunetune.finetune.console import RunLog
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT, FinetuneData, load_finetune_data
 from prunetune.finetune.finish import base_result, evaluate_phase, finish, oom_error
 from prunetune.finetune.precision import resolve_precision
-from prunetune.finetune.preflight import check_writable, preflight_checks, raise_on_failure, remove_run
+from prunetune.finetune.preflight import (
+    COMMAND,
+    RUN_FILES,
+    existing_run,
+    preflight_checks,
+    raise_on_failure,
+    remove_run,
+)
 from prunetune.finetune.resume import load_prior, select_checkpoint
 from prunetune.finetune.resume_lr import ResumeLR
 from prunetune.finetune.run import Run
@@ -50,6 +58,8 @@ from prunetune.finetune.trainer import (
     OOM_ERRORS,
     PrunetuneTrainer,
     build_loss,
+    fsdp_launched,
+    fsdp_version,
     is_main_process,
     load_device,
     probe_seconds,
@@ -58,6 +68,7 @@ from prunetune.finetune.trainer import (
 )
 from prunetune.fmt import fmt_lr
 from prunetune.models import load_model
+from prunetune.oserrors import user_error
 from prunetune.pruning.channels import relabel_teacher
 from prunetune.recovery.base import Prepared
 from prunetune.rundir.records import to_float
@@ -81,19 +92,36 @@ def run_finetune(cfg: FinetuneConfig, stream: IO[str] | None = None) -> dict[str
     is_main = is_main_process()
     runlog = RunLog(out, enabled=is_main, stream=stream)
     if is_main:
-        check_writable(out)
+        rundir.check_writable(out)  # a link loop, a file, a read-only place: refused before any work
+        rundir.check_apart(out, [cfg.pruned, cfg.teacher, cfg.dataset])  # never writes over what it reads
+        existing_run(out)  # a non-empty directory without prunetune's file list is the user's: refused
     created = not out.exists()
-    lock = rundir.run_lock(out, "prunetune finetune") if is_main else contextlib.nullcontext()
+    lock = rundir.run_lock(out, COMMAND) if is_main else contextlib.nullcontext()
     try:
         with lock:
             return _run(cfg, out, runlog, is_main)
     except UserError as err:
         runlog.record_error(str(err))  # in train.log and metrics.jsonl when the run had opened them
         raise
+    except Exception as err:
+        translated = user_error(err, f"fine-tuning into {out}", out, _recovery(out))
+        if translated is None:
+            raise
+        runlog.record_error(str(translated))  # when the disk has room for it; never masks the cause
+        raise translated from None
     finally:
         runlog.close()
         if created and is_main and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run refused by its pre-flight leaves nothing behind
+
+
+def _recovery(out: Path) -> str:
+    """What recovers a run that an OS failure (a full disk, ...) stopped: its checkpoints and records are
+    complete or absent, so a resume continues from the newest complete checkpoint."""
+    if (out / rundir.RUN_CONFIG).is_file():
+        return ("checkpoints and records are kept complete; once that is fixed, resume with: prunetune finetune "
+                f"--config {shlex.quote(str(out / rundir.RUN_CONFIG))} --resume_from_checkpoint auto")
+    return "nothing was trained; once that is fixed, run the same command again"
 
 
 def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[str, Any]:
@@ -102,7 +130,8 @@ def _run(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> dict[
     data = _setup_data(run, tokenizer)
     trainer, monitor, guard = _setup_trainer(run, prepared, teacher, data, tokenizer)
     baseline = _baseline(run, trainer, monitor, data)
-    train_metrics = _train(run, trainer, monitor, guard)
+    train_metrics = _train(run, trainer, monitor, guard, prepared)
+    phases.boundary("trained")
     stopped = _stopped(run, trainer, monitor, baseline, train_metrics)
     if stopped is not None:
         return stopped
@@ -117,11 +146,17 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; drop --device or use --device cpu")
     pruned = rundir.read_pruned(cfg.pruned)
-    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device))  # before cfg.method is read
+    shards = world_size() if fsdp_launched() else 1
+    devices = torch.cuda.device_count() if device == "cuda" else 1
+    # before cfg.method is read
+    cfg, method_reason = resolve_method(cfg, pruned.prune_json, free_memory(device), shards, devices)
     precision = resolve_precision(cfg, device)
     resume = select_checkpoint(cfg, out)
     run = Run(cfg, out, runlog, is_main, time.perf_counter(), device, precision, pruned, resume,
               cfg.teacher or pruned.base_model, method_reason=method_reason)
+    if fsdp_launched() and fsdp_version() != 2 and run.method.trains_base:
+        raise UserError(f"--method {cfg.method} under FSDP needs fsdp_version: 2 in the accelerate config (FSDP1 "
+                        "flattens the weights its masks must follow); use configs/accelerate/fsdp2-8gpu.yaml")
     _banner(run)
     checks, run.texts, existing = preflight_checks(cfg, out, resume, run.teacher_spec, is_main)
     runlog.emit("preflight", None, persist=False, checks=checks)
@@ -130,6 +165,7 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
     if is_main:
         remove_run(out, existing)
         out.mkdir(parents=True, exist_ok=True)
+        rundir.claim(out, RUN_FILES, COMMAND)  # listed before written: --overwrite replaces these, nothing else
     run.prior, dropped = load_prior(out, resume, is_main)
     runlog.release()
     if resume is not None:
@@ -143,6 +179,7 @@ def _setup(cfg: FinetuneConfig, out: Path, runlog: RunLog, is_main: bool) -> Run
             "base_model": pruned.base_model, "teacher": run.teacher_spec if cfg.distilling else None,
             "provenance": provenance(),
         })
+        phases.boundary("run-files")
     return run
 
 
@@ -176,7 +213,8 @@ def _setup_model(run: Run) -> tuple[Any, Prepared, nn.Module | None]:
     model, tokenizer = load_model(str(run.pruned.path), dtype=run.precision.load_dtype, device=where,
                                   log=runlog.print_text)
     run.masks, run.mask_source = rundir.load_keep_masks(run.pruned.path, model)
-    run.base_digest = rundir.base_digest(model, run.masks)
+    # The adapter's record of its base: the main process writes it
+    run.base_digest = rundir.base_digest(model, run.masks) if run.is_main else ""
     kept = sum(int(m.sum()) for m in run.masks.values())
     total = sum(m.numel() for m in run.masks.values())
     runlog.emit("model", None, path=str(run.pruned.path), seconds=time.perf_counter() - t0,
@@ -232,6 +270,7 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     monitor = MonitorCallback(
         run.runlog, tokens_per_step, cfg.load_best_model_at_end, live, context=context, guard=guard,
         best=run.prior.best(run.out), evals=run.prior.evals(),
+        resumed_from=str(run.resume.path) if run.resume else None,
     )
     monitor.alerted |= {r["kind"] for r in run.prior.records if r.get("event") == "alert" and r.get("kind")}
     trainer = PrunetuneTrainer(
@@ -243,6 +282,7 @@ def _setup_trainer(run: Run, prepared: Prepared, teacher: nn.Module | None, data
     # Our step lines replace the Trainer's printed dicts and progress bars.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.shard()  # FSDP2: sharded before the baseline evaluation and the probe (a no-op otherwise)
     if teacher is not None:
         teacher.to(args.device)
     return trainer, monitor, guard
@@ -294,6 +334,7 @@ def _estimate(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, dat
     budget = _time_budget(run, max_steps, s_per_step, eval_s, eval_steps)
     if budget.get("budget_steps"):
         max_steps = trainer.args.max_steps = budget["budget_steps"]  # the schedule is built for these steps
+    run.planned_steps = max_steps
     evals = max_steps // eval_steps if eval_steps else 0
     remaining = max_steps - run.resume_step
     run.runlog.emit("estimate", None, s_per_step=s_per_step, max_steps=max_steps, remaining_steps=remaining,
@@ -333,7 +374,10 @@ def _time_budget(run: Run, planned: int, s_per_step: float | None, eval_s: float
 # ---------------------------------------------------------------------------------------------------
 # Training, and the runs that stop before the end
 # ---------------------------------------------------------------------------------------------------
-def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard) -> dict[str, Any]:
+def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard: SignalGuard,
+           prepared: Prepared) -> dict[str, Any]:
+    if run.resume is not None and run.planned_steps is not None and run.resume_step >= run.planned_steps:
+        return _trained_already(run, trainer, monitor)
     try:
         with guard:
             output = trainer.train(resume_from_checkpoint=str(run.resume.path) if run.resume else None)
@@ -343,10 +387,39 @@ def _train(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, guard:
     state = monitor.state
     run.runlog.emit("train_end", trainer.state.global_step, runtime_s=metrics.get("train_runtime"),
                     train_loss=metrics.get("train_loss"), last_loss=state.last_train_loss,
-                    stop_reason=state.stop_reason)
+                    stop_reason=state.stop_reason, rank_memory=_rank_memory(trainer, prepared),
+                    sharded=trainer.is_fsdp_enabled)
     if run.is_main:
         trainer.save_state()
     return metrics
+
+
+def _trained_already(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> dict[str, Any]:
+    """Resumed from a checkpoint of the run's last step (killed after its last save, before its records said it
+    finished): there is nothing left to train, and the Trainer would run one step past the end. Its weights and
+    state are restored, and the run finishes from there."""
+    from transformers.trainer_callback import TrainerState
+
+    assert run.resume is not None
+    trainer.state = TrainerState.load_from_json(str(run.resume.path / "trainer_state.json"))
+    run.method.load_checkpoint(trainer.model, run.resume.path)
+    run.runlog.emit("message", run.resume_step, kind="resume_at_end",
+                    message=f"{run.resume.path.name} is the run's last step ({run.planned_steps}): nothing left to "
+                            "train; finishing from it")
+    run.runlog.emit("train_end", trainer.state.global_step, runtime_s=0.0, train_loss=None,
+                    last_loss=monitor.state.last_train_loss, stop_reason=None)
+    return {}
+
+
+def _rank_memory(trainer: PrunetuneTrainer, prepared: Prepared) -> list[dict[str, int]]:
+    """Bytes of the trained state each process holds (trainable weights, optimizer state, the method's own, e.g.
+    masks), one entry per rank: under FSDP2 each is 1/N of one process's, under DDP each is all of it."""
+    held = sharded.held_bytes(trainer.model, trainer.optimizer) | (prepared.held_bytes() if prepared.held_bytes else {})
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [held]
+    ranks: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(ranks, held)
+    return ranks
 
 
 def _stopped(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
-from prunetune import rundir
+from prunetune import phases, rundir
 from prunetune.analysis import fixes
 from prunetune.errors import UserError
+from prunetune.finetune import checkpoint_layout
 from prunetune.finetune.callbacks import MonitorCallback
 from prunetune.finetune.run import Run
 from prunetune.finetune.trainer import OOM_ERRORS, PrunetuneTrainer
@@ -68,6 +70,7 @@ def finish(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseli
                     final_train_loss=state.last_train_loss, mean_train_loss=whole["mean_train_loss"],
                     final_eval_loss=final.get("eval_loss"), final_perplexity=final.get("perplexity"),
                     best_checkpoint=best_ckpt, next_steps=next_steps(run, adapter_dir))
+    phases.boundary("finished")
     return base_result(run, trainer, monitor, baseline, train_metrics) | {
         "adapter": str(adapter_dir), "final_eval_loss": final.get("eval_loss"),
         "final_perplexity": final.get("perplexity"), "best_checkpoint": best_ckpt,
@@ -83,12 +86,25 @@ def load_best(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback) -> 
     best_ckpt = state.best_checkpoint or trainer.state.best_model_checkpoint
     if not run.cfg.load_best_model_at_end:
         return best_ckpt, None
-    if not (best_ckpt and run.method.load_checkpoint(trainer.model, Path(best_ckpt))):
+    if not (best_ckpt and _load_weights(run, trainer, Path(best_ckpt))):
         run.runlog.emit("best_loaded", None, checkpoint=None)
         return best_ckpt, None
     run.runlog.emit("best_loaded", state.best_step, checkpoint=best_ckpt, eval_loss=state.best_loss,
                     best_step=state.best_step)
     return best_ckpt, state.best_step
+
+
+def _load_weights(run: Run, trainer: PrunetuneTrainer, checkpoint: Path) -> bool:
+    """The trained weights of `checkpoint` into the model: FSDP's sharded checkpoint by accelerate (every rank
+    reads its own shards), a whole one by the method."""
+    if checkpoint_layout.is_sharded(checkpoint) and trainer.is_fsdp_enabled:
+        from accelerate.utils import load_fsdp_model
+
+        # adapter_only: what the Trainer saved for a PEFT model (the adapter); ignored for a plain model
+        load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.model, str(checkpoint),
+                        adapter_only=True)
+        return True
+    return run.method.load_checkpoint(trainer.model, checkpoint)
 
 
 def final_eval(run: Run, trainer: PrunetuneTrainer, monitor: MonitorCallback, baseline: dict[str, Any],
@@ -179,12 +195,19 @@ def save_result(run: Run, trainer: PrunetuneTrainer, best_ckpt: str | None, base
     record = {"method": method.name, "run_dir": str(run.out.resolve()), "best_checkpoint": best_ckpt,
               "final_perplexity": to_float(final.get("perplexity")),
               "baseline_perplexity": to_float(baseline.get("perplexity")), "mask_source": run.mask_source}
-    method.save_result(trainer, staging, run.pruned.path, run.pruned.base_model, record, run.base_digest,
-                       run.is_main)
+    try:
+        method.save_result(trainer, staging, run.pruned.path, run.pruned.base_model, record, run.base_digest,
+                           run.is_main)
+    except BaseException:
+        if run.is_main:  # a save a full disk cut short leaves nothing behind (and frees what it took)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     files = []
     if run.is_main:
+        phases.boundary("result-staged")
         rundir.publish_dir(staging, final_dir)
         files = sorted(str(p) for p in final_dir.iterdir() if p.is_file() and p.name != "training_args.bin")
+        phases.boundary("result")
     run.runlog.emit("adapter_saved", None, dir=str(final_dir), result=final_dir.name, files=files, method=method.name)
     return final_dir
 

@@ -7,51 +7,45 @@ Each check is a dict `{name, ok, detail, fix}`; the `preflight` record carries t
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
+from prunetune import rundir
 from prunetune.data import TextSplit, load_text
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import EVAL_SPLIT, TRAIN_SPLIT
-from prunetune.finetune.resume import METRICS, ResumePoint, changed_settings, checkpoints
-from prunetune.models import context_length, load_config
+from prunetune.finetune.distill import DistillSpec
+from prunetune.finetune.resume import METRICS, ResumePoint, changed_settings, checkpoints, finished_step
+from prunetune.finetune.trainer import CHECKPOINT_STAGING
+from prunetune.models import context_length, load_config, load_tokenizer
+from prunetune.oserrors import link_problem
 from prunetune.recovery import registry as recovery_methods
 from prunetune.rundir import RUN_CONFIG, TRAIN_LOG
 from prunetune.rundir.records import read_jsonl
 
-# What a previous run leaves in its directory; --overwrite removes exactly these, nothing else.
+COMMAND = "prunetune finetune"
+# What a run writes into its directory besides its checkpoints: listed in the directory's marker before they are
+# written (checkpoints as each is made), so --overwrite removes exactly these, nothing else.
 RUN_FILES = (METRICS, TRAIN_LOG, RUN_CONFIG, "trainer_state.json", "all_results.json",
-             "train_results.json", "eval_results.json", *recovery_methods.result_dirs(), ".checkpoint-staging")
+             "train_results.json", "eval_results.json", *recovery_methods.result_dirs(), CHECKPOINT_STAGING)
 # Records that show a run trained: its directory is then never replaced without --overwrite.
 _TRAINED_EVENTS = ("train_start", "log", "eval", "checkpoint")
 
 Check = dict[str, Any]
 
 
-def check_writable(out: Path) -> None:
-    """Refuse an `--out` that cannot be written (a path under a file, a read-only place) before any work, with
-    a one-line error instead of a traceback from the first write."""
-    anchor = out
-    while not anchor.exists() and anchor.parent != anchor:
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        hint = "choose a directory path" if anchor != out else "choose another --out"
-        raise UserError(f"--out {str(out)!r}: {str(anchor)!r} is a file, not a directory; {hint}")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UserError(f"--out {str(out)!r} is not writable (permission denied in {anchor}); choose a directory "
-                        "you can write")
-
-
 def existing_run(out: Path) -> list[str]:
-    """Names of the files and checkpoints an earlier run left in `out` (empty for a free directory)."""
-    if not out.is_dir():
+    """What an earlier run left in `out`, as the directory's marker lists it (empty for a free directory), or a
+    UserError for a non-empty directory without one: its files are the user's, whatever they are called."""
+    if not rundir.staging.content(out):
         return []
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    return found + sorted(path.name for _, path in checkpoints(out))
+    listed = rundir.owned_files(out)
+    if listed is None:
+        rundir.check_output(out)  # raises: not empty, no prunetune output
+    return sorted(name for name in listed or [] if (out / name).exists())
 
 
 def ever_trained(out: Path) -> bool:
@@ -74,6 +68,9 @@ def remove_run(out: Path, existing: list[str]) -> None:
 
 def _check_pruned(cfg: FinetuneConfig) -> list[Check]:
     pruned = Path(cfg.pruned).expanduser()
+    problem = link_problem(pruned)
+    if problem:
+        return [{"name": "pruned model", "ok": False, "detail": problem, "fix": "remove or fix the link"}]
     if not (pruned / "config.json").is_file():
         return [{
             "name": "pruned model", "ok": False, "detail": f"{pruned} is not a model directory (no config.json)",
@@ -92,8 +89,8 @@ def _check_data(cfg: FinetuneConfig) -> tuple[list[Check], dict[str, TextSplit]]
     try:
         texts = {split: load_text(cfg.dataset, split, cfg.data_dir) for split in (TRAIN_SPLIT, EVAL_SPLIT)}
     except UserError as err:
-        return [{"name": "dataset", "ok": False, "detail": str(err).split(": ", 1)[0],
-                 "fix": str(err).split(": ", 1)[-1]}], {}
+        # The message is whole: it names the problem and its own fix (never cut at a colon it happens to hold).
+        return [{"name": "dataset", "ok": False, "detail": str(err), "fix": None}], {}
     detail = f"{cfg.dataset}: train {texts[TRAIN_SPLIT].origin}; validation {texts[EVAL_SPLIT].origin}"
     return [{"name": "dataset", "ok": True, "detail": detail}], texts
 
@@ -106,6 +103,11 @@ def _check_out(cfg: FinetuneConfig, out: Path, resume: ResumePoint | None, exist
     if resume is not None:
         skipped = "".join(f"; skipped {line}" for line in resume.skipped)
         return {"name": name, "ok": True, "detail": f"{out}: resuming from {resume.path.name}{skipped}"}
+    finished = finished_step(out) if existing else None
+    if finished is not None and not cfg.overwrite:
+        return {"name": name, "ok": False, "detail": f"{out} holds a finished run (step {finished}); it is never "
+                "silently overwritten or restarted", "fix": "add --overwrite to train again (replaces it), or choose "
+                "another --out"}
     if existing and not ever_trained(out):
         return {"name": name, "ok": True,
                 "detail": f"{out}: an earlier attempt stopped before training ({listed}); its files are replaced"}
@@ -152,11 +154,61 @@ def preflight_checks(
     if cfg.distilling and not teacher_spec:
         checks.append({"name": "teacher", "ok": False, "detail": "--distill needs the dense model",
                        "fix": "give --teacher MODEL (the pruned dir has no prune.json naming it)"})
+    elif cfg.distilling and checks[0]["ok"]:
+        checks.append(check_teacher(cfg, teacher_spec))
     return checks, texts, existing if resume is None else []
+
+
+def check_teacher(cfg: FinetuneConfig, teacher_spec: str) -> Check:
+    """The teacher fits the student for what `--distill` compares, from the configs and tokenizers alone
+    (before any weight loads or file is written): logits need the same vocabulary (size and token ids),
+    layer-wise needs the same depth and hidden size, and both the teacher's context to cover a block."""
+    spec = DistillSpec.from_config(cfg)
+    name = "teacher"
+    fix = "give --teacher the dense model the pruned model was made from (its base model)"
+    try:
+        teacher = load_config(teacher_spec, log=lambda *_: None)
+        student = load_config(str(Path(cfg.pruned).expanduser()), log=lambda *_: None)
+    except UserError as err:
+        return {"name": name, "ok": False, "detail": f"{teacher_spec}: {err}", "fix": fix}
+    problems = []
+    if spec.logits and teacher.vocab_size != student.vocab_size:
+        problems.append(f"its vocabulary has {teacher.vocab_size} tokens, the student's {student.vocab_size} "
+                        "(logit distillation compares the two distributions token by token)")
+    if spec.layerwise:
+        for key, what in (("num_hidden_layers", "decoder layers"), ("hidden_size", "hidden size")):
+            t, s = getattr(teacher, key, None), getattr(student, key, None)
+            if t != s:
+                problems.append(f"{what} {t} vs the student's {s} (layer-wise distillation compares the hidden "
+                                "states layer by layer)")
+    context = context_length(teacher)
+    if context is not None and cfg.block_size > context:
+        problems.append(f"its context is {context} tokens, shorter than --block-size {cfg.block_size}")
+    if spec.logits and not problems:
+        problems += _tokenizer_problems(teacher_spec, str(Path(cfg.pruned).expanduser()))
+    if problems:
+        return {"name": name, "ok": False, "detail": f"{teacher_spec} does not fit the student: "
+                + "; ".join(problems), "fix": fix}
+    what = f"{teacher.num_hidden_layers} layers, hidden {teacher.hidden_size}, vocabulary {teacher.vocab_size}"
+    return {"name": name, "ok": True, "detail": f"{teacher_spec} ({what}) fits the student for --distill {spec.mode}"}
+
+
+def _tokenizer_problems(teacher_spec: str, student_spec: str) -> list[str]:
+    """Logit distillation needs the same token ids: the two tokenizers' vocabularies must be the same."""
+    try:
+        teacher, student = load_tokenizer(teacher_spec).get_vocab(), load_tokenizer(student_spec).get_vocab()
+    except UserError as err:
+        return [f"its tokenizer cannot be read ({err})"]
+    if teacher == student:
+        return []
+    differ = sum(1 for token, index in student.items() if teacher.get(token) != index)
+    return [f"its tokenizer differs from the student's ({differ} of {len(student)} tokens have another id; logit "
+            "distillation needs the same token ids)"]
 
 
 def raise_on_failure(checks: list[Check]) -> None:
     failed = [c for c in checks if not c["ok"]]
     if failed:
         first = failed[0]
-        raise UserError(f"{first['name']}: {first['detail']}; fix: {first.get('fix')}")
+        fix = f"; fix: {first['fix']}" if first.get("fix") else ""
+        raise UserError(f"{first['name']}: {first['detail']}{fix}")

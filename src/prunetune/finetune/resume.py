@@ -19,6 +19,7 @@ from typing import Any
 
 from prunetune import rundir
 from prunetune.errors import UserError
+from prunetune.finetune import checkpoint_layout
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.trainer import CHECKPOINT_STAGING, SESSIONS
 from prunetune.recovery import registry as recovery_methods
@@ -79,6 +80,8 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"no {TRAINER_STATE} (the save was interrupted)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{TRAINER_STATE} is unreadable"
+    if checkpoint_layout.is_sharded(path):  # FSDP's layout: every rank's shards, no whole weights file
+        return checkpoint_layout.sharded_problem(path)
     names = recovery_methods.checkpoint_weights()  # whichever method wrote it
     weights = next((path / name for name in names if (path / name).is_file()), None)
     if weights is None:
@@ -124,29 +127,34 @@ def select_checkpoint(cfg: FinetuneConfig, out: Path) -> ResumePoint | None:
                         f"{hint}")
     finished = finished_step(out)
     if finished is not None:
+        result = rundir.recovery_result(out)
+        saved = f"its result {result.path.name}/ saved" if result is not None else \
+            "its result is no longer in the directory"
         raise UserError(
-            f"{out} holds a finished run (step {finished}, adapter saved); `--resume_from_checkpoint auto` never "
+            f"{out} holds a finished run (step {finished}, {saved}); `--resume_from_checkpoint auto` never "
             f"restarts a finished run: to train again add --overwrite (replaces it) or choose another --out"
         )
     skipped = []
     if (out / CHECKPOINT_STAGING).exists():
         skipped.append(f"{out / CHECKPOINT_STAGING}: a checkpoint whose save was interrupted")
+    damaged = []
     for _, path in checkpoints(out):
         problem = checkpoint_problem(path)
         if problem is None:
-            return ResumePoint(path, _step(path), tuple(skipped))
-        skipped.append(f"{path.name}: {problem}")
-    if skipped:
-        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped)}); "
+            return ResumePoint(path, _step(path), tuple(skipped + damaged))
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        raise UserError(f"no complete checkpoint to resume from in {out} ({'; '.join(skipped + damaged)}); "
                         "add --overwrite to start the run over")
-    return None
+    return None  # at most a save that never completed: nothing to resume, the run starts over
 
 
 def finished_step(out: Path) -> int | None:
-    """The last step of a finished run: its result is saved (the adapter, or sparse-ft's model) and its last
-    session ended with a `summary`."""
+    """The last step of a finished run, as its records say: its last session ended with a `summary` (written
+    after the result was saved). A property of the records, not of the result directory: a finished run whose
+    result was deleted is still finished, and never trained again by `auto`."""
     path = out / METRICS
-    if not (path.is_file() and any((out / name).is_dir() for name in recovery_methods.result_dirs())):
+    if not path.is_file():
         return None
     endings = [r for r in read_jsonl(path) if r.get("event") in ENDING_EVENTS or r.get("event") == "resume"]
     if endings and endings[-1].get("event") == "summary":
@@ -154,15 +162,17 @@ def finished_step(out: Path) -> int | None:
     return None
 
 
-def drop_superseded(out: Path, resume_step: int) -> tuple[list[dict[str, Any]], int]:
+def drop_superseded(out: Path, resume_step: int, write: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Drop the records of the interrupted session after the checkpoint it resumes from: the resumed run writes
-    them again, so a reader sees one history. Returns (kept records, dropped count)."""
+    them again, so a reader sees one history. Returns (kept records, dropped count); `write=False` only reads."""
     path = out / METRICS
     if not path.is_file():
         return [], 0
     records = read_jsonl(path)
     kept = [r for r in records if r.get("event") not in ENDING_EVENTS
             and not (r.get("event") in SUPERSEDED_EVENTS and (r.get("step") or 0) > resume_step)]
+    if not write:
+        return kept, len(records) - len(kept)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
     os.replace(tmp, path)
@@ -208,5 +218,7 @@ def load_prior(out: Path, resume: ResumePoint | None, is_main: bool) -> tuple[Pr
     """The prior run to carry on (empty for a fresh run), and how many superseded records were dropped."""
     if resume is None:
         return PriorRun(), 0
-    records, dropped = drop_superseded(out, resume.step) if is_main else ([], 0)
+    # Every rank needs the same history (under FSDP each evaluation is collective: all evaluate, or none);
+    # the main process alone rewrites the file.
+    records, dropped = drop_superseded(out, resume.step, write=is_main)
     return PriorRun(records, read_sessions(resume.path)), dropped

@@ -41,6 +41,8 @@ class Run:
     """Why this training method (`--method auto` resolves by the pruned pattern)."""
     base_digest: str = ""
     """Fingerprint of the pruned base (rundir.base_digest), recorded with the adapter for `merge` to check."""
+    planned_steps: int | None = None
+    """The run's total optimizer steps (epochs or max_steps, cut by a time budget), known after the estimate."""
 
     @property
     def method(self) -> RecoveryMethod:

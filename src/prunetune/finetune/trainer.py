@@ -3,29 +3,38 @@ its `TrainingArguments` built from a `FinetuneConfig`, the measured probe step, 
 
 Extension points for recovery methods:
 - the loss: `PrunetuneTrainer(loss=...)` takes any `TrainingLoss` (`build_loss` picks CE or logit KD today);
+- after every micro-batch's backward, before gradients are clipped: a callback's `on_backward_end(args, state,
+  control)` (`BackwardCallback`; the Trainer has no such event, this Trainer adds it);
 - after every optimizer step: a `TrainerCallback.on_optimizer_step` (the method's callbacks, see
   `prunetune.recovery.base.Prepared.callbacks`) runs after `optimizer.step()`, before `zero_grad`.
+
+Under FSDP2 (`accelerate launch` with `fsdp_version: 2`) the model is sharded before the first evaluation
+(`shard`): accelerate shards a model only together with its optimizer, and the baseline evaluation and the probe
+step run before `train()`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from prunetune import phases
 from prunetune.errors import UserError
 from prunetune.finetune.config import FinetuneConfig
 from prunetune.finetune.data import FinetuneData
 from prunetune.finetune.distill import DistillSpec, distill_compute_loss
-from prunetune.rundir import publish_dir
-from prunetune.runinfo import write_json
+from prunetune.rundir import claim, publish_dir
+from prunetune.runinfo import write_json, write_text
 
 # A checkpoint is written here first and renamed to `checkpoint-N` only once every file is on disk, so a
 # `checkpoint-N` directory is always complete (a kill -9 mid-save leaves only this staging dir behind).
@@ -57,6 +66,14 @@ def build_loss(cfg: FinetuneConfig, teacher: nn.Module | None) -> TrainingLoss |
     if cfg.distilling and teacher is not None:
         return Distillation(teacher, DistillSpec.from_config(cfg))
     return None
+
+
+@runtime_checkable
+class BackwardCallback(Protocol):
+    """A callback that acts on the gradients of each micro-batch, before they are accumulated into a step and
+    clipped (sparse-ft masks the gradient shards FSDP2 reduce-scattered)."""
+
+    def on_backward_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any: ...
 
 
 class PrunetuneTrainer(Trainer):
@@ -91,6 +108,23 @@ class PrunetuneTrainer(Trainer):
         return {"from_step": first, "to_step": self.state.global_step, "seconds": time.perf_counter() - self.started,
                 "loss_sum": loss_sum}
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, BackwardCallback):
+                callback.on_backward_end(self.args, self.state, self.control)
+        return loss
+
+    def shard(self) -> None:
+        """Shard the model now, with its optimizer (FSDP2 through accelerate; nothing otherwise): evaluation and
+        the probe then run on the sharded model, and `train()` finds it prepared (accelerate returns a model that
+        is already sharded as it is, and an optimizer it prepared unchanged)."""
+        if not (self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2):
+            return
+        self.create_optimizer()
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model_wrapped = self.model
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.training_loss is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -107,16 +141,27 @@ class PrunetuneTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging_root, ignore_errors=True)
+        self._barrier()  # every rank writes its shards there (FSDP): none may start before the old one is gone
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+                _point_into(staging_root / name / "trainer_state.json", staging_root, run_dir)
+        except BaseException:
+            # A save that failed (a full disk, a signal) leaves no half checkpoint, and frees what it took.
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise
         finally:
             self.args.output_dir = str(run_dir)
         self._barrier()
         if self.args.should_save:
-            write_json(staging_root / name / SESSIONS, [*self.sessions, self.session()])
+            phases.boundary("checkpoint-staged")
+            claim(run_dir, [name], "prunetune finetune")  # listed before it appears
             publish_dir(staging_root / name, run_dir / name)
             shutil.rmtree(staging_root, ignore_errors=True)
+            phases.boundary("checkpoint")
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}").is_dir():
                 self.state.best_model_checkpoint = str(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}")
@@ -124,9 +169,41 @@ class PrunetuneTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self._barrier()
 
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """The Trainer's `{split}_results.json` and `all_results.json`, written whole or not at all (the Trainer
+        writes them in place, and reads all_results.json back: a file a full disk cut short would fail the rerun).
+        An unreadable earlier all_results.json is replaced, not merged."""
+        if not self.is_world_process_zero():
+            return
+        out = Path(self.args.output_dir)
+        write_json(out / f"{split}_results.json", metrics)
+        if combined:
+            try:
+                everything = json.loads((out / "all_results.json").read_text())
+            except (OSError, ValueError):
+                everything = {}
+            everything = everything if isinstance(everything, dict) else {}
+            write_json(out / "all_results.json", {**everything, **metrics})
+
+    def save_state(self) -> None:
+        """The Trainer's `trainer_state.json` in the run directory, written whole or not at all."""
+        if self.is_world_process_zero():
+            write_text(Path(self.args.output_dir) / "trainer_state.json",
+                       json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
+
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _point_into(state_file: Path, staging_root: Path, run_dir: Path) -> None:
+    """The Trainer wrote the checkpoint's state while its output dir was the staging dir: its best-checkpoint path
+    names the staging dir, which is gone once the checkpoint is published. Point it at the run directory."""
+    state = json.loads(state_file.read_text())
+    best = state.get("best_model_checkpoint")
+    if isinstance(best, str) and best.startswith(str(staging_root)):
+        state["best_model_checkpoint"] = str(run_dir) + best[len(str(staging_root)):]
+        write_json(state_file, state)
 
 
 def world_size() -> int:
@@ -137,9 +214,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def fsdp_launched() -> bool:
+    """Whether `accelerate launch` asked for FSDP (its config's `distributed_type: FSDP`)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def fsdp_version() -> int:
+    """The FSDP version `accelerate launch` asked for (its config's `fsdp_version`; accelerate's default is 1)."""
+    return int(os.environ.get("FSDP_VERSION", "1") or 1)
+
+
 def load_device(device: str) -> torch.device:
     """Where this process loads its models: under torchrun/accelerate each rank its own GPU, so eight ranks
-    never stack eight copies of a 7B model on GPU 0 before the Trainer places them."""
+    never stack eight copies of a 7B model on GPU 0 before the Trainer places them. Under FSDP the CPU: sharding
+    moves each rank's shards to its GPU, and no GPU ever holds the whole model."""
+    if fsdp_launched():
+        return torch.device("cpu")
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)

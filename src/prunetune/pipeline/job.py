@@ -5,7 +5,6 @@ and `prunetune demo` both call it."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,15 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from prunetune import rundir
 from prunetune.errors import UserError
+from prunetune.oserrors import check_links, user_error
 from prunetune.pipeline.config import SCHEMAS, STAGES, PipelineConfig, load_pipeline
 from prunetune.pipeline.runner import PipelineRun, RunLayout, Stage, check_run_dir
 from prunetune.pipeline.stages import DataChoice, build_stages, choose_data
 from prunetune.pipeline.summary import perplexity_story, print_story, print_timings
 from prunetune.rundir import run_lock
+from prunetune.runinfo import write_text
 
 
 @dataclass
@@ -84,19 +86,6 @@ def make_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=120)
 
 
-def check_writable(root: Path) -> None:
-    """Refuse a run directory that cannot be created or written (a path under a file, a read-only place), before
-    any data is loaded or stage runs; creates nothing."""
-    anchor = root
-    while not anchor.exists():
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UserError(f"--out {str(root)!r} lies under the file {str(anchor)!r}; give a directory path")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UserError(f"--out {str(root)!r} is not writable (permission denied on {anchor}); "
-                        "choose a directory you can write")
-
-
 def run_pipeline(
     cfg: PipelineConfig,
     out: str | Path,
@@ -110,10 +99,10 @@ def run_pipeline(
     """Run (or continue) the pipeline into `out`. Returns the perplexity story (dense/pruned/recovered, report).
     `plan_only`: print what would run and why, write nothing. `notes`: more to record in pipeline.json."""
     console = console or make_console()
-    root = Path(out).expanduser().resolve()
+    root = check_links(Path(out).expanduser(), "--out").resolve()
     check_run_dir(root)
     if not plan_only:
-        check_writable(root)
+        rundir.check_writable(root)  # a read-only or forbidden place: refused before any data is loaded
     if stage is not None and stage not in cfg.stages:
         raise UserError(f"--stage {stage} is not part of this pipeline (stages: {', '.join(cfg.stages)}); "
                         f"set {stage}.enabled: true in the YAML")
@@ -138,11 +127,19 @@ def run_pipeline(
     if stage is not None:
         runner.check_dependencies(stage)  # before anything is written
     with run_lock(root, "run", log=console.print):
-        runner.start()
-        layout.pipeline_yaml.write_text(resolved_yaml(cfg, root, data, stages))
-        runner.execute(only=stage, force=force)
-        story = perplexity_story(root)
-        runner.record_results(story)
+        try:
+            runner.start()
+            write_text(layout.pipeline_yaml, resolved_yaml(cfg, root, data, stages))
+            runner.execute(only=stage, force=force)
+            story = perplexity_story(root)
+            runner.record_results(story)
+        except (OSError, RuntimeError, MemoryError) as err:
+            translated = user_error(err, f"running the pipeline in {root}", root,
+                                    "every stage's output is complete or absent; once that is fixed, run the same "
+                                    "command again: finished stages are skipped")
+            if translated is None:
+                raise
+            raise translated from None
     console.rule("[bold]Done[/]")
     print_timings(console, root, stages)
     print_story(console, story)

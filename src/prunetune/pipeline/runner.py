@@ -14,6 +14,7 @@ changes finetune's fingerprint, hence eval's and report's, but not prune's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,13 +30,17 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+from prunetune import phases, rundir
 from prunetune.errors import UserError
 from prunetune.fmt import hms
-from prunetune.rundir import LOCK_FILE, MARKER, PIPELINE_JSON, mark_ours
+from prunetune.oserrors import check_links
+from prunetune.rundir import MARKER, PIPELINE_JSON, mark_ours
 from prunetune.runinfo import provenance, write_json
 
 STAGE_FILE = "stage.json"
 PIPELINE_FILE = PIPELINE_JSON
+PIPELINE_YAML = "pipeline.yaml"
+COMMAND = "run"
 
 
 class StageInterrupted(KeyboardInterrupt):
@@ -58,7 +63,7 @@ class RunLayout:
 
     @property
     def pipeline_yaml(self) -> Path:
-        return self.root / "pipeline.yaml"
+        return self.root / PIPELINE_YAML
 
 
 @dataclass
@@ -91,6 +96,9 @@ class Stage:
     """Config fields that do not change the result (where to write, resume switches, console verbosity)."""
     resumable: bool = False
     """Whether an interrupted run continues from its checkpoints (`checkpoint-*` in the stage dir)."""
+    usable: Callable[[Path], str | None] | None = None
+    """Why a complete stage's output can no longer be used (None: it can), asked of the stage's own records
+    (fine-tuning: the result its records name is gone), beside the `outputs` that must exist."""
 
     def identity(self, layout: RunLayout) -> dict[str, Any]:
         """The config as fingerprinted: run-directory paths relative, volatile fields dropped."""
@@ -183,6 +191,9 @@ def decide(
         missing = [name for name in stage.outputs if not (stage_dir / name).exists()]
         if missing:
             return Action("run", f"outputs missing: {', '.join(missing)}")
+        problem = stage.usable(stage_dir) if stage.usable is not None else None
+        if problem:
+            return Action("run", problem)
         return Action("skip", f"up to date (finished {state.get('finished', '?')})")
     if stage.resumable and checkpoints(stage_dir):
         return Action("resume", f"interrupted; resuming from {checkpoints(stage_dir)[-1].name}")
@@ -261,8 +272,10 @@ class PipelineRun:
         write_json(self.layout.pipeline_json, doc)
 
     def start(self) -> None:
-        """Mark the directory as a pipeline run (pipeline.json) before anything else is written into it."""
+        """Mark the directory as a pipeline run (its marker lists what the pipeline writes there, before it is
+        written), then write pipeline.json."""
         self._provenance = provenance()
+        rundir.claim(self.layout.root, [PIPELINE_FILE, PIPELINE_YAML, *(s.name for s in self.stages)], COMMAND)
         self._record({})
 
     def execute(self, only: str | None = None, force: bool = False) -> dict[str, dict[str, Any]]:
@@ -308,7 +321,7 @@ class PipelineRun:
         stage_dir.mkdir(parents=True, exist_ok=True)
         # Ours: the stage's engine writes its result here through `rundir.staged_output`, keeping stage.json.
         if not (stage_dir / MARKER).is_file():  # a resumed stage keeps its engine's marker
-            mark_ours(stage_dir, "run")
+            mark_ours(stage_dir, COMMAND)
         previous = read_stage(stage_dir) or {}
         started = _now()
         state: dict[str, Any] = {
@@ -331,13 +344,15 @@ class PipelineRun:
             result = stage.run(ctx)
         except (KeyboardInterrupt, StageInterrupted):
             status[stage.name].update(status="interrupted", seconds=round(time.perf_counter() - t0, 1))
-            self._record(status)
+            with contextlib.suppress(OSError):  # a full disk must not hide why the stage stopped
+                self._record(status)
             how = "resumes from its last checkpoint" if stage.resumable else "starts it again"
             self.console.print(f"[yellow]Stage {stage.name} interrupted; running the same command again {how}.[/]")
             raise
         except BaseException:
             status[stage.name].update(status="failed", seconds=round(time.perf_counter() - t0, 1))
-            self._record(status)
+            with contextlib.suppress(OSError):
+                self._record(status)
             raise
         seconds = round(time.perf_counter() - t0, 1)  # this attempt; a resumed stage's earlier ones are not counted
         missing = [name for name in stage.outputs if not (stage_dir / name).exists()]
@@ -348,20 +363,22 @@ class PipelineRun:
         status[stage.name].update(status="resumed" if action.kind == "resume" else "ran", seconds=seconds,
                                   finished=state["finished"])
         self._record(status)
+        phases.boundary(f"stage-{stage.name}")
         self.console.print(f"[green]✅ {stage.name} done in {hms(seconds)}[/] → {stage_dir}")
         return state
 
     def _clear(self, stage_dir: Path) -> None:
-        """Remove a stage's old outputs before re-running it; only ever a directory the pipeline made."""
-        # An engine may have replaced the directory (and our stage.json) before being interrupted; pipeline.json
-        # still says the pipeline started this stage.
-        started_here = self._previous_status().get(stage_dir.name) is not None
-        if read_stage(stage_dir) is None and not started_here and any(stage_dir.iterdir()):
+        """Remove a stage's old outputs before re-running it: what its marker lists and the stage's record,
+        nothing else (files a user put there stay). A stage directory without a marker is not the pipeline's."""
+        if not rundir.staging.content(stage_dir):
+            shutil.rmtree(stage_dir)
+            return
+        if not rundir.is_ours(stage_dir):
             raise UserError(
-                f"{stage_dir} holds files the pipeline did not make (no {STAGE_FILE}); move them away or "
-                "choose another --out"
+                f"{stage_dir} holds files prunetune did not write (no {MARKER}); move them away or choose another "
+                "--out"
             )
-        shutil.rmtree(stage_dir)
+        rundir.remove_ours(stage_dir, also=[STAGE_FILE])
 
     def print_plan(self, actions: dict[str, Action]) -> None:
         marks = {"skip": "[dim]skip[/]", "run": "[bold]run[/]", "resume": "[bold yellow]resume[/]"}
@@ -377,11 +394,17 @@ class PipelineRun:
 
 
 def check_run_dir(root: Path) -> None:
-    """A run directory is empty, new, or one the pipeline made (has pipeline.json); never someone else's."""
+    """A run directory is empty, new, or one the pipeline made (its marker says so); never someone else's,
+    whatever its files are called."""
+    check_links(root, "--out")
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {str(root)!r} is a file; give a directory for the run")
-    content = [p for p in root.iterdir() if p.name != LOCK_FILE] if root.is_dir() else []
-    if content and not (root / PIPELINE_FILE).is_file():
-        raise UserError(
-            f"{str(root)!r} exists and is not a prunetune run directory (no {PIPELINE_FILE}); choose another --out"
-        )
+    if not rundir.staging.content(root):
+        return
+    marker = rundir.staging.read_marker(root)
+    if marker is None:
+        raise UserError(f"{str(root)!r} is not empty and is not a prunetune run directory (no {MARKER}, the list of "
+                        "the files prunetune wrote): its files are yours; choose another --out")
+    if marker.get("command") != COMMAND:
+        raise UserError(f"{str(root)!r} holds the output of `{marker.get('command')}`, not a pipeline run; choose "
+                        "another --out")

@@ -25,6 +25,7 @@ from prunetune.rundir import RecoveryResult
 from prunetune.runinfo import write_json
 
 EVAL_MODELS = ("dense", "pruned", "recovered")
+DENSE_SAME_SET = "dense-finetune-eval-set.json"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def choose_data(dataset: str, data_dir: str | None, fallback: str | None,
         dirs = data_dirs(data_dir)
         why = (
             f"no local {dataset} copy is configured (set PRUNETUNE_DATA_DIR or pass --data-dir)"
-            if not dirs else f"{dataset} is not in {', '.join(map(str, dirs))}: {str(err).split(': ', 1)[-1]}"
+            if not dirs else f"{dataset} could not be loaded from {', '.join(map(str, dirs))} ({err})"
         )
     loaded = [load_text(fallback, split, data_dir) for split in splits]
     return DataChoice(fallback, data_dir, loaded[-1].origin, f"{fallback} instead of {dataset}: {why}",
@@ -119,6 +120,14 @@ def finetune_result(layout: RunLayout) -> RecoveryResult:
     return result
 
 
+def _finetune_result_problem(stage_dir: Path) -> str | None:
+    """A finished fine-tuning whose result (as its records name it) is gone must train again: the records,
+    not the presence of a directory, say what the result is."""
+    if rundir.recovery_result(stage_dir) is None:
+        return "its result (as its records name it) is missing"
+    return None
+
+
 def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) -> Stage:
     config = stage_config(cfg, "finetune", layout, data)
 
@@ -150,7 +159,7 @@ def _finetune_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice) ->
     title = f"{what}, lr {config.lr:g}, block {config.block_size}, {steps}, on {config.dataset}"
     return Stage(
         name="finetune", deps=("prune",), title=title, config=config, run=run,
-        outputs=(rundir.METRICS,),
+        outputs=(rundir.METRICS,), usable=_finetune_result_problem,
         volatile=frozenset({"out", "pruned", "data_dir", "resume_from_checkpoint", "overwrite", "report_to",
                             "probe_steps"}),
         resumable=True,
@@ -219,6 +228,8 @@ def _eval_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice, finetu
         }
         test: dict[str, Any] = {"dataset": config.dataset, "split": config.split, "seqlen": config.seqlen,
                                 "max_windows": config.max_windows, "recovered_model": recovered}
+        # Listed in the stage directory's marker before they are written: a re-run replaces these, nothing else.
+        rundir.claim(ctx.dir, [f"{m}.json" for m in EVAL_MODELS] + ["eval.json", DENSE_SAME_SET], "run")
         for name, which in variants.items():
             label = f"recovered ({recovered['describes']})" if name == "recovered" else name
             ctx.console.print(f"[bold]{label}[/] on {config.dataset}/{config.split}")
@@ -231,7 +242,7 @@ def _eval_stage(cfg: PipelineConfig, layout: RunLayout, data: DataChoice, finetu
         same_set = dataclasses.replace(
             config, model=cfg.model, adapter=None, dataset=finetune.dataset, split="validation",
             seqlen=finetune.block_size, max_windows=finetune.max_eval_samples, tasks=(),
-            out=str(ctx.dir / "dense-finetune-eval-set.json"),
+            out=str(ctx.dir / DENSE_SAME_SET),
         )
         ctx.console.print(f"[bold]dense model[/] on the fine-tuning eval set ({finetune.dataset}/validation)")
         r = run_evaluate(same_set, console=ctx.console)

@@ -40,18 +40,25 @@ def _parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+@contextmanager
+def swapped_stack(model: nn.Module, prefix: str, stand_in: nn.ModuleList) -> Iterator[None]:
+    """Within the block, the decoder stack at `prefix` is `stand_in` (the real one is put back after)."""
+    parent, attr = _parent(model, prefix)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, stand_in)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, layers)
+
+
 def move_except_layers(model: nn.Module, prefix: str, device: torch.device | str) -> None:
     """Move embeddings, norms, rotary tables, lm_head... to `device`, leaving the decoder stack where it is.
 
     The stack is detached while `model.to` runs, so tied weights stay tied and no family-specific names are needed.
     """
-    parent, attr = _parent(model, prefix)
-    layers = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList())
-    try:
+    with swapped_stack(model, prefix, nn.ModuleList()):
         model.to(device)
-    finally:
-        setattr(parent, attr, layers)
 
 
 class _Captured(Exception):
@@ -113,6 +120,12 @@ def _first(output: Any) -> torch.Tensor:
 def layer_output(layer: nn.Module, inputs: LayerInputs, j: int) -> torch.Tensor:
     """`layer` on calibration window j: (1, seqlen, hidden); differentiable (block-wise reconstruction)."""
     return _first(layer(inputs.hidden[j : j + 1], *inputs.args, **inputs.kwargs))
+
+
+@torch.no_grad()
+def returns_tuple(layer: nn.Module, inputs: LayerInputs) -> bool:
+    """Whether `layer` returns a tuple (older Transformers) rather than the hidden states (Transformers 5)."""
+    return isinstance(layer(inputs.hidden[:1], *inputs.args, **inputs.kwargs), (tuple, list))
 
 
 @torch.no_grad()

@@ -1,15 +1,14 @@
 """`prune --permute`: the channel permutation as a prune phase (model walking; the math is `permutation.py`).
 
 Before the layer walk: one pass over the dense layers on the calibration windows gathers each matrix's Wanda
-scores |W| * ||x|| (magnitude: |W|, no pass), the search picks the permutation, and it is applied to the model
-in place (embeddings, head, norms, every layer) and to the captured inputs of the first layer (the embedding
-output: residual space). The walk then prunes an ordinary model whose channels are relabelled; the saved
-directory loads in Transformers as any other. A logits check on seeded token ids asserts that the function did
-not change, and the permutation is saved beside the masks (`prunetune/permutation.safetensors`) so a dense
-teacher can be relabelled the same way (layer-wise distillation compares hidden states).
-
-Applying is per layer (`apply_to_layer`) and to the outer weights (`apply_to_outer`): a store that streams
-layers from their shards can relabel each layer as it reads it.
+scores |W| * ||x|| (magnitude: |W|, no pass), the search picks the permutation, and the layer store relabels the
+model from then on (`LayerStore.relabel`: the outer weights and every layer as it is read, so a model streamed
+from its shards is relabelled one layer at a time), as well as the captured inputs of the first layer (the
+embedding output: residual space). The walk then prunes an ordinary model whose channels are relabelled; the saved
+directory loads in Transformers as any other. The logits on seeded token ids, layer by layer before and after,
+assert that the function did not change, and the permutation is saved beside the masks
+(`prunetune/permutation.safetensors`) so a dense teacher can be relabelled the same way (layer-wise distillation
+compares hidden states).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from torch import nn
 from prunetune.architecture import find_decoder_layers, linear_modules, module_type
 from prunetune.errors import UserError
 from prunetune.pruning import calibration as cal
+from prunetune.pruning.layer_eval import layerwise_logits
 from prunetune.pruning.permutation import (
     ROLES,
     Dims,
@@ -103,26 +103,29 @@ def apply_to_layer(layer: nn.Module, perm: Permutation, i: int, d: Dims) -> None
             p.data = p.data.index_select(0, perm.residual.to(p.device)).contiguous()  # input/post-attention norms
 
 
+def relabel_outer(t: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """A weight outside the decoder stack relabelled: its last dimension is the residual stream (embedding and
+    head columns, the final norm; `check_permutable` allows no other)."""
+    return t.index_select(t.dim() - 1, perm.residual.to(t.device)).contiguous()
+
+
 @torch.no_grad()
-def apply_to_outer(model: nn.Module, layers: list[nn.Module], perm: Permutation, d: Dims) -> None:
-    """Relabel every weight outside the decoder stack: embedding and head columns, final norm (tied once)."""
+def apply_to_outer(model: nn.Module, layers: list[nn.Module], perm: Permutation) -> None:
+    """Relabel every weight outside the decoder stack of a resident model in place (a tied head once)."""
     stack = {id(p) for layer in layers for p in layer.parameters()}
     seen: set[int] = set()
     for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in stack or id(p) in seen:
             continue
         seen.add(id(p))
-        p.data = p.data.index_select(p.dim() - 1, perm.residual.to(p.device)).contiguous()
+        p.data = relabel_outer(p.data, perm)
 
 
 def apply(model: nn.Module, layers: list[nn.Module], perm: Permutation, d: Dims) -> None:
-    apply_to_outer(model, layers, perm, d)
+    """Relabel a resident model in place (a teacher, a test model); `prune` relabels through its layer store."""
+    apply_to_outer(model, layers, perm)
     for i, layer in enumerate(layers):
         apply_to_layer(layer, perm, i, d)
-
-
-def vocab_size(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[0])
 
 
 def check_ids(vocab: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -133,7 +136,7 @@ def check_ids(vocab: int, seqlen: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's float32 logits on CPU, in its storage dtype (no autocast: the check compares like with like)."""
+    """A resident model's float32 logits, in its weights' dtype (no autocast: the check compares like with like)."""
     return model(input_ids=ids, use_cache=False).logits.float()
 
 
@@ -159,25 +162,27 @@ def layer_scores(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
         buf = torch.empty_like(cur.hidden)
     task = progress.add_task("permutation scores", total=len(s.layers))
     out = []
-    for layer in s.layers:
-        layer.to(s.device)
-        roles = layer_roles(layer)
-        if use_norms:
-            with cal.collecting(roles, hessian=False) as stats, s.precision.autocast():
-                cal.run_layer(layer, cur, buf)
-            out.append({r: wanda_scores(m.weight, stats.col_sq_norms(r)).cpu() for r, m in roles.items()})
-            cur.hidden, buf = buf, cur.hidden
-        else:
-            out.append({r: magnitude_scores(m.weight).cpu() for r, m in roles.items()})
-        layer.to("cpu")
+    for i in range(len(s.layers)):
+        layer = s.store.load(i, s.device)
+        try:
+            roles = layer_roles(layer)
+            if use_norms:
+                with cal.collecting(roles, hessian=False) as stats, s.precision.autocast():
+                    cal.run_layer(layer, cur, buf)
+                out.append({r: wanda_scores(m.weight, stats.col_sq_norms(r)).cpu() for r, m in roles.items()})
+                cur.hidden, buf = buf, cur.hidden
+            else:
+                out.append({r: magnitude_scores(m.weight).cpu() for r, m in roles.items()})
+        finally:
+            s.store.release(i, layer)
         progress.advance(task)
     progress.remove_task(task)
     return out
 
 
 def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: Progress) -> None:
-    """Search the permutation on the dense model, apply it to the model and to `inputs`, check the function,
-    record it (`prune.json` "permutation") and keep it for the save."""
+    """Search the permutation on the dense model, relabel the model (through its store) and `inputs`, check the
+    function, record it (`prune.json` "permutation") and keep it for the save."""
     t = time.perf_counter()
     try:
         d = check_permutable(s.model, s.prefix, s.layers)
@@ -187,8 +192,8 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
         s.record["permutation"] = {"skipped": str(err)}  # the default for blocks, on a model it does not fit
         progress.console.print(f"Channel permutation skipped: {err}")
         return
-    ids = check_ids(vocab_size(s.model), s.cfg.seqlen, s.cfg.seed)
-    before = logits_of(s.model, ids)
+    ids = check_ids(int(s.model.config.vocab_size), s.cfg.seqlen, s.cfg.seed)
+    before = layerwise_logits(s.store, ids, s.device)
     scores = layer_scores(s, inputs, progress)
     scores_s = time.perf_counter() - t
     pattern = s.recipe.pattern
@@ -203,22 +208,23 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
     search_cpu_s = time.process_time() - cpu_search  # what a busy machine does not inflate (all threads)
     perm = result.permutation
     assert is_valid(perm, d), "the search returned an invalid permutation (a bug in prunetune)"
-    apply(s.model, s.layers, perm, d)
+    s.store.relabel(lambda name, w: relabel_outer(w, perm), lambda i, layer: apply_to_layer(layer, perm, i, d))
     if inputs is not None:  # the first layer's inputs are the embedding output: residual space
         inputs.hidden = inputs.hidden.index_select(-1, perm.residual.to(inputs.hidden.device))
-    check = function_check(before, logits_of(s.model, ids), s.precision.storage)
+    check = function_check(before, layerwise_logits(s.store, ids, s.device), s.precision.storage)
     if not check["ok"]:
         raise RuntimeError(f"the channel permutation changed the model's logits by {check['relative']:.2e} of "
                            f"their scale (tolerance {check['tolerance']:g}): a bug; run without --permute")
     s.permutation = perm
     s.record["permutation"] = {
-        "file": f"{META_DIR}/{PERMUTATION_FILE}", "rounds": len(result.history) - 1, "max_rounds": s.cfg.permute_rounds,
+        "file": f"{META_DIR}/{PERMUTATION_FILE}", "rounds": len(result.history) - 1,
+        "max_rounds": s.cfg.permute_rounds,
         "scores": "magnitude" if s.cfg.method == "magnitude" or inputs is None else "wanda",
         "kept_mass_before": result.history[0], "kept_mass_after": result.history[-1],
         "kept_mass_history": result.history, "function_check": check,
         "spaces": {"residual": d.hidden, "mlp": [d.intermediate, d.layers], "vo": [d.kv_heads * d.head_dim, d.layers]},
-        "scores_s": round(scores_s, 3), "search_s": round(search_s, 3),
-        "search_cpu_s": round(search_cpu_s, 3)}
+        "scores_s": round(scores_s, 3), "search_s": round(search_s, 3), "search_cpu_s": round(search_cpu_s, 3),
+        "search_threads": torch.get_num_threads()}
     s.timings["permute_s"] = time.perf_counter() - t
     progress.console.print(
         f"Channel permutation: kept score mass {result.history[0]:.4f} -> {result.history[-1]:.4f} in "

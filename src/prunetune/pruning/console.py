@@ -50,3 +50,11 @@ def sparsity_table(matrices: dict[str, dict[str, Any]]) -> Table:
     table.add_row("[bold]overall", str(len(matrices)), f"{sum(total.values()):,}",
                   f"{sum(target.values()) / all_total:.2%}", f"[bold]{sum(zeros.values()) / all_total:.2%}")
     return table
+
+
+def memory_line(memory: dict[str, Any]) -> str:
+    """The memory the run took, from prune.json's `memory` record: what the model added to the process."""
+    share = memory["model_share_of_weights"]
+    return (f"Memory: peak RSS {memory['peak_rss_mib']:,.0f} MiB, {memory['rss_before_model_mib']:,.0f} MiB before the "
+            f"model loaded: the model took {memory['model_mib']:,.0f} MiB = {share:.0%} of its "
+            f"{memory['weight_mib']:,.0f} MiB of weights ({memory['weights']})")

@@ -1,6 +1,7 @@
-"""The layer walk of `prune`: one decoder layer resident on the device at a time, calibrated on the current
-activations, pruned, optionally trained block-wise, and recomputed so the next layer sees the pruned model.
-Also OWL's pass over the dense layers that sets the per-layer targets before pruning starts.
+"""The layer walk of `prune`: one decoder layer resident on the device at a time (loaded from the store, see
+`layer_store`), calibrated on the current activations, pruned, optionally trained block-wise, checked and committed
+(written, when streamed), and recomputed so the next layer sees the pruned model. Also OWL's pass over the dense
+layers that sets the per-layer targets before pruning starts.
 """
 
 from __future__ import annotations
@@ -18,26 +19,35 @@ from prunetune.budget import fit_steps
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.blockwise import outputs_mse, probe_step_seconds, reconstruct_block
 from prunetune.pruning.matrix import prune_matrix
-from prunetune.pruning.owl import clamp_target, layer_offsets, outlier_ratio, step_of
+from prunetune.pruning.owl import (
+    clamp_target,
+    layer_offsets,
+    outlier_ratio,
+    step_of,
+    target_range,
+    wanted_offsets,
+)
 from prunetune.pruning.scores import wanda_scores
-from prunetune.pruning.setup import PruneSession, calibration_windows
+from prunetune.pruning.setup import PruneSession
 from prunetune.pruning.sparsegpt import HessianFactors
+from prunetune.sparsity.masks import encode_mask, mask_digest
+from prunetune.sparsity.patterns import matrix_violations
 
 
 def capture_inputs(s: PruneSession, progress: Progress) -> cal.LayerInputs:
-    """Draw the calibration windows and capture what the first decoder layer is called with."""
-    t = time.perf_counter()
-    windows, s.record["calibration"] = calibration_windows(s.cfg, s.tokenizer)
-    s.timings["calibration_data_s"] = time.perf_counter() - t
+    """Capture what the first decoder layer is called with on the calibration windows (read in setup)."""
+    assert s.windows is not None, "calibration windows are read in setup when the method needs them"
     progress.console.print(
         f"Calibration: {s.cfg.nsamples} windows x {s.cfg.seqlen} tokens from {s.cfg.calib_dataset} train "
         f"(seed {s.cfg.seed}, sha256 {s.record['calibration']['windows_sha256']})"
     )
     t = time.perf_counter()
-    cal.move_except_layers(s.model, s.prefix, s.device)
-    with s.precision.autocast():
-        inputs = cal.capture_first_layer_inputs(s.model, s.layers[0], windows, s.device)
-    cal.move_except_layers(s.model, s.prefix, "cpu")
+    s.store.load_outer(s.device)
+    try:
+        with s.precision.autocast():
+            inputs = cal.capture_first_layer_inputs(s.model, s.layers[0], s.windows, s.device)
+    finally:
+        s.store.release_outer()
     s.timings["capture_s"] = time.perf_counter() - t
     return inputs
 
@@ -76,17 +86,19 @@ def prune_layers(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
     task = progress.add_task("layers", total=len(s.layers))
     t = time.perf_counter()
     budget_shown = False
-    for i, layer in enumerate(s.layers):
+    for i in range(len(s.layers)):
         t_layer = time.perf_counter()
         progress.update(task, description=f"layer {i + 1}/{len(s.layers)}")
-        layer.to(s.device)
+        layer = s.store.load(i, s.device)
         mods = layer_modules(s, i, layer)
         note = ""
         if walk is None:
             _prune_modules(s, mods, None)
         else:
             note = _calibrated_layer(s, i, layer, mods, walk)
-        layer.to("cpu")
+        finish_layer(s, mods)
+        s.store.commit(i, layer)
+        s.store.release(i, layer)
         mean = sum(s.matrices[n]["achieved"] for n in mods) / max(len(mods), 1)
         progress.console.print(f"layer {i + 1}/{len(s.layers)}: {len(mods)} matrices pruned, mean sparsity "
                                f"{mean:.2%}{note} ({time.perf_counter() - t_layer:.1f}s)")
@@ -152,6 +164,20 @@ def _block_steps(s: PruneSession, layer: nn.Module, keeps: dict[nn.Linear, torch
     return s.record["block_reconstruct_budget"]["steps_per_layer"]
 
 
+def finish_layer(s: PruneSession, mods: dict[str, nn.Linear]) -> None:
+    """A layer's matrices are final: check each against its mask and pattern (the weights as they will be saved),
+    then keep its masks packed (one bit per weight or tile) and their digests, not one bool per weight."""
+    tile = tuple(s.pattern_meta["tile"]) if "tile" in s.pattern_meta else None
+    for name, module in mods.items():
+        keep = s.masks.pop(name)
+        target = s.targets[name]
+        problems = matrix_violations(module.weight, keep, s.recipe.pattern.at(target), target, s.recipe.compare)
+        if problems:
+            s.violations[name] = problems
+        s.packed[name] = encode_mask(keep, tile)
+        s.digests[name] = mask_digest(keep)
+
+
 def _prune_modules(s: PruneSession, mods: dict[str, nn.Linear], stats: cal.InputStats | None) -> None:
     """Prune each module of one layer in place; modules that read the same input share one HessianFactors."""
     factors: dict[int, HessianFactors] = {}
@@ -176,15 +202,15 @@ def owl_targets(s: PruneSession, inputs: cal.LayerInputs, progress: Progress) ->
     walk = _Walk(dataclasses.replace(inputs, hidden=inputs.hidden.clone()), torch.empty_like(inputs.hidden))
     task = progress.add_task("OWL outlier ratios", total=len(s.layers))
     ratios: dict[int, float] = {}
-    for i, layer in enumerate(s.layers):
-        layer.to(s.device)
+    for i in range(len(s.layers)):
+        layer = s.store.load(i, s.device)
         mods = layer_modules(s, i, layer)
         with cal.collecting(mods, hessian=False) as stats, s.precision.autocast():
             cal.run_layer(layer, walk.inputs, walk.outs)
         if mods:
             ratios[i] = outlier_ratio([wanda_scores(m.weight, stats.col_sq_norms(n)) for n, m in mods.items()],
                                       s.cfg.owl_m)
-        layer.to("cpu")
+        s.store.release(i, layer)
         walk.advance()
         progress.advance(task)
     progress.remove_task(task)
@@ -199,7 +225,9 @@ def _apply_owl(s: PruneSession, ratios: dict[int, float]) -> None:
     order = sorted(ratios)
     params = [sum(numel[n] for n in by_layer[i]) for i in order]
     steps = [max(step_of(s.shapes[n], s.recipe.pattern, s.recipe.compare) for n in by_layer[i]) for i in order]
-    offsets = layer_offsets([ratios[i] for i in order], params, steps, s.cfg.owl_lambda)
+    lo, hi = target_range(s.recipe.pattern)  # every module's target stays one the pattern can hold
+    bounds = [(max(lo - s.targets[n] for n in by_layer[i]), min(hi - s.targets[n] for n in by_layer[i])) for i in order]
+    offsets = layer_offsets([ratios[i] for i in order], params, steps, s.cfg.owl_lambda, bounds)
     uniform = sum(s.targets[n] * numel[n] for n in numel) / sum(numel.values())
     for i, offset in zip(order, offsets, strict=True):
         for n in by_layer[i]:
@@ -208,8 +236,12 @@ def _apply_owl(s: PruneSession, ratios: dict[int, float]) -> None:
     s.record["owl"] = {
         "lambda": s.cfg.owl_lambda, "m": s.cfg.owl_m, "overall_target": overall, "uniform_target": uniform,
         "layers": {str(i): {"outlier_ratio": ratios[i], "offset": off, "params": p,
-                            "target": sum(s.targets[n] * numel[n] for n in by_layer[i]) / p}
-                   for i, off, p in zip(order, offsets, params, strict=True)},
+                            "target": sum(s.targets[n] * numel[n] for n in by_layer[i]) / p,
+                            # OWL wanted more than the pattern holds here; the other layers took up the rest
+                            "at_bound": not b[0] - 1e-9 <= want <= b[1] + 1e-9}
+                   for i, off, p, b, want in zip(order, offsets, params, bounds,
+                                                 wanted_offsets([ratios[i] for i in order], params, s.cfg.owl_lambda),
+                                                 strict=True)},
     }
     # The overall target is the requested one up to the rounding of one layer's step.
     assert abs(overall - uniform) <= max(st * p for st, p in zip(steps, params, strict=True)) / sum(params) + 1e-9, \

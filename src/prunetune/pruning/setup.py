@@ -1,5 +1,5 @@
-"""The data side of a prune run: calibration windows, the perplexity set, validating the config against the
-loaded model, and the memory figure for prune.json."""
+"""What the phases of a prune run share (`PruneSession`), the data side (calibration windows, the perplexity set),
+validating the config against the model, and the memory figures for the console and prune.json."""
 
 from __future__ import annotations
 
@@ -10,45 +10,72 @@ from typing import Any
 
 import psutil
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from prunetune.architecture import module_type
 from prunetune.data import load_text, tokenize
 from prunetune.errors import UserError
 from prunetune.models import context_length
-from prunetune.perplexity import perplexity
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.config import PruneConfig
+from prunetune.pruning.layer_store import LayerStore
 from prunetune.pruning.matrix import MatrixRecipe
 from prunetune.pruning.precision import Precision
-from prunetune.rundir import PRUNE_JSON, check_output, is_ours, read_json
-
-OWNED = (PRUNE_JSON,)
-"""What marks a directory written by a prune of an older version (before the marker file)."""
+from prunetune.rundir import PRUNE_JSON, check_output, check_space, is_ours, read_json, weights_bytes
 
 
 @dataclass
 class PruneSession:
-    """What setup produced and the phases share: the model on CPU, its decoder stack, and the run record."""
+    """What setup produced and the phases share: the model's layers (`store`), the data, and the run record."""
 
     cfg: PruneConfig
-    model: Any
+    store: LayerStore
     tokenizer: Any
-    prefix: str
-    layers: list[nn.Module]
     shapes: dict[str, tuple[int, int]]
     targets: dict[str, float]
     """Sparsity per pruned matrix (full module name); skipped modules are absent."""
     device: str
     precision: Precision
     recipe: MatrixRecipe
+    windows: torch.Tensor | None = None
+    """The calibration windows (nsamples, seqlen); None when the method needs no calibration."""
+    eval_ids: torch.Tensor | None = None
+    """The perplexity text's token stream (with `eval`)."""
     record: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Bool keep-masks of the layer being pruned; once the layer is done they are packed into `packed`."""
+    packed: dict[str, tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=dict)
+    """Every pruned matrix's keep-mask as stored (one bit per weight or per tile) and its metadata entry."""
+    digests: dict[str, str] = field(default_factory=dict)
+    violations: dict[str, list[str]] = field(default_factory=dict)
+    """Pattern problems found when each layer was done (empty when the pattern holds)."""
     matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
     permutation: Any = None
     """The channel permutation applied before the walk (`channels.permute_channels`), saved with the masks."""
+    mark: MemoryMark | None = None
+    """Resident memory just before the model loaded (the console and prune.json report what it added)."""
+
+    @property
+    def model(self) -> nn.Module:
+        return self.store.model
+
+    @property
+    def prefix(self) -> str:
+        return self.store.prefix
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.store.layers
+
+    @property
+    def pattern_meta(self) -> dict[str, Any]:
+        """The pattern as the masks file records it (with the tile of block patterns: one bit per tile)."""
+        pattern = self.recipe.pattern
+        meta: dict[str, Any] = {"pattern": pattern.name, "compare": self.recipe.compare, "method": self.cfg.method}
+        if pattern.kind == "block":
+            meta["tile"] = [pattern.h, pattern.w]
+        return meta
 
 
 def input_paths(cfg: PruneConfig) -> list[Path]:
@@ -65,14 +92,17 @@ def check_out(cfg: PruneConfig) -> tuple[Path, bool]:
     """
     out = Path(cfg.out).expanduser()
     replace = cfg.overwrite
-    if out.is_dir() and (out / PRUNE_JSON).is_file() and is_ours(out, OWNED) and not replace:
+    if out.is_dir() and (out / PRUNE_JSON).is_file() and is_ours(out) and not replace:
         old = read_json(out / PRUNE_JSON, PRUNE_JSON)
         old = old.get("config", {}) if isinstance(old, dict) else {}
         if {k: old.get(k) for k in cfg.identity()} != json.loads(json.dumps(cfg.identity())):
             raise UserError(f"--out {str(out)!r} already holds a different pruned model (prune.json differs); "
                             "pass --overwrite to replace it, or choose another --out")
         replace = True
-    return check_output(out, inputs=input_paths(cfg), overwrite=replace, owned=OWNED), replace
+    out = check_output(out, inputs=input_paths(cfg), overwrite=replace)
+    # The pruned model is at least half the dense one's bytes (float32 stored as bf16 at most halves it).
+    check_space(out, weights_bytes(cfg.model) // 2, doing="the pruned model")
+    return out, replace
 
 
 def eval_tokens(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -81,25 +111,6 @@ def eval_tokens(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict[str, An
     return ids, {"dataset": cfg.eval_dataset, "split": text.split, "origin": text.origin,
                  "fingerprint": text.fingerprint, "seqlen": cfg.eval_seqlen or cfg.seqlen,
                  "max_windows": cfg.eval_max_windows}
-
-
-def measure_ppl(model, ids: torch.Tensor, cfg: PruneConfig, device: str, progress: Progress, label: str) -> dict:
-    """Perplexity by the `evaluate` protocol, the whole model moved to `device` for the duration."""
-    seqlen = cfg.eval_seqlen or cfg.seqlen
-    task = progress.add_task(label, total=None)
-    if device != "cpu":
-        model.to(device)
-    try:
-        result = perplexity(model, ids, seqlen, max_windows=cfg.eval_max_windows,
-                            on_batch=lambda done, total: progress.update(task, completed=done, total=total))
-    except ValueError as err:
-        raise UserError(f"evaluation: {err}; lower --eval-seqlen or use a larger --eval-dataset") from None
-    finally:
-        progress.remove_task(task)
-        if device != "cpu":
-            model.to("cpu")
-    return {"perplexity": result.perplexity, "nll": result.nll, "windows": result.windows,
-            "tokens": result.tokens, "seconds": round(result.seconds, 3)}
 
 
 def calibration_windows(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -119,13 +130,17 @@ def calibration_windows(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict
     return windows, info
 
 
-def validate_against_model(cfg: PruneConfig, model, targets: dict[str, float], shapes: dict[str, tuple]) -> None:
-    """The checks that need the model: context length, module names in --sparsity-map/--skip, pattern fit."""
-    ctx = context_length(model)
+def validate_context(cfg: PruneConfig, config) -> None:
+    """The window lengths against the model's context (its config is enough: checked before any weight loads)."""
+    ctx = context_length(config)
     if cfg.needs_calibration and ctx is not None and cfg.seqlen > ctx:
         raise UserError(f"--seqlen {cfg.seqlen} exceeds the model's context of {ctx} tokens; use --seqlen {ctx} or less")
     if cfg.eval and ctx is not None and (cfg.eval_seqlen or cfg.seqlen) > ctx:
         raise UserError(f"--eval-seqlen {cfg.eval_seqlen or cfg.seqlen} exceeds the model's context of {ctx}; lower it")
+
+
+def validate_against_model(cfg: PruneConfig, targets: dict[str, float], shapes: dict[str, tuple]) -> None:
+    """The checks that need the model's modules: names in --sparsity-map/--skip, pattern fit."""
     types = {module_type(n) for n in shapes}
     for key in (*cfg.sparsity_map, *cfg.skip):
         if "*" not in key and "?" not in key and key not in types and key not in shapes:
@@ -143,6 +158,32 @@ def validate_against_model(cfg: PruneConfig, model, targets: dict[str, float], s
         if bad:
             raise UserError(f"--pattern {pattern.name}: input widths {bad} do not divide into groups of {pattern.m}; "
                             "pick an M that divides them or --skip those modules")
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class MemoryMark:
+    """Resident memory from a mark on (set just before the model loads). On Linux the process's high-water mark
+    is reset at the mark (`/proc/self/clear_refs`), so the peak after it is the model's phase alone, not an
+    earlier peak (a GGUF conversion, tokenizing the corpus); elsewhere it is the whole process's peak."""
+
+    def __init__(self) -> None:
+        self.earlier_peak = peak_rss_mib()
+        self.rss = rss_mib()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+
+    def record(self) -> dict[str, float | bool]:
+        peak = peak_rss_mib()
+        return {"rss_before_model_mib": round(self.rss, 1), "peak_rss_mib": round(peak, 1),
+                "model_mib": round(peak - self.rss, 1), "peak_is_since_model": self.reset,
+                "process_peak_rss_mib": round(max(peak, self.earlier_peak), 1)}
 
 
 def peak_rss_mib() -> float:

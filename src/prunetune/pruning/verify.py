@@ -15,9 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunetune.errors import UserError
+from prunetune.oserrors import check_links
 from prunetune.rundir import (
     MASKS_FILE,
     PRUNE_JSON,
+    check_complete,
     check_safetensors,
     load_masks,
     mask_digest,
@@ -101,7 +103,8 @@ def _check_matrix(name: str, keep: torch.Tensor, weight: torch.Tensor | None, re
 
 def verify_dir(model_dir: str | Path) -> VerifyResult:
     """Check masks against prune.json (digests, targets), the pattern, and the weights on disk."""
-    model_dir = Path(model_dir)
+    model_dir = check_links(Path(model_dir).expanduser(), "MODEL_DIR")
+    check_complete(model_dir, "MODEL_DIR")
     masks_path = masks_file(model_dir)
     if not (model_dir / PRUNE_JSON).is_file() or masks_path is None:
         raise UserError(f"{str(model_dir)!r} is not a pruned model directory (needs {PRUNE_JSON} and "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunetune import sharded
 from prunetune.architecture import module_type, prunable_linears
 from prunetune.errors import UserError
 from prunetune.recovery.base import ADAMW_STATE_BYTES, Evaluation, Prepared, RecoverySettings, gib
@@ -78,7 +79,13 @@ class AdapterMethod:
 
     def save_result(self, trainer: Any, out_dir: Path, pruned_dir: Path, base_model: str | None,
                     record: dict[str, Any], base_digest: str, is_main: bool) -> None:
-        trainer.save_model(str(out_dir))  # every rank: a sharded model gathers its state here
+        if getattr(trainer, "is_fsdp_enabled", False):  # every rank takes part in gathering the adapter
+            state = sharded.full_state_dict(trainer.model, trainable_only=True)
+            if is_main:
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out_dir), state_dict=state)
+                trainer.processing_class.save_pretrained(str(out_dir))
+        else:
+            trainer.save_model(str(out_dir))  # every rank: a model sharded at load gathers its state here
         if is_main:
             write_adapter_meta(out_dir, pruned_model=pruned_dir, base_model=base_model, digest=base_digest, **record)
 

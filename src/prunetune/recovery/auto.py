@@ -3,8 +3,9 @@
 Measured on SmolLM2-135M at 50% 16x16 blocks (deployable test perplexity, 32k tokens, bench/RESULTS.md):
 sparse-ft 285 vs masked LoRA 410 vs the Wanda recipe (LoRA q,v, merged masked) 3,261. Sparse-ft trains every
 kept weight, so its optimizer state and gradients scale with the model: where they would not fit the free memory
-(a 7B model needs ~75 GiB for them) masked LoRA keeps the pattern at adapter cost. Other patterns keep LoRA, the
-recipe of the Wanda code base, until measured.
+(a 7B model needs ~75 GiB for them) masked LoRA keeps the pattern at adapter cost. Under FSDP2 each GPU holds 1/N
+of them, so sparse-ft is chosen when they fit across the GPUs of the run. Other patterns keep LoRA, the recipe of
+the Wanda code base, until measured.
 """
 
 from __future__ import annotations
@@ -32,15 +33,27 @@ def trained_weights(prune_json: Any) -> int:
     return sum(math.prod(m.get("shape", (0,))) for m in matrices.values() if isinstance(m, dict))
 
 
-def choose(prune_json: Any, free_bytes: int | None = None) -> tuple[str, str]:
-    """(method name, why) for a pruned model described by its `prune.json` record."""
+def choose(prune_json: Any, free_bytes: int | None = None, shards: int = 1, devices: int = 1) -> tuple[str, str]:
+    """(method name, why) for a pruned model described by its `prune.json` record.
+
+    `free_bytes` is one device's free memory. `shards`: the processes FSDP2 shards the run over (each holds 1/N
+    of the optimizer state and gradients); `devices`: the GPUs visible to a run that is not sharded, for the hint
+    that sparse-ft would fit across them under FSDP2."""
     pattern = pattern_of(prune_json)
     if not pattern.startswith("block"):
         why = f"a {pattern} model" if pattern else "a model without a prune record"
         return "lora", f"lora: auto for {why} (--method sparse-ft / masked-lora keep it sparse)"
     need = (ADAMW_STATE_BYTES + 4) * trained_weights(prune_json)  # two float32 moments + a float32 gradient
-    if free_bytes is not None and need > SPARSE_FT_MEMORY_SHARE * free_bytes:
+    per_device = need / max(shards, 1)
+    across = f" across {shards} GPUs under FSDP2" if shards > 1 else ""
+    if free_bytes is not None and per_device > SPARSE_FT_MEMORY_SHARE * free_bytes:
+        hint = ""
+        if shards == 1 and devices > 1 and need / devices <= SPARSE_FT_MEMORY_SHARE * free_bytes:
+            hint = (f"; it would fit across the {devices} visible GPUs under FSDP2: accelerate launch --config_file "
+                    f"configs/accelerate/fsdp2-{devices}gpu.yaml -m prunetune finetune ...")
         return ("masked-lora",
-                f"masked-lora: auto for a {pattern} model; sparse-ft would need ~{need / 2**30:.1f} GiB of optimizer "
-                f"state and gradients, {free_bytes / 2**30:.1f} GiB free (--method sparse-ft to insist)")
-    return "sparse-ft", f"sparse-ft: auto for a {pattern} model (recovers most per token at block sparsity)"
+                f"masked-lora: auto for a {pattern} model; sparse-ft would need ~{per_device / 2**30:.1f} GiB of "
+                f"optimizer state and gradients per GPU{across}, {free_bytes / 2**30:.1f} GiB free{hint} "
+                "(--method sparse-ft to insist)")
+    fits = f", ~{per_device / 2**30:.1f} GiB of its state per GPU{across}" if free_bytes is not None and shards > 1 else ""
+    return "sparse-ft", f"sparse-ft: auto for a {pattern} model (recovers most per token at block sparsity{fits})"

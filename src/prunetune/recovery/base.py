@@ -42,6 +42,9 @@ class Prepared:
     """The `lora` record's method-specific fields (what trains, what it costs); `banner_lines` renders it."""
     state: Any = None
     """The method's own handle on what it trains (e.g. sparse-ft's weights and masks)."""
+    held_bytes: Callable[[], dict[str, int]] | None = None
+    """What the method holds on this process beyond the trained parameters and the optimizer state (sparse-ft:
+    its keep-masks, a shard of each under FSDP2), measured when asked."""
 
 
 @dataclass(frozen=True)

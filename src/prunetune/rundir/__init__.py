@@ -21,8 +21,9 @@ Directory kinds and what they hold:
 - merged model (`merge`): a Transformers model dir + `merge.json` (+ `prune.json` and `prunetune/masks.safetensors`
   when sparse).
 - pipeline run: `pipeline.json` + one sub-directory per stage.
-Any directory prunetune wrote by `staged_output` also holds `.prunetune-files.json` (the marker): the list of
-files it wrote there, the only ones a later `--overwrite` may replace.
+Every directory prunetune writes holds `.prunetune-files.json` (the marker): the list of files it wrote there,
+the only ones a later `--overwrite` may replace. Ownership is what the marker says and nothing else: a
+non-empty directory without one is the user's, whatever its files are called.
 """
 
 from prunetune.rundir.adapters import (
@@ -41,6 +42,7 @@ from prunetune.rundir.masks_io import (
     masks_file,
     masks_target,
     read_mask_meta,
+    save_encoded_masks,
     save_masks,
 )
 from prunetune.rundir.names import (
@@ -64,15 +66,31 @@ from prunetune.rundir.names import (
     TRAIN_LOG,
 )
 from prunetune.rundir.pruned import PrunedInfo, prune_config, read_pruned
-from prunetune.rundir.reading import check_readable_dir, check_safetensors, read_bytes, read_json, reading
+from prunetune.rundir.reading import (
+    check_readable_dir,
+    check_readable_files,
+    check_safetensors,
+    read_bytes,
+    read_json,
+    reading,
+)
 from prunetune.rundir.results import RecoveryResult, recovery_result
 from prunetune.rundir.staging import (
+    check_apart,
+    check_complete,
     check_output,
+    check_space,
+    check_writable,
     check_writable_file,
+    claim,
+    incomplete,
     is_ours,
     mark_ours,
+    owned_files,
     publish_dir,
+    remove_ours,
     staged_output,
+    weights_bytes,
 )
 from prunetune.sparsity.masks import mask_digest
 
@@ -80,9 +98,10 @@ __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_META", "ADAPTER_WEIGHTS", "EXPORT_JSON", "LOCK_FILE", "MARKER", "MASKS_FILE",
     "MERGE_JSON", "META_DIR", "METRICS", "PERMUTATION_FILE", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR",
     "STAGING_PREFIX", "TRAIN_LOG", "PrunedInfo", "RecoveryResult", "adapter_base", "base_digest", "check_adapter_base",
-    "check_adapter_dir", "check_output", "check_readable_dir", "check_safetensors", "check_writable_file",
+    "check_adapter_dir", "check_apart", "check_complete", "check_output", "check_readable_dir", "check_readable_files", "check_safetensors", "check_space", "check_writable",
+    "check_writable_file", "claim", "incomplete", "owned_files", "remove_ours",
     "copy_masks", "is_ours", "load_keep_masks", "load_masks", "mark_ours", "mask_digest", "masks_file", "masks_target",
     "pid_alive", "prune_config", "publish_dir", "read_adapter_meta", "read_bytes", "read_json", "read_mask_meta",
-    "read_pruned", "reading", "recovery_result", "run_lock", "save_masks",
-    "staged_output", "write_adapter_meta",
+    "read_pruned", "reading", "recovery_result", "run_lock", "save_encoded_masks", "save_masks",
+    "staged_output", "weights_bytes", "write_adapter_meta",
 ]

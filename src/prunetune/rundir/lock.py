@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.errors import UserError
+from prunetune.oserrors import user_error
 from prunetune.rundir.names import LOCK_FILE
 
 _Log = Callable[[str], None]
@@ -50,8 +51,12 @@ def _try_create(path: Path, info: dict[str, Any]) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a lock a full disk left empty would block the rerun for seconds
+        raise
     return True
 
 
@@ -72,7 +77,13 @@ def run_lock(directory: str | Path, command: str, *, wait_s: float = 0.0, name: 
     message. Re-entrant within one process. Yields the lock file's path.
     """
     directory = Path(directory).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        translated = user_error(err, f"creating {directory}", directory)
+        if translated is None:
+            raise
+        raise translated from None
     path = (directory / name).resolve()
     key = (path, threading.get_ident())
     if _held.get(key):

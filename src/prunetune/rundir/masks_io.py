@@ -64,8 +64,13 @@ def save_masks(masks: dict[str, torch.Tensor], path: str | Path, pattern_meta: d
     `pattern_meta` is stored as-is; with `"tile": [h, w]` (block patterns) whole-tile masks take one bit a tile.
     Layout: see `prunetune.pruning.masks`.
     """
+    return save_encoded_masks(*encode_masks(masks, pattern_meta), path)
+
+
+def save_encoded_masks(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Path:
+    """`save_masks` of masks already encoded (`sparsity.masks.encode_mask` + `masks_meta`): what `prune` writes
+    from the packed masks it keeps instead of one bool per weight."""
     path = masks_target(path) if Path(path).is_dir() else Path(path)
-    tensors, meta = encode_masks(masks, pattern_meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={_MASKS_META_KEY: json.dumps(meta)})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.errors import UserError
+from prunetune.oserrors import CAUSES, describe, link_problem
 
 
 @contextlib.contextmanager
@@ -26,6 +27,12 @@ def reading(path: str | Path, what: str = "file") -> Iterator[None]:
         raise UserError(f"{what} {str(path)!r} is a directory, expected a file") from None
     except PermissionError:
         raise UserError(f"{what} {str(path)!r}: permission denied; make it readable (chmod) or copy it") from None
+    except OSError as err:
+        if err.errno not in CAUSES:
+            raise
+        problem = link_problem(path)
+        cause = problem or describe(err.errno, path)
+        raise UserError(f"{what} {str(path)!r} cannot be read: {cause}") from None
 
 
 def read_bytes(path: str | Path, what: str = "file") -> bytes:
@@ -46,6 +53,9 @@ def read_json(path: str | Path, what: str = "file", fix: str = "") -> Any:
 def check_readable_dir(path: str | Path, what: str = "directory") -> Path:
     """`path` as a readable directory, or a UserError (missing, a file, permission denied)."""
     path = Path(path).expanduser()
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"{what} {problem}; remove or fix the link")
     if not path.exists():
         raise UserError(f"{what} {str(path)!r} does not exist; check the path")
     if not path.is_dir():
@@ -53,6 +63,29 @@ def check_readable_dir(path: str | Path, what: str = "directory") -> Path:
     if not os.access(path, os.R_OK | os.X_OK):
         raise UserError(f"{what} {str(path)!r}: permission denied; make it readable (chmod) or copy it")
     return path
+
+
+def check_readable_files(directory: str | Path, what: str = "model") -> None:
+    """Every file of a model directory (and of prunetune's sub-directory in it) opens and reads, and every
+    `.safetensors` file is whole; else a UserError naming the file and the real cause (permission denied, a
+    symbolic link loop or a link to nothing, a directory, truncated), before a loader reports something else."""
+    directory = Path(directory)
+    entries = sorted(directory.iterdir())
+    entries += sorted(p for sub in entries if sub.is_dir() and not sub.is_symlink() for p in sub.iterdir())
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            continue
+        problem = link_problem(path)
+        if problem:
+            raise UserError(f"{what} file {problem}; remove or fix the link")
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as err:
+            cause = describe(err.errno, path) if err.errno in CAUSES else (err.strerror or str(err))
+            raise UserError(f"{what} file {str(path)!r} cannot be read: {cause}") from None
+        if path.suffix == ".safetensors":
+            check_safetensors(path, f"{what} weights file")
 
 
 def check_safetensors(path: str | Path, what: str = "weights file") -> None:

@@ -42,6 +42,7 @@ class JsonlWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(self.path)
         self._file: IO[str] = self.path.open("a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -50,6 +51,24 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line without its newline (a write a full disk or a kill cut short) before appending, so the
+    next record starts on a line of its own instead of being glued to the broken one."""
+    try:
+        with path.open("rb+") as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                return
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+    except FileNotFoundError:
+        return
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -57,15 +57,23 @@ def encode_masks(
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
     for name, keep in masks.items():
-        keep = keep.detach().cpu().bool()
-        tiles = _tile_level(keep, tile) if tile else None
-        if tiles is not None:
-            tensors[name] = _pack(tiles)
-            modules[name] = {"shape": list(keep.shape), "encoding": "tiles", "tile": list(tile)}
-        else:
-            tensors[name] = _pack(keep)
-            modules[name] = {"shape": list(keep.shape), "encoding": "bits"}
-    return tensors, {"version": FORMAT_VERSION, "pattern": pattern_meta, "modules": modules}
+        tensors[name], modules[name] = encode_mask(keep, tile)
+    return tensors, masks_meta(modules, pattern_meta)
+
+
+def encode_mask(keep: torch.Tensor, tile: tuple[int, int] | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(packed uint8 tensor, its metadata entry) of one bool keep-mask: one bit per tile when `tile` is given and
+    the mask is whole tiles, else one bit per weight. What `prune` keeps of a layer's masks once it is done."""
+    keep = keep.detach().cpu().bool()
+    tiles = _tile_level(keep, tile) if tile else None
+    if tiles is not None:
+        return _pack(tiles), {"shape": list(keep.shape), "encoding": "tiles", "tile": list(tile)}
+    return _pack(keep), {"shape": list(keep.shape), "encoding": "bits"}
+
+
+def masks_meta(modules: dict[str, dict[str, Any]], pattern_meta: dict[str, Any]) -> dict[str, Any]:
+    """The file metadata of masks encoded module by module (`encode_mask`)."""
+    return {"version": FORMAT_VERSION, "pattern": pattern_meta, "modules": modules}
 
 
 def decode_mask(packed: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:

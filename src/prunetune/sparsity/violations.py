@@ -7,11 +7,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunetune import sharded
 from prunetune.architecture import prunable_linears
 
 
 def masked_nonzeros(weight: torch.Tensor, keep: torch.Tensor) -> int:
-    """How many weights the keep-mask (True = kept) marks as pruned are non-zero (0 for a model that keeps it)."""
+    """How many weights the keep-mask (True = kept) marks as pruned are non-zero (0 for a model that keeps it).
+    A sharded weight (FSDP2) is counted on every rank's own shard against the same cut of the mask, and the counts
+    summed over the ranks: every rank gets the whole model's answer."""
+    if sharded.is_sharded(weight):
+        piece = sharded.shard_like(keep.to(torch.bool), weight)
+        return sharded.sum_over_ranks(masked_nonzeros(sharded.local(weight), piece), weight)
     return int(((weight != 0) & ~keep.to(device=weight.device, dtype=torch.bool)).sum())
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -86,11 +86,8 @@ class LogReader(Protocol):
 
 def num(value: Any) -> float | str | None:
     """A number as float; NaN/Inf kept as the strings the records schema uses; None if not a number. Integers
-    too large for a float are infinite, never an exception."""
-    try:
-        f = to_float(value)
-    except OverflowError:
-        f = (math.inf if value > 0 else -math.inf) if isinstance(value, int) else None
+    too large for a float are infinite (`fmt.to_float`), never an exception."""
+    f = to_float(value)
     if f is None:
         return None
     return f if math.isfinite(f) else str(f)
@@ -142,6 +139,25 @@ def clean_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _stopped_on_request(records: Sequence[Mapping[str, Any]], max_steps: int | None, last: int,
+                        interval: int | None) -> bool:
+    """The training loop ended ("Training completed.", its train metrics, should_training_stop) well before its
+    planned `max_steps` (by more than a logging interval and 2% of the plan), with no early stopping in sight (no evaluation, or the
+    latest one is the best: early stopping ends a run only after its eval loss stopped improving): something
+    asked it to stop (a web UI's Abort, a callback), and the run did not do what it planned."""
+    ends = [r for r in records if r.get("event") == "train_end"]
+    # short by more than a logging interval and more than 2% of the plan: the Trainer's epoch arithmetic (a last,
+    # partial accumulation dropped) ends a run that did finish a few steps short of its printed total
+    margin = max(interval or 0, 0.02 * (max_steps or 0))
+    if not max_steps or not interval or not ends or last + margin >= max_steps \
+            or any(isinstance(r.get("step"), int) and r["step"] + margin >= max_steps for r in ends) \
+            or any(r.get("event") == "summary" for r in records):
+        return False
+    evals = [(r["step"], v) for r in records if r.get("event") == "eval" and isinstance(r.get("step"), int)
+             and (v := to_float(r.get("eval_loss"))) is not None and math.isfinite(v)]
+    return not evals or min(evals, key=lambda e: e[1]) == evals[-1]
+
+
 def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason: str | None = None) -> str | None:
     """Append one `stopped` record at the last step when the run did not finish: the log says why (`reason`:
     a traceback, KeyboardInterrupt) or it has no end-of-run record and ends before `max_steps`. A run that
@@ -154,12 +170,19 @@ def mark_unfinished(records: list[dict[str, Any]], max_steps: int | None, reason
         if events or not max_steps:
             return None
         steps = [0]  # training was announced (its step count printed) but no step was ever logged
+    ordered = sorted(set(steps))
+    gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False))
+    interval = gaps[len(gaps) // 2] if gaps else None
+    if reason is None and _stopped_on_request(records, max_steps, max(steps), interval):
+        reason = "stopped on request"
+        why = (f" (the end of training was printed {max_steps - max(steps)} steps before its planned {max_steps}, "
+               "and no early stopping shows in its evaluations: a stop request, such as a web UI's Abort)")
+        records.append({"event": "stopped", "step": max(steps), "reason": reason, "max_steps": max_steps,
+                        "message": f"training ended at step {max(steps)} of {max_steps}{why}"})
+        return reason
     if reason is None:
         if events & {"train_end", "final_eval", "summary"} or not max_steps or max(steps) >= max_steps:
             return None
-        ordered = sorted(set(steps))
-        gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False))
-        interval = gaps[len(gaps) // 2] if gaps else None
         if interval and max(steps) + interval > max_steps:
             # the log reached its last logging point: a run logging every `interval` steps logs no later one
             records.append({"event": "train_end", "step": max(steps),

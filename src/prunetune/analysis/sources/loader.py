@@ -12,6 +12,7 @@ from prunetune.analysis.sources import registry
 from prunetune.analysis.sources.base import LogReader, Peek, Source, clean_record, clean_value
 from prunetune.configfile import read_mapping
 from prunetune.errors import UserError
+from prunetune.fmt import to_float
 
 # settings files a run directory may hold beside its log, most trusted first (training_args.bin is a pickle:
 # never loaded)
@@ -87,10 +88,24 @@ def _usable(records: Iterable[Mapping[str, Any]]) -> bool:
     return any(r.get("event") in ("log", "eval", "error", "final_eval", "train_end", "stopped") for r in records)
 
 
+def _final_eval_from_results(records: list[dict[str, Any]], results: Mapping[str, Any] | None) -> None:
+    """The end-of-run evaluation all_results.json holds (the example scripts' and LLaMA-Factory's
+    `save_metrics`, as the console's `***** eval metrics *****` block), as a final_eval record when the log has
+    none of its own and shows the run's end (a stopped run's directory may hold an older run's results)."""
+    events = {r.get("event") for r in records}
+    loss = to_float((results or {}).get("eval_loss"))
+    if loss is None or "final_eval" in events or events & {"stopped", "error"} \
+            or not events & {"train_end", "summary"}:
+        return
+    records.append({"event": "final_eval", "step": None, "eval_loss": loss,
+                    "evidence": "all_results.json beside the log"})
+
+
 def _finish(src: Source, run_dir: Path) -> Source:
     src.records = [clean_record(r) for r in src.records]
     src.meta.setdefault("notes", [])
     _dir_meta(run_dir, src.meta)
+    _final_eval_from_results(src.records, src.meta.get("all_results"))
     src.meta["settings"] = [(origin, clean_value(dict(fields))) for origin, fields in src.meta["settings"]]
     return src
 

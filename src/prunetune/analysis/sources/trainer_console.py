@@ -51,6 +51,8 @@ _INTERRUPT = re.compile(r"^\s*(?:\^C\s*)?(KeyboardInterrupt)\b|^(?:\^C)?(Traceba
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
 # the Trainer's end of training (logger.info) and its reload of the best checkpoint (load_best_model_at_end)
 _COMPLETED = re.compile(r"^(?:\[[^\]]*\][^>]*>>\s*|[A-Z]+:[\w.]+:\s*)?\s*Training completed\.")
+# fastai v1's end of fit(): its master bar's "Total time: 110:29:25"
+_FASTAI_DONE = re.compile(r"^\s*Total time:\s*\d+(?::\d\d)+\s*$")
 _BEST_LOADED = re.compile(r"Loading best (?:model|adapter)[^\n]*? from (\S+?)\s*\(score:\s*([^)]+)\)")
 # Jupyter's NotebookProgressCallback table, as copied out of a notebook ("Step  Training Loss  Validation Loss",
 # also its HTML: <th>Step</th><th>Training Loss</th>...), and fastai's ("epoch  train_loss  valid_loss  accuracy")
@@ -59,9 +61,10 @@ _TABLE_SPLIT = re.compile(r"\t+|\s{2,}|\s*\|\s*")
 TABLE_COLUMNS = {"step": "step", "epoch": "epoch", "training loss": "loss", "train_loss": "loss",
                  "train loss": "loss", "validation loss": "eval_loss", "valid_loss": "eval_loss",
                  "val_loss": "eval_loss", "eval_loss": "eval_loss", "eval loss": "eval_loss"}
-# the notebook's progress line: "[411/500 8:59:24 < 3:05:21, 0.01 it/s, Epoch 1.45/2]" (a bar at step 411 of 500)
-_NOTEBOOK_BAR = re.compile(r"\[(?P<n>\d+)/(?P<total>\d+) (?P<elapsed>[\d:]+)(?: < (?P<remaining>[\d:]+))?"
-                           r"(?:, (?P<rate>[\d.]+) (?P<unit>it/s|s/it))?(?:, Epoch [\d.]+/\d+)?\]")
+# the notebook's progress line: "[411/500 8:59:24 < 3:05:21, 0.01 it/s, Epoch 1.45/2]" (a bar at step 411 of 500;
+# the count is padded to the width of the total: "[ 90/495 07:24 < 34:04, ...]"); the training bar names the epoch
+_NOTEBOOK_BAR = re.compile(r"\[\s*(?P<n>\d+)/(?P<total>\d+) (?P<elapsed>[\d:]+)(?: < (?P<remaining>[\d:]+))?"
+                           r"(?:, (?P<rate>[\d.]+) (?P<unit>it/s|s/it))?(?P<epoch>, Epoch [\d.]+/\d+)?\]")
 _HTML_TABLE = re.compile(r"<table\b.*?</table>", re.IGNORECASE | re.DOTALL)
 _HTML_ROW = re.compile(r"<tr\b.*?</tr>", re.IGNORECASE | re.DOTALL)
 _HTML_CELL = re.compile(r"<t[hd]\b[^>]*>(.*?)</t[hd]>", re.IGNORECASE | re.DOTALL)
@@ -146,7 +149,9 @@ def _console_events(lines: list[str], max_dict_lines: int = 40) -> list[_Event]:
         if (total := _TOTAL_STEPS.search(line)) is not None:
             events.append(_Event("total", i, int(total.group(1).replace(",", ""))))
         if _COMPLETED.search(line):
-            events.append(_Event("completed", i, None))
+            events.append(_Event("completed", i, "'Training completed.' in the log"))
+        elif _FASTAI_DONE.match(line):
+            events.append(_Event("completed", i, "fastai's 'Total time' at the end of fit()"))
         if (best := _BEST_LOADED.search(line)) is not None:
             events.append(_Event("best", i, {"checkpoint": best.group(1).rstrip(".,"), "score": _num(best.group(2))}))
         if _TABLE_HEADER.search(line):
@@ -229,22 +234,27 @@ def _bar_desc(line: str, start: int) -> str:
 
 
 def _train_bar_total(bars: list[_Event]) -> str | None:
-    """The training bar's total: among the bars whose description does not name other work (loading weights,
-    tokenising, evaluating), the one whose count goes back least often (eval bars restart at every
-    evaluation; the training bar only at a resume), the first to appear on a tie."""
+    """The training bar's total: the notebook Trainer's own progress line with its epoch when there is one (a
+    user's tqdm loop around the training, "Training characters 0/1", is not it); else, among the bars whose
+    description does not name other work (loading weights, tokenising, evaluating), the one whose count goes
+    back least often (eval bars restart at every evaluation; the training bar only at a resume), the first to
+    appear on a tie."""
     seen: dict[str, list[int]] = {}
     named: dict[str, bool] = {}  # a bar described as something else than training (the Trainer's has no description)
+    trainer: set[str] = set()  # totals of the notebook Trainer's training progress line ("..., Epoch 1.45/2]")
     for ev in bars:
         desc = ev.data.get("desc") or ""
         if _NOT_TRAINING.search(desc):
             continue
         seen.setdefault(ev.data["total"], []).append(int(ev.data["n"]))
         named[ev.data["total"]] = named.get(ev.data["total"], False) or bool(desc and not _TRAINING.search(desc))
+        if ev.data.get("epoch"):
+            trainer.add(ev.data["total"])
     if not seen:
         return None
     drops = {t: sum(1 for a, b in zip(ns, ns[1:], strict=False) if b < a) for t, ns in seen.items()}
     order = list(seen)
-    return min(order, key=lambda t: (named[t], drops[t], order.index(t)))
+    return min(order, key=lambda t: (t not in trainer, named[t], drops[t], order.index(t)))
 
 
 def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -380,7 +390,7 @@ class _Fold:
         elif ev.kind == "completed":
             self.ended = True
             if not any(r["event"] == "train_end" for r in self.records):
-                self.append({"event": "train_end", "step": None, "evidence": "'Training completed.' in the log"})
+                self.append({"event": "train_end", "step": None, "evidence": ev.data})
         elif ev.kind == "best":
             self.meta["best_checkpoint"] = ev.data["checkpoint"]
             step = _checkpoint_step(ev.data["checkpoint"])
