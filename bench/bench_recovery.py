@@ -11,6 +11,10 @@ Each arm runs in its own process, so its peak RSS (ru_maxrss) is its own; wall t
 
   .venv/bin/python bench/bench_recovery.py --prune --pruned /work/recovery-bench/prune
   .venv/bin/python bench/bench_recovery.py --pruned DIR --tokens 8192 --arms wanda,demo,masked-lora,sparse-ft
+  .venv/bin/python bench/bench_recovery.py --prune --pruned /work/rx2/prune-24 --prune-flags "--pattern 2:4" ...
+One results file may hold several starting points (each gets its own baseline row); every row records the pattern
+and how it was pruned (calibration, permutation, reconstruction, block-wise stage), the load before and after and
+the torch threads, so a cell can be read without its command line.
 Results: one JSON line per arm in --results (appended; reruns skip arms already measured at that budget),
 and the table on stdout (Markdown).
 """
@@ -96,12 +100,19 @@ def train_data(data_dir: str, tokens: int, work: Path, tokenizer) -> tuple[str, 
 
 
 def prune_variant(pruned: Path) -> str:
-    """How the arm's starting point was pruned, from its prune.json: OWL and the block-wise stage."""
+    """How the arm's starting point was pruned, from its prune.json: pattern, calibration, reconstruction, OWL,
+    channel permutation and the block-wise stage."""
     try:
-        cfg = json.loads((pruned / "prune.json").read_text()).get("config", {})
+        record = json.loads((pruned / "prune.json").read_text())
     except (OSError, ValueError):
         return "?"
-    parts = ["recon" if cfg.get("reconstruct") else "no recon"]
+    cfg = record.get("config", {})
+    parts = [f"{cfg.get('method', '?')} {cfg.get('pattern', '?')}", f"calib {cfg.get('calib_dataset', '?')}"]
+    if cfg.get("permute"):
+        perm = record.get("permutation", {})
+        parts.append(f"permuted ({perm.get('rounds', '?')} rounds, kept mass {perm.get('kept_mass_before', 0):.3f} "
+                     f"-> {perm.get('kept_mass_after', 0):.3f})")
+    parts.append("recon" if cfg.get("reconstruct") else "no recon")
     if cfg.get("owl"):
         parts.append("OWL")
     if cfg.get("block_reconstruct_epochs"):
@@ -109,11 +120,14 @@ def prune_variant(pruned: Path) -> str:
     return " + ".join(parts)
 
 
-def prune(out: Path, data_dir: str) -> None:
-    """Wanda, 16x16 blocks, 50%, with reconstruction: the demo's pruning (32 x 512 calibration tokens of C4)."""
-    cmd = [sys.executable, "-m", "prunetune", "prune", "--model", "smollm2-135m", "--method", "wanda",
-           "--pattern", "block16x16", "--sparsity", "0.5", "--reconstruct", "--calib-dataset", "c4",
-           "--nsamples", "32", "--seqlen", "512", "--seed", "0", "--data-dir", data_dir, "--out", str(out)]
+PRUNE_FLAGS = ["--model", "smollm2-135m", "--method", "wanda", "--pattern", "block16x16", "--sparsity", "0.5",
+               "--reconstruct", "--calib-dataset", "c4", "--nsamples", "32", "--seqlen", "512", "--seed", "0"]
+"""Wanda, 16x16 blocks, 50%, with reconstruction, 32 x 512 calibration tokens of C4 (the Wanda setting);
+`--prune-flags` are appended (a flag given twice: the later wins)."""
+
+
+def prune(out: Path, data_dir: str, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "prunetune", "prune", *PRUNE_FLAGS, *extra, "--data-dir", data_dir, "--out", str(out)]
     subprocess.run(cmd, check=True)
 
 
@@ -204,8 +218,8 @@ def baseline(pruned: Path, block: int, windows: int, data_dir: str, dense_ppl: f
 
 def table(rows: list[dict], base: dict | None) -> str:
     lines = ["| arm | pruned with | method | distill | LoRA | lr | tokens | deployable test ppl | x dense | adapter ppl (dense update) "
-             "| pattern ok | train tok/s | wall | peak RSS | train data |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+             "| pattern ok | train tok/s | wall | peak RSS | load before/after (threads) | train data |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"]
     dense = base.get("dense") if base else None
     for r in rows:
         arm = r["arm"]
@@ -219,6 +233,8 @@ def table(rows: list[dict], base: dict | None) -> str:
             + (f"{r['tokens'] / r['train_runtime_s']:.0f}" if r.get("train_runtime_s") else "-") + " | "
             + (f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "-") + " | "
             + (f"{r['peak_rss_gib']:.2f} GiB" if r.get("peak_rss_gib") else "-") + " | "
+            + (f"{r['load_before']:.1f} / {r['load_after']:.1f} ({r.get('machine', {}).get('torch_threads', '?')})"
+               if "load_before" in r else "-") + " | "
             + r.get("train_data", WIKITEXT_HEAD_NOTE) + " |"
         )
     return "\n".join(lines)
@@ -228,6 +244,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pruned", required=True, help="pruned model dir (made by --prune when missing)")
     p.add_argument("--prune", action="store_true", help="prune SmolLM2-135M into --pruned first if it is missing")
+    p.add_argument("--prune-flags", default="", help="flags appended to the --prune command, e.g. "
+                   "'--pattern 2:4' or '--calib-dataset wikitext2 --block-reconstruct-epochs 3 --permute'")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ARMS)}")
     p.add_argument("--tokens", type=int, default=32768, help="training tokens per arm (issue: 32k, 128k, 512k)")
     p.add_argument("--block-size", type=int, default=512)
@@ -251,16 +269,20 @@ def main() -> None:
     if not (pruned / "config.json").is_file():
         if not args.prune:
             sys.exit(f"{pruned} is not a pruned model dir; add --prune to make it")
-        prune(pruned, args.data_dir)
+        prune(pruned, args.data_dir, args.prune_flags.split())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results or work / "results.jsonl")
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    base = next((r["baseline"] for r in done if "baseline" in r), None)
+    # One baseline per pruned directory (a results file may hold several starting points; older rows name none).
+    base = next((r["baseline"] for r in done if "baseline" in r
+                 and r["baseline"].get("pruned_dir", str(pruned)) == str(pruned)), None)
     if base is None and args.no_baseline:
         base = {"dense": args.dense_ppl, "pruned": None}
     elif base is None:
         base = baseline(pruned, args.block_size, args.eval_windows, args.data_dir, args.dense_ppl)
+        base |= {"pruned_dir": str(pruned), "load": os.getloadavg()[0],
+                 "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         with results.open("a") as f:
             f.write(json.dumps({"baseline": base}) + "\n")
     print(f"dense {base['dense']}, pruned {base['pruned']} (WikiText-2 test, {args.eval_windows} x "

@@ -200,3 +200,17 @@ def test_a_run_that_fails_mid_walk_leaves_nothing(tmp_path, tiny_model_dir, shar
     with pytest.raises(UserError, match="out of memory.*nothing was published"):  # one line, named
         run_prune(cfg, console=Console(quiet=True))
     assert done and list(tmp_path.iterdir()) == []
+
+
+def test_permuted_prune_streams_to_the_same_bytes(tmp_path, tokenizer_dir, shared_data):
+    """--permute relabels through the store: the streamed outer weights (tied here) are relabelled as loaded and
+    as written at the end, each layer as it is read; the whole model in place. Same bytes, same perplexities, and
+    the dense and pruned perplexities on either side of the relabelling."""
+    model = make_tiny_model(tmp_path / "model", tokenizer_dir, "llama", tie_word_embeddings=True)
+    streamed, whole = prune_both(model, tmp_path, shared_data, method="wanda", pattern="block16x16", permute=True,
+                                 eval=True, eval_seqlen=32, eval_max_windows=3)
+    for rec in (streamed, whole):
+        assert rec["permutation"]["function_check"]["ok"]
+        assert rec["permutation"]["kept_mass_after"] > rec["permutation"]["kept_mass_before"]
+    assert streamed["pruned_perplexity"] == whole["pruned_perplexity"]
+    assert streamed["permutation"]["function_check"] == whole["permutation"]["function_check"]

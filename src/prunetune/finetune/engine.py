@@ -69,6 +69,7 @@ from prunetune.finetune.trainer import (
 from prunetune.fmt import fmt_lr
 from prunetune.models import load_model
 from prunetune.oserrors import user_error
+from prunetune.pruning.channels import relabel_teacher
 from prunetune.recovery.base import Prepared
 from prunetune.rundir.records import to_float
 from prunetune.runinfo import provenance, write_json
@@ -233,6 +234,9 @@ def _setup_model(run: Run) -> tuple[Any, Prepared, nn.Module | None]:
         teacher, _ = load_model(run.teacher_spec, dtype=run.precision.teacher_dtype, device=where,
                                 log=runlog.print_text)
         teacher.requires_grad_(False)
+        if cfg.distill in ("layerwise", "both") and relabel_teacher(teacher, run.pruned.path):
+            runlog.print_text("Teacher relabelled with the channel permutation the model was pruned with "
+                              "(layer-wise distillation compares hidden states channel by channel)")
     return tokenizer, prepared, teacher
 
 

@@ -31,6 +31,7 @@ from prunetune.devices import default_device
 from prunetune.errors import UserError
 from prunetune.fmt import fmt_ppl, hms
 from prunetune.models import load_config, load_tokenizer, materialize, resolve_model
+from prunetune.pruning.channels import permute_channels, save_permutation
 from prunetune.pruning.config import PruneConfig
 from prunetune.pruning.console import memory_line, progress_bar, sparsity_table
 from prunetune.pruning.layer_eval import layerwise_perplexity
@@ -73,6 +74,8 @@ def run_prune(cfg: PruneConfig, console: Console | None = None) -> Path:
                 inputs = capture_inputs(session, progress) if cfg.needs_calibration else None
                 if cfg.owl:
                     owl_targets(session, inputs, progress)
+                if cfg.permutes:  # after OWL: the search uses each matrix's own target
+                    permute_channels(session, inputs, progress)
                 prune_layers(session, inputs, progress)
                 check_pattern(session)
                 if cfg.eval:
@@ -198,6 +201,8 @@ def save(s: PruneSession, staging: Path, t_start: float) -> None:
     tensors = {name: packed for name, (packed, _) in s.packed.items()}
     save_encoded_masks(tensors, masks_meta({name: info for name, (_, info) in s.packed.items()}, s.pattern_meta),
                        staging)
+    if s.permutation is not None:
+        save_permutation(s.permutation, staging)
     s.timings["save_s"] = time.perf_counter() - t
     s.timings["total_s"] = time.perf_counter() - t_start
     write_json(staging / PRUNE_JSON, _final_record(s, sorted({p.name for p in staging.iterdir()} | {PRUNE_JSON})))

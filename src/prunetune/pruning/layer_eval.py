@@ -52,6 +52,28 @@ def _replayed(store: LayerStore, hidden: torch.Tensor, as_tuple: bool) -> Iterat
         yield
 
 
+def _through_layers(store: LayerStore, inputs: cal.LayerInputs, device: str,
+                    autocast: Callable[[], contextlib.AbstractContextManager],
+                    on_layer: Callable[[int, int], None] | None) -> tuple[torch.Tensor, bool]:
+    """The captured inputs through every layer as the store holds it now: (last layer's outputs, whether the
+    layers return tuples)."""
+    outs = torch.empty_like(inputs.hidden)
+    as_tuple = False
+    for i in range(len(store.layers)):
+        layer = store.load(i, device)
+        try:
+            with autocast():
+                cal.run_layer(layer, inputs, outs)
+                if i == len(store.layers) - 1:  # what the model expects back from a layer
+                    as_tuple = cal.returns_tuple(layer, inputs)
+        finally:
+            store.release(i, layer)
+        inputs.hidden, outs = outs, inputs.hidden
+        if on_layer is not None:
+            on_layer(i + 1, len(store.layers))
+    return inputs.hidden, as_tuple
+
+
 def layerwise_perplexity(store: LayerStore, ids: torch.Tensor, seqlen: int, max_windows: int | None, device: str,
                          autocast: Callable[[], contextlib.AbstractContextManager],
                          on_layer: Callable[[int, int], None] | None = None) -> PerplexityResult:
@@ -64,22 +86,22 @@ def layerwise_perplexity(store: LayerStore, ids: torch.Tensor, seqlen: int, max_
     try:
         with autocast():
             inputs = cal.capture_first_layer_inputs(store.model, store.layers[0], windows, device)
-        outs = torch.empty_like(inputs.hidden)
-        as_tuple = False
-        for i in range(len(store.layers)):
-            layer = store.load(i, device)
-            try:
-                with autocast():
-                    cal.run_layer(layer, inputs, outs)
-                    if i == len(store.layers) - 1:  # what the model expects back from a layer
-                        as_tuple = cal.returns_tuple(layer, inputs)
-            finally:
-                store.release(i, layer)
-            inputs.hidden, outs = outs, inputs.hidden
-            if on_layer is not None:
-                on_layer(i + 1, len(store.layers))
-        del outs
-        with _replayed(store, inputs.hidden, as_tuple), autocast():
+        hidden, as_tuple = _through_layers(store, inputs, device, autocast, on_layer)
+        with _replayed(store, hidden, as_tuple), autocast():
             return perplexity(store.model, ids, seqlen, max_windows=max_windows)
+    finally:
+        store.release_outer()
+
+
+@torch.no_grad()
+def layerwise_logits(store: LayerStore, ids: torch.Tensor, device: str) -> torch.Tensor:
+    """The model's float32 logits on `ids` (1, T), layer by layer, in the weights' own dtype (no autocast): what
+    `prune --permute` compares before and after relabelling."""
+    store.load_outer(device)
+    try:
+        inputs = cal.capture_first_layer_inputs(store.model, store.layers[0], ids, device)
+        hidden, as_tuple = _through_layers(store, inputs, device, contextlib.nullcontext, None)
+        with _replayed(store, hidden, as_tuple):
+            return store.model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
     finally:
         store.release_outer()

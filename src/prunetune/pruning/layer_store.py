@@ -9,6 +9,10 @@
 - `ResidentLayers`: in memory. The whole model was loaded (a checkpoint that cannot be streamed exactly); only
   the layer being worked on moves to the device.
 
+`relabel` (prune --permute): from then on the model is seen with its channels relabelled. Resident: done in
+place at once. Streamed: each layer as it is read from the checkpoint, the outer weights as they are loaded and
+when `finish` writes them (which is why they are written at the end, not when the output opens).
+
 Peak host memory when streamed: the outer weights or one layer (never both during the walk), plus the
 calibration activations, plus the keep-masks packed to one bit per weight (or per tile).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -56,6 +61,12 @@ def return_freed_memory() -> None:
         _TRIM(0)
 
 
+OuterRelabel = Callable[[str, torch.Tensor], torch.Tensor]
+"""A weight outside the decoder stack (by its state-dict name) -> the same weight relabelled (`prune --permute`)."""
+LayerRelabel = Callable[[int, nn.Module], None]
+"""Relabels decoder layer i in place (`prune --permute`)."""
+
+
 class LayerStore(Protocol):
     model: nn.Module
     prefix: str
@@ -74,6 +85,11 @@ class LayerStore(Protocol):
 
     def load_outer(self, device: str) -> None:
         """Embeddings, final norm, head... on `device` (the decoder stack stays where it is)."""
+        ...
+
+    def relabel(self, outer: OuterRelabel, layer: LayerRelabel) -> None:
+        """From now on the model is read relabelled: the outer weights (as loaded and as saved) and every layer
+        read from the checkpoint (a committed layer was relabelled before it was pruned)."""
         ...
 
     def release_outer(self) -> None:
@@ -118,6 +134,17 @@ class ResidentLayers:
     def load_outer(self, device: str) -> None:
         cal.move_except_layers(self.model, self.prefix, device)
 
+    def relabel(self, outer: OuterRelabel, layer: LayerRelabel) -> None:
+        stack = {id(p) for block in self.layers for p in block.parameters()}
+        seen: set[int] = set()
+        with torch.no_grad():
+            for name, p in self.model.named_parameters(remove_duplicate=False):  # a tied head once
+                if id(p) not in stack and id(p) not in seen:
+                    seen.add(id(p))
+                    p.data = outer(name, p.data)
+        for i, block in enumerate(self.layers):
+            layer(i, block)
+
     def release_outer(self) -> None:
         cal.move_except_layers(self.model, self.prefix, "cpu")
 
@@ -153,19 +180,32 @@ class StreamedLayers:
         self.writer: ShardWriter | None = None
         self.output: ShardReader | None = None
         self.committed: set[int] = set()
+        self.relabelled: tuple[OuterRelabel, LayerRelabel] | None = None
 
     def weight_bytes(self) -> int:
         return self.layout.nbytes
 
     def open_output(self, directory: Path) -> None:
-        """Lay the output shards out and write the outer weights (prune never changes them) right away."""
+        """Lay the output shards out (the outer weights are written by `finish`: --permute may relabel them)."""
         self.writer = ShardWriter(directory, self.layout.files, SAFETENSORS_METADATA)
         self.output = ShardReader(directory / name for name in self.layout.files)
+
+    def _write_outer(self) -> None:
+        assert self.writer is not None
         for name in self.outer:
-            if self.reader.where[name].dtype == self.dtypes[name]:
+            if self.relabelled is not None:
+                self.writer.write(name, self._read_outer(name))
+            elif self.reader.where[name].dtype == self.dtypes[name]:
                 self.writer.copy(name, self.reader)  # byte for byte, a chunk at a time: no tensor held
             else:
                 self.writer.write(name, self._read(self.reader, name))
+
+    def _read_outer(self, name: str) -> torch.Tensor:
+        tensor = self._read(self.reader, name)
+        return self.relabelled[0](name, tensor).contiguous() if self.relabelled is not None else tensor
+
+    def relabel(self, outer: OuterRelabel, layer: LayerRelabel) -> None:
+        self.relabelled = (outer, layer)
 
     def _read(self, reader: ShardReader, name: str) -> torch.Tensor:
         tensor = reader.read(name)
@@ -174,7 +214,7 @@ class StreamedLayers:
         return tensor.to(dtype) if tensor.is_floating_point() and dtype.is_floating_point else tensor
 
     def load_outer(self, device: str) -> None:
-        tensors = {n: self._read(self.reader, n) for n in self.outer}
+        tensors = {n: self._read_outer(n) for n in self.outer}
         self.model.load_state_dict(tensors, strict=False, assign=True)
         self.model.tie_weights()  # the head shares the new embedding tensor again (tied models)
         cal.move_except_layers(self.model, self.prefix, device)
@@ -192,6 +232,8 @@ class StreamedLayers:
         assert reader is not None, "a committed layer implies an open output"
         tensors = {rel: self._read(reader, f"{self.prefix}.{i}.{rel}").to(device) for rel in layer.state_dict()}
         layer.load_state_dict(tensors, strict=True, assign=True)
+        if self.relabelled is not None and i not in self.committed:
+            self.relabelled[1](i, layer)
         return layer
 
     def commit(self, i: int, layer: nn.Module) -> None:
@@ -209,6 +251,7 @@ class StreamedLayers:
     def finish(self, directory: Path) -> None:
         if self.writer is None:
             raise RuntimeError("the output was never opened (a bug in prunetune)")
+        self._write_outer()
         self.writer.close()  # fails if a laid-out tensor was never written
         write_config_files(self.model, directory, self.layout)
 

@@ -51,6 +51,8 @@ class PruneSession:
     violations: dict[str, list[str]] = field(default_factory=dict)
     """Pattern problems found when each layer was done (empty when the pattern holds)."""
     matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    permutation: Any = None
+    """The channel permutation applied before the walk (`channels.permute_channels`), saved with the masks."""
     mark: MemoryMark | None = None
     """Resident memory just before the model loaded (the console and prune.json report what it added)."""
 

@@ -57,6 +57,7 @@ from prunetune.rundir.names import (
     MERGE_JSON,
     META_DIR,
     METRICS,
+    PERMUTATION_FILE,
     PIPELINE_JSON,
     PRUNE_JSON,
     RUN_CONFIG,
@@ -95,7 +96,7 @@ from prunetune.sparsity.masks import mask_digest
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_DIR", "ADAPTER_META", "ADAPTER_WEIGHTS", "EXPORT_JSON", "LOCK_FILE", "MARKER", "MASKS_FILE",
-    "MERGE_JSON", "META_DIR", "METRICS", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR",
+    "MERGE_JSON", "META_DIR", "METRICS", "PERMUTATION_FILE", "PIPELINE_JSON", "PRUNE_JSON", "RUN_CONFIG", "SPARSE_MODEL_DIR",
     "STAGING_PREFIX", "TRAIN_LOG", "PrunedInfo", "RecoveryResult", "adapter_base", "base_digest", "check_adapter_base",
     "check_adapter_dir", "check_apart", "check_complete", "check_output", "check_readable_dir", "check_readable_files", "check_safetensors", "check_space", "check_writable",
     "check_writable_file", "claim", "incomplete", "owned_files", "remove_ours",

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from prunetune.architecture import prunable_linears
 from prunetune.errors import UserError
-from prunetune.rundir.names import MASKS_FILE, META_DIR
+from prunetune.rundir.names import MASKS_FILE, META_DIR, PERMUTATION_FILE
 from prunetune.rundir.reading import check_safetensors
 from prunetune.sparsity.masks import decode_mask, encode_masks
 
@@ -36,13 +36,18 @@ def masks_file(model_dir: str | Path) -> Path | None:
 
 
 def copy_masks(src_dir: str | Path, dst_dir: str | Path) -> Path | None:
-    """Copy `src_dir`'s masks (either layout) into `dst_dir` in the current layout; None when it has none."""
+    """Copy `src_dir`'s masks (either layout) into `dst_dir` in the current layout, with the channel permutation
+    the model was pruned with when it has one (a model trained from it keeps its channel order); None when it
+    has no masks."""
     src = masks_file(src_dir)
     if src is None:
         return None
     dst = masks_target(dst_dir)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
+    perm = Path(src_dir) / META_DIR / PERMUTATION_FILE
+    if perm.is_file():
+        shutil.copy2(perm, dst.parent / PERMUTATION_FILE)
     return dst
 
 

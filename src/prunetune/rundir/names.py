@@ -11,6 +11,8 @@ every `*.safetensors` at the top level as weights and stops at a masks file ther
 vLLM and llama.cpp's converter never look into sub-directories. prunetune's JSON records (`prune.json`,
 `merge.json`, the marker) stay at the top: no weight loader reads an unknown `.json`, and users look there.
 Directories written before this rule, with `masks.safetensors` beside the weights, are still read."""
+PERMUTATION_FILE = "permutation.safetensors"
+"""`prune --permute`'s channel permutation, in META_DIR beside the masks (int64 indices per channel space)."""
 MERGE_JSON = "merge.json"
 EXPORT_JSON = "export.json"
 PIPELINE_JSON = "pipeline.json"

@@ -163,20 +163,24 @@ def _prune_tiles(tile_scores: torch.Tensor, areas: torch.Tensor, target: int) ->
 
 def block_mask(scores: torch.Tensor, sparsity: float, h: int, w: int, compare: str = "matrix") -> torch.Tensor:
     """Whole HxW tiles pruned, ranked by summed score (mean x full area for edge tiles); per `matrix` or `band`."""
-    _check_sparsity(sparsity)
     shape = (scores.shape[0], scores.shape[1])
-    sums = tile_sums(scores.float(), h, w)
+    return expand_tiles(tile_keep(tile_sums(scores.float(), h, w), shape, sparsity, h, w, compare), shape, h, w)
+
+
+def tile_keep(sums: torch.Tensor, shape: tuple[int, int], sparsity: float, h: int, w: int,
+              compare: str = "matrix") -> torch.Tensor:
+    """(R, C) tile keep-mask of a (out, in) matrix of `shape` from its tile score sums (`tile_sums`): the
+    selection `block_mask` makes, for callers that work on tiles only (the channel permutation search)."""
+    _check_sparsity(sparsity)
     areas = tile_sums(torch.ones(shape, dtype=torch.float64), h, w).to(torch.long)  # (R, C) elements per tile
-    ranked = sums / areas.float() * (h * w)
+    ranked = sums.float() / areas.float() * (h * w)
     if compare == "matrix":
-        keep = _prune_tiles(ranked.flatten(), areas.flatten(), n_pruned(scores.numel(), sparsity)).view(ranked.shape)
-    elif compare == "band":
-        keep = torch.stack([
+        return _prune_tiles(ranked.flatten(), areas.flatten(), n_pruned(shape[0] * shape[1], sparsity)).view(ranked.shape)
+    if compare == "band":
+        return torch.stack([
             _prune_tiles(ranked[i], areas[i], n_pruned(int(areas[i].sum()), sparsity)) for i in range(ranked.shape[0])
         ])
-    else:
-        raise ValueError(f"compare {compare!r} does not apply to block patterns; use matrix or band")
-    return expand_tiles(keep, shape, h, w)
+    raise ValueError(f"compare {compare!r} does not apply to block patterns; use matrix or band")
 
 
 def make_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float, compare: str) -> torch.Tensor:
