@@ -654,7 +654,9 @@ def rule_overfitting(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly
         tail = since
     if best <= 0 or last < best * (1 + th.overfit_min_rel_rise):
         return None
-    train_start = train_loss_near(series.train, tail[0][0])
+    # the train loss over the whole span since the eval's best, not just the last evaluations: with an eval at
+    # every step the tail spans two steps, where the train loss moves only by its batch noise
+    train_start = train_loss_near(series.train, best_step)
     train_end = train_loss_near(series.train, last_step)
     if train_start is None or train_end is None:
         return None

@@ -140,7 +140,8 @@ class Thresholds:
     `overfit_consecutive_rises` of them) stayed above it by `overfit_min_rel_rise` and the last ends this
     fraction above it (a transient bump comes back to a new best and stays quiet) ..."""
     overfit_train_max_rel_change: float = 0.0
-    """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
+    """... while the train loss from the eval's best to its last evaluation changed by at most this fraction (0:
+    did not rise; over the whole span, since with an evaluation at every step the last few span only batch noise)."""
     far_min_gap: float = 0.7
     """`eval_far_above_train` when eval loss exceeds the train loss at its step (median of the last 3 logged
     losses) by more than this many nats (perplexity x2) ...: a healthy LoRA run's train loss on its own text
