@@ -253,11 +253,29 @@ def _grad_growth(series: Series, th: Thresholds) -> float | None:
     return statistics.median(last) / base if base > 0 else None
 
 
-def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    infinite = _to_infinity(series, ctx)
-    if infinite is not None:
-        return infinite
-    blown = _blowup(series, th) if len(series.train) >= th.min_train_points else None
+def _climb_from_low(series: Series, th: Thresholds) -> tuple[int, float, int, float] | None:
+    """(low step, low, last step, last) when every log since the run's lowest loss (at least `blowup_points`
+    of them) was higher than the one before and the last is `blowup_factor` above the low, by a factor beyond
+    `blowup_noise_multiple` sigma of the log-loss noise: a sustained climb after the loss had come down, which
+    the blow-up test (a climb above the first log) misses once a run has fallen far (15.5 -> 1.43 -> 10) and
+    window medians of a sparse log (a few points a run) average away."""
+    values = [v for _, v in series.train]
+    low_i = min(range(len(values)), key=values.__getitem__)
+    after, low = values[low_i:], values[low_i]
+    if len(after) <= th.blowup_points or low <= th.overfit_memorise_loss or after[-1] < low * th.blowup_factor:
+        return None
+    if any(b <= a for a, b in zip(after, after[1:], strict=False)):
+        return None
+    sigma = noise_sigma([math.log(max(v, 1e-12)) for v in values])
+    if math.log(after[-1] / low) <= th.blowup_noise_multiple * sigma:
+        return None
+    return series.train[low_i][0], low, series.train[-1][0], after[-1]
+
+
+def _blowup_anomaly(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """A blow-up above the first log, or a sustained climb from the run's low."""
+    fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
+    blown = _blowup(series, th)
     if blown is not None:
         step, peak, first = blown
         last_step, last = series.train[-1]
@@ -269,11 +287,36 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         msg = (f"train loss blew up: {fmt_sig(first)} at the first log -> {fmt_sig(peak)} at step {step} "
                f"(x{peak / first:.1f}); it ended at {fmt_sig(last)} at step {last_step}, but a drift down from a "
                "blow-up is the optimizer recovering from damage, not a healthy fall: the LR is too high.")
-        fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
         return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
+    climb = _climb_from_low(series, th)
+    if climb is None:
+        return None
+    low_step, low, last_step, last = climb
+    # the event is the first log above the low by the blow-up factor: where the climb became a divergence
+    step = next(s for s, v in series.train if s > low_step and v >= low * th.blowup_factor)
+    evidence = {"low_loss": round(low, 4), "low_step": low_step, "last_loss": round(last, 4), "last_step": last_step,
+                "factor": round(last / low, 2), "first_step_above": step}
+    msg = (f"train loss climbed at every log since its low {fmt_sig(low)} at step {low_step}, to {fmt_sig(last)} at "
+           f"step {last_step} (x{last / low:.1f}): the run is diverging: the LR is too high.")
+    return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
+
+
+def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    infinite = _to_infinity(series, ctx)
+    if infinite is not None:
+        return infinite
+    blown = _blowup_anomaly(series, th, ctx) if len(series.train) >= th.min_train_points else None
+    if blown is not None:
+        return blown
     both = _both_rose(series, th, ctx)
     if both is not None:
         return both
+    return _climbed_back(series, th, ctx)
+
+
+def _climbed_back(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """The last window's median above the best running window median (or the untrained model's loss) by
+    `diverge_min_rel_rise` and beyond the noise, or with gradients grown by an order of magnitude."""
     tr = trend_stats(series.train, th, _steps_known(series))
     if tr is None:
         return None
@@ -290,8 +333,12 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
-    if tr.last_median <= th.overfit_memorise_loss:
-        return None  # a memorised run's loss creeping 0.009 -> 0.014 is its jitter near zero, not a divergence
+    # near zero a memorised run's loss creeping 0.009 -> 0.014 is jitter of the last printed digits (after a
+    # fall from 4.3 it gives back 0.1% of it), not a divergence, unless the climb undoes a real share of the
+    # run's fall (0.028 -> 0.002 -> 0.012 gives back 40%): a ratio of the run's own changes, free of the scale
+    undone = (tr.last_median - best) / (start - best) if start > best else math.inf
+    if tr.last_median <= th.overfit_memorise_loss and undone < th.diverge_near_zero_undone:
+        return None
     # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
     # oscillation or of batch-1 noise are not read as a rise; unless the gradients grew by an order of
     # magnitude: that is independent evidence of the instability, and a loss back above its best says the

@@ -104,8 +104,13 @@ class Thresholds:
     diverge_noise_multiple: float = 3.0
     """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
     sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
-    noise are not read as a rise (the best window is the lowest of many: 3, not 2); never for a last window at
-    or below `overfit_memorise_loss` (a memorised run's loss creeping 0.009 -> 0.014 is jitter near zero) ..."""
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2); near zero, see
+    `diverge_near_zero_undone` ..."""
+    diverge_near_zero_undone: float = 0.1
+    """... while, at or below `overfit_memorise_loss`, the rise counts only when it gives back at least this
+    share of the run's fall from its first logged loss to its best (a memorised run creeping 0.009 -> 0.014
+    after falling from 4.3 gives back 0.1%: rounding jitter; one falling 0.028 -> 0.002 and climbing back to
+    0.012 gives back 40%) ..."""
     diverge_grad_growth: float = 10.0
     """... or, whatever the noise, while the grad norm's last-window median is this many times its
     first-window median: gradients grown by an order of magnitude mean the optimizer has left its stable region
