@@ -28,7 +28,7 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 _STEP = re.compile(r"\b(?:global[_ ]step|step|iter(?:ation)?|it)\b\s*[:=#]?\s*(\d+)(?:\s*/\s*(\d+))?", re.IGNORECASE)
 _BAR = re.compile(r"(\d+)/(\d+) \[[\d:]+")
 _LOSS = re.compile(rf"((?:[A-Za-z][\w/.-]*\s)?[\w/.-]*loss[\w/.-]*)\s*[:=]?\s*({_NUMBER})(?![\w.])", re.IGNORECASE)
-_LR = re.compile(rf"\b(?:learning[_ ]rate\w*|lr)\b\s*[:=]?\s*({_NUMBER})", re.IGNORECASE)
+_LR = re.compile(rf"\b(?:learning[_ ]?rate\w*|lr)\b\s*[:=]?\s*({_NUMBER})", re.IGNORECASE)
 _GRAD = re.compile(rf"grad(?:ient)?[_ ]?norm\w*\s*[:=]?\s*({_NUMBER})", re.IGNORECASE)
 _EPOCH = re.compile(r"\bepoch\b\s*[:=]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _TOTAL = re.compile(r"\b(?:iters|total[_ ]steps|max[_ ]steps|num[_ ]steps|total[_ ]iters)\b\s*[:=]?\s*([\d,]+)",
@@ -58,6 +58,21 @@ def _metrics(line: str) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _unwrap(lines: list[str]) -> list[str]:
+    """The lines with a wrapped log line joined again: a line that states a loss but no step, followed by an
+    unindented one that states a step but no loss, is one log line a terminal or a paste broke in two
+    (`... Loss nan   LearningRate 0.001` / `Epoch: 0   Global Step: 20 ...`)."""
+    out: list[str] = []
+    for line in lines:
+        prev = out[-1] if out else ""
+        if (line[:1] not in (" ", "\t") and _step(line)[0] is not None and "loss" not in _metrics(line)
+                and "loss" in _metrics(prev) and _step(prev)[0] is None):
+            out[-1] = prev.rstrip() + " " + line.lstrip()
+        else:
+            out.append(line)
+    return out
+
+
 def _step(line: str) -> tuple[int | None, int | None]:
     """(step, total) of a line: a tqdm bar's count (the global step) before a `step N` word."""
     for pattern in (_BAR, _STEP):
@@ -79,7 +94,7 @@ def _records(metrics: dict[str, Any], step: int, total: int | None) -> list[dict
 
 
 def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    lines = split_lines(text)
+    lines = _unwrap(split_lines(text))
     records: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"settings": settings_from_lines(lines), "notes": [], "step_source": "bar"}
     total: int | None = None
@@ -139,7 +154,7 @@ class KeyedLines:
     def detect(self, peek: Peek) -> float:
         if peek.binary or peek.path.suffix in (".json", ".jsonl"):
             return 0.0
-        lines = split_lines(peek.head)
+        lines = _unwrap(split_lines(peek.head))
         hits = sum(1 for line in lines if _step(line)[0] is not None and "loss" in _metrics(line))
         headers = sum(1 for line in lines if _STEP.search(line) and not {"loss", "eval_loss"} & set(_metrics(line)))
         blocks = sum(1 for line in lines if line[:1] in (" ", "\t") and "loss" in _metrics(line))

@@ -1,0 +1,49 @@
+"""The classes of defect the held-out corpus showed (round 3), each on a synthetic log of its shape: a wrapped
+log line, a climb from the run's low, a near-zero climb that undoes the run's fall, an overfit judged with an
+evaluation at every step."""
+
+from __future__ import annotations
+
+from prunetune.analysis.rules import diagnose
+from prunetune.analysis.sources.keyed_lines import parse_keyed_lines
+
+
+def logs(values, every=10, start=1, grad=1.0):
+    return [{"event": "log", "step": start + i * every, "loss": v, "lr": 1e-4, "grad_norm": grad}
+            for i, v in enumerate(values)]
+
+
+def kinds(records):
+    return {a.kind for a in diagnose(records) if a.alarm}
+
+
+def test_a_log_line_wrapped_in_two_is_read_as_one():
+    text = ("Training: 09:08:43-Speed 2178 samples/sec   Loss nan   LearningRate 0.001000   \n"
+            "Epoch: 0   Global Step: 20   Fp16 Grad Scale:  0\n"
+            "Training: 09:08:47-Speed 2183 samples/sec   Loss 2.5   LearningRate 0.001000   Epoch: 0   Global Step: 30\n")
+    records, _ = parse_keyed_lines(text)
+    got = [(r["step"], r["loss"], r["lr"]) for r in records if r["event"] == "log"]
+    assert got == [(20, "nan", 0.001), (30, 2.5, 0.001)]
+
+
+def test_a_sustained_climb_from_the_low_is_a_divergence_below_the_first_log():
+    records = logs([15.5, 13.0, 3.8, 2.39, 1.43, 5.82, 7.05, 10.03], every=55)
+    found = [a for a in diagnose(records) if a.kind == "loss_diverging"]
+    assert found and found[0].step == 276  # the first log 1.5x above the low
+    assert "loss_diverging" not in kinds(logs([15.5, 13.0, 3.8, 2.39, 1.43, 1.6, 1.5, 1.45], every=55))
+
+
+def test_near_zero_a_climb_undoing_the_fall_diverges_and_rounding_jitter_does_not():
+    fall = [0.03 * 0.9**i for i in range(40)]  # 0.03 -> 0.0005
+    back = [fall[-1] + 0.0004 * i for i in range(1, 41)]  # back up to ~0.017: over half the fall undone
+    assert "loss_diverging" in kinds(logs(fall + back))
+    memorised = [4.0 * 0.8**i for i in range(40)] + [0.009 + 0.0001 * (i % 5) + 0.0001 * i // 2 for i in range(40)]
+    assert "loss_diverging" not in kinds(logs(memorised))
+
+
+def test_overfitting_with_an_evaluation_at_every_step_reads_the_train_loss_since_the_best():
+    train = [0.7 - 0.01 * i + (0.02 if i % 2 else 0.0) for i in range(60)]  # falls, with batch noise
+    train[-2:] = [v + 0.05 for v in train[-2:]]  # two unlucky last batches: over the last 2 steps train "rose"
+    ev = [1.05 - 0.005 * i for i in range(12)] + [0.995 + 0.01 * i for i in range(1, 49)]
+    records = logs(train, every=1) + [{"event": "eval", "step": 1 + i, "eval_loss": v} for i, v in enumerate(ev)]
+    assert "overfitting" in kinds(records)
