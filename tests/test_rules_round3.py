@@ -47,3 +47,15 @@ def test_overfitting_with_an_evaluation_at_every_step_reads_the_train_loss_since
     ev = [1.05 - 0.005 * i for i in range(12)] + [0.995 + 0.01 * i for i in range(1, 49)]
     records = logs(train, every=1) + [{"event": "eval", "step": 1 + i, "eval_loss": v} for i, v in enumerate(ev)]
     assert "overfitting" in kinds(records)
+
+
+def test_a_loss_at_exactly_zero_from_its_second_log_is_frozen_not_memorised():
+    found = kinds(logs([122.1] + [0.0] * 36))
+    assert "loss_flat" in found and "overfitting" not in found
+
+
+def test_a_memorised_loss_printed_a_hair_below_zero_is_still_memorised():
+    values = [0.31 * 0.6**i for i in range(25)] + [(-0.0002, 0.0001, -0.0003, 0.0)[i % 4] for i in range(35)]
+    assert "overfitting" in kinds(logs(values, every=1))
+    dpo = [0.69 - 0.05 * i for i in range(60)]  # a preference loss going well below zero: no cross-entropy
+    assert "overfitting" not in kinds(logs(dpo, every=1))

@@ -446,8 +446,10 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float, float] | Non
     at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
     values = [v for _, v in series.train]
     w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
-    if len(values) < w * 2 or min(values) < 0 or min(values) > th.flat_converged_loss:
-        return None  # a negative loss is no cross-entropy; no window's median lies below the run's minimum
+    if len(values) < w * 2 or min(values) < -th.memorise_negative_tolerance or min(values) > th.flat_converged_loss:
+        return None  # a loss below zero is no cross-entropy; no window's median lies below the run's minimum
+    if _zero_at_once(values, th):
+        return None
     # where it started: its first logged loss, or its first window's median if higher (with a log every 500
     # steps the first window already holds the memorised losses: 0.474, 0.026, 0.014, ...)
     head = max(values[0], statistics.median(values[:w]))
@@ -457,6 +459,14 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float, float] | Non
     if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
         return series.train[i + w // 2][0], low, head
     return None
+
+
+def _zero_at_once(values: Sequence[float], th: Thresholds) -> bool:
+    """The loss is exactly 0.0 at every log after its first: it went from its start to nothing with no log on
+    the way down, which is no memorisation (that is a descent, and its printed digits keep moving: 0.0002,
+    0.0001) but a loss that stopped measuring anything (no label tokens counted, non-finite losses dropped from
+    the log): the model learns nothing from it (`rule_frozen` says so once `flat_identical_points` repeat)."""
+    return len(values) > 2 and values[0] > th.flat_converged_loss and all(v == 0.0 for v in values[1:])
 
 
 def _repeated_block(train: Sequence[tuple[int, float]], length: int) -> tuple[tuple[int, int], int] | None:

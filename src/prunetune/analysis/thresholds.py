@@ -132,6 +132,10 @@ class Thresholds:
     """`overfitting` (memorisation) when a language-model train loss reaches below this (nats; its lowest running
     median over a twentieth of the points) ...: a language model's cross-entropy on new text never gets near
     zero ..."""
+    memorise_negative_tolerance: float = 0.001
+    """A loss at most this far below zero still counts as a cross-entropy near zero (-0.0003: a fused kernel's
+    rounding of a ~0 loss printed to 4 decimals); one further below is no cross-entropy (a DPO or reward loss)
+    and never memorised."""
     overfit_memorise_drop: float = 10.0
     """... after starting at least this many times higher (0.89 -> 0.0002)."""
     overfit_min_evals: int = 3
