@@ -59,3 +59,13 @@ def test_a_memorised_loss_printed_a_hair_below_zero_is_still_memorised():
     assert "overfitting" in kinds(logs(values, every=1))
     dpo = [0.69 - 0.05 * i for i in range(60)]  # a preference loss going well below zero: no cross-entropy
     assert "overfitting" not in kinds(logs(dpo, every=1))
+
+
+def test_the_low_tail_of_a_noisy_curve_is_no_memorisation():
+    import random
+
+    rng = random.Random(0)
+    noisy = [1.1, 0.65, 0.32] + [rng.choice((0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.6, 0.9)) for _ in range(97)]
+    assert "overfitting" not in kinds(logs(noisy, every=1))
+    crept_back = [2.0 * 0.8**i for i in range(20)] + [0.03 + 0.001 * i for i in range(30)]  # 0.03 -> 0.06
+    assert "overfitting" in kinds(logs(crept_back))

@@ -456,6 +456,12 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float, float] | Non
     stride = max(1, (len(values) - 2 * w) // 200)  # at most ~200 windows: the low of a smooth curve needs no more
     lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1, stride)]
     low, i = min(lows)
+    # the lowest of many window medians of a noisy curve can be its noise's low tail, not a level the loss holds
+    # (4-example batches swinging 0.009-1.0 have a 5-point median of 0.03 and a median of 0.26 after it): a
+    # memorised run stays near zero from its low on (`osc_min_level`), creeping back up or not, over two
+    # windows at least (a low in the latest points of a run still going is judged with the points before it)
+    if statistics.median(values[min(i, len(values) - 2 * w) :]) > th.osc_min_level:
+        return None
     if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
         return series.train[i + w // 2][0], low, head
     return None

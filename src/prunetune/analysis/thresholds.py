@@ -137,7 +137,9 @@ class Thresholds:
     rounding of a ~0 loss printed to 4 decimals); one further below is no cross-entropy (a DPO or reward loss)
     and never memorised."""
     overfit_memorise_drop: float = 10.0
-    """... after starting at least this many times higher (0.89 -> 0.0002)."""
+    """... after starting at least this many times higher (0.89 -> 0.0002), the losses from that low on staying
+    near zero (their median at most `osc_min_level`: the low of a noisy curve swinging 0.009-1.0 is its noise's
+    low tail, not a level it holds)."""
     overfit_min_evals: int = 3
     """Evaluations needed before `overfitting` may fire."""
     overfit_consecutive_rises: int = 2
