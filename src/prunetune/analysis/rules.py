@@ -656,10 +656,18 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
         pace = tr.second_half_drop / (tr.last_step - mid_step)
         reach = total + max(0.0, pace) * (left[1] - left[0]) / abs(head)
         evidence["reach_by_planned_end"] = round(reach, 4)
+    # still falling: the second half's drop beyond the noise; unless a decaying LR leaves it too little exposure
+    # for its pace to show (linear decay to 0: a third of the first half's), where a drop at the first half's
+    # pace per unit of LR would itself be inside the noise: then its pace (`late_share`) decides
+    resolvable = th.slow_min_significance * band / th.flat_noise_multiple
+    decayed = exposure_early is not None and exposure_late is not None and 0 < exposure_late < exposure_early
+    expected_late = tr.first_half_drop * exposure_late / exposure_early if decayed else tr.first_half_drop
+    still = tr.second_half_drop > resolvable or (
+        decayed and tr.first_half_drop > resolvable and tr.second_half_drop > 0 and expected_late <= resolvable)
     if not (
         total > 0 and reach < limit
         and significant
-        and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
+        and still
         and late_share >= th.slow_min_late_share
         and _eval_bottomed(series, th) is None
     ):

@@ -68,7 +68,8 @@ class Thresholds:
     slow_min_significance: float = 2.0
     """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window)), its
     second half this many standard errors of a difference of two window medians (a late fall that is only
-    noise does not count as still falling)."""
+    noise does not count as still falling), unless a decaying LR left the second half so little of it that a
+    fall at the first half's pace per unit of LR would itself lie inside that noise: then that pace decides."""
     verdict_min_rel_drop: float = 0.1
     """The train verdict says "decreasing" (and states the evidence that no other LR is called for) only when
     the loss fell at least this fraction from its first points to its last window; a smaller drop beyond the
