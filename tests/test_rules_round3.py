@@ -87,3 +87,12 @@ def test_slow_under_a_decaying_lr_is_judged_by_its_pace_per_unit_of_lr():
     # the second half's drop is a third of the first's, inside the noise: its pace per unit of LR decides
     # (round 2's rules, which demanded a second-half drop beyond the noise, caught 2 of these 6)
     assert sum("loss_slow" in kinds(_decaying_lr_run(seed)) for seed in range(6)) >= 5
+
+
+def test_a_run_that_ended_inside_its_warm_up_is_judged():
+    values = [4.70, 4.66, 4.66, 4.67, 4.64, 4.65, 4.59, 4.51, 4.47, 4.34]
+    records = [{"event": "log", "step": 5 * (i + 1), "loss": v, "lr": 2e-5 * (i + 1), "grad_norm": 1.0}
+               for i, v in enumerate(values)]
+    slow = [a for a in diagnose(records + [{"event": "train_end", "step": 50}]) if a.kind in ("loss_slow", "loss_flat")]
+    assert slow and "warm-up that lasted the whole run" in slow[0].message
+    assert not {"loss_slow", "loss_flat"} & kinds(records)  # still going: the LR is still climbing

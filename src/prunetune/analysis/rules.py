@@ -539,8 +539,10 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     if frozen is not None:
         return frozen
     warm = _warmup(series, ctx)
-    if warm is None:
+    if warm is None and not series.ended:
         return None  # still warming up: a flat loss is expected while the LR climbs
+    # a run that ended inside its warm-up was trained with that rising LR all run: the whole of it is judged
+    whole_run_warmup, warm = warm is None, warm or 0
     # judged after the warm-up, on as much evidence as any trend (a warm-up's losses say nothing of the LR)
     tr = trend_stats(series.train[warm:], th)
     if tr is None or _converged(series, th) is not None:
@@ -553,6 +555,8 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
         "points": tr.n,
         "noise": round(tr.noise, 5),
     }
+    if whole_run_warmup:
+        evidence["warmup_whole_run"] = True
     values = [v for _, v in series.train]
     post = values[warm:]
     sigma = noise_sigma(post)
@@ -679,7 +683,8 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     lr = _lr(series, ctx)
     msg = (
         f"train loss falls too slowly: {fmt_sig(head)} -> {fmt_sig(tr.last_median)} by step {tr.last_step} "
-        f"(-{total * 100:.1f}% in all) and still falling at its pace after warm-up"
+        f"(-{total * 100:.1f}% in all) and still falling at its pace "
+        + ("in a warm-up that lasted the whole run" if evidence.get("warmup_whole_run") else "after warm-up")
         + (" at a constant LR" if lr_constant else " per unit of LR")
         + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
         + (f": the LR ({fmt_lr(lr.value)}) is too low." if lr else ": the LR is too low.")
