@@ -96,3 +96,12 @@ def test_a_run_that_ended_inside_its_warm_up_is_judged():
     slow = [a for a in diagnose(records + [{"event": "train_end", "step": 50}]) if a.kind in ("loss_slow", "loss_flat")]
     assert slow and "warm-up that lasted the whole run" in slow[0].message
     assert not {"loss_slow", "loss_flat"} & kinds(records)  # still going: the LR is still climbing
+
+
+def test_a_creep_through_the_last_epoch_of_a_staircase_is_no_divergence():
+    # the loss steps down at each epoch boundary, then creeps up 13% through the last epoch as the LR decays
+    epochs = [[1.10] * 40, [0.72] * 40, [0.40] * 20 + [0.40 + 0.002 * i for i in range(40)]]
+    values = [v + (0.03 if i % 3 == 0 else -0.01) for i, v in enumerate(sum(epochs, []))]  # batch noise
+    assert "loss_diverging" not in kinds(logs(values, every=1))
+    back_up = [1.1 - 0.02 * i for i in range(40)] + [0.3 + 0.03 * i for i in range(40)]  # undoes it all
+    assert "loss_diverging" in kinds(logs(back_up, every=1))

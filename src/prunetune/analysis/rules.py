@@ -333,19 +333,21 @@ def _climbed_back(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | 
         best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
-    # near zero a memorised run's loss creeping 0.009 -> 0.014 is jitter of the last printed digits (after a
-    # fall from 4.3 it gives back 0.1% of it), not a divergence, unless the climb undoes a real share of the
-    # run's fall (0.028 -> 0.002 -> 0.012 gives back 40%): a ratio of the run's own changes, free of the scale
+    # a divergence gives back a real share of what the run had gained (every one in the corpora went back to
+    # or above its start); a climb that undoes a few percent of it is the creep of a memorised or multi-epoch
+    # run: near zero, 0.009 -> 0.014 after a fall from 4.3 (0.1%: rounding jitter), or a loss that stepped down
+    # at an epoch boundary creeping 0.40 -> 0.44 through the last epoch after a fall from 1.1 (6%) while the
+    # LR decays to 0; a ratio of the run's own changes, free of its scale. Unless the gradients grew by an
+    # order of magnitude: that is independent evidence of the instability
+    growth = _grad_growth(series, th)
+    exploding = growth is not None and growth >= th.diverge_grad_growth
     undone = (tr.last_median - best) / (start - best) if start > best else math.inf
-    if tr.last_median <= th.overfit_memorise_loss and undone < th.diverge_near_zero_undone:
+    if not exploding and undone < th.diverge_min_undone:
         return None
     # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
     # oscillation or of batch-1 noise are not read as a rise; unless the gradients grew by an order of
-    # magnitude: that is independent evidence of the instability, and a loss back above its best says the
-    # optimizer no longer reduces it
+    # magnitude, and a loss back above its best says the optimizer no longer reduces it
     se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
-    growth = _grad_growth(series, th)
-    exploding = growth is not None and growth >= th.diverge_grad_growth
     if not exploding and tr.last_median - best <= th.diverge_noise_multiple * se:
         return None
     evidence = {
@@ -353,6 +355,7 @@ def _climbed_back(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | 
         "best_window_step": best_step,
         "last_window_median": round(tr.last_median, 4),
         "rel_rise": round(tr.last_median / best - 1, 4),
+        "share_of_fall_undone": round(undone, 3) if math.isfinite(undone) else None,
         "last_step": tr.last_step,
     }
     if exploding:

@@ -105,13 +105,12 @@ class Thresholds:
     diverge_noise_multiple: float = 3.0
     """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
     sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
-    noise are not read as a rise (the best window is the lowest of many: 3, not 2); near zero, see
-    `diverge_near_zero_undone` ..."""
-    diverge_near_zero_undone: float = 0.1
-    """... while, at or below `overfit_memorise_loss`, the rise counts only when it gives back at least this
-    share of the run's fall from its first logged loss to its best (a memorised run creeping 0.009 -> 0.014
-    after falling from 4.3 gives back 0.1%: rounding jitter; one falling 0.028 -> 0.002 and climbing back to
-    0.012 gives back 40%) ..."""
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2) ..."""
+    diverge_min_undone: float = 0.1
+    """... and gives back at least this share of the run's fall from its first logged loss to its best (every
+    diverging run of the corpora went back to its start or above: a share of 1 or more; a memorised run creeping
+    0.009 -> 0.014 after a fall from 4.3 gives back 0.1%, a multi-epoch run creeping through its last epoch
+    0.40 -> 0.44 after a fall from 1.1 gives back 6%) ..."""
     diverge_grad_growth: float = 10.0
     """... or, whatever the noise, while the grad norm's last-window median is this many times its
     first-window median: gradients grown by an order of magnitude mean the optimizer has left its stable region
