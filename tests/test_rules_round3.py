@@ -105,3 +105,13 @@ def test_a_creep_through_the_last_epoch_of_a_staircase_is_no_divergence():
     assert "loss_diverging" not in kinds(logs(values, every=1))
     back_up = [1.1 - 0.02 * i for i in range(40)] + [0.3 + 0.03 * i for i in range(40)]  # undoes it all
     assert "loss_diverging" in kinds(logs(back_up, every=1))
+
+
+def test_a_checkpoint_state_one_logging_interval_short_of_max_steps_is_interrupted():
+    from prunetune.analysis.sources.trainer_state import records_from_trainer_state
+
+    history = [{"step": s, "epoch": s / 563, "eval_loss": 4.0 / s**0.3} for s in range(50, 1651, 50)]
+    records = records_from_trainer_state({"global_step": 1650, "max_steps": 1689, "log_history": history})
+    assert records[-1]["event"] == "stopped" and records[-1]["step"] == 1650
+    done = records_from_trainer_state({"global_step": 1689, "max_steps": 1689, "log_history": history})
+    assert done[-1]["event"] == "train_end"
