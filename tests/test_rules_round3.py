@@ -115,3 +115,11 @@ def test_a_checkpoint_state_one_logging_interval_short_of_max_steps_is_interrupt
     assert records[-1]["event"] == "stopped" and records[-1]["step"] == 1650
     done = records_from_trainer_state({"global_step": 1689, "max_steps": 1689, "log_history": history})
     assert done[-1]["event"] == "train_end"
+
+
+def test_an_end_of_run_line_after_the_last_log_means_finished():
+    lines = [f"2025-09-16 21:2{i}:00 - train - INFO - Step {2 * i} loss: {90 - i}" for i in range(1, 8)]
+    records, _ = parse_keyed_lines("\n".join([*lines, "2025-09-16 21:30:43 - train - INFO - Training time: 6.9 min"]))
+    assert records[-1]["event"] == "train_end" and records[-1]["step"] == 14
+    early, _ = parse_keyed_lines("\n".join(["Estimated training time: 7 min", *lines]))
+    assert all(r["event"] == "log" for r in early)

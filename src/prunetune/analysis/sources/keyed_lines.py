@@ -38,6 +38,9 @@ _NOT_A_LOSS = re.compile(r"scale|weight|coef|alpha|beta", re.IGNORECASE)
 _OOM = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory", re.IGNORECASE)
 _TRACEBACK = re.compile(r"^(?:\^C)?Traceback \(most recent call last\)")
 _SIGNAL = re.compile(r"KeyboardInterrupt|got signal|SIGTERM|SignalException", re.IGNORECASE)
+_DONE = re.compile(r"\b(?:training (?:time|took|completed?|finished|done)|finished training|train(?:ing)?_runtime)\b",
+                   re.IGNORECASE)
+"""An end-of-run line (`Training time: 6.9 min`, `Training completed`): after the last log, the run finished."""
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
 
 
@@ -100,6 +103,7 @@ def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     total: int | None = None
     block: tuple[int, dict[str, Any]] | None = None  # a header line's step and the indented metrics after it
     last_step, stop_reason, exception = None, None, None
+    finished = False  # an end-of-run line came after the latest log line
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -113,6 +117,7 @@ def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             records.append({"event": "error", "kind": "out_of_memory", "step": last_step, "message": line.strip()[:300]})
         step, of = _step(line)
         metrics = _metrics(line)
+        finished = (finished or (bool(records) and _DONE.search(line) is not None)) and step is None
         if line[:1] in (" ", "\t") and block is not None and step is None and metrics:
             block[1].update({k: v for k, v in metrics.items() if k not in block[1]})
             i += 1
@@ -131,8 +136,9 @@ def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records += _records(block[1], block[0], total)
     meta["max_steps"] = total
     done = total is not None and last_step is not None and last_step >= total
-    if done:
-        records.append({"event": "train_end", "step": last_step, "evidence": f"the log reaches step {total} of {total}"})
+    if done or (finished and not stop_reason and last_step is not None):
+        evidence = f"the log reaches step {total} of {total}" if done else "an end-of-run line after the last log"
+        records.append({"event": "train_end", "step": last_step, "evidence": evidence})
         if stop_reason:
             meta["notes"].append(f"a traceback came after training had ended ({exception}): training finished; what "
                                  "ran after it failed")
