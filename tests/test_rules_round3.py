@@ -123,3 +123,14 @@ def test_an_end_of_run_line_after_the_last_log_means_finished():
     assert records[-1]["event"] == "train_end" and records[-1]["step"] == 14
     early, _ = parse_keyed_lines("\n".join(["Estimated training time: 7 min", *lines]))
     assert all(r["event"] == "log" for r in early)
+
+
+def test_a_console_dict_that_states_its_own_step_keeps_it(tmp_path):
+    from prunetune.analysis.sources import load_source
+
+    lines = [f'{{"loss": {1.4 - 0.01 * i}, "grad_norm": {"NaN" if i == 2 else 3.5}, "learning_rate": 1.6e-05, '
+             f'"epoch": 0.75, "global_step/max_steps": "{8270 + 5 * i}/11043"}}' for i in range(3)]
+    log = tmp_path / "console.log"
+    log.write_text("\n".join(lines) + "\n")
+    got = [(r["step"], r.get("max_steps")) for r in load_source(log).records if r["event"] == "log"]
+    assert got == [(8270, 11043), (8275, 11043), (8280, 11043)]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.analysis.sources import wanda_console
-from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, split_lines
+from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, split_lines, step_value
 from prunetune.analysis.sources.base import num as _num
 from prunetune.analysis.sources.base import seconds as _seconds
 from prunetune.analysis.sources.jsonl import read_log_bytes
@@ -365,13 +365,20 @@ class _Fold:
                 self.last_bar = ev.data
                 self.on_bar(ev.data)
         elif ev.kind == "dict":
-            for rec in records_from_trainer_dict(ev.data, None):
+            own, planned = dict_step(ev.data)
+            for rec in records_from_trainer_dict(ev.data, own):
                 if rec["event"] == "eval" and _merge_into_block_eval(rec, self.records):
                     continue
                 if rec["event"] == "eval" and self.ended:
                     rec["event"] = "final_eval"  # trainer.evaluate() after train(): the model as it ended
                 self.ended = self.ended or rec["event"] == "train_end"
-                self.append(rec)
+                if own is None:
+                    self.append(rec)  # stepped by the next progress bar, else by its epoch or its ordinal
+                    continue
+                if planned and rec["event"] == "log":
+                    rec["max_steps"] = planned
+                self.records.append(rec)
+                self.fixed.add(id(rec))
         elif ev.kind == "oom":
             self.on_oom(ev.data)
         elif ev.kind == "interrupt":
@@ -708,6 +715,18 @@ def _steps_per_epoch(records: list[dict[str, Any]], meta: dict[str, Any]) -> flo
         return None
     meta.setdefault("max_steps", total)
     return total / final_epoch
+
+
+_OWN_STEP = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def dict_step(d: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(step, planned steps) a console dict states itself: ms-swift's `"global_step/max_steps": "8270/11043"`,
+    else a `global_step` key (a Trainer dict states neither: its step comes from the progress bar)."""
+    for key, value in d.items():
+        if "step" in str(key).lower() and isinstance(value, str) and (m := _OWN_STEP.match(value)) is not None:
+            return step_value(m.group(1)), step_value(m.group(2))
+    return step_value(d.get("global_step")), None
 
 
 def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int]) -> str:
