@@ -134,3 +134,20 @@ def test_a_console_dict_that_states_its_own_step_keeps_it(tmp_path):
     log.write_text("\n".join(lines) + "\n")
     got = [(r["step"], r.get("max_steps")) for r in load_source(log).records if r["event"] == "log"]
     assert got == [(8270, 11043), (8275, 11043), (8280, 11043)]
+
+
+def test_a_console_with_a_sanity_run_before_the_real_one_reads_the_real_one():
+    from prunetune.analysis.sources.trainer_console import parse_console_log
+
+    sanity = ["  0%|          | 0/3 [00:00<?, ?it/s]", "{'eval_loss': 0.79, 'epoch': 1.0}",
+              "100%|██████████| 3/3 [00:07<00:00,  2.46s/it]",
+              "{'train_runtime': 8.4, 'train_samples_per_second': 0.71, 'train_loss': 0.17, 'epoch': 3.0}"]
+    real = ["[SP-1] full fine-tune starting...", "  0%|          | 0/300 [00:00<?, ?it/s]"]
+    for n in range(1, 301):
+        real.append(f"  {n // 3}%|          | {n}/300 [00:{n % 60:02d}<00:10,  1.00s/it]")
+        if n % 25 == 0:
+            real.append(f"{{'loss': {2.0 - n / 300}, 'learning_rate': 0.0002, 'epoch': {n / 100}}}")
+    real.append("{'train_runtime': 300.0, 'train_samples_per_second': 1.0, 'train_loss': 1.5, 'epoch': 3.0}")
+    records, meta = parse_console_log("\n".join(sanity + real))
+    assert meta["max_steps"] == 300 and [r["step"] for r in records if r["event"] == "log"][:2] == [25, 50]
+    assert "more than one training run" in meta["notes"][-1]

@@ -302,17 +302,37 @@ def _wanda_bars(wanda: list[wanda_console.Event]) -> list[_Event]:
                                   "elapsed_s": e.data["elapsed"]}) for e in wanda if e.kind == "step"]
 
 
+_RUN_END = re.compile(r"""['"]train_runtime['"]\s*:""")
+_TRAIN_LOG = re.compile(r"""\{\s*['"]loss['"]\s*:""")
+_BAR_START = re.compile(r"\b[01]/\d+ \[")
+
+
+def _last_run(lines: list[str]) -> list[str]:
+    """The lines of the last training run in a log that holds several one after another (a sanity run of 3
+    steps, then the real one of 2430): each `Trainer.train()` ends on its `train_runtime` dict, so a progress
+    bar starting again and train-loss dicts after one are the next run (a `log_history` printed after the end
+    has no new bar). Evaluations and errors after the last run's end stay with it."""
+    ends = [i for i, line in enumerate(lines) if _RUN_END.search(line)]
+    later = [i for i in ends if any(_BAR_START.search(line) for line in lines[i + 1 :])
+             and any(_TRAIN_LOG.search(line) for line in lines[i + 1 :])]
+    return lines[later[-1] + 1 :] if later else lines
+
+
 def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Records from a raw Trainer console log (plain, Wanda-fork, notebook table), and meta (max_steps,
     step_source, interrupted, best_checkpoint, settings, notes)."""
-    lines = split_lines(html_tables_as_text(text))
+    every_line = split_lines(html_tables_as_text(text))
+    lines = _last_run(every_line)
     events = _console_events(lines)
     wanda = wanda_console.scan(lines)
     own_bars = _wanda_bars(wanda)
     bars = own_bars or [e for e in events if e.kind == "bar"]
     total = _train_bar_total(bars)
     train_bars = [e for e in bars if e.data["total"] == total]
-    meta: dict[str, Any] = {"settings": settings_from_lines(lines), "notes": []}
+    meta: dict[str, Any] = {"settings": settings_from_lines(every_line), "notes": []}
+    if len(lines) < len(every_line):
+        meta["notes"].append(f"the log holds more than one training run (a train_runtime line, then more training): "
+                             f"the last, from line {len(every_line) - len(lines) + 1}, is read")
     announced = [e.data for e in events if e.kind == "total"]
     header = next((f for o, f in meta["settings"] if "header" in o), {})
     if announced:
