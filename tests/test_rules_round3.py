@@ -144,9 +144,9 @@ def test_a_console_with_a_sanity_run_before_the_real_one_reads_the_real_one():
               "{'train_runtime': 8.4, 'train_samples_per_second': 0.71, 'train_loss': 0.17, 'epoch': 3.0}"]
     real = ["[SP-1] full fine-tune starting...", "  0%|          | 0/300 [00:00<?, ?it/s]"]
     for n in range(1, 301):
-        real.append(f"  {n // 3}%|          | {n}/300 [00:{n % 60:02d}<00:10,  1.00s/it]")
-        if n % 25 == 0:
+        if n % 25 == 0:  # the Trainer prints its log dict, then the bar at the same step
             real.append(f"{{'loss': {2.0 - n / 300}, 'learning_rate': 0.0002, 'epoch': {n / 100}}}")
+        real.append(f"  {n // 3}%|          | {n}/300 [00:{n % 60:02d}<00:10,  1.00s/it]")
     real.append("{'train_runtime': 300.0, 'train_samples_per_second': 1.0, 'train_loss': 1.5, 'epoch': 3.0}")
     records, meta = parse_console_log("\n".join(sanity + real))
     assert meta["max_steps"] == 300 and [r["step"] for r in records if r["event"] == "log"][:2] == [25, 50]
