@@ -151,3 +151,14 @@ def test_a_console_with_a_sanity_run_before_the_real_one_reads_the_real_one():
     records, meta = parse_console_log("\n".join(sanity + real))
     assert meta["max_steps"] == 300 and [r["step"] for r in records if r["event"] == "log"][:2] == [25, 50]
     assert "more than one training run" in meta["notes"][-1]
+
+
+def test_a_printed_training_command_states_the_settings():
+    from prunetune.analysis.sources.settings import ORIGIN_COMMAND, settings_from_lines
+
+    line = ("command: /usr/bin/python3 scripts/train_qlora.py --max-steps 100 --per-device-train-batch-size 1 "
+            "--gradient-accumulation-steps 4 --learning-rate 2e-4 --load-in-4bit --lora-r 8")
+    assert dict(settings_from_lines([line]))[ORIGIN_COMMAND] == {
+        "max_steps": 100, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
+        "learning_rate": 2e-4, "lora_r": 8}
+    assert settings_from_lines(["use --learning-rate 3 next time"]) == []
