@@ -56,3 +56,10 @@ def test_the_split_is_fixed_by_the_name():
     dev = [n for n in names if corpus.split(n) == "dev"]
     assert 0.35 < len(dev) / len(names) < 0.65
     assert corpus.split("llama3_8b_lora_3epochs_dir") == "test" and corpus.split("qwen7b_medical_llamafactory_dir") == "dev"
+
+
+def test_a_fact_agrees_to_the_digits_its_label_was_written_with():
+    assert corpus._same(0.0022, 0.0021693608723580837, "final_eval_loss")  # written to 2 significant digits
+    assert not corpus._same(0.0022, 0.0023, "final_eval_loss")
+    assert not corpus._same(0.5, 0.46, "final_eval_loss")  # one digit says too little
+    assert not corpus._same(2e-05, 1.79e-05, "lr")  # the configured LR, not a rounding of the logged one

@@ -195,10 +195,20 @@ def status_scores(cases: Sequence[Case], outcomes: Mapping[str, Outcome]) -> dic
 
 def _same(label: Any, got: Any, name: str = "") -> bool:
     """A labelled fact and the report's value agree: numbers to 0.1% (the LR to 5%: a log that states no
-    configured LR is read at its logged peak, which a warm-up or a decay may leave just under it)."""
+    configured LR is read at its logged peak, which a warm-up or a decay may leave just under it), or to the
+    significant digits the label was written with, two at least (a reader who wrote 0.0022 for 0.0021694 read it
+    right; one digit, 0.5, says too little, and an LR's label is the configured value, not a rounding)."""
     if isinstance(label, (int, float)) and not isinstance(label, bool) and isinstance(got, (int, float)):
-        return math.isclose(float(label), float(got), rel_tol=0.05 if name == "lr" else 1e-3, abs_tol=1e-12)
+        return math.isclose(float(label), float(got), rel_tol=0.05 if name == "lr" else 1e-3, abs_tol=1e-12) \
+            or (isinstance(label, float) and name != "lr" and _digits(label) >= 2
+                and float(f"{float(got):.{_digits(label)}g}") == label)
     return label == got
+
+
+def _digits(value: float) -> int:
+    """The significant digits `value` is written with (0.0022 -> 2, 1.5523 -> 5)."""
+    mantissa = f"{value:.15g}".split("e")[0].replace("-", "").replace(".", "").lstrip("0")
+    return max(1, len(mantissa))
 
 
 FACTS_CHECKED = ("max_steps", "final_eval_loss", "best_eval_step", "event_step", "lr", "gradient_accumulation_steps")
