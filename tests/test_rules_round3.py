@@ -162,3 +162,12 @@ def test_a_printed_training_command_states_the_settings():
         "max_steps": 100, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
         "learning_rate": 2e-4, "lora_r": 8}
     assert settings_from_lines(["use --learning-rate 3 next time"]) == []
+
+
+def test_a_colab_bar_without_blocks_keeps_its_description():
+    from prunetune.analysis.sources.trainer_console import _bar_desc
+
+    line = "Loading weights: 100% 2011/2011 [00:25<00:00, 79.78it/s] "
+    assert _bar_desc(line, line.index("2011/")) == "Loading weights"
+    line = " 13% 20/159 [05:15<38:10, 16.48s/it]"
+    assert _bar_desc(line, line.index("20/")) == ""

@@ -227,9 +227,10 @@ _TRAINING = re.compile(r"train|epoch|step|iter|fine-?tun", re.IGNORECASE)
 
 
 def _bar_desc(line: str, start: int) -> str:
-    """The description tqdm prints before a bar (`Loading weights:   3%|...`), '' for none."""
+    """The description tqdm prints before a bar (`Loading weights:   3%|...`, or without the bar's blocks as
+    Colab prints it: `Loading weights: 100% 2011/2011`), '' for none."""
     head = re.split(r"\[A|\r", line[:start])[-1]
-    match = re.search(r"([A-Za-z][^|%]*?):?\s*\d+%\|[^|]*\|\s*$", head)
+    match = re.search(r"([A-Za-z][^|%]*?):?\s*\d+%(?:\|[^|]*\|)?\s*$", head)
     return match.group(1).strip() if match else ""
 
 
