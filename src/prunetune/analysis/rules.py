@@ -550,16 +550,9 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     tr = trend_stats(series.train[warm:], th)
     if tr is None or _converged(series, th) is not None:
         return None
-    evidence = {
-        "first_window_median": round(tr.first_median, 4),
-        "last_window_median": round(tr.last_median, 4),
-        "rel_drop": round(tr.rel_change, 4),
-        "steps": [tr.first_step, tr.last_step],
-        "points": tr.n,
-        "noise": round(tr.noise, 5),
-    }
-    if whole_run_warmup:
-        evidence["warmup_whole_run"] = True
+    evidence = {"first_window_median": round(tr.first_median, 4), "last_window_median": round(tr.last_median, 4),
+                "rel_drop": round(tr.rel_change, 4), "steps": [tr.first_step, tr.last_step], "points": tr.n,
+                "noise": round(tr.noise, 5), **({"warmup_whole_run": True} if whole_run_warmup else {})}
     values = [v for _, v in series.train]
     post = values[warm:]
     sigma = noise_sigma(post)
@@ -622,6 +615,25 @@ def _levelled(evals: Sequence[tuple[int, float]], th: Thresholds) -> bool:
     return early > 0 and late < th.slow_min_late_share * early
 
 
+def _still_falling(series: Series, tr: TrendStats, th: Thresholds, band: float, mid_step: int) -> tuple[float, bool]:
+    """(late share, still falling) of a post-warm-up curve: the second half's fall per unit of LR as a share of
+    the first half's, and whether the second half still fell: beyond the noise; unless a decaying LR left it
+    too little exposure for its pace to show (linear decay to 0: a third of the first half's), where a drop at
+    the first half's pace per unit of LR would itself be inside the noise: then that pace (the share) decides."""
+    exposure_early = lr_exposure(series.lr, tr.first_step, mid_step)
+    exposure_late = lr_exposure(series.lr, mid_step, tr.last_step)
+    early, late = tr.first_half_drop, tr.second_half_drop
+    if exposure_early and exposure_late:
+        early, late = early / exposure_early, late / exposure_late
+    late_share = late / early if early > 0 else math.inf
+    resolvable = th.slow_min_significance * band / th.flat_noise_multiple
+    decayed = exposure_early is not None and exposure_late is not None and 0 < exposure_late < exposure_early
+    expected_late = tr.first_half_drop * exposure_late / exposure_early if decayed else tr.first_half_drop
+    still = tr.second_half_drop > resolvable or (
+        decayed and tr.first_half_drop > resolvable and tr.second_half_drop > 0 and expected_late <= resolvable)
+    return late_share, still
+
+
 def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: float,
           evidence: dict[str, Any]) -> Anomaly | None:
     """`loss_slow` of a train loss that moves beyond its noise `band` (`rule_flat_or_slow`): a small total drop
@@ -633,14 +645,8 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     head = head_level([v for _, v in series.train], th)
     total = (head - tr.last_median) / abs(head) if head else 0.0
     evidence.update(first_loss=round(head, 4), total_rel_drop=round(total, 4), warmup_points=warm)
-    # the fall per unit of LR in the second half vs the first half of the post-warm-up curve
     mid_step = post[len(post) // 2][0]
-    exposure_early = lr_exposure(series.lr, tr.first_step, mid_step)
-    exposure_late = lr_exposure(series.lr, mid_step, tr.last_step)
-    early, late = tr.first_half_drop, tr.second_half_drop
-    if exposure_early and exposure_late:
-        early, late = early / exposure_early, late / exposure_late
-    late_share = late / early if early > 0 else math.inf
+    late_share, still = _still_falling(series, tr, th, band, mid_step)
     evidence["late_share"] = round(late_share, 3) if math.isfinite(late_share) else None
     significant = head - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
     evals = series.evals
@@ -663,14 +669,6 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
         pace = tr.second_half_drop / (tr.last_step - mid_step)
         reach = total + max(0.0, pace) * (left[1] - left[0]) / abs(head)
         evidence["reach_by_planned_end"] = round(reach, 4)
-    # still falling: the second half's drop beyond the noise; unless a decaying LR leaves it too little exposure
-    # for its pace to show (linear decay to 0: a third of the first half's), where a drop at the first half's
-    # pace per unit of LR would itself be inside the noise: then its pace (`late_share`) decides
-    resolvable = th.slow_min_significance * band / th.flat_noise_multiple
-    decayed = exposure_early is not None and exposure_late is not None and 0 < exposure_late < exposure_early
-    expected_late = tr.first_half_drop * exposure_late / exposure_early if decayed else tr.first_half_drop
-    still = tr.second_half_drop > resolvable or (
-        decayed and tr.first_half_drop > resolvable and tr.second_half_drop > 0 and expected_late <= resolvable)
     if not (
         total > 0 and reach < limit
         and significant
