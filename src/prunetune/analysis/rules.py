@@ -253,11 +253,29 @@ def _grad_growth(series: Series, th: Thresholds) -> float | None:
     return statistics.median(last) / base if base > 0 else None
 
 
-def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
-    infinite = _to_infinity(series, ctx)
-    if infinite is not None:
-        return infinite
-    blown = _blowup(series, th) if len(series.train) >= th.min_train_points else None
+def _climb_from_low(series: Series, th: Thresholds) -> tuple[int, float, int, float] | None:
+    """(low step, low, last step, last) when every log since the run's lowest loss (at least `blowup_points`
+    of them) was higher than the one before and the last is `blowup_factor` above the low, by a factor beyond
+    `blowup_noise_multiple` sigma of the log-loss noise: a sustained climb after the loss had come down, which
+    the blow-up test (a climb above the first log) misses once a run has fallen far (15.5 -> 1.43 -> 10) and
+    window medians of a sparse log (a few points a run) average away."""
+    values = [v for _, v in series.train]
+    low_i = min(range(len(values)), key=values.__getitem__)
+    after, low = values[low_i:], values[low_i]
+    if len(after) <= th.blowup_points or low <= th.overfit_memorise_loss or after[-1] < low * th.blowup_factor:
+        return None
+    if any(b <= a for a, b in zip(after, after[1:], strict=False)):
+        return None
+    sigma = noise_sigma([math.log(max(v, 1e-12)) for v in values])
+    if math.log(after[-1] / low) <= th.blowup_noise_multiple * sigma:
+        return None
+    return series.train[low_i][0], low, series.train[-1][0], after[-1]
+
+
+def _blowup_anomaly(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """A blow-up above the first log, or a sustained climb from the run's low."""
+    fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
+    blown = _blowup(series, th)
     if blown is not None:
         step, peak, first = blown
         last_step, last = series.train[-1]
@@ -269,11 +287,36 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         msg = (f"train loss blew up: {fmt_sig(first)} at the first log -> {fmt_sig(peak)} at step {step} "
                f"(x{peak / first:.1f}); it ended at {fmt_sig(last)} at step {last_step}, but a drift down from a "
                "blow-up is the optimizer recovering from damage, not a healthy fall: the LR is too high.")
-        fix = fixes.diverging(ctx, _lr(series, ctx), _warmup_seen(series))
         return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
+    climb = _climb_from_low(series, th)
+    if climb is None:
+        return None
+    low_step, low, last_step, last = climb
+    # the event is the first log above the low by the blow-up factor: where the climb became a divergence
+    step = next(s for s, v in series.train if s > low_step and v >= low * th.blowup_factor)
+    evidence = {"low_loss": round(low, 4), "low_step": low_step, "last_loss": round(last, 4), "last_step": last_step,
+                "factor": round(last / low, 2), "first_step_above": step}
+    msg = (f"train loss climbed at every log since its low {fmt_sig(low)} at step {low_step}, to {fmt_sig(last)} at "
+           f"step {last_step} (x{last / low:.1f}): the run is diverging: the LR is too high.")
+    return _anomaly("loss_diverging", "error", msg, evidence, fix, step)
+
+
+def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    infinite = _to_infinity(series, ctx)
+    if infinite is not None:
+        return infinite
+    blown = _blowup_anomaly(series, th, ctx) if len(series.train) >= th.min_train_points else None
+    if blown is not None:
+        return blown
     both = _both_rose(series, th, ctx)
     if both is not None:
         return both
+    return _climbed_back(series, th, ctx)
+
+
+def _climbed_back(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly | None:
+    """The last window's median above the best running window median (or the untrained model's loss) by
+    `diverge_min_rel_rise` and beyond the noise, or with gradients grown by an order of magnitude."""
     tr = trend_stats(series.train, th, _steps_known(series))
     if tr is None:
         return None
@@ -290,15 +333,21 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         best, best_step = start, series.train[0][0]
     if best <= 0 or tr.last_median <= best * (1 + th.diverge_min_rel_rise):
         return None
-    if tr.last_median <= th.overfit_memorise_loss:
-        return None  # a memorised run's loss creeping 0.009 -> 0.014 is its jitter near zero, not a divergence
-    # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
-    # oscillation or of batch-1 noise are not read as a rise; unless the gradients grew by an order of
-    # magnitude: that is independent evidence of the instability, and a loss back above its best says the
-    # optimizer no longer reduces it
-    se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
+    # a divergence gives back a real share of what the run had gained (every one in the corpora went back to
+    # or above its start); a climb that undoes a few percent of it is the creep of a memorised or multi-epoch
+    # run: near zero, 0.009 -> 0.014 after a fall from 4.3 (0.1%: rounding jitter), or a loss that stepped down
+    # at an epoch boundary creeping 0.40 -> 0.44 through the last epoch after a fall from 1.1 (6%) while the
+    # LR decays to 0; a ratio of the run's own changes, free of its scale. Unless the gradients grew by an
+    # order of magnitude: that is independent evidence of the instability
     growth = _grad_growth(series, th)
     exploding = growth is not None and growth >= th.diverge_grad_growth
+    undone = (tr.last_median - best) / (start - best) if start > best else math.inf
+    if not exploding and undone < th.diverge_min_undone:
+        return None
+    # beyond the noise of a difference of two window medians (1.25 sigma sqrt(2 / w)), so the low points of an
+    # oscillation or of batch-1 noise are not read as a rise; unless the gradients grew by an order of
+    # magnitude, and a loss back above its best says the optimizer no longer reduces it
+    se = 1.2533 * noise_sigma(values) * math.sqrt(2 / w)
     if not exploding and tr.last_median - best <= th.diverge_noise_multiple * se:
         return None
     evidence = {
@@ -306,6 +355,7 @@ def rule_diverging(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly |
         "best_window_step": best_step,
         "last_window_median": round(tr.last_median, 4),
         "rel_rise": round(tr.last_median / best - 1, 4),
+        "share_of_fall_undone": round(undone, 3) if math.isfinite(undone) else None,
         "last_step": tr.last_step,
     }
     if exploding:
@@ -399,17 +449,33 @@ def _converged(series: Series, th: Thresholds) -> tuple[int, float, float] | Non
     at a constant high LR (0.025 -> 0.06-0.09) is still one that memorised."""
     values = [v for _, v in series.train]
     w = max(th.min_window, len(values) // 20)  # per-step losses swing to ~0 alone: a low must hold a while
-    if len(values) < w * 2 or min(values) < 0 or min(values) > th.flat_converged_loss:
-        return None  # a negative loss is no cross-entropy; no window's median lies below the run's minimum
+    if len(values) < w * 2 or min(values) < -th.memorise_negative_tolerance or min(values) > th.flat_converged_loss:
+        return None  # a loss below zero is no cross-entropy; no window's median lies below the run's minimum
+    if _zero_at_once(values, th):
+        return None
     # where it started: its first logged loss, or its first window's median if higher (with a log every 500
     # steps the first window already holds the memorised losses: 0.474, 0.026, 0.014, ...)
     head = max(values[0], statistics.median(values[:w]))
     stride = max(1, (len(values) - 2 * w) // 200)  # at most ~200 windows: the low of a smooth curve needs no more
     lows = [(statistics.median(values[i : i + w]), i) for i in range(w, len(values) - w + 1, stride)]
     low, i = min(lows)
+    # the lowest of many window medians of a noisy curve can be its noise's low tail, not a level the loss holds
+    # (4-example batches swinging 0.009-1.0 have a 5-point median of 0.03 and a median of 0.26 after it): a
+    # memorised run stays near zero from its low on (`osc_min_level`), creeping back up or not, over two
+    # windows at least (a low in the latest points of a run still going is judged with the points before it)
+    if statistics.median(values[min(i, len(values) - 2 * w) :]) > th.osc_min_level:
+        return None
     if low <= th.flat_converged_loss and head >= th.overfit_memorise_drop * max(low, 1e-4):
         return series.train[i + w // 2][0], low, head
     return None
+
+
+def _zero_at_once(values: Sequence[float], th: Thresholds) -> bool:
+    """The loss is exactly 0.0 at every log after its first: it went from its start to nothing with no log on
+    the way down, which is no memorisation (that is a descent, and its printed digits keep moving: 0.0002,
+    0.0001) but a loss that stopped measuring anything (no label tokens counted, non-finite losses dropped from
+    the log): the model learns nothing from it (`rule_frozen` says so once `flat_identical_points` repeat)."""
+    return len(values) > 2 and values[0] > th.flat_converged_loss and all(v == 0.0 for v in values[1:])
 
 
 def _repeated_block(train: Sequence[tuple[int, float]], length: int) -> tuple[tuple[int, int], int] | None:
@@ -476,20 +542,17 @@ def rule_flat_or_slow(series: Series, th: Thresholds, ctx: FixContext) -> Anomal
     if frozen is not None:
         return frozen
     warm = _warmup(series, ctx)
-    if warm is None:
+    if warm is None and not series.ended:
         return None  # still warming up: a flat loss is expected while the LR climbs
+    # a run that ended inside its warm-up was trained with that rising LR all run: the whole of it is judged
+    whole_run_warmup, warm = warm is None, warm or 0
     # judged after the warm-up, on as much evidence as any trend (a warm-up's losses say nothing of the LR)
     tr = trend_stats(series.train[warm:], th)
     if tr is None or _converged(series, th) is not None:
         return None
-    evidence = {
-        "first_window_median": round(tr.first_median, 4),
-        "last_window_median": round(tr.last_median, 4),
-        "rel_drop": round(tr.rel_change, 4),
-        "steps": [tr.first_step, tr.last_step],
-        "points": tr.n,
-        "noise": round(tr.noise, 5),
-    }
+    evidence = {"first_window_median": round(tr.first_median, 4), "last_window_median": round(tr.last_median, 4),
+                "rel_drop": round(tr.rel_change, 4), "steps": [tr.first_step, tr.last_step], "points": tr.n,
+                "noise": round(tr.noise, 5), **({"warmup_whole_run": True} if whole_run_warmup else {})}
     values = [v for _, v in series.train]
     post = values[warm:]
     sigma = noise_sigma(post)
@@ -552,6 +615,25 @@ def _levelled(evals: Sequence[tuple[int, float]], th: Thresholds) -> bool:
     return early > 0 and late < th.slow_min_late_share * early
 
 
+def _still_falling(series: Series, tr: TrendStats, th: Thresholds, band: float, mid_step: int) -> tuple[float, bool]:
+    """(late share, still falling) of a post-warm-up curve: the second half's fall per unit of LR as a share of
+    the first half's, and whether the second half still fell: beyond the noise; unless a decaying LR left it
+    too little exposure for its pace to show (linear decay to 0: a third of the first half's), where a drop at
+    the first half's pace per unit of LR would itself be inside the noise: then that pace (the share) decides."""
+    exposure_early = lr_exposure(series.lr, tr.first_step, mid_step)
+    exposure_late = lr_exposure(series.lr, mid_step, tr.last_step)
+    early, late = tr.first_half_drop, tr.second_half_drop
+    if exposure_early and exposure_late:
+        early, late = early / exposure_early, late / exposure_late
+    late_share = late / early if early > 0 else math.inf
+    resolvable = th.slow_min_significance * band / th.flat_noise_multiple
+    decayed = exposure_early is not None and exposure_late is not None and 0 < exposure_late < exposure_early
+    expected_late = tr.first_half_drop * exposure_late / exposure_early if decayed else tr.first_half_drop
+    still = tr.second_half_drop > resolvable or (
+        decayed and tr.first_half_drop > resolvable and tr.second_half_drop > 0 and expected_late <= resolvable)
+    return late_share, still
+
+
 def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: float,
           evidence: dict[str, Any]) -> Anomaly | None:
     """`loss_slow` of a train loss that moves beyond its noise `band` (`rule_flat_or_slow`): a small total drop
@@ -563,14 +645,8 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     head = head_level([v for _, v in series.train], th)
     total = (head - tr.last_median) / abs(head) if head else 0.0
     evidence.update(first_loss=round(head, 4), total_rel_drop=round(total, 4), warmup_points=warm)
-    # the fall per unit of LR in the second half vs the first half of the post-warm-up curve
     mid_step = post[len(post) // 2][0]
-    exposure_early = lr_exposure(series.lr, tr.first_step, mid_step)
-    exposure_late = lr_exposure(series.lr, mid_step, tr.last_step)
-    early, late = tr.first_half_drop, tr.second_half_drop
-    if exposure_early and exposure_late:
-        early, late = early / exposure_early, late / exposure_late
-    late_share = late / early if early > 0 else math.inf
+    late_share, still = _still_falling(series, tr, th, band, mid_step)
     evidence["late_share"] = round(late_share, 3) if math.isfinite(late_share) else None
     significant = head - tr.last_median > th.slow_min_significance * tr.noise / math.sqrt(tr.window)
     evals = series.evals
@@ -596,7 +672,7 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     if not (
         total > 0 and reach < limit
         and significant
-        and tr.second_half_drop > th.slow_min_significance * band / th.flat_noise_multiple
+        and still
         and late_share >= th.slow_min_late_share
         and _eval_bottomed(series, th) is None
     ):
@@ -608,7 +684,8 @@ def _slow(series: Series, th: Thresholds, ctx: FixContext, warm: int, band: floa
     lr = _lr(series, ctx)
     msg = (
         f"train loss falls too slowly: {fmt_sig(head)} -> {fmt_sig(tr.last_median)} by step {tr.last_step} "
-        f"(-{total * 100:.1f}% in all) and still falling at its pace after warm-up"
+        f"(-{total * 100:.1f}% in all) and still falling at its pace "
+        + ("in a warm-up that lasted the whole run" if evidence.get("warmup_whole_run") else "after warm-up")
         + (" at a constant LR" if lr_constant else " per unit of LR")
         + (f", eval loss barely moved ({-eval_drop * 100:+.1f}%)" if eval_still else "")
         + (f": the LR ({fmt_lr(lr.value)}) is too low." if lr else ": the LR is too low.")
@@ -654,7 +731,9 @@ def rule_overfitting(series: Series, th: Thresholds, ctx: FixContext) -> Anomaly
         tail = since
     if best <= 0 or last < best * (1 + th.overfit_min_rel_rise):
         return None
-    train_start = train_loss_near(series.train, tail[0][0])
+    # the train loss over the whole span since the eval's best, not just the last evaluations: with an eval at
+    # every step the tail spans two steps, where the train loss moves only by its batch noise
+    train_start = train_loss_near(series.train, best_step)
     train_end = train_loss_near(series.train, last_step)
     if train_start is None or train_end is None:
         return None

@@ -68,7 +68,8 @@ class Thresholds:
     slow_min_significance: float = 2.0
     """... and the drop exceeds this many standard errors of a window median (noise / sqrt(window)), its
     second half this many standard errors of a difference of two window medians (a late fall that is only
-    noise does not count as still falling)."""
+    noise does not count as still falling), unless a decaying LR left the second half so little of it that a
+    fall at the first half's pace per unit of LR would itself lie inside that noise: then that pace decides."""
     verdict_min_rel_drop: float = 0.1
     """The train verdict says "decreasing" (and states the evidence that no other LR is called for) only when
     the loss fell at least this fraction from its first points to its last window; a smaller drop beyond the
@@ -104,8 +105,12 @@ class Thresholds:
     diverge_noise_multiple: float = 3.0
     """... and by more than this many standard errors of a difference of two window medians (1.25 sigma
     sqrt(2 / window), sigma the robust point-to-point noise), so the low points of an oscillation or of batch-1
-    noise are not read as a rise (the best window is the lowest of many: 3, not 2); never for a last window at
-    or below `overfit_memorise_loss` (a memorised run's loss creeping 0.009 -> 0.014 is jitter near zero) ..."""
+    noise are not read as a rise (the best window is the lowest of many: 3, not 2) ..."""
+    diverge_min_undone: float = 0.1
+    """... and gives back at least this share of the run's fall from its first logged loss to its best (every
+    diverging run of the corpora went back to its start or above: a share of 1 or more; a memorised run creeping
+    0.009 -> 0.014 after a fall from 4.3 gives back 0.1%, a multi-epoch run creeping through its last epoch
+    0.40 -> 0.44 after a fall from 1.1 gives back 6%) ..."""
     diverge_grad_growth: float = 10.0
     """... or, whatever the noise, while the grad norm's last-window median is this many times its
     first-window median: gradients grown by an order of magnitude mean the optimizer has left its stable region
@@ -127,8 +132,14 @@ class Thresholds:
     """`overfitting` (memorisation) when a language-model train loss reaches below this (nats; its lowest running
     median over a twentieth of the points) ...: a language model's cross-entropy on new text never gets near
     zero ..."""
+    memorise_negative_tolerance: float = 0.001
+    """A loss at most this far below zero still counts as a cross-entropy near zero (-0.0003: a fused kernel's
+    rounding of a ~0 loss printed to 4 decimals); one further below is no cross-entropy (a DPO or reward loss)
+    and never memorised."""
     overfit_memorise_drop: float = 10.0
-    """... after starting at least this many times higher (0.89 -> 0.0002)."""
+    """... after starting at least this many times higher (0.89 -> 0.0002), the losses from that low on staying
+    near zero (their median at most `osc_min_level`: the low of a noisy curve swinging 0.009-1.0 is its noise's
+    low tail, not a level it holds)."""
     overfit_min_evals: int = 3
     """Evaluations needed before `overfitting` may fire."""
     overfit_consecutive_rises: int = 2
@@ -140,7 +151,8 @@ class Thresholds:
     `overfit_consecutive_rises` of them) stayed above it by `overfit_min_rel_rise` and the last ends this
     fraction above it (a transient bump comes back to a new best and stays quiet) ..."""
     overfit_train_max_rel_change: float = 0.0
-    """... while the train loss over the same steps changed by at most this fraction (0: did not rise)."""
+    """... while the train loss from the eval's best to its last evaluation changed by at most this fraction (0:
+    did not rise; over the whole span, since with an evaluation at every step the last few span only batch noise)."""
     far_min_gap: float = 0.7
     """`eval_far_above_train` when eval loss exceeds the train loss at its step (median of the last 3 logged
     losses) by more than this many nats (perplexity x2) ...: a healthy LoRA run's train loss on its own text

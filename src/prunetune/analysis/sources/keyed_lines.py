@@ -28,7 +28,7 @@ _NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 _STEP = re.compile(r"\b(?:global[_ ]step|step|iter(?:ation)?|it)\b\s*[:=#]?\s*(\d+)(?:\s*/\s*(\d+))?", re.IGNORECASE)
 _BAR = re.compile(r"(\d+)/(\d+) \[[\d:]+")
 _LOSS = re.compile(rf"((?:[A-Za-z][\w/.-]*\s)?[\w/.-]*loss[\w/.-]*)\s*[:=]?\s*({_NUMBER})(?![\w.])", re.IGNORECASE)
-_LR = re.compile(rf"\b(?:learning[_ ]rate\w*|lr)\b\s*[:=]?\s*({_NUMBER})", re.IGNORECASE)
+_LR = re.compile(rf"\b(?:learning[_ ]?rate\w*|lr)\b\s*[:=]?\s*({_NUMBER})", re.IGNORECASE)
 _GRAD = re.compile(rf"grad(?:ient)?[_ ]?norm\w*\s*[:=]?\s*({_NUMBER})", re.IGNORECASE)
 _EPOCH = re.compile(r"\bepoch\b\s*[:=]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _TOTAL = re.compile(r"\b(?:iters|total[_ ]steps|max[_ ]steps|num[_ ]steps|total[_ ]iters)\b\s*[:=]?\s*([\d,]+)",
@@ -38,6 +38,9 @@ _NOT_A_LOSS = re.compile(r"scale|weight|coef|alpha|beta", re.IGNORECASE)
 _OOM = re.compile(r"OutOfMemoryError|CUDA out of memory|out of memory", re.IGNORECASE)
 _TRACEBACK = re.compile(r"^(?:\^C)?Traceback \(most recent call last\)")
 _SIGNAL = re.compile(r"KeyboardInterrupt|got signal|SIGTERM|SignalException", re.IGNORECASE)
+_DONE = re.compile(r"\b(?:training (?:time|took|completed?|finished|done)|finished training|train(?:ing)?_runtime)\b",
+                   re.IGNORECASE)
+"""An end-of-run line (`Training time: 6.9 min`, `Training completed`): after the last log, the run finished."""
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
 
 
@@ -56,6 +59,21 @@ def _metrics(line: str) -> dict[str, Any]:
     if (m := _EPOCH.search(line)) is not None:
         out["epoch"] = num(m.group(1))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _unwrap(lines: list[str]) -> list[str]:
+    """The lines with a wrapped log line joined again: a line that states a loss but no step, followed by an
+    unindented one that states a step but no loss, is one log line a terminal or a paste broke in two
+    (`... Loss nan   LearningRate 0.001` / `Epoch: 0   Global Step: 20 ...`)."""
+    out: list[str] = []
+    for line in lines:
+        prev = out[-1] if out else ""
+        if (line[:1] not in (" ", "\t") and _step(line)[0] is not None and "loss" not in _metrics(line)
+                and "loss" in _metrics(prev) and _step(prev)[0] is None):
+            out[-1] = prev.rstrip() + " " + line.lstrip()
+        else:
+            out.append(line)
+    return out
 
 
 def _step(line: str) -> tuple[int | None, int | None]:
@@ -79,12 +97,13 @@ def _records(metrics: dict[str, Any], step: int, total: int | None) -> list[dict
 
 
 def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    lines = split_lines(text)
+    lines = _unwrap(split_lines(text))
     records: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"settings": settings_from_lines(lines), "notes": [], "step_source": "bar"}
     total: int | None = None
     block: tuple[int, dict[str, Any]] | None = None  # a header line's step and the indented metrics after it
     last_step, stop_reason, exception = None, None, None
+    finished = False  # an end-of-run line came after the latest log line
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -98,6 +117,7 @@ def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             records.append({"event": "error", "kind": "out_of_memory", "step": last_step, "message": line.strip()[:300]})
         step, of = _step(line)
         metrics = _metrics(line)
+        finished = (finished or (bool(records) and _DONE.search(line) is not None)) and step is None
         if line[:1] in (" ", "\t") and block is not None and step is None and metrics:
             block[1].update({k: v for k, v in metrics.items() if k not in block[1]})
             i += 1
@@ -116,8 +136,9 @@ def parse_keyed_lines(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records += _records(block[1], block[0], total)
     meta["max_steps"] = total
     done = total is not None and last_step is not None and last_step >= total
-    if done:
-        records.append({"event": "train_end", "step": last_step, "evidence": f"the log reaches step {total} of {total}"})
+    if done or (finished and not stop_reason and last_step is not None):
+        evidence = f"the log reaches step {total} of {total}" if done else "an end-of-run line after the last log"
+        records.append({"event": "train_end", "step": last_step, "evidence": evidence})
         if stop_reason:
             meta["notes"].append(f"a traceback came after training had ended ({exception}): training finished; what "
                                  "ran after it failed")
@@ -139,7 +160,7 @@ class KeyedLines:
     def detect(self, peek: Peek) -> float:
         if peek.binary or peek.path.suffix in (".json", ".jsonl"):
             return 0.0
-        lines = split_lines(peek.head)
+        lines = _unwrap(split_lines(peek.head))
         hits = sum(1 for line in lines if _step(line)[0] is not None and "loss" in _metrics(line))
         headers = sum(1 for line in lines if _STEP.search(line) and not {"loss", "eval_loss"} & set(_metrics(line)))
         blocks = sum(1 for line in lines if line[:1] in (" ", "\t") and "loss" in _metrics(line))

@@ -59,6 +59,23 @@ ORIGIN_PEFT = "PEFT's 'trainable params' line in the log"
 ORIGIN_METHOD = "the 'Fine-tuning method' line in the log"
 ORIGIN_BANNER = "the run's banner in the log"
 ORIGIN_LOSS_SCALE = "fp16 loss-scale messages in the log"
+ORIGIN_COMMAND = "the training command printed in the log"
+
+# a printed command line (`python train.py --learning-rate 2e-4 --gradient-accumulation-steps 4`): its flags that
+# name a TrainingArguments field, dashes or underscores, as `--name value` or `--name=value`
+_COMMAND = re.compile(r"\bpython[\d.]*\s+\S+\.py\b|\baccelerate launch\b|\btorchrun\b|\bdeepspeed\b")
+_FLAG = re.compile(r"--([A-Za-z][\w-]*)(?:=|\s+)([^\s-][^\s]*|-?\d[^\s]*)")
+_COMMAND_FIELDS = ("learning_rate", "gradient_accumulation_steps", "per_device_train_batch_size", "num_train_epochs",
+                   "max_steps", "warmup_steps", "warmup_ratio", "logging_steps", "eval_steps", "save_steps",
+                   "lr_scheduler_type", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout")
+
+
+def command_flags(line: str) -> dict[str, Any]:
+    """The TrainingArguments fields a printed command line sets (empty for any other line)."""
+    if _COMMAND.search(line) is None:
+        return {}
+    flags = {m.group(1).replace("-", "_").lower(): scalar(m.group(2)) for m in _FLAG.finditer(line)}
+    return {k: v for k, v in flags.items() if k in _COMMAND_FIELDS}
 
 
 def scalar(text: str) -> Any:
@@ -180,6 +197,8 @@ def settings_from_lines(lines: Sequence[str]) -> Settings:
                                    _BANNER_KEYS.get(m.group(1).lower()))
             if key is not None:
                 banner.setdefault(key, scalar(m.group(2)))
+        elif fields := command_flags(line):
+            dumps.append((ORIGIN_COMMAND, fields))
         elif _LOSS_SCALE.search(line) and not any(o == ORIGIN_LOSS_SCALE for o, _ in hints):
             hints.append((ORIGIN_LOSS_SCALE, {"fp16": True, "loss_scale_messages": True}))
         i += 1

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.analysis.sources import wanda_console
-from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, split_lines
+from prunetune.analysis.sources.base import Peek, Source, mark_unfinished, split_lines, step_value
 from prunetune.analysis.sources.base import num as _num
 from prunetune.analysis.sources.base import seconds as _seconds
 from prunetune.analysis.sources.jsonl import read_log_bytes
@@ -227,9 +227,10 @@ _TRAINING = re.compile(r"train|epoch|step|iter|fine-?tun", re.IGNORECASE)
 
 
 def _bar_desc(line: str, start: int) -> str:
-    """The description tqdm prints before a bar (`Loading weights:   3%|...`), '' for none."""
+    """The description tqdm prints before a bar (`Loading weights:   3%|...`, or without the bar's blocks as
+    Colab prints it: `Loading weights: 100% 2011/2011`), '' for none."""
     head = re.split(r"\[A|\r", line[:start])[-1]
-    match = re.search(r"([A-Za-z][^|%]*?):?\s*\d+%\|[^|]*\|\s*$", head)
+    match = re.search(r"([A-Za-z][^|%]*?):?\s*\d+%(?:\|[^|]*\|)?\s*$", head)
     return match.group(1).strip() if match else ""
 
 
@@ -302,17 +303,37 @@ def _wanda_bars(wanda: list[wanda_console.Event]) -> list[_Event]:
                                   "elapsed_s": e.data["elapsed"]}) for e in wanda if e.kind == "step"]
 
 
+_RUN_END = re.compile(r"""['"]train_runtime['"]\s*:""")
+_TRAIN_LOG = re.compile(r"""\{\s*['"]loss['"]\s*:""")
+_BAR_START = re.compile(r"\b[01]/\d+ \[")
+
+
+def _last_run(lines: list[str]) -> list[str]:
+    """The lines of the last training run in a log that holds several one after another (a sanity run of 3
+    steps, then the real one of 2430): each `Trainer.train()` ends on its `train_runtime` dict, so a progress
+    bar starting again and train-loss dicts after one are the next run (a `log_history` printed after the end
+    has no new bar). Evaluations and errors after the last run's end stay with it."""
+    ends = [i for i, line in enumerate(lines) if _RUN_END.search(line)]
+    later = [i for i in ends if any(_BAR_START.search(line) for line in lines[i + 1 :])
+             and any(_TRAIN_LOG.search(line) for line in lines[i + 1 :])]
+    return lines[later[-1] + 1 :] if later else lines
+
+
 def parse_console_log(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Records from a raw Trainer console log (plain, Wanda-fork, notebook table), and meta (max_steps,
     step_source, interrupted, best_checkpoint, settings, notes)."""
-    lines = split_lines(html_tables_as_text(text))
+    every_line = split_lines(html_tables_as_text(text))
+    lines = _last_run(every_line)
     events = _console_events(lines)
     wanda = wanda_console.scan(lines)
     own_bars = _wanda_bars(wanda)
     bars = own_bars or [e for e in events if e.kind == "bar"]
     total = _train_bar_total(bars)
     train_bars = [e for e in bars if e.data["total"] == total]
-    meta: dict[str, Any] = {"settings": settings_from_lines(lines), "notes": []}
+    meta: dict[str, Any] = {"settings": settings_from_lines(every_line), "notes": []}
+    if len(lines) < len(every_line):
+        meta["notes"].append(f"the log holds more than one training run (a train_runtime line, then more training): "
+                             f"the last, from line {len(every_line) - len(lines) + 1}, is read")
     announced = [e.data for e in events if e.kind == "total"]
     header = next((f for o, f in meta["settings"] if "header" in o), {})
     if announced:
@@ -365,13 +386,20 @@ class _Fold:
                 self.last_bar = ev.data
                 self.on_bar(ev.data)
         elif ev.kind == "dict":
-            for rec in records_from_trainer_dict(ev.data, None):
+            own, planned = dict_step(ev.data)
+            for rec in records_from_trainer_dict(ev.data, own):
                 if rec["event"] == "eval" and _merge_into_block_eval(rec, self.records):
                     continue
                 if rec["event"] == "eval" and self.ended:
                     rec["event"] = "final_eval"  # trainer.evaluate() after train(): the model as it ended
                 self.ended = self.ended or rec["event"] == "train_end"
-                self.append(rec)
+                if own is None:
+                    self.append(rec)  # stepped by the next progress bar, else by its epoch or its ordinal
+                    continue
+                if planned and rec["event"] == "log":
+                    rec["max_steps"] = planned
+                self.records.append(rec)
+                self.fixed.add(id(rec))
         elif ev.kind == "oom":
             self.on_oom(ev.data)
         elif ev.kind == "interrupt":
@@ -708,6 +736,18 @@ def _steps_per_epoch(records: list[dict[str, Any]], meta: dict[str, Any]) -> flo
         return None
     meta.setdefault("max_steps", total)
     return total / final_epoch
+
+
+_OWN_STEP = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def dict_step(d: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(step, planned steps) a console dict states itself: ms-swift's `"global_step/max_steps": "8270/11043"`,
+    else a `global_step` key (a Trainer dict states neither: its step comes from the progress bar)."""
+    for key, value in d.items():
+        if "step" in str(key).lower() and isinstance(value, str) and (m := _OWN_STEP.match(value)) is not None:
+            return step_value(m.group(1)), step_value(m.group(2))
+    return step_value(d.get("global_step")), None
 
 
 def _steps_from_epochs(records: list[dict[str, Any]], meta: dict[str, Any], fixed: set[int]) -> str:

@@ -110,6 +110,13 @@ def records_from_trainer_state(state: Mapping[str, Any]) -> list[dict[str, Any]]
     if not ended and global_step is not None and (_should_stop(state) or (max_steps and global_step >= max_steps)):
         why = "should_training_stop" if _should_stop(state) else f"global_step {global_step} = max_steps"
         records.append({"event": "train_end", "step": global_step, "evidence": f"trainer_state.json: {why}"})
+    if not ended and global_step is not None and max_steps and global_step < max_steps and not _should_stop(state):
+        # the state states its own step: a checkpoint's state written before the planned end is where the run's
+        # record ends, however close to max_steps (the one-logging-interval allowance is for logs that cannot
+        # say which step they reached)
+        records.append({"event": "stopped", "step": global_step, "reason": "log ends", "max_steps": max_steps,
+                        "message": f"trainer_state.json stops at step {global_step} of {max_steps} (a checkpoint's "
+                                   "state: no end of training in it)"})
     stop = len(records)
     mark_unfinished(records, max_steps)
     if len(records) > stop and global_step is not None and global_step > (records[-1].get("step") or 0):
