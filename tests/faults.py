@@ -60,7 +60,7 @@ def _replace_everywhere(pairs: list[tuple[Any, Any]]) -> list[tuple[Any, str, An
 
 
 _DIGITS = re.compile(r"\d+")
-_TEMP = re.compile(r"\.[A-Za-z0-9_]{8}$")
+_TEMP = re.compile(r"\.(?:[A-Za-z0-9_]{8}|tmp\d+)$")  # mkstemp's suffix, or a pid (any number of digits)
 
 
 def site(path: str, root: str) -> str:

@@ -142,7 +142,7 @@ def test_prune_under_a_disk_full_at_each_write(tiny_model_dir, tmp_path, user, c
 
     failed = disk_full_chain(lambda: run_cli(prune_argv(tiny_model_dir, out), capsys), tmp_path, "prune",
                              after_failure, lambda: model_complete_or_absent(out, capsys))
-    assert {"out/.prunetune.lock", ".staging-out-N/model.safetensors", ".staging-out-N/prunetune/.masks.safetensors.tmpN",
+    assert {"out/.prunetune.lock", ".staging-out-N/model.safetensors", ".staging-out-N/prunetune/.masks.safetensors.TMP",
             ".staging-out-N/.prune.json.TMP", ".staging-out-N/..prunetune-files.json.TMP"} <= set(failed)
     assert (out / "prune.json").is_file()
 

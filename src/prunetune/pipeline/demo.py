@@ -37,8 +37,8 @@ DEMO: dict[str, Any] = {
         "pattern": "block16x16",
         "sparsity": 0.5,
         # Channels relabelled (function-preserving) so that the important weights share tiles, before the tiles
-        # are chosen; the default for block patterns, written out here. bench/bench_recovery.py: pruned 486 -> 265,
-        # recovered at 61k tokens 195 -> 112.
+        # are chosen; the default for block patterns, written out here. bench/RESULTS.md (permutation): the demo's
+        # prune 486 -> 265 (5-round prototype, bf16), sparse-ft at 61k tokens 195 -> 112; this demo 490 -> 302.
         "permute": True,
         "reconstruct": True,   # least-squares update of the kept weights: ~10x lower pruned perplexity
         # Block-wise stage (EBFT-style): each pruned layer trained to reproduce the dense layer on the calibration
