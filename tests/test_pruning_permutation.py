@@ -237,3 +237,16 @@ def test_default_skips_a_layout_it_cannot_relabel_and_an_explicit_permute_refuse
     assert not (out / "prunetune" / "permutation.safetensors").exists()
     with pytest.raises(UserError, match="Llama-layout"):
         run_prune(_cfg(model_dir, tmp_path / "q", shared_data), console=QUIET)
+
+
+def test_the_search_runs_only_where_its_scores_fit(tmp_path, tiny_model_dir, shared_data, monkeypatch):
+    """The search holds every matrix's scores (not layer by layer): on a machine without the memory for them the
+    default prunes streamed without it and says why; --permute asked for is a one-line error naming the fix."""
+    monkeypatch.setattr(channels, "free_memory", lambda device: 1024)
+    out = run_prune(_cfg(tiny_model_dir, tmp_path / "p", shared_data, permute=None), console=QUIET)
+    info = json.loads((out / "prune.json").read_text())
+    assert "GiB of memory is available" in info["permutation"]["skipped"] and info["pattern_check"]["ok"]
+    assert not (out / "prunetune" / "permutation.safetensors").exists()
+    with pytest.raises(UserError, match="--no-permute"):
+        run_prune(_cfg(tiny_model_dir, tmp_path / "q", shared_data), console=QUIET)
+    assert not (tmp_path / "q").exists()

@@ -23,6 +23,7 @@ from rich.progress import Progress
 from torch import nn
 
 from prunetune.architecture import find_decoder_layers, linear_modules, module_type
+from prunetune.devices import free_memory
 from prunetune.errors import UserError
 from prunetune.pruning import calibration as cal
 from prunetune.pruning.layer_eval import layerwise_logits
@@ -45,6 +46,12 @@ ROLE_OF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_pro
 HEAD_NORMS = ("q_norm", "k_norm")
 """Per-head norms over q/k head dimensions (Qwen3): untouched, as q/k dimensions are never permuted."""
 CHECK_TOKENS = 64
+SEARCH_MEMORY_SHARE = 0.5
+"""The search is the one phase of a prune that is not layer by layer: it holds every pruned matrix's dense scores
+(float32, 4 bytes a weight) and their normalised copy, ~2x a float32 model's pruned weights (SmolLM2-135M: 0.85
+GB, the prune's peak 1.5x the model's weight bytes instead of 0.25x). By default it runs only when that fits in
+this share of the available memory, so a 70B prune (~560 GB of scores) stays streamed; --permute asked for on a
+machine where it does not fit is a one-line error."""
 
 
 def dims_of(model: nn.Module, layers: int) -> Dims:
@@ -180,6 +187,21 @@ def layer_scores(s: PruneSession, inputs: cal.LayerInputs | None, progress: Prog
     return out
 
 
+def search_bytes(model: nn.Module, targets: dict[str, float]) -> int:
+    """Host memory the search holds: two float32 values per pruned weight (shapes read from the skeleton, which
+    a streamed model has on the meta device)."""
+    return 8 * sum(model.get_submodule(name).weight.numel() for name in targets)
+
+
+def search_memory_short(s: PruneSession) -> str | None:
+    """Why the search would not fit in `SEARCH_MEMORY_SHARE` of the available host memory, or None."""
+    need, free = search_bytes(s.model, s.targets), free_memory("cpu")
+    if free is None or need <= SEARCH_MEMORY_SHARE * free:
+        return None
+    return (f"its search holds every pruned matrix's scores ({need / 2**30:.1f} GiB) and {free / 2**30:.1f} GiB "
+            f"of memory is available (at most {SEARCH_MEMORY_SHARE:.0%} of it is used)")
+
+
 def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: Progress) -> None:
     """Search the permutation on the dense model, relabel the model (through its store) and `inputs`, check the
     function, record it (`prune.json` "permutation") and keep it for the save."""
@@ -191,6 +213,13 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
             raise
         s.record["permutation"] = {"skipped": str(err)}  # the default for blocks, on a model it does not fit
         progress.console.print(f"Channel permutation skipped: {err}")
+        return
+    too_big = search_memory_short(s)
+    if too_big:
+        if s.cfg.permute:
+            raise UserError(f"--permute: {too_big}. Run with --no-permute, or on a machine with more memory")
+        s.record["permutation"] = {"skipped": too_big}
+        progress.console.print(f"Channel permutation skipped: {too_big}")
         return
     ids = check_ids(int(s.model.config.vocab_size), s.cfg.seqlen, s.cfg.seed)
     before = layerwise_logits(s.store, ids, s.device)
