@@ -50,7 +50,7 @@ SEARCH_MEMORY_SHARE = 0.5
 """The search is the one phase of a prune that is not layer by layer: it holds every pruned matrix's dense scores
 (float32, 4 bytes a weight) and their normalised copy, ~2x a float32 model's pruned weights (SmolLM2-135M: 0.85
 GB, the prune's peak 1.5x the model's weight bytes instead of 0.25x). By default it runs only when that fits in
-this share of the available memory, so a 70B prune (~560 GB of scores) stays streamed; --permute asked for on a
+this share of the available memory, so a 70B prune (~550 GB of scores) stays streamed; --permute asked for on a
 machine where it does not fit is a one-line error."""
 
 
