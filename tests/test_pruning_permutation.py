@@ -231,22 +231,23 @@ def test_default_skips_a_layout_it_cannot_relabel_and_an_explicit_permute_refuse
     without the permutation and says why; --permute asked for is a one-line error."""
     model_dir = make_tiny_model(tmp_path / "phi3", tokenizer_dir, "phi3", pad_token_id=0, eos_token_id=0,
                                 bos_token_id=0)
+    default_skips_and_asked_refuses(model_dir, tmp_path, shared_data, "Llama-layout", "Llama-layout")
+
+
+def default_skips_and_asked_refuses(model_dir, tmp_path, shared_data, skipped: str, refused: str) -> None:
+    """The default prunes without the permutation and records why (`skipped` in it); --permute asked for is a
+    one-line error (`refused` in it) that leaves no output."""
     out = run_prune(_cfg(model_dir, tmp_path / "p", shared_data, permute=None), console=QUIET)
     info = json.loads((out / "prune.json").read_text())
-    assert "Llama-layout" in info["permutation"]["skipped"] and info["pattern_check"]["ok"]
+    assert skipped in info["permutation"]["skipped"] and info["pattern_check"]["ok"]
     assert not (out / "prunetune" / "permutation.safetensors").exists()
-    with pytest.raises(UserError, match="Llama-layout"):
+    with pytest.raises(UserError, match=refused):
         run_prune(_cfg(model_dir, tmp_path / "q", shared_data), console=QUIET)
+    assert not (tmp_path / "q").exists()
 
 
 def test_the_search_runs_only_where_its_scores_fit(tmp_path, tiny_model_dir, shared_data, monkeypatch):
     """The search holds every matrix's scores (not layer by layer): on a machine without the memory for them the
     default prunes streamed without it and says why; --permute asked for is a one-line error naming the fix."""
     monkeypatch.setattr(channels, "free_memory", lambda device: 1024)
-    out = run_prune(_cfg(tiny_model_dir, tmp_path / "p", shared_data, permute=None), console=QUIET)
-    info = json.loads((out / "prune.json").read_text())
-    assert "GiB of memory is available" in info["permutation"]["skipped"] and info["pattern_check"]["ok"]
-    assert not (out / "prunetune" / "permutation.safetensors").exists()
-    with pytest.raises(UserError, match="--no-permute"):
-        run_prune(_cfg(tiny_model_dir, tmp_path / "q", shared_data), console=QUIET)
-    assert not (tmp_path / "q").exists()
+    default_skips_and_asked_refuses(tiny_model_dir, tmp_path, shared_data, "GiB of memory is available", "--no-permute")

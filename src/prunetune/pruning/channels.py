@@ -193,13 +193,13 @@ def search_bytes(model: nn.Module, targets: dict[str, float]) -> int:
     return 8 * sum(model.get_submodule(name).weight.numel() for name in targets)
 
 
-def search_memory_short(s: PruneSession) -> str | None:
-    """Why the search would not fit in `SEARCH_MEMORY_SHARE` of the available host memory, or None."""
+def check_search_memory(s: PruneSession) -> None:
+    """UserError when the search would not fit in `SEARCH_MEMORY_SHARE` of the available host memory."""
     need, free = search_bytes(s.model, s.targets), free_memory("cpu")
-    if free is None or need <= SEARCH_MEMORY_SHARE * free:
-        return None
-    return (f"its search holds every pruned matrix's scores ({need / 2**30:.1f} GiB) and {free / 2**30:.1f} GiB "
-            f"of memory is available (at most {SEARCH_MEMORY_SHARE:.0%} of it is used)")
+    if free is not None and need > SEARCH_MEMORY_SHARE * free:
+        raise UserError(f"--permute's search holds every pruned matrix's scores ({need / 2**30:.1f} GiB) and "
+                        f"{free / 2**30:.1f} GiB of memory is available (at most {SEARCH_MEMORY_SHARE:.0%} of it is "
+                        "used); run with --no-permute, or on a machine with more memory")
 
 
 def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: Progress) -> None:
@@ -208,18 +208,12 @@ def permute_channels(s: PruneSession, inputs: cal.LayerInputs | None, progress: 
     t = time.perf_counter()
     try:
         d = check_permutable(s.model, s.prefix, s.layers)
+        check_search_memory(s)
     except UserError as err:
         if s.cfg.permute:  # asked for: the user learns why it cannot run
             raise
-        s.record["permutation"] = {"skipped": str(err)}  # the default for blocks, on a model it does not fit
+        s.record["permutation"] = {"skipped": str(err)}  # the default for blocks, on a model or machine it does not fit
         progress.console.print(f"Channel permutation skipped: {err}")
-        return
-    too_big = search_memory_short(s)
-    if too_big:
-        if s.cfg.permute:
-            raise UserError(f"--permute: {too_big}. Run with --no-permute, or on a machine with more memory")
-        s.record["permutation"] = {"skipped": too_big}
-        progress.console.print(f"Channel permutation skipped: {too_big}")
         return
     ids = check_ids(int(s.model.config.vocab_size), s.cfg.seqlen, s.cfg.seed)
     before = layerwise_logits(s.store, ids, s.device)
